@@ -1,0 +1,42 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   install, then run `dd detect` on the bundled example images
+#   make test   install, then ruff check, ruff format --check and the whole test suite
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dd-installed
+# torch is pinned to the CPU build that lies on this disk; a user with a GPU installs
+# `pip install -e .` over the torch they already have.
+TORCH ?= torch==2.13.0
+
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml setup.py requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/dd detect examples/images --out demo-out
+	@echo "Open demo-out/index.html to see the contact sheet."
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf demo-out build *.egg-info .pytest_cache .ruff_cache

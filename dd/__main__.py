@@ -1,0 +1,3 @@
+from dd.cli import run
+
+run()

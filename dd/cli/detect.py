@@ -1,0 +1,153 @@
+"""``dd detect``: artifact maps, overlays, scores and reports for folders of images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+EXIT_FAILED_INPUTS = 2
+EXIT_GATE = 3
+
+
+def load_detector(name: str, weights: str | None, options: dict, device: str, dtype: str):
+    """Resolve the detector plugin and build it on the chosen device and dtype."""
+    from dd.device import resolve_device, resolve_dtype
+    from dd.plugins import get_host
+
+    cls = get_host().detectors.get(name)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    try:
+        return cls.load(weights, device=dev, dtype=dt, **options)
+    except TypeError as e:
+        from dd.errors import DDError
+
+        raise DDError(f"detector {name!r} does not accept these options: {e}") from None
+
+
+def detect(
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="Image files, folders (recursive), globs, or .txt/.jsonl manifests."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("dd-detect"),
+    detector: Annotated[str, typer.Option(help="Detector plugin (see `dd plugins`).")] = (
+        "segformer"
+    ),
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Detector weights: a .bin/.safetensors file, a folder or a hub id."),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 8,
+    workers: Annotated[int, typer.Option(min=1, help="Threads decoding and writing.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    fail_above: Annotated[
+        float | None,
+        typer.Option(help="Exit 3 if any image's max confidence exceeds this (quality gate)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Skip images already done in --out.")] = False,
+    max_pixels: Annotated[
+        int, typer.Option(help="Refuse images with more pixels (decompression-bomb guard).")
+    ] = 178_956_970,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report to stdout.")] = (
+        False
+    ),
+) -> None:
+    """Find artifacts in images: per image a map, an overlay, and how sure and where.
+
+    Writes maps/ and overlays/ PNGs, report.jsonl, report.csv and index.html to --out.
+    Exit codes: 0 all done; 2 some inputs failed; 3 --fail-above tripped (takes precedence).
+    """
+    from dd.cli.options import parse_options
+    from dd.engines.detect import DetectConfig, run_detect
+    from dd.errors import DDError
+    from dd.images import collect_inputs
+
+    err = Console(stderr=True)
+    items, failures = collect_inputs(paths)
+    if not items:
+        reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(paths)
+        raise DDError(f"no images to process ({reasons})", exit_code=EXIT_FAILED_INPUTS)
+    for p, r in failures:
+        err.print(f"[yellow]skipped[/yellow] {p}: {r}", highlight=False)
+
+    det = load_detector(detector, weights, parse_options(option), device, dtype)
+    if det.untrained:
+        err.print(
+            f"[bold yellow]Warning: the {detector!r} detector is UNTRAINED (random weights): "
+            "its maps mean nothing.[/bold yellow] Pass --weights (see README).",
+            highlight=False,
+        )
+    cfg = DetectConfig(
+        out=out, batch_size=batch_size, workers=workers, resume=resume, max_pixels=max_pixels
+    )
+    with Progress(
+        TextColumn("[bold]detect"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("detect", total=len(items))
+        result = run_detect(
+            items,
+            det,
+            cfg,
+            failures=failures,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    for f in result.failures[len(failures) :]:
+        err.print(f"[yellow]skipped[/yellow] {f['reason']}", highlight=False)
+
+    gate = fail_above is not None and any(r["max"] > fail_above for r in result.records)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"summary": result.summary, "images": result.records, "failed": result.failures},
+                indent=2,
+            )
+        )
+    else:
+        _print_summary(result, out, fail_above)
+    if gate:
+        raise typer.Exit(EXIT_GATE)
+    if result.failures:
+        raise typer.Exit(EXIT_FAILED_INPUTS)
+
+
+def _print_summary(result, out: Path, fail_above: float | None, top: int = 20) -> None:
+    console = Console()
+    recs = sorted(result.records, key=lambda r: -r["max"])
+    table = Table(title=f"artifacts (worst {min(top, len(recs))} of {len(recs)})")
+    for col in ("image", "max", "mean", "weighted", "ratio", "peak x,y", "bbox x0 y0 x1 y1"):
+        table.add_column(col, justify="left" if col == "image" else "right")
+    for r in recs[:top]:
+        hot = fail_above is not None and r["max"] > fail_above
+        mx = f"[red]{r['max']:.3f}[/red]" if hot or r["max"] >= 0.5 else f"{r['max']:.3f}"
+        table.add_row(
+            r["key"],
+            mx,
+            f"{r['mean']:.3f}",
+            f"{r['weighted']:.3f}",
+            f"{r['artifact_ratio']:.2%}",
+            f"{r['peak'][0]},{r['peak'][1]}",
+            " ".join(map(str, r["bbox"])) if r.get("bbox") else "-",
+        )
+    console.print(table)
+    s = result.summary
+    console.print(
+        f"{s['images']} images ({result.resumed} resumed), {s['with_artifacts']} with max "
+        f"confidence >= 0.5, {s['failed']} failed. Report: {out / 'index.html'}",
+        highlight=False,
+    )

@@ -1,0 +1,110 @@
+"""The detector API: images in [0, 1] -> per-pixel artifact probability maps.
+
+A detector is a ``torch.nn.Module``. Its contract:
+
+* ``logits(images)``: ``images`` is a float tensor ``B x 3 x H x W`` with values in
+  ``[0, 1]`` (RGB). Returns raw artifact logits ``B x 1 x h x w`` at the detector's own
+  working resolution. Differentiable end to end: the treat engine back-propagates
+  through it.
+* ``forward(images)``: the logits upsampled bilinearly (``align_corners=False``) to
+  ``H x W`` and passed through a sigmoid: probabilities ``B x 1 x H x W``.
+* ``predict(images, batch_size)``: the same under ``torch.inference_mode`` in chunks.
+* ``working_size(h, w)``: the resolution ``logits`` resizes inputs to, so callers can
+  resize in loader threads and batch images of different sizes.
+* ``load(weights, device=, dtype=, **options)``: build the detector from a file, folder or
+  hub id (``None``: the detector's default, which may be untrained and then says so).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from dd.errors import DDError
+
+
+class Detector(torch.nn.Module, abc.ABC):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: True when the weights are random (no checkpoint given): outputs mean nothing.
+        self.untrained: bool = False
+        #: Where the weights came from (a path, hub id or "random init"), for reports.
+        self.source: str = ""
+
+    # -- to implement ------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def load(
+        cls,
+        weights: str | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **options: Any,
+    ) -> Detector:
+        """Build the detector and load ``weights`` (a file, a folder or a hub id)."""
+
+    @abc.abstractmethod
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` in [0, 1] -> ``B x 1 x h x w`` logits (differentiable)."""
+
+    # -- provided ------------------------------------------------------------------------------
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size ``logits`` resizes an ``height x width`` input to (default: unchanged)."""
+        return height, width
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images)
+        return logits_to_probs(self.logits(images), images.shape[-2:])
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """No-grad batched inference; returns float32 probabilities on ``images.device``."""
+        was_training = self.training
+        self.eval()
+        try:
+            p = self._param()
+            outs = [
+                self(chunk.to(p.device, p.dtype)).float().to(images.device)
+                for chunk in images.split(batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        return torch.cat(outs)
+
+    def _param(self) -> torch.Tensor:
+        for p in self.parameters():
+            return p
+        return torch.empty(0)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for reports (name, weights source, untrained flag)."""
+        return {"detector": self.name, "weights": self.source, "untrained": self.untrained}
+
+
+def logits_to_probs(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Upsample low-resolution logits to ``size`` (bilinear, align_corners=False), sigmoid."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)
+
+
+def check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+        raise DDError(
+            f"detector input must be a B x 3 x H x W tensor, got {shape}",
+            hint="stack RGB images scaled to [0, 1] into one batch",
+        )
+    if not images.is_floating_point():
+        raise DDError(
+            f"detector input must be float in [0, 1], got dtype {images.dtype}",
+            hint="convert uint8 images with images.float() / 255",
+        )

@@ -1,0 +1,298 @@
+"""The detect engine: folders of images -> artifact maps, overlays, scores and reports.
+
+Images are decoded and resized to the detector's working size in loader threads while the
+model runs on full batches. Every output file is written atomically; each finished image is
+recorded in a journal (``.dd/detect-journal.jsonl``) so ``resume=True`` skips it. The final
+reports are rebuilt from the journal, so they are complete and free of duplicates.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dd.detectors import Detector, logits_to_probs
+from dd.errors import DDError
+from dd.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, load_image
+from dd.io import Journal, atomic_write_json, atomic_write_text, save_image_atomic
+from dd.scores import map_scores
+from dd.viz import overlay, to_uint8_map
+
+JOURNAL = ".dd/detect-journal.jsonl"
+RUN_INFO = ".dd/detect-run.json"
+CSV_FIELDS = [
+    "key",
+    "image",
+    "mean",
+    "max",
+    "weighted",
+    "artifact_ratio",
+    "peak_x",
+    "peak_y",
+    "bbox",
+    "width",
+    "height",
+    "map",
+    "overlay",
+]
+
+
+@dataclass
+class DetectConfig:
+    out: Path
+    batch_size: int = 8
+    workers: int = 4
+    resume: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    save_maps: bool = True
+    save_overlays: bool = True
+
+
+@dataclass
+class DetectResult:
+    records: list[dict[str, Any]]
+    failures: list[dict[str, str]]
+    processed: int = 0
+    resumed: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Loaded:
+    item: InputItem
+    image: np.ndarray | None = None
+    tensor: torch.Tensor | None = None
+    error: str | None = None
+
+
+def resize_for(detector: Detector, image: np.ndarray) -> torch.Tensor:
+    """uint8 H x W x 3 -> float 3 x h x w in [0, 1] at the detector's working size."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    size = detector.working_size(image.shape[0], image.shape[1])
+    if tuple(size) != tuple(image.shape[:2]):
+        x = F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return x
+
+
+def _load(item: InputItem, detector: Detector, max_pixels: int) -> _Loaded:
+    try:
+        img = load_image(item.path, max_pixels=max_pixels)
+    except ImageLoadError as e:
+        return _Loaded(item, error=e.message)
+    except Exception as e:  # never let one image stop the run
+        return _Loaded(item, error=f"{item.path}: {type(e).__name__}: {e}")
+    return _Loaded(item, image=img, tensor=resize_for(detector, img))
+
+
+def _prefetch(
+    pool: ThreadPoolExecutor,
+    items: list[InputItem],
+    fn: Callable[[InputItem], _Loaded],
+    depth: int,
+) -> Iterator[_Loaded]:
+    """Like ``pool.map`` in order, but with at most ``depth`` images decoded ahead."""
+    pending: collections.deque[Future[_Loaded]] = collections.deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            break
+    while pending:
+        done = pending.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield done
+
+
+def _write_outputs(cfg: DetectConfig, loaded: _Loaded, prob: np.ndarray) -> dict[str, Any]:
+    item = loaded.item
+    rec: dict[str, Any] = {"key": item.key, "image": str(item.path)}
+    rec.update(map_scores(prob))
+    if cfg.save_maps:
+        rel = f"maps/{item.key}.png"
+        save_image_atomic(Image.fromarray(to_uint8_map(prob), mode="L"), cfg.out / rel)
+        rec["map"] = rel
+    if cfg.save_overlays:
+        rel = f"overlays/{item.key}.png"
+        save_image_atomic(
+            Image.fromarray(overlay(loaded.image, prob)), cfg.out / rel, compress_level=3
+        )
+        rec["overlay"] = rel
+    if item.meta:
+        rec["meta"] = item.meta
+    return rec
+
+
+def run_detect(
+    items: list[InputItem],
+    detector: Detector,
+    cfg: DetectConfig,
+    *,
+    failures: list[tuple[str, str]] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> DetectResult:
+    """Detect artifacts in ``items``; ``failures`` are earlier ones (e.g. missing paths)."""
+    if cfg.batch_size < 1:
+        raise DDError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(cfg.out)
+    run_info = {"detector": detector.describe()}
+    info_path = cfg.out / RUN_INFO
+    if cfg.resume and info_path.exists():
+        try:
+            prev = json.loads(info_path.read_text())
+        except ValueError:
+            prev = None
+        if prev is not None and prev.get("detector") != run_info["detector"]:
+            raise DDError(
+                f"{cfg.out} holds results of another detector ({prev.get('detector')}), "
+                f"not {run_info['detector']}",
+                hint="use a new --out folder, or run without --resume to start over",
+            )
+    atomic_write_json(info_path, run_info)
+
+    journal = Journal(cfg.out / JOURNAL, fresh=not cfg.resume)
+    wanted = {it.key for it in items}
+    done: dict[str, dict[str, Any]] = {}
+    for rec in journal.records:
+        key = rec.get("key")
+        if key in wanted and all(
+            (cfg.out / rec[k]).exists() for k in ("map", "overlay") if k in rec
+        ):
+            done[key] = rec
+    todo = [it for it in items if it.key not in done]
+    fails = [{"path": p, "reason": r} for p, r in (failures or [])]
+    total, finished = len(items), len(done)
+    if on_progress:
+        on_progress(finished, total)
+
+    param = next(detector.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    detector.eval()
+    depth = max(2 * cfg.batch_size, cfg.workers)
+    processed = 0
+    with (
+        journal,
+        ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-load") as loader,
+        ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer,
+    ):
+        writes: collections.deque[Future[dict[str, Any]]] = collections.deque()
+
+        def drain(block: bool) -> None:
+            nonlocal finished, processed
+            while writes and (block or writes[0].done()):
+                rec = writes.popleft().result()
+                journal.append(rec)
+                finished += 1
+                processed += 1
+                if on_progress:
+                    on_progress(finished, total)
+
+        def flush(batch: list[_Loaded]) -> None:
+            with torch.inference_mode():
+                x = torch.stack([b.tensor for b in batch]).to(device, dtype)
+                logits = detector.logits(x).float()
+                for i, b in enumerate(batch):
+                    p = logits_to_probs(logits[i : i + 1], b.image.shape[:2])[0, 0]
+                    writes.append(writer.submit(_write_outputs, cfg, b, p.cpu().numpy()))
+            drain(block=False)
+
+        # Batch only images of one working size together (a detector may keep sizes).
+        batches: dict[tuple[int, ...], list[_Loaded]] = {}
+        fn = lambda it: _load(it, detector, cfg.max_pixels)  # noqa: E731
+        for loaded in _prefetch(loader, todo, fn, depth):
+            if loaded.error is not None:
+                fails.append({"path": str(loaded.item.path), "reason": loaded.error})
+                finished += 1
+                if on_progress:
+                    on_progress(finished, total)
+                continue
+            shape = tuple(loaded.tensor.shape)
+            batches.setdefault(shape, []).append(loaded)
+            if len(batches[shape]) >= cfg.batch_size:
+                flush(batches.pop(shape))
+            elif sum(map(len, batches.values())) > 2 * cfg.batch_size:
+                # Many distinct sizes: flush the fullest partial batch to bound memory.
+                flush(batches.pop(max(batches, key=lambda k: len(batches[k]))))
+        for batch in batches.values():
+            flush(batch)
+        drain(block=True)
+
+        for rec in journal.records:
+            if rec.get("key") in wanted:
+                done[rec["key"]] = rec
+
+    order = {it.key: i for i, it in enumerate(items)}
+    records = sorted(done.values(), key=lambda r: order[r["key"]])
+    summary = summarize(records, fails, detector)
+    write_reports(cfg.out, records, fails, summary)
+    return DetectResult(records, fails, processed, len(items) - len(todo), summary)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary files a killed run left (``dd.io.atomic_open`` names them)."""
+    for dirpath, _dirs, files in os.walk(out):
+        for f in files:
+            if f.startswith(".") and f.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, f))
+
+
+def summarize(
+    records: list[dict[str, Any]], failures: list[dict[str, str]], detector: Detector
+) -> dict[str, Any]:
+    maxes = [r["max"] for r in records]
+    return {
+        **detector.describe(),
+        "images": len(records),
+        "failed": len(failures),
+        "with_artifacts": sum(m >= 0.5 for m in maxes),
+        "mean_max": float(np.mean(maxes)) if maxes else 0.0,
+        "mean_mean": float(np.mean([r["mean"] for r in records])) if records else 0.0,
+        "worst": max(records, key=lambda r: r["max"])["key"] if records else None,
+    }
+
+
+def write_reports(
+    out: Path,
+    records: list[dict[str, Any]],
+    failures: list[dict[str, str]],
+    summary: dict[str, Any],
+) -> None:
+    from dd.html import contact_sheet
+
+    atomic_write_text(
+        out / "report.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    )
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in records:
+        row = dict(r)
+        row["peak_x"], row["peak_y"] = r["peak"]
+        row["bbox"] = " ".join(map(str, r["bbox"])) if r.get("bbox") else ""
+        for k in ("mean", "max", "weighted", "artifact_ratio"):
+            row[k] = f"{r[k]:.6f}"
+        w.writerow(row)
+    atomic_write_text(out / "report.csv", buf.getvalue())
+    atomic_write_text(
+        out / "failed.jsonl", "".join(json.dumps(f, sort_keys=True) + "\n" for f in failures)
+    )
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "index.html", contact_sheet(out, records, failures, summary))

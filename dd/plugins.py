@@ -1,0 +1,221 @@
+"""The plugin manager: loads built-in and third-party plugins from the ``dd`` entry points.
+
+Built-in plugins (the ``dd_plugins`` package, shipped from ``plugins/``) are declared in
+dd's own ``pyproject.toml`` under the same entry-point group a third party uses, so they
+take exactly the same path. ``DD_LOAD_PLUGINS=a,b`` limits which *third-party* plugins load
+(by entry-point or distribution name; an empty value loads none); built-ins always load.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from dd import hookspecs
+from dd.errors import DDError
+from dd.registry import Registry
+
+GROUP = "dd"
+DIST_NAME = "dd-doctor"
+hookimpl = hookspecs.hookimpl
+
+
+@dataclass
+class PluginRecord:
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    builtin: bool = False
+    hooks: list[str] = field(default_factory=list)
+    registered: dict[str, list[str]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "module": self.module,
+            "distribution": self.distribution,
+            "version": self.version,
+            "builtin": self.builtin,
+            "hooks": sorted(self.hooks),
+            "registered": {k: sorted(v) for k, v in sorted(self.registered.items()) if v},
+        }
+
+
+class PluginHost:
+    """Owns the pluggy manager, the registries and what each plugin contributed."""
+
+    def __init__(self, *, load_entrypoints: bool = True):
+        from dd.backbones import Backbone
+        from dd.detectors import Detector
+
+        self.pm = pluggy.PluginManager(GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+        self.failed: dict[str, str] = {}
+        self.detectors: Registry = Registry("detector", Detector)
+        self.backbones: Registry = Registry("backbone", Backbone)
+        self._filled = False
+        if load_entrypoints:
+            self._load_entrypoints()
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load_entrypoints(self) -> None:
+        allowed = os.environ.get("DD_LOAD_PLUGINS")
+        allow = None if allowed is None else {s.strip() for s in allowed.split(",") if s.strip()}
+        eps = sorted(metadata.entry_points(group=GROUP), key=lambda e: e.name)
+        seen: set[str] = set()
+        for ep in eps:
+            dist = ep.dist.name if ep.dist is not None else None
+            builtin = dist is not None and _canon(dist) == _canon(DIST_NAME)
+            if ep.name in seen:
+                continue  # the same distribution can be visible twice (editable + site)
+            if not builtin and allow is not None and not ({ep.name, dist or ""} & allow):
+                continue
+            seen.add(ep.name)
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not take dd down
+                self.failed[ep.name] = f"{type(exc).__name__}: {exc}"
+                print(
+                    f"Warning: dd plugin {ep.name!r} ({ep.value}) failed to load: "
+                    f"{type(exc).__name__}: {exc}",
+                    file=sys.stderr,
+                )
+                continue
+            self.add(
+                module,
+                name=ep.name,
+                distribution=dist,
+                version=ep.dist.version if ep.dist is not None else None,
+                builtin=builtin,
+            )
+
+    def add(
+        self,
+        plugin: Any,
+        *,
+        name: str,
+        distribution: str | None = None,
+        version: str | None = None,
+        builtin: bool = False,
+    ) -> None:
+        """Register a plugin object (module or instance with ``@hookimpl`` methods)."""
+        if name in self.records:
+            raise DDError(
+                f"two plugins are named {name!r}",
+                hint="rename one entry point in the [project.entry-points.dd] table",
+            )
+        self.pm.register(plugin, name=name)
+        hooks = [h.name for h in self.pm.get_hookcallers(plugin) or []]
+        self.records[name] = PluginRecord(
+            name=name,
+            module=getattr(plugin, "__name__", type(plugin).__name__),
+            distribution=distribution,
+            version=version,
+            builtin=builtin,
+            hooks=hooks,
+        )
+        self._filled = False
+
+    # -- registries ------------------------------------------------------------------------
+    def fill(self) -> None:
+        """Call the registration hooks, one plugin at a time, so provenance is known."""
+        if self._filled:
+            return
+        from dd.backbones import Backbone
+        from dd.detectors import Detector
+
+        self.detectors = Registry("detector", Detector)
+        self.backbones = Registry("backbone", Backbone)
+        for rec in self.records.values():
+            rec.registered.pop("detectors", None)
+            rec.registered.pop("backbones", None)
+        for hook_name, registry, key in (
+            ("dd_register_detectors", self.detectors, "detectors"),
+            ("dd_register_backbones", self.backbones, "backbones"),
+        ):
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                rec = self.records[impl.plugin_name]
+
+                def register(obj, name=None, aliases=(), _rec=rec, _reg=registry, _key=key):
+                    _reg.register(obj, name, aliases, plugin=_rec.name)
+                    added = name or obj.name
+                    _rec.registered.setdefault(_key, []).append(added)
+
+                impl.function(register=register)
+        self._filled = True
+
+    def add_commands(self, app: Any) -> None:
+        """Let plugins add commands to the root Typer app, recording who added what."""
+        owners: dict[str, str] = {_command_name(c): "dd" for c in app.registered_commands}
+        owners.update({_group_name(g): "dd" for g in app.registered_groups})
+        for impl in self.pm.hook.dd_register_commands.get_hookimpls():
+            before_c, before_g = len(app.registered_commands), len(app.registered_groups)
+            impl.function(app=app)
+            new = [_command_name(c) for c in app.registered_commands[before_c:]]
+            new += [_group_name(g) for g in app.registered_groups[before_g:]]
+            for cmd in new:
+                if cmd in owners:
+                    del app.registered_commands[before_c:]
+                    del app.registered_groups[before_g:]
+                    raise DDError(
+                        f"command name clash: `dd {cmd}` is defined by {owners[cmd]!r} "
+                        f"and again by plugin {impl.plugin_name!r}",
+                        hint="uninstall one of them, or limit loading with DD_LOAD_PLUGINS",
+                    )
+                owners[cmd] = impl.plugin_name
+            self.records[impl.plugin_name].registered.setdefault("commands", []).extend(new)
+
+    def info(self) -> list[dict[str, Any]]:
+        self.fill()
+        return [r.as_dict() for r in sorted(self.records.values(), key=lambda r: r.name)]
+
+
+def _canon(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _command_name(info: Any) -> str:
+    if info.name:
+        return info.name
+    return info.callback.__name__.lower().replace("_", "-")
+
+
+def _group_name(info: Any) -> str:
+    return info.name or (info.typer_instance.info.name if info.typer_instance else "?")
+
+
+_host: PluginHost | None = None
+_lock = threading.Lock()
+
+
+def get_host() -> PluginHost:
+    """The process-wide plugin host, created (and entry points loaded) on first use."""
+    global _host
+    with _lock:
+        if _host is None:
+            _host = PluginHost()
+        _host.fill()
+        return _host
+
+
+def reset_host(host: PluginHost | None = None) -> None:
+    """Forget the loaded plugins (tests use this; the next ``get_host`` reloads)."""
+    global _host
+    with _lock:
+        _host = host
+
+
+def get_detector_class(name: str):
+    return get_host().detectors.get(name)
+
+
+def get_backbone_class(name: str):
+    return get_host().backbones.get(name)

@@ -1,0 +1,229 @@
+"""`dd detect` end to end with the real SegFormer class at tiny size, on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dd.cli import main
+from dd.engines.detect import JOURNAL, DetectConfig, resize_for, run_detect
+from dd.images import collect_inputs, load_image
+from dd.plugins import get_host
+
+TINY = ["-O", "variant=tiny", "-O", "input_size=64"]
+
+
+def _images(folder: Path, n: int = 5, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = int(rng.integers(20, 70)), int(rng.integers(20, 70))
+        p = folder / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _tiny_detector():
+    return get_host().detectors.get("segformer").load(None, variant="tiny", input_size=64)
+
+
+def test_detect_folder_writes_maps_overlays_and_reports(tmp_path, cli):
+    imgs = _images(tmp_path / "in", 4)
+    (tmp_path / "in" / "sub").mkdir()
+    Image.new("L", (33, 17), 90).save(tmp_path / "in" / "sub" / "gray.png")
+    out = tmp_path / "out"
+    res = cli("detect", tmp_path / "in", "--out", out, *TINY, "--batch-size", "3")
+    assert res.exit_code == 0, res.output
+    assert "UNTRAINED" in res.output
+    recs = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in recs] == [f"img{i:02d}" for i in range(4)] + ["sub/gray"]
+    for r, src in zip(recs, [*imgs, tmp_path / "in" / "sub" / "gray.png"], strict=True):
+        w, h = Image.open(src).size
+        m = Image.open(out / r["map"])
+        assert m.mode == "L" and m.size == (w, h)
+        ov = Image.open(out / r["overlay"])
+        assert ov.mode == "RGB" and ov.size == (w, h)
+        arr = np.asarray(m, np.float32) / 255
+        assert r["max"] == pytest.approx(arr.max(), abs=1 / 255)
+        assert r["mean"] == pytest.approx(arr.mean(), abs=1 / 255)
+        assert (r["width"], r["height"]) == (w, h)
+        assert 0 <= r["peak"][0] < w and 0 <= r["peak"][1] < h
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["key"] for r in rows] == [r["key"] for r in recs]
+    html = (out / "index.html").read_text()
+    by_max = sorted(recs, key=lambda r: -r["max"])
+    positions = [html.index(f">{r['key']}<") for r in by_max]
+    assert positions == sorted(positions), "contact sheet is not sorted by max confidence"
+    assert "Untrained detector" in html
+    assert (out / "failed.jsonl").read_text() == ""
+    assert json.loads((out / "summary.json").read_text())["images"] == 5
+
+
+def test_maps_match_the_differentiable_forward(tmp_path):
+    """The batched loader path gives the same map as Detector.forward on the image."""
+    _images(tmp_path / "in", 3, seed=1)
+    det = _tiny_detector()
+    items, _ = collect_inputs([str(tmp_path / "in")])
+    res = run_detect(items, det, DetectConfig(out=tmp_path / "out", batch_size=2))
+    for r, it in zip(res.records, items, strict=True):
+        x = torch.from_numpy(load_image(it.path)).permute(2, 0, 1).float()[None] / 255
+        with torch.no_grad():
+            ref = det(x)[0, 0].numpy()
+        got = np.asarray(Image.open(tmp_path / "out" / r["map"]), np.float32) / 255
+        assert np.abs(got - ref).max() <= 0.5 / 255 + 1e-6
+        assert r["max"] == pytest.approx(float(ref.max()), abs=1e-5)
+    assert resize_for(det, np.zeros((10, 12, 3), np.uint8)).shape == (3, 64, 64)
+
+
+def test_bad_inputs_are_listed_and_exit_2(tmp_path, cli):
+    _images(tmp_path / "in", 2)
+    (tmp_path / "in" / "empty.png").write_bytes(b"")
+    (tmp_path / "in" / "notes.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    res = cli("detect", tmp_path / "in", tmp_path / "missing.png", "--out", out, *TINY)
+    assert res.exit_code == 2, res.output
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    reasons = {Path(f["path"]).name: f["reason"] for f in failed}
+    assert set(reasons) == {"empty.png", "notes.jpg", "missing.png"}
+    assert "empty" in reasons["empty.png"] and "empty.png" in reasons["empty.png"]
+    assert len((out / "report.jsonl").read_text().splitlines()) == 2
+    assert "missing.png" in res.output
+
+
+def test_fail_above_gate_and_json(tmp_path, cli):
+    _images(tmp_path / "in", 2)
+    res = cli("detect", tmp_path / "in", "--out", tmp_path / "o1", *TINY, "--fail-above", "0")
+    assert res.exit_code == 3
+    res = cli(
+        "detect", tmp_path / "in", "--out", tmp_path / "o2", *TINY, "--fail-above", "1", "--json"
+    )
+    assert res.exit_code == 0
+    payload = json.loads(res.stdout)
+    assert payload["summary"]["images"] == 2 and len(payload["images"]) == 2
+    assert payload["summary"]["untrained"] is True
+
+
+def test_errors_are_one_line_with_a_hint(tmp_path, capsys, monkeypatch):
+    code = main(["detect", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: no images to process")
+    assert "nothing-here" in err[0] and "not found" in err[0]
+
+    _images(tmp_path / "in", 1)
+    code = main(["detect", str(tmp_path / "in"), "--weights", str(tmp_path / "nope.bin")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("Error: ") and "nope.bin" in err[-1]
+
+    code = main(["detect", str(tmp_path / "in"), "--device", "cuda:7", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "hint:" in err[-1]
+
+
+def test_dd_debug_shows_the_traceback(tmp_path):
+    env = {**os.environ, "DD_DEBUG": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "dd", "detect", str(tmp_path / "none")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "DDError" in res.stderr
+
+
+def test_resume_after_interrupt_has_no_duplicates(tmp_path):
+    _images(tmp_path / "in", 7)
+    items, _ = collect_inputs([str(tmp_path / "in")])
+    det = _tiny_detector()
+    out = tmp_path / "out"
+
+    def stop_after(done, total):
+        if done >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_detect(
+            items, det, DetectConfig(out=out, batch_size=2, workers=1), on_progress=stop_after
+        )
+    assert not (out / "report.jsonl").exists()
+    journal = (out / JOURNAL).read_text().splitlines()
+    assert 1 <= len(journal) < 7
+    # A torn last line, as a kill in the middle of a write would leave.
+    with open(out / JOURNAL, "a") as f:
+        f.write('{"key": "img06", "ma')
+    res = run_detect(items, det, DetectConfig(out=out, batch_size=2, resume=True))
+    assert res.resumed == len(journal) and res.processed == 7 - len(journal)
+    keys = [json.loads(line)["key"] for line in (out / "report.jsonl").read_text().splitlines()]
+    assert keys == sorted(set(keys)) and len(keys) == 7
+
+
+def test_resume_refuses_another_detector(tmp_path, cli):
+    _images(tmp_path / "in", 1)
+    assert cli("detect", tmp_path / "in", "--out", tmp_path / "o", *TINY).exit_code == 0
+    res = cli(
+        "detect",
+        tmp_path / "in",
+        "--out",
+        tmp_path / "o",
+        "--resume",
+        "--detector",
+        "segformer",
+        "-O",
+        "variant=tiny",
+        "-O",
+        "input_size=32",
+    )
+    assert res.exit_code == 1 and "another detector" in res.output
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_leaves_whole_files_and_resumes(tmp_path):
+    """Kill -9 a real `dd detect` process; every file left is whole; --resume finishes."""
+    _images(tmp_path / "in", 40, seed=3)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dd",
+        "detect",
+        str(tmp_path / "in"),
+        "--out",
+        str(out),
+        *TINY,
+        "--batch-size",
+        "2",
+        "--workers",
+        "2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / JOURNAL
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if journal.exists() and len(journal.read_bytes().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.jsonl").exists()
+    for png in list(out.glob("maps/*.png")) + list(out.glob("overlays/*.png")):
+        Image.open(png).load()  # a truncated PNG would raise here
+    res = subprocess.run([*cmd, "--resume", "--json"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    keys = [json.loads(line)["key"] for line in (out / "report.jsonl").read_text().splitlines()]
+    assert len(keys) == 40 and len(set(keys)) == 40
+    assert not list(out.rglob(".*.tmp")), "stale temporary files were left behind"
