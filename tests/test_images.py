@@ -65,6 +65,11 @@ def _png16(arr: np.ndarray, color_type: int) -> bytes:
     )
 
 
+def _mode(path: Path) -> str:
+    with Image.open(path) as img:
+        return img.mode
+
+
 def _load_error(path: Path, **kw: object) -> ImageLoadError:
     with pytest.raises(ImageLoadError) as info:
         load_image(path, **kw)
@@ -217,6 +222,16 @@ def test_bomb_guard_runs_before_decoding(tmp_path: Path) -> None:
     assert "decompression-bomb guard" in _load_error(bad, max_pixels=100).reason
 
 
+def test_pillows_own_guard_if_someone_re_enables_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _save(tmp_path, "big.png", Image.new("RGB", (10, 10), RED))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    err = _load_error(path, max_pixels=None)
+    assert "decompression bomb" in err.reason.lower()
+    assert err.hint == "raise it with --max-pixels"
+
+
 def test_bomb_guard_does_not_touch_pillows_global(tmp_path: Path) -> None:
     path = _save(tmp_path, "big.png", Image.new("RGB", (10, 8), RED))
     _load_error(path, max_pixels=10)
@@ -240,7 +255,7 @@ def test_mode_1(tmp_path: Path) -> None:
     img = Image.new("1", (4, 2), 0)
     img.putpixel((1, 0), 1)
     path = _save(tmp_path, "bw.png", img)
-    assert Image.open(path).mode == "1"
+    assert _mode(path) == "1"
     arr = load_image(path)
     _check_rgb(arr, 2, 4)
     assert _px(arr, 0, 1) == WHITE and _px(arr, 0, 0) == (0, 0, 0)
@@ -251,7 +266,7 @@ def test_mode_LA_over_white(tmp_path: Path) -> None:
     img.putpixel((0, 0), (0, 255))  # opaque black
     img.putpixel((1, 0), (0, 0))  # fully transparent
     path = _save(tmp_path, "la.png", img)
-    assert Image.open(path).mode == "LA"
+    assert _mode(path) == "LA"
     arr = load_image(path)
     assert _px(arr, 0, 0) == (0, 0, 0) and _px(arr, 0, 1) == WHITE
 
@@ -273,7 +288,8 @@ def test_mode_P_without_transparency(tmp_path: Path) -> None:
     img.putpalette([*RED, *BLUE] + [0] * 762)
     img.putpixel((1, 0), 1)
     path = _save(tmp_path, "p.png", img)
-    assert Image.open(path).mode == "P" and "transparency" not in Image.open(path).info
+    with Image.open(path) as check:
+        assert check.mode == "P" and "transparency" not in check.info
     arr = load_image(path)
     assert _px(arr, 0, 0) == RED and _px(arr, 0, 1) == BLUE
 
@@ -291,7 +307,7 @@ def test_mode_P_with_transparency(tmp_path: Path) -> None:
 
 def test_mode_CMYK_jpeg(tmp_path: Path) -> None:
     path = _save(tmp_path, "cmyk.jpg", Image.new("CMYK", (8, 8), (0, 255, 255, 0)), quality=95)
-    assert Image.open(path).mode == "CMYK"
+    assert _mode(path) == "CMYK"
     arr = load_image(path)
     _check_rgb(arr, 8, 8)
     assert np.abs(arr.astype(int) - RED).max() <= 3
@@ -299,7 +315,7 @@ def test_mode_CMYK_jpeg(tmp_path: Path) -> None:
 
 def test_mode_YCbCr_tiff(tmp_path: Path) -> None:
     path = _save(tmp_path, "ycc.tif", Image.new("YCbCr", (4, 4), (128, 128, 128)))
-    assert Image.open(path).mode == "YCbCr"
+    assert _mode(path) == "YCbCr"
     arr = load_image(path)
     _check_rgb(arr, 4, 4)
     assert np.abs(arr.astype(int) - 128).max() <= 1
@@ -308,7 +324,7 @@ def test_mode_YCbCr_tiff(tmp_path: Path) -> None:
 def test_16bit_gray_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
     path = _save(tmp_path, "g16.png", Image.fromarray(values))
-    assert Image.open(path).mode.startswith("I")
+    assert _mode(path).startswith("I")
     arr = load_image(path)
     _check_rgb(arr, 1, 4)
     assert arr[0, :, 0].tolist() == [0, 1, 128, 255]
@@ -319,7 +335,7 @@ def test_16bit_big_endian_tiff(tmp_path: Path) -> None:
     values = np.array([[0, 32768, 65535]], dtype=np.uint16)
     img = Image.frombytes("I;16B", (3, 1), values.astype(">u2").tobytes())
     path = _save(tmp_path, "g16b.tif", img)
-    assert Image.open(path).mode == "I;16B"
+    assert _mode(path) == "I;16B"
     assert load_image(path)[0, :, 0].tolist() == [0, 128, 255]
 
 
@@ -331,7 +347,7 @@ def test_16bit_gray_hand_written_png(tmp_path: Path) -> None:
 
 def test_mode_I_32bit(tmp_path: Path) -> None:
     in_range = _save(tmp_path, "i.tif", Image.fromarray(np.array([[0, 65535]], np.int32)))
-    assert Image.open(in_range).mode == "I"
+    assert _mode(in_range) == "I"
     assert load_image(in_range)[0, :, 0].tolist() == [0, 255]
     wide = _save(tmp_path, "iw.tif", Image.fromarray(np.array([[-10, 0, 100_000]], np.int32)))
     out = load_image(wide)[0, :, 0].tolist()  # min-max normalised
@@ -340,7 +356,7 @@ def test_mode_I_32bit(tmp_path: Path) -> None:
 
 def test_mode_F(tmp_path: Path) -> None:
     unit = _save(tmp_path, "f.tif", Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)))
-    assert Image.open(unit).mode == "F"
+    assert _mode(unit) == "F"
     assert load_image(unit)[0, :, 0].tolist() == [0, 128, 255]
     wide = np.array([[np.nan, -5.0, 100.0, 300.0]], np.float32)
     path = _save(tmp_path, "fw.tif", Image.fromarray(wide))
@@ -385,6 +401,18 @@ def test_exif_orientation_6_is_honoured(tmp_path: Path) -> None:
     # Rotating clockwise puts the stored left half on top.
     assert np.abs(arr[2:18].astype(int) - RED).max() <= 8
     assert np.abs(arr[22:38].astype(int) - BLUE).max() <= 8
+
+
+def test_multi_picture_jpeg_gives_first_picture(tmp_path: Path) -> None:
+    """Cameras write MPO files with a .jpg suffix; Pillow opens them through its JPEG opener."""
+    first, *rest = _frames()
+    path = tmp_path / "camera.jpg"
+    first.save(path, format="MPO", save_all=True, append_images=rest, quality=95)
+    with Image.open(path) as check:
+        assert check.format == "MPO"
+    arr = load_image(path)
+    _check_rgb(arr, 4, 6)
+    assert np.abs(arr.astype(int) - RED).max() <= 8
 
 
 def _frames() -> list[Image.Image]:

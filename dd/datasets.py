@@ -1,0 +1,169 @@
+"""Artifact datasets: images with per-pixel artifact maps (see ``docs/datasets.md``).
+
+Layout of a dataset folder::
+
+    DATASET/
+      images/   any image format dd reads (sub-folders allowed)
+      masks/    8-bit grayscale PNGs with the same relative stem: 0-255 = confidence 0-1
+      manifest.jsonl   optional, one JSON object per sample
+
+An image without a mask is a negative (artifact-free, e.g. a real photo). Manifest fields:
+``image`` and ``mask`` (paths relative to the dataset folder; ``mask`` may be null),
+``source`` (``human`` | ``pseudo`` | ``real`` | ``synthetic``), ``category`` (free text:
+hand, face, text, animal, watermark, ...), ``weight`` (float, default 1), and anything else
+(kept in ``meta``, e.g. ``prompt``, ``shrink_pad``). When a manifest exists it lists the
+samples; otherwise every image under ``images/`` is a sample.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dd.errors import DDError
+from dd.images import IMAGE_SUFFIXES
+from dd.io import atomic_write_text
+
+SOURCES = ("human", "pseudo", "real", "synthetic")
+MANIFEST = "manifest.jsonl"
+_CORE = {"image", "mask", "source", "category", "weight"}
+
+
+@dataclass
+class Sample:
+    image: Path
+    mask: Path | None = None
+    source: str = "human"
+    category: str | None = None
+    weight: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def positive(self) -> bool:
+        """Has a mask (it may still be all zero: see ``mask_is_empty``)."""
+        return self.mask is not None
+
+    def to_json(self, root: Path) -> dict[str, Any]:
+        d = asdict(self)
+        d["image"] = _rel(self.image, root)
+        d["mask"] = _rel(self.mask, root) if self.mask is not None else None
+        meta = d.pop("meta")
+        return {**meta, **d}
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def read_dataset(root: str | Path) -> list[Sample]:
+    """Samples of a dataset folder, from its manifest or by scanning ``images/``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DDError(
+            f"dataset folder not found: {root}",
+            hint="a dataset is a folder with images/ and masks/ (docs/datasets.md)",
+        )
+    manifest = root / MANIFEST
+    if manifest.exists():
+        return _read_manifest(root, manifest)
+    images_dir = root / "images"
+    if not images_dir.is_dir():
+        raise DDError(
+            f"{root} has no images/ folder and no {MANIFEST}",
+            hint="see docs/datasets.md for the dataset layout",
+        )
+    masks_dir = root / "masks"
+    samples = []
+    for img in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        rel = img.relative_to(images_dir).with_suffix(".png")
+        mask = masks_dir / rel
+        samples.append(
+            Sample(
+                image=img,
+                mask=mask if mask.exists() else None,
+                source="human" if mask.exists() else "real",
+            )
+        )
+    if not samples:
+        raise DDError(f"no images found under {images_dir}")
+    return samples
+
+
+def _read_manifest(root: Path, manifest: Path) -> list[Sample]:
+    samples = []
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            rec = json.loads(line)
+            image = root / rec["image"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DDError(
+                f"{manifest}:{n}: bad manifest line ({type(e).__name__}: {e})",
+                hint="each line is a JSON object with at least an 'image' field",
+            ) from None
+        mask = root / rec["mask"] if rec.get("mask") else None
+        source = rec.get("source") or ("human" if mask else "real")
+        if source not in SOURCES:
+            raise DDError(
+                f"{manifest}:{n}: unknown source {source!r}",
+                hint=f"use one of {', '.join(SOURCES)}",
+            )
+        try:
+            weight = float(rec.get("weight", 1.0))
+        except (TypeError, ValueError):
+            raise DDError(f"{manifest}:{n}: weight must be a number") from None
+        meta = {k: v for k, v in rec.items() if k not in _CORE}
+        samples.append(Sample(image, mask, source, rec.get("category"), weight, meta))
+    if not samples:
+        raise DDError(f"{manifest} lists no samples")
+    return samples
+
+
+def write_manifest(root: str | Path, samples: Iterable[Sample]) -> Path:
+    """Write ``manifest.jsonl`` atomically (paths relative to ``root`` where possible)."""
+    root = Path(root)
+    text = "".join(json.dumps(s.to_json(root), sort_keys=True) + "\n" for s in samples)
+    atomic_write_text(root / MANIFEST, text)
+    return root / MANIFEST
+
+
+def load_mask(path: str | Path | None, size: tuple[int, int]) -> np.ndarray:
+    """An ``H x W`` float32 map in [0, 1]; ``None`` gives zeros. ``size`` is (H, W).
+
+    A mask of another size than its image is resized bilinearly (a warning-free
+    convenience for datasets such as RichHF whose maps are 512 x 512).
+    """
+    h, w = size
+    if path is None:
+        return np.zeros((h, w), np.float32)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L") if im.mode not in ("L", "I;16", "I") else im
+            if im.mode != "L":
+                arr = np.asarray(im, np.float32) / 65535.0
+                im = Image.fromarray((arr * 255).round().astype(np.uint8), mode="L")
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+            return np.asarray(im, np.float32) / 255.0
+    except FileNotFoundError:
+        raise DDError(f"mask not found: {path}") from None
+    except OSError as e:
+        raise DDError(f"cannot read mask {path}: {e}") from None
+
+
+def save_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Save an ``H x W`` map in [0, 1] as an 8-bit grayscale PNG, atomically."""
+    from dd.io import save_image_atomic
+    from dd.viz import to_uint8_map
+
+    save_image_atomic(Image.fromarray(to_uint8_map(mask), mode="L"), path)
