@@ -488,8 +488,11 @@ def _model_from_state_dict(sd: dict[str, torch.Tensor], variant: str | None, sou
         if len(mismatched) > 5:
             parts.append(f"... {len(mismatched) - 5} more shape mismatches")
         if inferred_name and inferred_name != name:
-            hint = f"the file looks like variant {inferred_name}: pass --option variant=" + (
-                inferred_name if inferred_name != "custom" else "<none>, i.e. leave it unset"
+            hint = (
+                f"the file looks like variant {inferred_name}: "
+                f"pass --option variant={inferred_name}"
+                if inferred_name != "custom"
+                else "the file has a custom MiT architecture: leave the variant option unset"
             )
         elif inferred is None:
             hint = (
@@ -515,13 +518,17 @@ def _model_from_state_dict(sd: dict[str, torch.Tensor], variant: str | None, sou
     return model, name
 
 
-def _check_pretrained(model, info: Mapping[str, Any] | None, source: str) -> None:
-    if model.config.num_labels != 1:
+def _check_num_labels(config, source: str) -> None:
+    if config.num_labels != 1:
         raise DDError(
-            f"{source} has {model.config.num_labels} output channels; the artifact detector "
+            f"{source} has {config.num_labels} output channels; the artifact detector "
             "has one (num_labels=1)",
             hint="this is a semantic-segmentation SegFormer, not an artifact detector",
         )
+
+
+def _check_pretrained(model, info: Mapping[str, Any] | None, source: str) -> None:
+    _check_num_labels(model.config, source)
     if info:
         bad = {k: list(info.get(k) or []) for k in ("missing_keys", "mismatched_keys")}
         if any(bad.values()):
@@ -553,8 +560,7 @@ def _load_dir(path: Path, variant: str | None):
                 f"{path}/config.json is not a SegFormer config: {type(exc).__name__}: {exc}",
                 hint="pass a save_pretrained folder of SegformerForSemanticSegmentation",
             ) from None
-        if config.num_labels != 1:
-            _check_pretrained(type("M", (), {"config": config})(), None, str(path))
+        _check_num_labels(config, str(path))
         name = _config_variant(config)
         if variant is not None and variant != name:
             raise DDError(
