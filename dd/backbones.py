@@ -1,23 +1,616 @@
 """The backbone API: a diffusion model family the engines can sample from and train.
 
-The treat issue fills in the full contract (prompt encoding, sampling with a gradient
-policy, decoding to [0, 1] pixels, the regularisation loss, scheduler operations). The
-foundation fixes what every backbone has: a registered ``name``, a one-line
-``description`` and a ``from_pretrained`` constructor taking a hub id, a local folder or a
-single file.
+A backbone wraps a diffusers pipeline (loaded from a hub id, a local folder or a single
+file) and offers what the engines need, written for *training*: gradients flow through
+sampling, unlike the pipelines' ``__call__`` which runs under ``torch.no_grad``.
+
+The base class implements everything that is the same for every family:
+
+* :meth:`Backbone.sample`: the denoising loop with a **gradient policy**. Only the last
+  ``grad_steps`` steps track gradients (truncated backprop, DiffDoctor Sec. 3.3); earlier
+  steps run under ``torch.no_grad`` and their output is a leaf, so no gradient can reach
+  them. Each tracked step can be gradient-checkpointed.
+* the update rules: Euler for flow matching (FLUX, SD3: ``x += (sigma_next - sigma) * v``,
+  exactly ``FlowMatchEulerDiscreteScheduler.step``) and deterministic DDIM (eta = 0) for
+  epsilon / v-prediction models (SD1.5, SDXL), written as pure functions of the step index
+  so a checkpointed step recomputes identically (diffusers schedulers keep a step counter).
+* :meth:`Backbone.diffusion_loss`: the backbone's own training loss for regularisation
+  (rectified flow for flow models, epsilon or v-prediction MSE otherwise) on latents that
+  went through the VAE **with its shift and scale** (:meth:`encode_images`).
+* :meth:`Backbone.add_noise` / :meth:`Backbone.denoise`: the scheduler operations
+  ``dd refine`` needs.
+* LoRA through peft (:meth:`add_lora`), saved in diffusers' format with the pipeline
+  class's own ``save_lora_weights`` so ``pipe.load_lora_weights(DIR)`` loads it.
+
+A family implements the abstract methods: loading, :meth:`encode_prompts`,
+:meth:`prepare_latents`, :meth:`make_schedule`, :meth:`predict`, :meth:`decode` and
+:meth:`encode_images`.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dd.errors import DDError
+
+FLOW = "flow"
+EPSILON = "epsilon"
+V_PREDICTION = "v_prediction"
+PREDICTION_TYPES = (FLOW, EPSILON, V_PREDICTION)
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts: named tensors with the batch first (``None`` where unused)."""
+
+    tensors: dict[str, torch.Tensor | None]
+    #: Non-tensor settings that travel with the prompts (e.g. guidance scale).
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> torch.Tensor | None:
+        return self.tensors.get(key)
+
+    @property
+    def batch_size(self) -> int:
+        for t in self.tensors.values():
+            if t is not None:
+                return t.shape[0]
+        return 0
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+
+        return Conditioning({k: move(v) for k, v in self.tensors.items()}, dict(self.extras))
+
+    def select(self, index: Sequence[int] | torch.Tensor) -> Conditioning:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return Conditioning(
+            {k: (v[idx.to(v.device)] if v is not None else None) for k, v in self.tensors.items()},
+            dict(self.extras),
+        )
+
+    @staticmethod
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
+        keys = items[0].tensors.keys()
+        out: dict[str, torch.Tensor | None] = {}
+        for k in keys:
+            vals = [c.tensors[k] for c in items]
+            out[k] = None if any(v is None for v in vals) else torch.cat(vals)  # type: ignore[arg-type]
+        return Conditioning(out, dict(items[0].extras))
+
+
+@dataclass
+class Schedule:
+    """The discretisation of one sampling run.
+
+    ``timesteps[i]`` is what the model is called with at step ``i`` (``N`` entries).
+    Flow models also carry ``sigmas`` (``N + 1`` entries, the last one the end point);
+    DDIM models carry ``alphas`` (``N + 1`` cumulative alphas: at each step's timestep, and
+    at the end the "previous" alpha, 1 for a run that ends at t = 0).
+    """
+
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None = None
+    alphas: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    def slice(self, start: int, end: int | None = None) -> Schedule:
+        end = len(self) if end is None else end
+        return Schedule(
+            self.timesteps[start:end],
+            None if self.sigmas is None else self.sigmas[start : end + 1],
+            None if self.alphas is None else self.alphas[start : end + 1],
+        )
+
+
+#: Called as ``on_step(step_index, latents, tracked)`` after each denoising step.
+StepCallback = Callable[[int, torch.Tensor, bool], None]
 
 
 class Backbone(abc.ABC):
+    """Base class of every backbone plugin (see the module docstring)."""
+
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: ``flow``, ``epsilon`` or ``v_prediction`` (a family may read it from the scheduler).
+    prediction_type: str = FLOW
+    #: Keyword of the pipeline class's ``save_lora_weights`` for the denoiser's layers.
+    lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
+    default_lora_targets: ClassVar[tuple[str, ...]] = DEFAULT_LORA_TARGETS
+    #: Family defaults, overridden by presets and flags.
+    default_steps: ClassVar[int] = 28
+    default_guidance: ClassVar[float | None] = None
+    default_resolution: ClassVar[int] = 1024
 
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        source: str = "",
+    ):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.source = source
+        self.gradient_checkpointing = False
+        self.vae_checkpointing = False
+        self._prompt_cache: dict[str, Conditioning] = {}
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
+    # ------------------------------------------------------------------ loading
     @classmethod
     @abc.abstractmethod
     def from_pretrained(cls, model: str, **options: Any) -> Backbone:
         """Load the model from a hub id, a local diffusers folder or a single file."""
+
+    # ------------------------------------------------------------------ components
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The transformer or UNet: what LoRA adapts and what ``predict`` calls."""
+        return self.pipe.transformer if getattr(self.pipe, "transformer", None) else self.pipe.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Everything but LoRA is frozen: text encoders, VAE and the base denoiser."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer", "unet")
+        return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
+
+    # ------------------------------------------------------------------ family hooks
+    @abc.abstractmethod
+    def encode_prompts_uncached(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts with the frozen text encoders (no gradient)."""
+
+    @abc.abstractmethod
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | list | None
+    ) -> torch.Tensor:
+        """Initial noise in the family's sampling layout (e.g. packed for FLUX)."""
+
+    @abc.abstractmethod
+    def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
+        """The full schedule from pure noise to t = 0 for this resolution."""
+
+    @abc.abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        guidance: float | None,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """The model output (velocity, epsilon or v) for ``latents`` at ``timestep`` (B,)."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents (sampling layout) to images ``B x 3 x H x W`` in [0, 1], differentiable.
+
+        Must undo the VAE's scaling and shift: ``latents / scaling_factor + shift_factor``.
+        """
+
+    @abc.abstractmethod
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images in [0, 1] to latents in the sampling layout, applying the VAE's shift and
+        scale: ``(z - shift_factor) * scaling_factor`` (no gradient)."""
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Encode prompts, caching each prompt's embedding (text encoders are frozen)."""
+        missing = [
+            p for p in dict.fromkeys(prompts) if self._cache_key(p) not in self._prompt_cache
+        ]
+        if missing:
+            with torch.no_grad():
+                enc = self.encode_prompts_uncached(list(missing))
+            enc = enc.to("cpu")
+            for i, p in enumerate(missing):
+                self._prompt_cache[self._cache_key(p)] = enc.select([i])
+        conds = [self._prompt_cache[self._cache_key(p)] for p in prompts]
+        return Conditioning.cat(conds).to(self.device, self.dtype)
+
+    def _cache_key(self, prompt: str) -> str:
+        return hashlib.sha1(prompt.encode()).hexdigest()
+
+    # ------------------------------------------------------------------ sampling
+    def step(
+        self,
+        latents: torch.Tensor,
+        index: int,
+        schedule: Schedule,
+        cond: Conditioning,
+        guidance: float | None,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """One denoising step ``index`` of ``schedule`` (pure: safe to checkpoint)."""
+        t = schedule.timesteps[index].expand(latents.shape[0]).to(latents.device)
+        out = self.predict(latents, t, cond, guidance, height, width)
+        if self.prediction_type == FLOW:
+            assert schedule.sigmas is not None
+            dt = (schedule.sigmas[index + 1] - schedule.sigmas[index]).to(latents.dtype)
+            return (latents.float() + dt.float() * out.float()).to(latents.dtype)
+        assert schedule.alphas is not None
+        a_t = schedule.alphas[index].to(latents.device, torch.float32)
+        a_prev = schedule.alphas[index + 1].to(latents.device, torch.float32)
+        x, o = latents.float(), out.float()
+        if self.prediction_type == EPSILON:
+            eps = o
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        elif self.prediction_type == V_PREDICTION:
+            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * o
+            eps = a_t.sqrt() * o + (1 - a_t).sqrt() * x
+        else:  # pragma: no cover - guarded at load time
+            raise DDError(f"unknown prediction type {self.prediction_type!r}")
+        return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(latents.dtype)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        schedule: Schedule,
+        cond: Conditioning,
+        *,
+        guidance: float | None,
+        height: int,
+        width: int,
+        grad_steps: int = 0,
+        start: int = 0,
+        end: int | None = None,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Run steps ``start .. end-1`` of ``schedule``; only the last ``grad_steps`` of the
+        *whole* schedule track gradients (when grad mode is on)."""
+        n = len(schedule)
+        end = n if end is None else end
+        if not 0 <= start <= end <= n:
+            raise DDError(f"bad step range {start}..{end} for a {n}-step schedule")
+        if grad_steps < 0 or grad_steps > n:
+            raise DDError(
+                f"grad steps must be in 0..{n}, got {grad_steps}",
+                hint="lower --grad-steps or raise the number of sampling steps",
+            )
+        first_tracked = n - grad_steps
+        for i in range(start, end):
+            tracked = torch.is_grad_enabled() and i >= first_tracked
+            if not tracked:
+                with torch.no_grad():
+                    latents = self.step(latents, i, schedule, cond, guidance, height, width)
+            elif self.gradient_checkpointing:
+                latents = checkpoint(
+                    self.step,
+                    latents,
+                    i,
+                    schedule,
+                    cond,
+                    guidance,
+                    height,
+                    width,
+                    use_reentrant=False,
+                )
+            else:
+                latents = self.step(latents, i, schedule, cond, guidance, height, width)
+            if on_step is not None:
+                on_step(i, latents, tracked)
+        return latents
+
+    def sample(
+        self,
+        cond: Conditioning,
+        *,
+        height: int,
+        width: int,
+        steps: int | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | list | None = None,
+        latents: torch.Tensor | None = None,
+        grad_steps: int = 0,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Generate latents from noise. Gradients flow only through the last
+        ``grad_steps`` steps; with ``grad_steps=0`` (or grad mode off) none do."""
+        steps = steps or self.default_steps
+        guidance = self.default_guidance if guidance is None else guidance
+        if latents is None:
+            latents = self.prepare_latents(cond.batch_size, height, width, generator)
+        schedule = self.make_schedule(steps, height, width)
+        return self.denoise(
+            latents,
+            schedule,
+            cond,
+            guidance=guidance,
+            height=height,
+            width=width,
+            grad_steps=grad_steps,
+            on_step=on_step,
+        )
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int],
+        height: int | None = None,
+        width: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        grad_steps: int = 0,
+    ) -> torch.Tensor:
+        """Prompts and seeds (one each per image) to images in [0, 1]."""
+        if len(seeds) != len(prompts):
+            raise DDError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        height = height or self.default_resolution
+        width = width or self.default_resolution
+        cond = self.encode_prompts(prompts)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        lat = torch.cat([self.prepare_latents(1, height, width, g) for g in gens])
+        lat = self.sample(
+            cond,
+            height=height,
+            width=width,
+            steps=steps,
+            guidance=guidance,
+            latents=lat,
+            grad_steps=grad_steps,
+        )
+        return self.decode_maybe_checkpointed(lat, height, width)
+
+    def decode_maybe_checkpointed(
+        self, latents: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        if self.vae_checkpointing and torch.is_grad_enabled() and latents.requires_grad:
+            return checkpoint(self.decode, latents, height, width, use_reentrant=False)
+        return self.decode(latents, height, width)
+
+    # ------------------------------------------------------------------ noise / training
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """DDPM cumulative alphas of the training schedule (epsilon / v models)."""
+        sched = self.pipe.scheduler
+        ac = getattr(sched, "alphas_cumprod", None)
+        if ac is None:
+            from diffusers import DDPMScheduler
+
+            ac = DDPMScheduler.from_config(sched.config).alphas_cumprod
+        return ac.to(torch.float32)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Noise clean latents to training timestep(s) ``t`` (B,) in [0, T)."""
+        if self.prediction_type == FLOW:
+            s = (t.float() / self.num_train_timesteps).view(-1, *[1] * (x0.ndim - 1))
+            return ((1 - s) * x0.float() + s * noise.float()).to(x0.dtype)
+        a = self.alphas_cumprod().to(x0.device)[t.long().cpu()].to(x0.device)
+        a = a.view(-1, *[1] * (x0.ndim - 1))
+        return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
+
+    def training_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        if self.prediction_type == FLOW:
+            return noise - x0
+        if self.prediction_type == EPSILON:
+            return noise
+        a = self.alphas_cumprod().to(x0.device)[t.long().cpu()].to(x0.device)
+        a = a.view(-1, *[1] * (x0.ndim - 1))
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
+
+    def sample_training_timesteps(
+        self, batch: int, generator: torch.Generator | None = None, weighting: str = "logit_normal"
+    ) -> torch.Tensor:
+        """Training timesteps in [0, T): logit-normal (SD3 paper) or uniform for flow
+        models, uniform integers for DDPM models."""
+        T = self.num_train_timesteps
+        if self.prediction_type == FLOW:
+            if weighting == "logit_normal":
+                u = torch.sigmoid(torch.randn(batch, generator=generator))
+            else:
+                u = torch.rand(batch, generator=generator)
+            return (u * T).clamp(max=T - 1)
+        return torch.randint(0, T, (batch,), generator=generator)
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Training timestep -> what ``predict`` takes (identity; FLUX overrides nothing:
+        its ``predict`` divides by 1000 itself)."""
+        return t
+
+    def diffusion_loss(
+        self,
+        images: torch.Tensor,
+        cond: Conditioning,
+        *,
+        generator: torch.Generator | None = None,
+        guidance: float | None = None,
+        weighting: str = "logit_normal",
+    ) -> torch.Tensor:
+        """The backbone's own training loss on real images (DiffDoctor Eq. 3-4).
+
+        Latents come from :meth:`encode_images`, which applies the VAE's shift and scale.
+        """
+        h, w = images.shape[-2:]
+        x0 = self.encode_images(images, generator=generator).to(self.dtype)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+        t = self.sample_training_timesteps(x0.shape[0], generator, weighting).to(x0.device)
+        xt = self.add_noise(x0, noise, t)
+        guidance = self.default_guidance if guidance is None else guidance
+        pred = self.predict(xt, self.model_timestep(t), cond, guidance, h, w)
+        return F.mse_loss(pred.float(), self.training_target(x0, noise, t).float())
+
+    # ------------------------------------------------------------------ memory
+    def enable_gradient_checkpointing(
+        self, *, steps: bool = True, blocks: bool = True, vae: bool = True
+    ) -> None:
+        """Checkpoint each tracked sampling step, the denoiser's blocks and the VAE decode."""
+        self.gradient_checkpointing = steps
+        self.vae_checkpointing = vae
+        if blocks and hasattr(self.denoiser, "enable_gradient_checkpointing"):
+            self.denoiser.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(
+        self,
+        *,
+        rank: int = 16,
+        alpha: float | None = None,
+        targets: Sequence[str] | None = None,
+        init: str = "gaussian",
+        dropout: float = 0.0,
+    ) -> list[torch.nn.Parameter]:
+        """Attach a trainable LoRA adapter to the denoiser; returns its parameters."""
+        from peft import LoraConfig
+
+        targets = list(targets or self.default_lora_targets)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            init_lora_weights=init if init != "gaussian" else "gaussian",
+            target_modules=targets,
+            lora_dropout=dropout,
+        )
+        try:
+            self.denoiser.add_adapter(config)
+        except ValueError as e:
+            raise DDError(
+                f"cannot add LoRA to {type(self.denoiser).__name__}: {e}",
+                hint="check --lora-targets against the model's module names",
+            ) from None
+        return self.lora_parameters()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        params = [p for n, p in self.denoiser.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.denoiser)
+
+    def save_lora(self, out_dir: str | Path, *, is_main_process: bool = True) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` in diffusers' format."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        out_dir = Path(out_dir)
+        layers = convert_state_dict_to_diffusers(self.lora_state_dict())
+        layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
+        type(self.pipe).save_lora_weights(
+            save_directory=str(out_dir),
+            is_main_process=is_main_process,
+            safe_serialization=True,
+            **{self.lora_layers_kwarg: layers},
+        )
+        return out_dir / LORA_WEIGHT_NAME
+
+    def load_lora(self, path: str | Path, *, trainable: bool = True) -> None:
+        """Load a diffusers-format LoRA (ours, a DreamBooth one, a hub one) into the
+        denoiser as the adapter ``default``; make it trainable to continue from it."""
+        try:
+            self.pipe.load_lora_weights(str(path), adapter_name="default")
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise DDError(
+                f"cannot load LoRA {path} into this {self.name} model: {e}",
+                hint="is the LoRA for another architecture or base model?",
+            ) from None
+        if not any("lora_" in n for n, _ in self.denoiser.named_parameters()):
+            raise DDError(
+                f"LoRA {path} loaded nothing into the {self.name} denoiser",
+                hint="the file holds no layers for this architecture",
+            )
+        if trainable:
+            self.lora_parameters()
+
+    # ------------------------------------------------------------------ misc
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Backbone:
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        self.pipe.to(self.device, self.dtype)
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backbone": self.name,
+            "model": self.source,
+            "prediction_type": self.prediction_type,
+        }
+
+
+# ---------------------------------------------------------------------- schedule helpers
+def ddim_schedule(
+    scheduler_config: Any, steps: int, device: torch.device | str = "cpu"
+) -> Schedule:
+    """Deterministic DDIM discretisation, exactly as ``DDIMScheduler`` would step it.
+
+    Uses the pipeline's training betas and its timestep spacing; ``alphas[i + 1]`` is the
+    cumulative alpha of the next timestep, and after the last step ``final_alpha_cumprod``
+    (1 with ``set_alpha_to_one``, as SD1.5/SDXL configure it).
+    """
+    from diffusers import DDIMScheduler
+
+    cfg = dict(scheduler_config)
+    cfg.setdefault("set_alpha_to_one", False)
+    sched = DDIMScheduler.from_config(cfg)
+    sched.set_timesteps(steps, device="cpu")
+    ts = sched.timesteps.long()
+    ac = sched.alphas_cumprod.to(torch.float32)
+    alphas = [ac[t] for t in ts.tolist()]
+    alphas.append(sched.final_alpha_cumprod.to(torch.float32))
+    return Schedule(timesteps=ts.to(device), alphas=torch.stack(alphas).to(device))
+
+
+def flow_schedule(
+    scheduler: Any,
+    steps: int,
+    *,
+    mu: float | None = None,
+    sigmas: Sequence[float] | None = None,
+    device: torch.device | str = "cpu",
+) -> Schedule:
+    """Flow-matching discretisation from the pipeline's ``FlowMatchEulerDiscreteScheduler``
+    (static shift for SD3, resolution-dependent ``mu`` for FLUX), ending at sigma 0."""
+    import copy
+
+    import numpy as np
+
+    sched = copy.deepcopy(scheduler)  # set_timesteps mutates; keep the pipeline's intact
+    kwargs: dict[str, Any] = {}
+    if mu is not None:
+        kwargs["mu"] = mu
+    if sigmas is not None:
+        kwargs["sigmas"] = np.asarray(sigmas, dtype=np.float32)
+        sched.set_timesteps(device="cpu", **kwargs)
+    else:
+        sched.set_timesteps(steps, device="cpu", **kwargs)
+    return Schedule(
+        timesteps=sched.timesteps.to(torch.float32).to(device),
+        sigmas=sched.sigmas.to(torch.float32).to(device),
+    )

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from dd.errors import DDError
+from dd.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -59,6 +60,8 @@ __all__ = [
     "DetectorMetrics",
     "evaluate_detector",
     "format_table",
+    "json_safe",
+    "rank_auroc",
 ]
 
 #: The float metrics ``DetectorMetrics.compute`` returns (overall and per category).
@@ -466,7 +469,7 @@ def evaluate_detector(
     batch_size: int = 8,
     *,
     workers: int = 4,
-    max_pixels: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     metrics: DetectorMetrics | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -478,17 +481,15 @@ def evaluate_detector(
     image size; no mask = all zero). Runs in eval mode under ``torch.inference_mode`` and
     restores the detector's training flag afterwards. ``metrics``: accumulate into this
     instance (e.g. one shard per process, then ``state()`` + ``from_states``); ``max_pixels``
-    is ``load_image``'s decompression-bomb guard (None: its default). An unreadable image or
+    is ``load_image``'s decompression-bomb guard (None: no limit). An unreadable image or
     mask raises ``DDError`` naming it: metrics over a silently shortened dataset would
     mislead.
     """
     from dd.detectors import logits_to_probs
-    from dd.images import DEFAULT_MAX_PIXELS
 
     if batch_size < 1:
         raise DDError(f"batch size must be at least 1, got {batch_size}")
     m = metrics if metrics is not None else DetectorMetrics()
-    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     param = next(detector.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -516,7 +517,7 @@ def evaluate_detector(
             ThreadPoolExecutor(max(1, workers), thread_name_prefix="dd-eval") as pool,
         ):
             batches: dict[tuple[int, ...], list[_Item]] = {}
-            fn = lambda s: _load_sample(detector, s, limit)  # noqa: E731
+            fn = lambda s: _load_sample(detector, s, max_pixels)  # noqa: E731
             for item in _prefetch(pool, samples, fn, max(2 * batch_size, workers)):
                 shape = tuple(item.tensor.shape)
                 batches.setdefault(shape, []).append(item)

@@ -1,6 +1,6 @@
 """Regenerate the bundled example images (synthetic, so no licence questions).
 
-    python examples/make_images.py
+python examples/make_images.py
 """
 
 from pathlib import Path
