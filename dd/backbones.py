@@ -614,3 +614,88 @@ def flow_schedule(
         timesteps=sched.timesteps.to(torch.float32).to(device),
         sigmas=sched.sigmas.to(torch.float32).to(device),
     )
+
+
+# ---------------------------------------------------------------------- loading helpers
+#: model_index.json ``_class_name`` -> the ``--backbone`` that loads it (for hints).
+PIPELINE_BACKBONES = {
+    "FluxPipeline": "flux",
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionXLPipeline": "sdxl",
+    "LDMPipeline": "ldm",
+    "LDMTextToImagePipeline": "ldm",
+}
+
+
+def load_pipeline(
+    pipeline_cls: type,
+    model: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    backbone: str = "",
+    **kwargs: Any,
+) -> Any:
+    """Load ``pipeline_cls`` from a local diffusers folder, a single checkpoint file or a
+    hub id, with one-line errors for the usual mistakes (wrong family, offline, missing)."""
+    import json
+
+    path = Path(model).expanduser()
+    expected = pipeline_cls.__name__
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt", ".pt", ".bin", ".gguf"):
+            raise DDError(
+                f"{path} is not a model checkpoint",
+                hint="pass a diffusers folder, a .safetensors file or a hub id",
+            )
+        if not hasattr(pipeline_cls, "from_single_file"):
+            raise DDError(
+                f"{expected} cannot load single files like {path}",
+                hint="pass a diffusers folder or hub id",
+            )
+        try:
+            return pipeline_cls.from_single_file(str(path), torch_dtype=dtype, **kwargs)
+        except Exception as e:  # diffusers raises many types here
+            raise DDError(
+                f"cannot load {path} as a {expected} single file: {type(e).__name__}: {e}",
+                hint="single files need their base config; offline, pass a diffusers folder",
+            ) from None
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists():
+            raise DDError(
+                f"{path} has no model_index.json: not a diffusers pipeline folder",
+                hint="save the pipeline with save_pretrained, or pass a hub id",
+            )
+        try:
+            found = json.loads(index.read_text()).get("_class_name", "?")
+        except ValueError:
+            raise DDError(f"{index} is not valid JSON") from None
+        if found != expected and PIPELINE_BACKBONES.get(found) != backbone:
+            right = PIPELINE_BACKBONES.get(found)
+            raise DDError(
+                f"{path} holds a {found}, not a {expected} (--backbone {backbone})",
+                hint=f"use --backbone {right}" if right else "pick the matching --backbone",
+            )
+    elif not _looks_like_hub_id(model):
+        raise DDError(
+            f"model not found: {model}",
+            hint="pass a local diffusers folder, a .safetensors file or a hub id",
+        )
+    try:
+        return pipeline_cls.from_pretrained(
+            str(path) if path.is_dir() else model, torch_dtype=dtype, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        offline = "HF_HUB_OFFLINE" in __import__("os").environ
+        raise DDError(
+            f"cannot load {model} as a {expected}: {str(e).splitlines()[0]}",
+            hint="you are offline (HF_HUB_OFFLINE is set); pass a local folder"
+            if offline
+            else "check the hub id or path, and that you are logged in",
+        ) from None
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "~"))

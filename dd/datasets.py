@@ -46,7 +46,7 @@ class Sample:
 
     @property
     def positive(self) -> bool:
-        """Has a mask (it may still be all zero: see ``mask_is_empty``)."""
+        """Has a mask file (which may still be all zero)."""
         return self.mask is not None
 
     def to_json(self, root: Path) -> dict[str, Any]:

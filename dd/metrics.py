@@ -204,7 +204,9 @@ class DetectorMetrics:
                 hint="upsample the prediction to the ground truth's size first",
             )
         b = pred.shape[0]
-        cats = [None] * b if categories is None else list(categories)
+        cats = (
+            [None] * b if categories is None else [c if c is None else str(c) for c in categories]
+        )
         if len(cats) != b:
             raise DDError(f"got {len(cats)} categories for a batch of {b} images")
         if b == 0:
@@ -236,7 +238,7 @@ class DetectorMetrics:
         dp, dg = p - p.mean(1, keepdim=True), g - g.mean(1, keepdim=True)
         has_cc = (pmax > pmin) & (gmax > gmin)
         denom = (dp.square().sum(1) * dg.square().sum(1)).sqrt()
-        cc = torch.where(has_cc, (dp * dg).sum(1) / denom.clamp_min(1e-300), 0.0)
+        cc = torch.where(has_cc, (dp * dg).sum(1) / denom.clamp_min(torch.finfo(dt).tiny), 0.0)
         pb, gb = p >= 0.5, g >= 0.5
         tp, fp, fn = (pb & gb).sum(1), (pb & ~gb).sum(1), (~pb & gb).sum(1)
         clean = (gmax == 0).to(dt)
@@ -366,6 +368,9 @@ class DetectorMetrics:
 # ------------------------------------------------------------------------------------------------
 
 _HEADERS = {
+    "n_images": "images",
+    "n_clean": "clean images",
+    "n_positive": "with artifacts",
     "mse": "MSE",
     "mse_clean": "MSE clean",
     "kl_fn": "KL FN",
@@ -373,8 +378,8 @@ _HEADERS = {
     "cc": "CC",
     "iou": "IoU",
     "f1": "F1",
-    "pixel_auroc": "AUROC px",
-    "image_auroc": "AUROC img",
+    "pixel_auroc": "AUROC pixel",
+    "image_auroc": "AUROC image",
 }
 
 
@@ -383,24 +388,19 @@ def _fmt(v: float) -> str:
 
 
 def format_table(metrics: Mapping[str, Any], title: str = "detector metrics") -> Table:
-    """A rich table of ``DetectorMetrics.compute()`` output: one row overall, one per
-    category. Undefined (NaN) values show as ``-``."""
+    """A rich table of ``DetectorMetrics.compute()`` output: one row per metric, one column
+    overall (``all``) and one per category. Undefined (NaN) values show as ``-``."""
     from rich.table import Table
 
+    sets = [("all", metrics), *metrics.get("by_category", {}).items()]
     table = Table(title=title)
-    table.add_column("set")
-    for col in ("images", "clean", "positive"):
-        table.add_column(col, justify="right")
+    table.add_column("metric", no_wrap=True)
+    for name, _ in sets:
+        table.add_column(name, justify="right", no_wrap=True)
+    for k in COUNT_KEYS:
+        table.add_row(_HEADERS[k], *(str(m[k]) for _, m in sets), end_section=k == COUNT_KEYS[-1])
     for k in METRIC_KEYS:
-        table.add_column(_HEADERS[k], justify="right")
-    rows = [("all", metrics), *metrics.get("by_category", {}).items()]
-    for name, m in rows:
-        table.add_row(
-            name,
-            *(str(m[k]) for k in COUNT_KEYS),
-            *(_fmt(m[k]) for k in METRIC_KEYS),
-            end_section=name == "all" and len(rows) > 1,
-        )
+        table.add_row(_HEADERS[k], *(_fmt(m[k]) for _, m in sets))
     return table
 
 

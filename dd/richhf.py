@@ -43,7 +43,7 @@ from PIL import Image
 
 from dd.errors import DDError
 from dd.images import IMAGE_SUFFIXES
-from dd.io import atomic_open, atomic_write_text
+from dd.io import atomic_open, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "MAP_FEATURES",
@@ -461,19 +461,41 @@ def _place_image(src: Path, dest: Path, copy: bool) -> bool:
     return True
 
 
-def _decode_map(data: bytes, where: str) -> np.ndarray:
+def _mask_png(data: bytes, where: str) -> bytes | None:
+    """The artifact map as an 8-bit grayscale PNG file, or None when it is all zero.
+
+    An 8-bit grayscale PNG (RichHF's own encoding) is kept byte for byte; anything else is
+    decoded and re-encoded (16-bit scaled to 0-255, colour converted to luminance).
+    """
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            keep = im.format == "PNG" and im.mode == "L"
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, np.float64) / 65535.0 * 255.0
-                return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-            return np.asarray(im.convert("L"), np.uint8).copy()
+                arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+            else:
+                arr = np.asarray(im.convert("L"), np.uint8)
     except Exception as e:
         raise DDError(
             f"{where}: artifact_map is not a readable image ({type(e).__name__}: {e})",
             hint="is this a RichHF-18K TFRecord file?",
         ) from None
+    if not arr.any():
+        return None
+    if keep:
+        return bytes(data)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically unless ``path`` already holds exactly these bytes."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    atomic_write_bytes(path, data)
 
 
 def _scalar_meta(feats: Mapping[str, Feature]) -> dict[str, Any]:
@@ -534,7 +556,6 @@ def import_richhf(
     again. Every file is written atomically. ``on_progress(bytes_done, bytes_total)``.
     """
     from dd.datasets import MANIFEST
-    from dd.io import save_image_atomic
 
     paths = [Path(p) for p in tfrecords]
     for p in paths:
@@ -564,7 +585,6 @@ def import_richhf(
                 raise DDError(f"{where}: no 'artifact_map' feature", hint="not a RichHF record?")
             filename = names[0].decode("utf-8", errors="replace")
             stem = PurePath(filename.replace("\\", "/")).stem
-            arr = _decode_map(amap[0], where)
             src = index.get(stem)
             if src is None:
                 report.missing.append(filename)
@@ -576,8 +596,9 @@ def import_richhf(
                 if not _place_image(src, out / rel_img, copy):
                     report.reused += 1
                 rel_mask = f"masks/{stem}.png"
-                if arr.max() > 0:
-                    save_image_atomic(Image.fromarray(arr, mode="L"), out / rel_mask)
+                mask_png = _mask_png(amap[0], where)
+                if mask_png is not None:
+                    _write_if_changed(out / rel_mask, mask_png)
                     report.positives += 1
                 else:
                     with contextlib.suppress(FileNotFoundError):

@@ -58,6 +58,16 @@ def build_app(*, with_plugins: bool = True) -> typer.Typer:
     app.command("detect")(detect.detect)
     app.command("plugins")(plugins.plugins)
     app.command("env")(env.env)
+    from dd.cli import train_detector
+
+    app.command("train-detector")(train_detector.train_detector)
+    from dd.cli import synth
+
+    app.command("synth")(synth.synth)
+    from dd.cli import dataset, eval_detector
+
+    app.command("eval-detector")(eval_detector.eval_detector)
+    app.add_typer(dataset.app, name="dataset")
 
     @app.callback(invoke_without_command=True)
     def _root(

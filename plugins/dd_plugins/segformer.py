@@ -541,7 +541,10 @@ def _check_pretrained(model, info: Mapping[str, Any] | None, source: str) -> Non
 
 def _from_pretrained(ref: str, source: str, **kwargs: Any):
     from transformers import SegformerForSemanticSegmentation
+    from transformers.utils import logging as hf_logging
 
+    # dd shows its own progress; transformers' per-load "Loading weights" bar is noise here.
+    hf_logging.disable_progress_bar()
     model, info = SegformerForSemanticSegmentation.from_pretrained(
         ref, output_loading_info=True, **kwargs
     )

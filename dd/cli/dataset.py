@@ -1,0 +1,171 @@
+"""``dd dataset``: import artifact datasets and show what a dataset holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="dataset",
+    help="Import artifact datasets (RichHF-18K) and show their class balance.",
+    no_args_is_help=True,
+)
+
+_NONE = "(none)"
+
+
+@app.command("import-richhf")
+def import_richhf_cmd(
+    tfrecords: Annotated[
+        list[Path], typer.Argument(help="RichHF-18K TFRecord files (train/dev/test.tfrecord).")
+    ],
+    images: Annotated[
+        Path,
+        typer.Option(help="Folder with the Pick-a-Pic images (searched recursively by stem)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write.")],
+    copy: Annotated[
+        bool, typer.Option("--copy", help="Copy images instead of hard-linking them.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report to stdout.")] = (
+        False
+    ),
+) -> None:
+    """Import RichHF-18K artifact maps as a dd dataset (no TensorFlow needed).
+
+    Images are matched by the stem of each record's filename; records whose image is not
+    found are listed in OUT/missing.txt and skipped. Re-running is safe: nothing is
+    duplicated and samples already in OUT are kept.
+    """
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from dd.richhf import import_richhf
+
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]import"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    ) as progress:
+        task = progress.add_task("import", total=None)
+        report = import_richhf(
+            tfrecords,
+            images,
+            out,
+            copy=copy,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    if as_json:
+        typer.echo(json.dumps({**report.to_json(), "missing_files": report.missing}, indent=2))
+        return
+    console = Console()
+    console.print(
+        f"{report.records} records: {report.imported} imported ({report.positives} with "
+        f"artifacts, {report.negatives} clean), {len(report.missing)} images missing, "
+        f"{report.reused} images already in place. Dataset: {out}",
+        highlight=False,
+    )
+    if report.missing:
+        shown = ", ".join(report.missing[:10]) + (" ..." if len(report.missing) > 10 else "")
+        console.print(
+            f"[yellow]missing images[/yellow] ({len(report.missing)}, all listed in "
+            f"{out / 'missing.txt'}): {shown}",
+            highlight=False,
+        )
+    if report.duplicates:
+        console.print(
+            f"[yellow]{report.duplicates} records repeat an earlier record's image[/yellow] "
+            "(the later one was kept)",
+            highlight=False,
+        )
+    if report.ambiguous:
+        console.print(
+            f"[yellow]{len(report.ambiguous)} stems match several files under {images}[/yellow]"
+            f" (the first in sorted order was used), e.g. {report.ambiguous[0]}",
+            highlight=False,
+        )
+
+
+def dataset_summary(root: Path) -> dict[str, Any]:
+    """Counts of a dataset: positives/negatives overall, per source and per category."""
+    from dd.datasets import read_dataset
+
+    samples = read_dataset(root)
+
+    def tally(groups: dict[str, dict[str, int]], key: str, positive: bool) -> None:
+        g = groups.setdefault(key, {"positives": 0, "negatives": 0, "total": 0})
+        g["positives" if positive else "negatives"] += 1
+        g["total"] += 1
+
+    by_source: dict[str, dict[str, int]] = {}
+    by_category: dict[str, dict[str, int]] = {}
+    for s in samples:
+        tally(by_source, s.source, s.positive)
+        tally(by_category, s.category if s.category is not None else _NONE, s.positive)
+    positives = sum(s.positive for s in samples)
+    cats = sorted(k for k in by_category if k != _NONE) + ([_NONE] if _NONE in by_category else [])
+    return {
+        "dataset": str(root),
+        "samples": len(samples),
+        "positives": positives,
+        "negatives": len(samples) - positives,
+        "by_source": {k: by_source[k] for k in sorted(by_source)},
+        "by_category": {k: by_category[k] for k in cats},
+        "missing_images": sum(not s.image.is_file() for s in samples),
+        "missing_masks": sum(s.mask is not None and not s.mask.is_file() for s in samples),
+    }
+
+
+def _balance_table(title: str, label: str, groups: dict[str, dict[str, int]]) -> Table:
+    table = Table(title=title)
+    table.add_column(label)
+    for col in ("positives", "negatives", "total", "positive share"):
+        table.add_column(col, justify="right")
+    for name, g in groups.items():
+        share = g["positives"] / g["total"] if g["total"] else 0.0
+        table.add_row(
+            name, str(g["positives"]), str(g["negatives"]), str(g["total"]), f"{share:.1%}"
+        )
+    return table
+
+
+@app.command("info")
+def info(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder (images/, masks/, manifest).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
+) -> None:
+    """Show a dataset's class balance: positives (with a mask) and negatives by category.
+
+    Also counts per source, and listed image or mask files that do not exist.
+    """
+    summary = dataset_summary(dataset)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    console = Console()
+    console.print(_balance_table("class balance by category", "category", summary["by_category"]))
+    console.print(_balance_table("by source", "source", summary["by_source"]))
+    console.print(
+        f"{summary['samples']} samples: {summary['positives']} positives, "
+        f"{summary['negatives']} negatives.",
+        highlight=False,
+    )
+    for key, what in (("missing_images", "image"), ("missing_masks", "mask")):
+        if summary[key]:
+            console.print(
+                f"[yellow]{summary[key]} {what} file(s) listed but not found[/yellow]",
+                highlight=False,
+            )

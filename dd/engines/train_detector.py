@@ -1,0 +1,1061 @@
+"""The detector training engine behind ``dd train-detector`` (seed 000, Sec. 3.2).
+
+Model and loss: the ``segformer`` detector (``SegformerDetector``), trained through
+``detector.logits`` so that preprocessing (resize to the input size, ImageNet normalisation)
+is the one used at inference. Loss (seed 000, Eq. 1): the logits are upsampled bilinearly
+(``align_corners=False``) to the training crop, passed through a sigmoid and compared with the
+target map by MSE; each sample's MSE is multiplied by its manifest ``weight`` and the batch
+mean is taken. AdamW (no weight decay on biases and norms), linear warmup then cosine decay,
+gradient accumulation, gradient clipping, mixed precision through ``accelerate``.
+
+Data: datasets are concatenated; a held-out validation split is drawn with the seed (or given
+with ``val``). Training samples get a random resized crop and flip (``dd.augment``); pseudo
+labels (``source == "pseudo"``) get the strong augmentation; samples with a manifest
+``shrink_pad`` field, or flagged by the on-the-fly check, get shrink-and-pad. The epoch order
+comes from :class:`dd.sampler.EpochSampler` (class balance optional), a pure function of
+``(seed, epoch)``.
+
+On-the-fly shrink-and-pad (``shrink_threshold``): every ``shrink_every`` optimizer steps
+(starting at step 0) the current model predicts every training sample at its input size, no
+augmentation; samples whose maximum confidence is below the threshold are flagged and get
+shrink-and-pad with a scale drawn from ``shrink_scale`` (with probability ``shrink_prob``)
+until the next check. Each check costs one inference pass over the training set, split
+across processes. Flags are part of the checkpoint.
+
+Run folder::
+
+    RUN/model/                 best (else last) weights: config.json + model.safetensors
+    RUN/checkpoints/last/      model/, state.pt (optimizer, GradScaler), rng_rank*.pt,
+                               trainer.json (step, epoch position, scheduler, best, ...)
+    RUN/checkpoints/best/      model/ + best.json
+    RUN/metrics.jsonl          one line per log step ("train") and validation ("val")
+    RUN/balance.json           per-category balance, before training
+    RUN/train_config.json      the resolved configuration
+    RUN/curves.png, README.md  loss/validation plot and model card
+
+Checkpoints are written to a temporary folder and renamed into place. ``torch.load`` is only
+ever called with ``weights_only=True``. ``resume`` continues from ``checkpoints/last`` with
+the same results as an uninterrupted run: weights, optimizer, scheduler, scaler, all RNG
+states (per process) and the position in the epoch are restored, and every sample's
+augmentation draws from a generator seeded by its position in the epoch order.
+
+Several processes (``accelerate launch``): the model is wrapped in DDP, each process gets
+its own batches of every global batch; validation metrics are gathered from all processes.
+Only the main process writes files (except its own RNG state, which each process writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dd.augment import AugmentConfig, ShrinkSpec, parse_shrink_spec, to_tensor, train_pair
+from dd.datasets import Sample, load_mask, read_dataset
+from dd.errors import DDError
+from dd.images import load_image
+from dd.io import Journal, atomic_write_bytes, atomic_write_json, atomic_write_text
+from dd.sampler import (
+    EpochSampler,
+    balance_table,
+    balance_weights,
+    parse_balance,
+    rows_to_json,
+)
+
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "LOWER_IS_BETTER",
+    "TrainConfig",
+    "TrainResult",
+    "cosine_schedule",
+    "detector_loss",
+    "plot_curves",
+    "train_detector",
+]
+
+#: Validation metrics where larger is better; every other selectable metric is lower-better.
+HIGHER_IS_BETTER = frozenset({"cc", "iou", "f1", "pixel_auroc", "image_auroc"})
+LOWER_IS_BETTER = frozenset({"mse", "mse_clean", "kl_fn", "kl_fp"})
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Config fields a resumed run may change: they do not affect the results.
+_RESUMABLE_CHANGES = frozenset({"resume", "stop_at", "workers"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``dd train-detector`` takes (see its ``--help`` for each field)."""
+
+    datasets: list[str]
+    out: str
+    val: list[str] = field(default_factory=list)
+    val_fraction: float | None = None
+    init: str | None = None
+    variant: str | None = None
+    input_size: int | None = None
+    size: int | None = None
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 6e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    clip_grad: float = 1.0
+    precision: str = "fp32"
+    cpu: bool = False
+    workers: int = 2
+    seed: int = 0
+    balance: str | None = None
+    crop_scale: float = 0.5
+    hflip: bool = True
+    strong_pseudo: bool = True
+    shrink_prob: float = 0.5
+    shrink_fill: str = "0"
+    shrink_threshold: float | None = None
+    shrink_every: int = 500
+    shrink_scale: tuple[float, float] = (0.3, 0.7)
+    val_every: int = 500
+    val_batch_size: int = 8
+    select_metric: str = "mse"
+    patience: int | None = None
+    save_every: int = 500
+    log_every: int = 10
+    stop_at: int | None = None
+    resume: bool = False
+
+    def resolved(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"], d["shrink_scale"] = list(self.betas), list(self.shrink_scale)
+        return d
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    best: dict[str, Any] | None
+    last_val: dict[str, Any] | None
+    stopped_early: bool
+    model_dir: Path
+    #: True on the process that wrote the outputs (the only one with a console).
+    main: bool = True
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces with no state
+# ------------------------------------------------------------------------------------------------
+def detector_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Seed 000, Eq. 1: MSE of ``sigmoid(upsample(logits))`` and ``target`` (``B x 1 x H x
+    W``), per sample, times ``weight`` (``B``), averaged over the batch. In float32."""
+    size = tuple(target.shape[-2:])
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != size:
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    per_sample = (torch.sigmoid(logits) - target.float()).square().mean(dim=(1, 2, 3))
+    if weight is not None:
+        per_sample = per_sample * weight.to(per_sample)
+    return per_sample.mean()
+
+
+def cosine_schedule(steps: int, warmup: int, min_ratio: float):
+    """LR factor of optimizer step ``s``: linear warmup to 1 over ``warmup`` steps, then cosine
+    decay to ``min_ratio`` at ``steps``."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best if metric in HIGHER_IS_BETTER else value < best
+
+
+class _LogitsModule(torch.nn.Module):
+    """``forward`` = ``detector.logits``, so DDP and autocast wrap the training path."""
+
+    def __init__(self, detector: torch.nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.detector.logits(images)
+
+
+class _TrainSet(torch.utils.data.Dataset):
+    """Training samples; an item key is ``(index, augmentation seed)`` from EpochSampler."""
+
+    def __init__(self, samples: list[Sample], aug: AugmentConfig, strong_pseudo: bool):
+        self.samples = samples
+        self.aug = aug
+        self.strong_pseudo = strong_pseudo
+        self.manifest_shrink = [parse_shrink_spec(s.meta.get("shrink_pad")) for s in samples]
+        self.dynamic: dict[int, ShrinkSpec] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        i, seed = key
+        s = self.samples[i]
+        try:
+            image = to_tensor(load_image(s.image))
+            h, w = image.shape[-2:]
+            target = torch.from_numpy(load_mask(s.mask, (h, w)))[None]
+        except DDError as e:  # reported by the main process as one line
+            return {"error": str(e), "index": i}
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        shrink = self.manifest_shrink[i] or self.dynamic.get(i)
+        strong = self.strong_pseudo and s.source == "pseudo"
+        x, y = train_pair(image, target, gen, self.aug, strong=strong, shrink=shrink)
+        return {"image": x, "target": y, "weight": float(s.weight), "index": i, "error": ""}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    errors = [it["error"] for it in items if it.get("error")]
+    if errors:
+        return {"error": errors[0]}
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "target": torch.stack([it["target"] for it in items]),
+        "weight": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
+        "index": torch.tensor([it["index"] for it in items]),
+        "error": "",
+    }
+
+
+def _split(samples: list[Sample], fraction: float, seed: int) -> tuple[list, list]:
+    n = len(samples)
+    if fraction <= 0:
+        return samples, []
+    if n < 2:
+        raise DDError(
+            f"cannot hold out a validation split from {n} sample(s)",
+            hint="add samples, pass --val DATASET, or --val-fraction 0",
+        )
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    perm = np.random.default_rng([seed, 0x5A1]).permutation(n)
+    val_idx = set(perm[:n_val].tolist())
+    train = [s for i, s in enumerate(samples) if i not in val_idx]
+    val = [s for i, s in enumerate(samples) if i in val_idx]
+    return train, val
+
+
+def _read_all(paths: list[str]) -> list[Sample]:
+    out: list[Sample] = []
+    for p in paths:
+        out.extend(read_dataset(p))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG and checkpoint files
+# ------------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    key = n["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace the folder ``final`` by ``tmp``: at every moment one of ``final`` or
+    ``final.old`` holds a complete copy (``_find_checkpoint`` looks at both)."""
+    _fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    if old.exists() and final.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _find_checkpoint(folder: Path) -> Path | None:
+    for cand in (folder, folder.with_name(folder.name + ".old")):
+        if (cand / "trainer.json").is_file():
+            return cand
+    return None
+
+
+def _save_model(detector: Any, folder: Path) -> None:
+    """``detector.save_pretrained(folder)`` without transformers' progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        detector.save_pretrained(folder)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _save_tensors(path: Path, obj: Any) -> None:
+    """``torch.save`` of plain tensors/dicts/lists, atomically (read with ``_torch_load``)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DDError(
+            f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e)[:200]}",
+            hint="the checkpoint is damaged; start a new run or restore it",
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, console: Any | None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self._check_config()
+        self.acc = self._accelerator()
+        self.main = self.acc.is_main_process
+        self.console = console if self.main else None
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        c = self.cfg
+        if not c.datasets:
+            raise DDError("no training dataset given", hint="dd train-detector DATASET --out RUN")
+        if c.precision not in PRECISIONS:
+            raise DDError(f"unknown precision {c.precision!r}", hint="use fp32, bf16 or fp16")
+        if c.select_metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+            names = ", ".join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))
+            raise DDError(f"unknown --select-metric {c.select_metric!r}", hint=f"one of {names}")
+        checks = [
+            (c.steps >= 1, "--steps must be at least 1"),
+            (c.batch_size >= 1, "--batch-size must be at least 1"),
+            (c.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (c.lr > 0, "--lr must be above 0"),
+            (0.0 < c.crop_scale <= 1.0, "--crop-scale must be in (0, 1]"),
+            (0.0 <= c.shrink_prob <= 1.0, "--shrink-pad-prob must be in [0, 1]"),
+            (0.0 < c.shrink_scale[0] <= c.shrink_scale[1] <= 1.0, "bad --shrink-pad-scale"),
+            (c.val_fraction is None or 0.0 <= c.val_fraction < 1.0, "bad --val-fraction"),
+            (min(c.val_every, c.save_every, c.log_every, c.shrink_every) >= 1, "bad interval"),
+            (c.patience is None or c.patience >= 1, "--patience must be at least 1"),
+            (c.stop_at is None or c.stop_at >= 1, "--stop-at must be at least 1"),
+            (0.0 <= c.min_lr_ratio <= 1.0, "--min-lr-ratio must be in [0, 1]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise DDError(msg)
+        if c.shrink_fill != "reflect":
+            try:
+                ok = 0.0 <= float(c.shrink_fill) <= 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise DDError(
+                    f"bad --shrink-pad-fill {c.shrink_fill!r}",
+                    hint="a value in [0, 1] (0 = black) or 'reflect'",
+                )
+        on_cpu = c.cpu or not torch.cuda.is_available()
+        if c.precision == "fp16" and on_cpu:
+            raise DDError(
+                "--precision fp16 needs a GPU (CPU autocast supports bf16 only)",
+                hint="use --precision bf16 or fp32 on the CPU",
+            )
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration
+
+        try:
+            return Accelerator(
+                cpu=self.cfg.cpu,
+                mixed_precision=PRECISIONS[self.cfg.precision],
+                rng_types=[],
+                step_scheduler_with_optimizer=False,
+                dataloader_config=DataLoaderConfiguration(even_batches=True),
+            )
+        except (ValueError, RuntimeError) as e:
+            raise DDError(
+                f"cannot set up accelerate: {e}",
+                hint="check --precision and the accelerate config (accelerate env)",
+            ) from None
+
+    def log(self, renderable: Any) -> None:
+        if self.console is not None:
+            self.console.print(renderable, highlight=False)
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from accelerate.utils import set_seed
+
+        from dd.plugins import get_host
+
+        cfg, acc = self.cfg, self.acc
+        ckpt_dir = self.out / "checkpoints"
+        last = _find_checkpoint(ckpt_dir / "last") if cfg.resume else None
+        self._prepare_out(last)
+
+        # data
+        samples = _read_all(cfg.datasets)
+        if cfg.val:
+            train, val = samples, _read_all(cfg.val)
+        else:
+            frac = 0.1 if cfg.val_fraction is None else cfg.val_fraction
+            train, val = _split(samples, frac, cfg.seed)
+        if not train:
+            raise DDError("no training samples", hint="check the dataset folders")
+
+        # model
+        options: dict[str, Any] = {"seed": cfg.seed}
+        if cfg.variant is not None:
+            options["variant"] = cfg.variant
+        elif cfg.init is None:
+            options["variant"] = "b0"
+        if cfg.input_size is not None:
+            options["input_size"] = cfg.input_size
+        detector = get_host().detectors.get("segformer").load(cfg.init, **options)
+        input_size = tuple(detector.input_size)
+        size = (cfg.size, cfg.size) if cfg.size else input_size
+        detector.untrained = False
+        set_seed(cfg.seed, device_specific=True)
+
+        aug = AugmentConfig(
+            size=size,
+            crop_scale=(cfg.crop_scale, 1.0),
+            hflip=cfg.hflip,
+            shrink_prob=cfg.shrink_prob,
+            shrink_fill=cfg.shrink_fill if cfg.shrink_fill == "reflect" else float(cfg.shrink_fill),
+        )
+        dataset = _TrainSet(train, aug, cfg.strong_pseudo)
+        ratios = parse_balance(cfg.balance)
+        weights, rows = balance_weights(train, ratios)
+        global_batch = cfg.batch_size * self.world
+        sampler = EpochSampler(
+            len(train),
+            cfg.seed,
+            weights=weights if ratios else None,
+            multiple=global_batch,
+        )
+        if self.main:
+            title = f"class balance ({len(train)} training samples, {sampler.length} draws/epoch)"
+            self.log(balance_table(rows, sampler.length, title))
+            atomic_write_json(
+                self.out / "balance.json",
+                {
+                    "spec": cfg.balance,
+                    "train_samples": len(train),
+                    "val_samples": len(val),
+                    "draws_per_epoch": sampler.length,
+                    "categories": rows_to_json(rows),
+                },
+            )
+            self.log(
+                f"train {len(train)} samples, validate on {len(val)}; "
+                f"{self.world} process(es), global batch {global_batch} x {cfg.grad_accum} "
+                f"accumulation, device {acc.device}, precision {cfg.precision}"
+            )
+
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=cfg.workers,
+            collate_fn=_collate,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            persistent_workers=False,
+        )
+
+        # optimisation
+        decay, no_decay = [], []
+        for _name, p in detector.model.named_parameters():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+        )
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 20
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(cfg.steps, warmup, cfg.min_lr_ratio)
+        )
+
+        state = {
+            "step": 0,
+            "epoch": 0,
+            "position": 0,
+            "best": None,
+            "best_step": None,
+            "bad_evals": 0,
+            "window": [0.0, 0, 0.0],  # loss sum, steps, seconds since the last log line
+            "dynamic": [],
+        }
+        if last is not None:
+            state = self._load_checkpoint(last, detector, optimizer, scheduler, state)
+
+        wrapped = _LogitsModule(detector)
+        wrapped, optimizer, loader, scheduler = acc.prepare(wrapped, optimizer, loader, scheduler)
+        if last is not None:
+            opt_state = _torch_load(last / "state.pt")
+            optimizer.load_state_dict(opt_state["optimizer"])
+            if acc.scaler is not None and opt_state.get("scaler"):
+                acc.scaler.load_state_dict(opt_state["scaler"])
+            _set_rng_state(_torch_load(last / f"rng_rank{self.rank}.pt"))
+            dataset.dynamic = {i: ShrinkSpec(*cfg.shrink_scale) for i in state["dynamic"]}
+
+        journal = self._open_journal(state["step"]) if self.main else None
+        self.detector, self.wrapped, self.optimizer = detector, wrapped, optimizer
+        self.scheduler, self.dataset, self.val = scheduler, dataset, val
+        self.sampler, self.loader, self.state, self.journal = sampler, loader, state, journal
+        self.ckpt_dir, self.global_batch = ckpt_dir, global_batch
+        try:
+            with warnings.catch_warnings():
+                # DDP warns that depthwise-conv gradients have other (equivalent) strides.
+                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+                stopped = self._loop()
+            result = self._finish(stopped)
+        finally:
+            if journal is not None:
+                journal.close()
+        acc.wait_for_everyone()
+        return result
+
+    def _prepare_out(self, last: Path | None) -> None:
+        cfg = self.cfg
+        saved = self.out / "train_config.json"
+        if last is not None:
+            try:
+                before = json.loads(saved.read_text())
+            except (OSError, ValueError):
+                raise DDError(f"{saved} is missing or damaged; cannot resume") from None
+            now = cfg.resolved()
+            diff = sorted(
+                k for k in now if k not in _RESUMABLE_CHANGES and before.get(k) != now.get(k)
+            )
+            if diff:
+                raise DDError(
+                    f"--resume with different settings than the run in {self.out}: "
+                    + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff),
+                    hint="resume with the original options (see train_config.json) or use "
+                    "a new --out",
+                )
+        elif any((self.out / p).exists() for p in ("checkpoints", "metrics.jsonl", "model")):
+            if not cfg.resume:
+                raise DDError(
+                    f"{self.out} already holds a training run",
+                    hint="pass --resume to continue it, or choose a new --out folder",
+                )
+            self.log(f"[yellow]no checkpoint in {self.out}; starting from step 0[/yellow]")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(saved, cfg.resolved())
+        self.acc.wait_for_everyone()
+
+    def _open_journal(self, step: int) -> Journal:
+        path = self.out / "metrics.jsonl"
+        journal = Journal(path, fresh=not self.cfg.resume)
+        # Keep what the checkpoint's step had logged; a shrink-pad check at that step ran
+        # after the checkpoint and runs again.
+        keep = [
+            r
+            for r in journal.records
+            if r.get("step", 0) < step or (r.get("step") == step and r["type"] != "shrink_pad")
+        ]
+        if len(keep) != len(journal.records):  # lines logged after the checkpoint
+            journal.close()
+            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+            journal = Journal(path)
+        return journal
+
+    def _load_checkpoint(self, last: Path, detector, optimizer, scheduler, state) -> dict:
+        from safetensors.torch import load_file
+
+        try:
+            trainer = json.loads((last / "trainer.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DDError(f"cannot read {last / 'trainer.json'}: {e}") from None
+        if trainer.get("world_size") != self.world:
+            raise DDError(
+                f"the checkpoint in {last} was written by {trainer.get('world_size')} "
+                f"process(es), this run has {self.world}",
+                hint="resume with the same number of processes (the data order depends on it)",
+            )
+        try:
+            weights = load_file(str(last / "model" / "model.safetensors"))
+        except Exception as e:
+            raise DDError(f"cannot read {last / 'model'}: {type(e).__name__}: {e}") from None
+        detector.model.load_state_dict(weights, strict=True)
+        scheduler.load_state_dict(trainer["scheduler"])
+        self.log(f"resuming {self.out} at step {trainer['state']['step']}")
+        return {**state, **trainer["state"]}
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Micro-batches forever, advancing ``state["epoch"]/["position"]``; restarts its
+        iterator from the saved position whenever ``self._restart`` is set."""
+        st = self.state
+        it = None
+        while True:
+            if it is None or self._restart:
+                self._restart = False
+                self.sampler.epoch, self.sampler.start = st["epoch"], st["position"]
+                it = iter(self.loader)
+            try:
+                batch = next(it)
+            except StopIteration:
+                st["epoch"], st["position"] = st["epoch"] + 1, 0
+                it = None
+                continue
+            st["position"] += self.global_batch
+            if batch["error"]:
+                raise DDError(f"cannot load a training sample: {batch['error']}")
+            yield batch
+
+    def _loop(self) -> bool:
+        cfg, st = self.cfg, self.state
+        stop_at = min(cfg.steps, cfg.stop_at or cfg.steps)
+        self._restart = False
+        batches = self._batches()
+        progress = self._progress()
+        stopped_early = False
+        with progress if progress is not None else contextlib.nullcontext():
+            task = None
+            if progress is not None:
+                task = progress.add_task("train", total=cfg.steps, completed=st["step"], loss="")
+            while st["step"] < stop_at:
+                if cfg.shrink_threshold is not None and st["step"] % cfg.shrink_every == 0:
+                    self._refresh_shrink()
+                t0 = time.perf_counter()
+                loss, grad_norm = self._train_step(batches)
+                st["step"] += 1
+                w = st["window"]
+                w[0], w[1], w[2] = w[0] + loss, w[1] + 1, w[2] + time.perf_counter() - t0
+                step = st["step"]
+                if progress is not None:
+                    progress.update(task, completed=step, loss=f"{loss:.4f}")
+                if step % cfg.log_every == 0 or step == stop_at:
+                    self._log_train(grad_norm)
+                if self.val and (step % cfg.val_every == 0 or step == cfg.steps):
+                    stopped_early = self._validate()
+                if step % cfg.save_every == 0 or step == stop_at or stopped_early:
+                    self._save_checkpoint()
+                if stopped_early:
+                    self.log(
+                        f"early stop at step {step}: {cfg.select_metric} did not improve in "
+                        f"{cfg.patience} evaluations"
+                    )
+                    break
+        return stopped_early
+
+    def _progress(self):
+        if self.console is None:
+            return None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        return Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+
+    def _train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[float, float | None]:
+        cfg, acc = self.cfg, self.acc
+        self.wrapped.train()
+        total = torch.zeros((), device=acc.device)
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            sync = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.wrapped):
+                logits = self.wrapped(batch["image"])
+                loss = detector_loss(logits, batch["target"], batch["weight"])
+                acc.backward(loss / cfg.grad_accum)
+            total += loss.detach() / cfg.grad_accum
+        grad_norm = None
+        if cfg.clip_grad > 0:
+            grad_norm = float(acc.clip_grad_norm_(self.wrapped.parameters(), cfg.clip_grad))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(acc.reduce(total, reduction="mean")), grad_norm
+
+    def _log_train(self, grad_norm: float | None) -> None:
+        st = self.state
+        loss_sum, n, seconds = st["window"]
+        st["window"] = [0.0, 0, 0.0]
+        if self.journal is None or n == 0:
+            return
+        self.journal.append(
+            {
+                "type": "train",
+                "step": st["step"],
+                "epoch": st["epoch"],
+                "loss": loss_sum / n,
+                "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "step_time_s": seconds / n,
+            }
+        )
+
+    # -- validation ------------------------------------------------------------------------------
+    def _validate(self) -> bool:
+        """Evaluate on the held-out split (all processes); returns True to stop early."""
+        from accelerate.utils import gather_object
+
+        from dd.metrics import DetectorMetrics, evaluate_detector, json_safe
+
+        cfg, st = self.cfg, self.state
+        metrics = DetectorMetrics()
+        with self.acc.autocast():
+            evaluate_detector(
+                self.detector,
+                self.val[self.rank :: self.world],
+                cfg.val_batch_size,
+                workers=max(1, cfg.workers),
+                metrics=metrics,
+            )
+        result = DetectorMetrics.from_states(gather_object([metrics.state()])).compute()
+        value = result[cfg.select_metric]
+        improved = _better(cfg.select_metric, value, st["best"])
+        if improved:
+            st["best"], st["best_step"], st["bad_evals"] = value, st["step"], 0
+            self._save_best(result)
+        else:
+            st["bad_evals"] += 1
+        self._last_val = result
+        if self.journal is not None:
+            self.journal.append(
+                {"type": "val", "step": st["step"], "epoch": st["epoch"], "best": improved}
+                | json_safe(result)
+            )
+        shown = f"{value:.5f}" if value is not None and not math.isnan(value) else "n/a"
+        self.log(
+            f"step {st['step']}: val {cfg.select_metric} {shown}"
+            + (" (best)" if improved else f" (best {st['best_step']})")
+        )
+        return cfg.patience is not None and st["bad_evals"] >= cfg.patience
+
+    def _save_best(self, result: dict[str, Any]) -> None:
+        from dd.metrics import json_safe
+
+        self.acc.wait_for_everyone()
+        if self.main:
+            tmp = self.ckpt_dir / ".best.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _save_model(self.detector, tmp / "model")
+            atomic_write_json(
+                tmp / "best.json",
+                {"step": self.state["step"], "metric": self.cfg.select_metric}
+                | {"metrics": json_safe(result)},
+            )
+            _swap_in(tmp, self.ckpt_dir / "best")
+        self.acc.wait_for_everyone()
+
+    def _refresh_shrink(self) -> None:
+        """On-the-fly shrink-and-pad: flag training samples whose predicted max confidence
+        (current model, no augmentation) is below the threshold."""
+        from accelerate.utils import gather_object
+
+        from dd.detectors import logits_to_probs
+        from dd.engines.detect import resize_for
+
+        cfg, det = self.cfg, self.detector
+        samples = self.dataset.samples
+        mine = list(range(self.rank, len(samples), self.world))
+
+        def load(i: int) -> tuple[int, torch.Tensor, tuple[int, int]]:
+            img = load_image(samples[i].image)
+            return i, resize_for(det, img), img.shape[:2]
+
+        maxima: list[tuple[int, float]] = []
+        was_training = det.training
+        det.eval()
+        try:
+            with (
+                torch.inference_mode(),
+                self.acc.autocast(),
+                ThreadPoolExecutor(max(1, cfg.workers)) as pool,
+            ):
+                for i, x, hw in pool.map(load, mine):
+                    logits = det.logits(x[None].to(self.acc.device)).float()
+                    maxima.append((i, float(logits_to_probs(logits, hw).max())))
+        except DDError as e:
+            raise DDError(f"shrink-pad check: {e}") from None
+        finally:
+            det.train(was_training)
+        flagged = sorted(i for i, m in gather_object(maxima) if m < cfg.shrink_threshold)
+        self.dataset.dynamic = {i: ShrinkSpec(*cfg.shrink_scale) for i in flagged}
+        self.state["dynamic"] = flagged
+        self._restart = True  # new loader workers see the new flags
+        if self.journal is not None:
+            self.journal.append(
+                {"type": "shrink_pad", "step": self.state["step"], "flagged": len(flagged)}
+            )
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        acc = self.acc
+        tmp = self.ckpt_dir / ".last.tmp"
+        acc.wait_for_everyone()
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        _save_tensors(tmp / f"rng_rank{self.rank}.pt", _rng_state())
+        if self.main:
+            _save_model(self.detector, tmp / "model")
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            _save_tensors(
+                tmp / "state.pt", {"optimizer": self.optimizer.state_dict(), "scaler": scaler}
+            )
+            atomic_write_json(
+                tmp / "trainer.json",
+                {
+                    "state": self.state,
+                    "scheduler": self.scheduler.state_dict(),
+                    "world_size": self.world,
+                },
+            )
+        acc.wait_for_everyone()
+        if self.main:
+            _swap_in(tmp, self.ckpt_dir / "last")
+        acc.wait_for_everyone()
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def _finish(self, stopped_early: bool) -> TrainResult:
+        cfg, st = self.cfg, self.state
+        model_dir = self.out / "model"
+        best = None
+        best_json = self.ckpt_dir / "best" / "best.json"
+        if st["best_step"] is not None and best_json.is_file():
+            best = json.loads(best_json.read_text())
+            if best.get("step") != st["best_step"]:  # written after the checkpoint resumed
+                self.log("[yellow]the best checkpoint is not this run's best; using last[/yellow]")
+                best = None
+        source = self.ckpt_dir / ("best" if best else "last") / "model"
+        if self.main:
+            tmp = self.out / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            _swap_in(tmp, model_dir)
+            records = list(self.journal.records) if self.journal is not None else []
+            plot_curves(records, self.out / "curves.png", cfg.select_metric)
+            atomic_write_text(self.out / "README.md", self._model_card(best, stopped_early))
+            self.log(f"model: {model_dir} (step {best['step'] if best else st['step']})")
+        return TrainResult(
+            out=self.out,
+            step=st["step"],
+            best=best,
+            last_val=getattr(self, "_last_val", None),
+            stopped_early=stopped_early,
+            model_dir=model_dir,
+            main=self.main,
+        )
+
+    def _model_card(self, best: dict[str, Any] | None, stopped_early: bool) -> str:
+        cfg, st, det = self.cfg, self.state, self.detector
+        n_train, n_val = len(self.dataset), len(self.val)
+        sources: dict[str, int] = {}
+        for s in self.dataset.samples:
+            sources[s.source] = sources.get(s.source, 0) + 1
+        lines = [
+            "# SegFormer artifact detector (trained with `dd train-detector`)",
+            "",
+            "Predicts a per-pixel artifact confidence map (0-1) for an RGB image, as "
+            "DiffDoctor's detector does (seed 000, Sec. 3.2).",
+            "",
+            "## Model",
+            f"- Variant: {det.variant}, input size {det.input_size[0]}x{det.input_size[1]}",
+            f"- Initialised from: {cfg.init or 'random init (from scratch)'}",
+            f"- Weights here: step {best['step'] if best else st['step']} "
+            + (f"(best validation {cfg.select_metric})" if best else "(last step)"),
+            "",
+            "## Data",
+            f"- Training datasets: {', '.join(cfg.datasets)}",
+            f"- {n_train} training samples ("
+            + ", ".join(f"{k}: {v}" for k, v in sorted(sources.items()))
+            + f"), {n_val} validation samples"
+            + (f" ({', '.join(cfg.val)})" if cfg.val else f" (held out, seed {cfg.seed})"),
+            f"- Class balance: {cfg.balance or 'natural'} (see balance.json)",
+            "",
+            "## Training",
+            f"- {st['step']} of {cfg.steps} optimizer steps"
+            + (" (early stop)" if stopped_early else "")
+            + f", batch {cfg.batch_size} x {self.world} process(es) x {cfg.grad_accum} "
+            f"accumulation, crop {self.dataset.aug.size[0]}x{self.dataset.aug.size[1]}",
+            f"- AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, warmup + cosine, "
+            f"precision {cfg.precision}, seed {cfg.seed}",
+            "- Loss: MSE between sigmoid(upsampled logits) and the target map",
+            "",
+            "## Validation metrics",
+        ]
+        if best:
+            m = best["metrics"]
+            lines += [
+                "| metric | value |",
+                "| --- | --- |",
+                *(
+                    f"| {k} | {m[k]:.5f} |" if isinstance(m.get(k), float) else f"| {k} | - |"
+                    for k in ("mse", "mse_clean", "kl_fn", "kl_fp", "cc", "iou", "f1")
+                    + ("pixel_auroc", "image_auroc")
+                ),
+                "",
+                f"Images: {m.get('n_images')}, clean: {m.get('n_clean')}, "
+                f"positive: {m.get('n_positive')}.",
+            ]
+        else:
+            lines.append("No validation was run.")
+        input_opt = f"-O input_size={det.input_size[0]}x{det.input_size[1]}"
+        lines += [
+            "",
+            "## Use",
+            f"`dd detect IMAGES --weights {self.out / 'model'} {input_opt}`",
+            "",
+            "## Intended use and limits",
+            "- Finds the kinds of artifacts present in the training data, on images like it; "
+            "it says nothing reliable about other artifact types or image domains.",
+            "- Validation numbers come from the held-out split above, which shares the "
+            "training data's distribution: expect lower numbers on other data.",
+            "- A confidence map is a hint for review or for DiffDoctor-style tuning, not a "
+            "verdict on an image.",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plot (Pillow only: no plotting dependency)
+# ------------------------------------------------------------------------------------------------
+def plot_curves(records: list[dict[str, Any]], path: Path, metric: str = "mse") -> None:
+    """Draw training loss and validation ``metric`` (and ``mse``) against steps as a PNG."""
+    from PIL import Image, ImageDraw
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
+    panels = [("train loss", [("loss", train, (31, 119, 180))])]
+    val_series = []
+    for name, colour in ((metric, (214, 39, 40)), ("mse", (44, 160, 44))):
+        pts = [(r["step"], r[name]) for r in records if r.get("type") == "val" and r.get(name)]
+        if pts and name not in (s[0] for s in val_series):
+            val_series.append((f"val {name}", pts, colour))
+    if val_series:
+        panels.append(("validation", val_series))
+
+    pw, ph, margin = 480, 300, 48
+    img = Image.new("RGB", (pw * len(panels), ph), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (title, series) in enumerate(panels):
+        x0, y0, x1, y1 = k * pw + margin, 24, (k + 1) * pw - 16, ph - margin + 8
+        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+        draw.text((x0, 6), title, fill=(0, 0, 0))
+        pts_all = [p for _, pts, _ in series for p in pts]
+        if not pts_all:
+            draw.text((x0 + 8, y0 + 8), "no data", fill=(90, 90, 90))
+            continue
+        xs, ys = [p[0] for p in pts_all], [p[1] for p in pts_all]
+        xlo, xhi = min(xs), max(xs)
+        ylo, yhi = min(ys), max(ys)
+        if xhi == xlo:
+            xlo, xhi = xlo - 1, xhi + 1
+        if yhi == ylo:
+            ylo, yhi = ylo - abs(ylo) * 0.1 - 1e-6, yhi + abs(yhi) * 0.1 + 1e-6
+
+        def to_px(x: float, y: float, box=(x0, y0, x1, y1), lim=(xlo, xhi, ylo, yhi)):
+            bx0, by0, bx1, by1 = box
+            lx0, lx1, ly0, ly1 = lim
+            return (
+                bx0 + (x - lx0) / (lx1 - lx0) * (bx1 - bx0),
+                by1 - (y - ly0) / (ly1 - ly0) * (by1 - by0),
+            )
+
+        for label_y, v in ((y0, yhi), (y1 - 10, ylo)):
+            draw.text((k * pw + 2, label_y), f"{v:.3g}", fill=(0, 0, 0))
+        draw.text((x0, y1 + 4), f"{xlo:g}", fill=(0, 0, 0))
+        draw.text((x1 - 30, y1 + 4), f"{xhi:g}", fill=(0, 0, 0))
+        draw.text(((x0 + x1) // 2 - 12, y1 + 4), "step", fill=(0, 0, 0))
+        for j, (label, pts, colour) in enumerate(series):
+            coords = [to_px(x, y) for x, y in pts]
+            if len(coords) > 1:
+                draw.line(coords, fill=colour, width=2)
+            for cx, cy in coords if len(coords) <= 50 else []:
+                draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
+            draw.text((x1 - 110, y0 + 6 + 12 * j), label, fill=colour)
+    from dd.io import save_image_atomic
+
+    save_image_atomic(img, path)
+
+
+def train_detector(cfg: TrainConfig, *, console: Any | None = None) -> TrainResult:
+    """Train (or resume training) a SegFormer artifact detector; see the module docstring.
+
+    ``console`` (a rich Console) receives the balance table, progress bar and messages on the
+    main process; None trains silently.
+    """
+    return _Trainer(cfg, console).run()

@@ -1,0 +1,251 @@
+"""dd synth: determinism, exact masks, dataset format, resume, photos and the CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dd.datasets import load_mask, read_dataset
+from dd.errors import DDError
+from dd.synth import KINDS, TOL, apply_artifact, make_sample, procedural_image, synthesize
+from dd.viz import to_uint8_map
+
+FAST = {"use_skimage": False, "progress": False}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2) > TOL
+
+
+def _flat(seed: int, size: int = 96) -> np.ndarray:
+    color = np.random.default_rng(seed).integers(0, 256, 3, dtype=np.uint8)
+    return np.broadcast_to(color, (size, size, 3)).copy()
+
+
+def _textured(seed: int, size: int = 96) -> np.ndarray:
+    """Busy content everywhere: upsampled random colours plus fine noise."""
+    rng = np.random.default_rng(1000 + seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize((size, size), Image.BILINEAR), np.float32)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_same_seed_same_bytes_and_sample_independent_of_count_and_workers(tmp_path):
+    synthesize(tmp_path / "a", 5, size=48, seed=3, **FAST)
+    synthesize(tmp_path / "b", 10, size=48, seed=3, workers=2, **FAST)
+    synthesize(tmp_path / "c", 5, size=48, seed=3, **FAST)
+    synthesize(tmp_path / "d", 5, size=48, seed=4, **FAST)
+    a, b, c, d = (_files(tmp_path / k) for k in "abcd")
+    assert a == c
+    assert len([k for k in b if k.startswith("images/")]) == 10
+    for name, data in a.items():
+        if name != "manifest.jsonl":
+            assert b[name] == data, name
+    lines_a = a["manifest.jsonl"].decode().splitlines()
+    assert lines_a == b["manifest.jsonl"].decode().splitlines()[:5]
+    assert a["images/000000.png"] != d["images/000000.png"]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_watermark_mask_is_exactly_the_changed_pixels_on_flat_background(seed):
+    clean = _flat(seed)
+    art = apply_artifact(np.random.default_rng(seed), clean, "watermark")
+    assert art is not None
+    differs = (art.image != clean).any(axis=2)
+    assert differs.sum() > 0
+    assert np.array_equal(art.mask > 0, differs)
+    assert np.array_equal(to_uint8_map(art.mask) > 0, differs)  # also once saved as 8 bits
+    assert art.mask.dtype == np.float32 and 0 < art.mask.max() <= 1
+
+
+def test_watermarks_vary_and_have_soft_edges():
+    arts = [apply_artifact(np.random.default_rng(s), _flat(s), "watermark") for s in range(12)]
+    assert {a.info["mode"] for a in arts} == {"text", "tiled", "logo", "logo+text"}
+    soft = np.concatenate([a.mask[(a.mask > 0) & (a.mask < 1)] for a in arts])
+    assert soft.size > 100
+
+
+@pytest.mark.parametrize("bitmap", [False, True])
+def test_text_watermarks_without_system_fonts(monkeypatch, bitmap):
+    """No TrueType fonts installed (and optionally a Pillow without FreeType's default font)."""
+    import dd.synth
+
+    monkeypatch.setattr(dd.synth, "_font_files", lambda: ())
+    if bitmap:
+        from PIL import ImageFont
+
+        monkeypatch.setattr(ImageFont, "load_default", lambda size=None: _bitmap_font())
+    modes = set()
+    for seed in range(10):
+        clean = _flat(seed)
+        art = apply_artifact(np.random.default_rng(seed), clean, "watermark")
+        assert art is not None and np.array_equal(art.mask > 0, (art.image != clean).any(2))
+        modes.add(art.info["mode"])
+    assert modes & {"text", "tiled", "logo+text"}
+
+
+def _bitmap_font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default_imagefont()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_patch_mask_is_the_pasted_region(seed):
+    clean = _textured(seed)
+    art = apply_artifact(np.random.default_rng(seed), clean, "patch")
+    assert art is not None
+    (sy, sx), (dy, dx), (ph, pw) = art.info["src"], art.info["dst"], art.info["size"]
+    box = np.zeros(clean.shape[:2], bool)
+    box[dy : dy + ph, dx : dx + pw] = True
+    assert not art.mask[~box].any() and np.array_equal(art.image[~box], clean[~box])
+    src = clean[sy : sy + ph, sx : sx + pw]
+    src = {"h": src[:, ::-1], "v": src[::-1], "none": src}[art.info["flip"]]
+    full = art.mask[dy : dy + ph, dx : dx + pw] == 1
+    assert full.any()
+    assert np.array_equal(art.image[dy : dy + ph, dx : dx + pw][full], src[full])
+    assert not ((art.image != clean).any(axis=2) & (art.mask == 0)).any()
+
+
+def test_warp_on_flat_image_gives_no_mask():
+    flat = _flat(5)
+    assert apply_artifact(np.random.default_rng(0), flat, "warp") is None
+    image, mask, cats = make_sample(np.random.default_rng(0), flat, ["warp"])
+    assert cats == [] and not mask.any() and np.array_equal(image, flat)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_warp_and_smear_masks_are_the_changed_pixels(seed):
+    clean = _textured(seed)
+    for kind in ("warp", "smear"):
+        art = apply_artifact(np.random.default_rng(seed), clean, kind)
+        assert art is not None
+        assert np.array_equal(art.mask > 0, _changed(art.image, clean)), kind
+        assert np.array_equal(art.image[art.mask == 0], clean[art.mask == 0])
+        yy, xx = np.nonzero(art.mask)
+        cy, cx = art.info["center"]
+        reach = art.info["radius"] * (1.0 if kind == "warp" else 1.3 * math.sqrt(2)) + 2
+        assert np.hypot(yy - cy, xx - cx).max() <= reach
+
+
+def test_smear_edges_are_soft():
+    masks = [apply_artifact(np.random.default_rng(s), _textured(s), "smear").mask for s in range(4)]
+    assert all(((m > 0) & (m < 1)).any() for m in masks)
+
+
+@pytest.mark.parametrize("kinds", [KINDS, ("patch", "smear")])
+def test_make_sample_marks_every_changed_pixel(kinds):
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        clean, _ = procedural_image(rng, 64)
+        image, mask, cats = make_sample(rng, clean, kinds)
+        assert cats and set(cats) <= set(kinds)
+        assert image.dtype == np.uint8 and image.shape == clean.shape
+        assert mask.dtype == np.float32 and mask.shape == clean.shape[:2]
+        assert not ((image != clean).any(axis=2) & (mask == 0)).any()
+
+
+def test_dataset_is_readable_with_categories_sources_and_masks(tmp_path):
+    out = tmp_path / "ds"
+    report = synthesize(out, 10, size=48, seed=1, negative_ratio=0.3, **FAST)
+    samples = read_dataset(out)
+    assert [s.meta["index"] for s in samples] == list(range(10))
+    negatives = {3, 6, 9}  # floor(n * 0.3) of the first n samples, for every n
+    for i, s in enumerate(samples):
+        assert s.image == out / "images" / f"{i:06d}.png" and s.image.is_file()
+        assert s.meta["origin"] == "procedural"
+        assert s.meta["clean"].startswith("procedural:")
+        if i in negatives:
+            assert (s.mask, s.source, s.category) == (None, "real", None)
+            assert s.meta["artifacts"] == [] and not (out / "masks" / f"{i:06d}.png").exists()
+        else:
+            assert s.source == "synthetic" and s.category in KINDS
+            assert s.category == s.meta["artifacts"][0]
+            m = load_mask(s.mask, (48, 48))
+            assert m.max() > 0
+            assert s.meta["coverage"] == pytest.approx((m > 0).mean(), abs=1e-4)
+    assert report.categories["clean"]["samples"] == 3
+    assert sum(r["samples"] for r in report.categories.values()) == 10
+    assert report.clean_sources == {"procedural": 5}
+
+
+def test_resume_skips_existing_and_regenerates_missing(tmp_path):
+    out = tmp_path / "ds"
+    synthesize(out, 6, size=40, seed=2, **FAST)
+    before = _files(out)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    (out / "images" / "000002.png").unlink()
+    r = synthesize(out, 6, size=40, seed=2, **FAST)
+    assert (r.generated, r.resumed) == (1, 5)
+    assert _files(out) == before
+    for p, t in stamps.items():
+        if p.name != "000002.png":
+            assert p.stat().st_mtime_ns == t
+    grown = synthesize(out, 8, size=40, seed=2, **FAST)
+    assert (grown.generated, grown.resumed) == (2, 6)
+    other = synthesize(out, 8, size=40, seed=9, **FAST)
+    assert (other.generated, other.resumed) == (8, 0)
+
+
+def test_user_photos_are_cropped_into_clean_images(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(2):
+        img, _ = procedural_image(np.random.default_rng(50 + k), (70, 90))
+        Image.fromarray(img).save(photos / f"p{k}.png")
+    (photos / "notes.txt").write_text("not an image")
+    r = synthesize(tmp_path / "ds", 8, size=48, photos_dir=photos, **FAST)
+    used = {s.meta["clean"] for s in read_dataset(tmp_path / "ds") if s.meta["origin"] == "photo"}
+    assert used and used <= {"photos:p0.png", "photos:p1.png"}
+    assert r.clean_sources == {"procedural": 5, "photos": 2}
+    with pytest.raises(DDError, match="photos folder not found"):
+        synthesize(tmp_path / "x", 2, photos_dir=tmp_path / "missing", **FAST)
+
+
+def test_skimage_sample_photos(tmp_path):
+    import skimage  # noqa: F401  - in the test extra; a missing install must fail, not skip
+    r = synthesize(tmp_path / "ds", 8, size=48, seed=0, progress=False)
+    assert r.clean_sources.get("skimage", 0) >= 10
+    cleans = [s.meta["clean"] for s in read_dataset(tmp_path / "ds")]
+    assert any(c.startswith("skimage:") for c in cleans)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"count": 0}, "count"),
+        ({"size": 16}, "size"),
+        ({"negative_ratio": 1.5}, "negative ratio"),
+        ({"kinds": ["warp", "blur"]}, "blur"),
+        ({"kinds": []}, "no artifact kinds"),
+    ],
+)
+def test_bad_arguments_raise_dderror(tmp_path, kwargs, message):
+    args = {"count": 2, **kwargs}
+    with pytest.raises(DDError, match=message):
+        synthesize(tmp_path / "ds", args.pop("count"), **args, **FAST)
+
+
+def test_cli_end_to_end(cli, tmp_path):
+    out = tmp_path / "ds"
+    args = ("synth", "--out", out, "--count", "5", "--size", "40", "--seed", "2", "--no-skimage")
+    res = cli(*args, "--kinds", "watermark,patch")
+    assert res.exit_code == 0, res.output
+    assert "clean" in res.output and "5 generated, 0 resumed" in res.output
+    samples = read_dataset(out)
+    assert {s.category for s in samples} <= {"watermark", "patch", None}
+    assert sum(s.category is None for s in samples) == 1
+    again = cli(*args, "--kinds", "patch,watermark")  # same kinds in another order: resumed
+    assert again.exit_code == 0 and "0 generated, 5 resumed" in again.output
+    bad = cli(*args, "--kinds", "watermark,nope")
+    assert bad.exit_code == 1 and "nope" in bad.output
+    assert os.listdir(out / "images")
