@@ -213,6 +213,7 @@ def test_user_photos_are_cropped_into_clean_images(tmp_path):
 
 def test_skimage_sample_photos(tmp_path):
     import skimage  # noqa: F401  - in the test extra; a missing install must fail, not skip
+
     r = synthesize(tmp_path / "ds", 8, size=48, seed=0, progress=False)
     assert r.clean_sources.get("skimage", 0) >= 10
     cleans = [s.meta["clean"] for s in read_dataset(tmp_path / "ds")]
