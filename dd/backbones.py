@@ -639,7 +639,14 @@ def load_pipeline(
     """Load ``pipeline_cls`` from a local diffusers folder, a single checkpoint file or a
     hub id, with one-line errors for the usual mistakes (wrong family, offline, missing)."""
     import json
+    import warnings
 
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # dd shows its own progress
+    warnings.filterwarnings(
+        "ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning
+    )
     path = Path(model).expanduser()
     expected = pipeline_cls.__name__
     if path.is_file():

@@ -153,9 +153,8 @@ def test_vae_latents_and_scale_factors(tiny_case):
     assert vae.config.latent_channels == d["latent_channels"]
     assert 2 ** (len(vae.config.block_out_channels) - 1) == d["vae_scale_factor"] == 4
     with torch.no_grad():
-        latents = vae.encode(torch.zeros(1, 3, 64, 64)).latents if backbone == "ldm" else None
-        if latents is None:
-            latents = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+        encoded = vae.encode(torch.zeros(1, 3, 64, 64))
+    latents = encoded.latents if backbone == "ldm" else encoded.latent_dist.mean
     assert latents.shape == (1, d["latent_channels"], 16, 16)
 
 

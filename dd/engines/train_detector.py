@@ -1058,4 +1058,17 @@ def train_detector(cfg: TrainConfig, *, console: Any | None = None) -> TrainResu
     ``console`` (a rich Console) receives the balance table, progress bar and messages on the
     main process; None trains silently.
     """
-    return _Trainer(cfg, console).run()
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps its settings (precision, device) in process-wide singletons; a run
+    # that created them resets them afterwards, so the next run in this process (a test, a
+    # notebook) may choose other settings. Under a multi-process launch they stay.
+    ours = not AcceleratorState._shared_state
+    trainer = None
+    try:
+        trainer = _Trainer(cfg, console)
+        return trainer.run()
+    finally:
+        if ours and (trainer is None or trainer.world == 1):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()

@@ -47,6 +47,7 @@ class FluxBackbone(Backbone):
 
         pipe = load_pipeline(FluxPipeline, model, dtype=dtype, backbone=cls.name)
         pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
         return cls(pipe, device=device, dtype=dtype, source=str(model))
 
     @property
