@@ -227,3 +227,17 @@ def test_sigkill_mid_run_leaves_whole_files_and_resumes(tmp_path):
     keys = [json.loads(line)["key"] for line in (out / "report.jsonl").read_text().splitlines()]
     assert len(keys) == 40 and len(set(keys)) == 40
     assert not list(out.rglob(".*.tmp")), "stale temporary files were left behind"
+
+
+def test_decompression_bomb_guard_is_refused_with_a_hint(tmp_path, cli):
+    _images(tmp_path / "in", 2)
+    Image.new("RGB", (120, 100), (9, 9, 9)).save(tmp_path / "in" / "big.png")
+    out = tmp_path / "out"
+    res = cli("detect", tmp_path / "in", "--out", out, *TINY, "--max-pixels", "10000")
+    assert res.exit_code == 2
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert [Path(f["path"]).name for f in failed] == ["big.png"]
+    assert "120x100 = 12000 pixels" in failed[0]["reason"]
+    assert "decompression-bomb guard" in failed[0]["reason"]
+    res = cli("detect", tmp_path / "in", "--out", out, *TINY, "--max-pixels", "20000")
+    assert res.exit_code == 0

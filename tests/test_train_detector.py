@@ -1,0 +1,274 @@
+"""`dd train-detector` end to end: tiny SegFormer at 64 px on CPU, tiny hand-made datasets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dd.engines.train_detector import cosine_schedule, detector_loss, plot_curves
+from dd.plugins import get_host
+
+TINY = ["--variant", "tiny", "--input-size", "64", "--batch-size", "4", "--log-every", "1"]
+ARTIFACT = (250, 20, 200)  # a magenta square is the artifact; its mask is exact
+
+
+def make_dataset(root: Path, n: int = 18, seed: int = 0) -> Path:
+    """Noisy images of 64-96 px; two of every three get a magenta square (hand or face,
+    some pseudo-labelled, some with a manifest shrink_pad); the rest are real negatives."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    lines = []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(64, 97, 2))
+        img = (rng.random((h, w, 3)) * 80 + 60).astype(np.uint8)
+        rec: dict = {"image": f"images/{i:03d}.png"}
+        if i % 3:
+            s = int(rng.integers(14, 30))
+            y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
+            img[y : y + s, x : x + s] = ARTIFACT
+            mask = np.zeros((h, w), np.uint8)
+            mask[y : y + s, x : x + s] = 255
+            Image.fromarray(mask).save(root / f"masks/{i:03d}.png")
+            rec.update(
+                mask=f"masks/{i:03d}.png",
+                source="pseudo" if i % 4 == 1 else "synthetic",
+                category=("hand", "face")[i % 2],
+            )
+            if i % 5 == 2:
+                rec["shrink_pad"] = {"scale": 0.5}
+        else:
+            rec.update(mask=None, source="real")
+        Image.fromarray(img).save(root / rec["image"])
+        lines.append(json.dumps(rec))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_times(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "step_time_s"} for r in records]
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+def test_detector_loss_hand_computed():
+    logits = torch.full((2, 1, 4, 4), math.log(3.0))  # sigmoid = 0.75 everywhere
+    target = torch.stack([torch.ones(1, 8, 8), torch.zeros(1, 8, 8)])
+    # per sample: (0.75 - 1)^2 = 0.0625 and 0.75^2 = 0.5625; weights 1 and 2
+    loss = detector_loss(logits, target, torch.tensor([1.0, 2.0]))
+    assert float(loss) == pytest.approx((0.0625 + 2 * 0.5625) / 2)
+    assert float(detector_loss(logits, target)) == pytest.approx((0.0625 + 0.5625) / 2)
+    # the logits are upsampled bilinearly (align_corners=False) to the target size
+    lg = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    up = torch.nn.functional.interpolate(lg, size=(16, 16), mode="bilinear", align_corners=False)
+    assert float(detector_loss(lg, t)) == pytest.approx(float((up.sigmoid() - t).square().mean()))
+
+
+def test_cosine_schedule():
+    f = cosine_schedule(10, 2, 0.1)
+    assert [f(0), f(1), f(2)] == pytest.approx([0.5, 1.0, 1.0])
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert f(10) == pytest.approx(0.1)
+    assert cosine_schedule(4, 0, 0.0)(0) == pytest.approx(1.0)
+
+
+def test_plot_curves_draws_a_png(tmp_path):
+    recs = [{"type": "train", "step": s, "loss": 1 / s} for s in range(1, 30)]
+    recs += [{"type": "val", "step": s, "mse": 0.3 - s / 100, "iou": s / 40} for s in (10, 20)]
+    plot_curves(recs, tmp_path / "c.png", "iou")
+    im = Image.open(tmp_path / "c.png")
+    assert im.size == (960, 300) and im.mode == "RGB"
+    arr = np.asarray(im)
+    assert (np.abs(arr.astype(int) - (31, 119, 180)).sum(-1) == 0).sum() > 50  # the loss line
+    assert (np.abs(arr.astype(int) - (214, 39, 40)).sum(-1) == 0).sum() > 10  # val iou
+
+
+# -- end to end -----------------------------------------------------------------------------------
+def test_train_writes_a_loadable_model_and_reports(tmp_path, data, cli):
+    run = tmp_path / "run"
+    res = cli(
+        "train-detector", data, "--out", run, *TINY,
+        "--steps", "8", "--lr", "2e-3", "--warmup-steps", "1", "--workers", "0",
+        "--val-every", "4", "--save-every", "4", "--val-fraction", "0.25",
+        "--balance", "hand=1:1,face=1:2",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "class balance" in res.output and "validation at step" in res.output
+    for name in ("model/config.json", "model/model.safetensors", "README.md", "curves.png"):
+        assert (run / name).is_file(), name
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.old"))
+
+    recs = _records(run)
+    train = [r for r in recs if r["type"] == "train"]
+    val = [r for r in recs if r["type"] == "val"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["step"] for r in val] == [4, 8]
+    assert all(math.isfinite(r["loss"]) and r["lr"] >= 0 for r in train)
+    assert {"mse", "kl_fn", "kl_fp", "iou", "image_auroc", "n_images"} <= set(val[0])
+    assert val[0]["n_images"] == 4  # round(18 * 0.25) held out
+
+    balance = json.loads((run / "balance.json").read_text())
+    assert balance["train_samples"] == 14 and balance["spec"] == "hand=1:1,face=1:2"
+    cats = {c["category"]: c for c in balance["categories"]}
+    assert cats["face"]["ratio"] == "1:2" and cats["face"]["effective"] == "1:2.00"
+
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert cfg["steps"] == 8 and cfg["variant"] == "tiny"
+    card = (run / "README.md").read_text()
+    assert "8 of 8 optimizer steps" in card and "input_size=64x64" in card
+
+    # RUN/model is the best checkpoint and loads through the detector API
+    best = json.loads((run / "checkpoints/best/best.json").read_text())
+    best_step = min(val, key=lambda r: r["mse"])["step"]
+    assert best["step"] == best_step and best["metric"] == "mse"
+    det = get_host().detectors.get("segformer").load(str(run / "model"), input_size=64)
+    assert det.variant == "tiny" and not det.untrained
+    saved = load_file(str(run / "checkpoints/best/model/model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in det.model.state_dict().items())
+    init = get_host().detectors.get("segformer").load(None, variant="tiny", input_size=64)
+    assert any(not torch.equal(v, init.model.state_dict()[k]) for k, v in saved.items())
+
+    res = cli(
+        "detect", data / "images", "--out", tmp_path / "det", "--weights", run / "model",
+        "-O", "input_size=64",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "UNTRAINED" not in res.output
+
+
+def test_resume_gives_the_same_weights_and_metrics(tmp_path, data, cli):
+    opts = [
+        data, *TINY, "--steps", "6", "--lr", "1e-3", "--workers", "2",
+        "--val-every", "2", "--save-every", "2", "--val-fraction", "0.25",
+        "--balance", "hand=1:1,*=1:2", "--shrink-pad-threshold", "0.55",
+        "--shrink-pad-every", "3", "--shrink-pad-prob", "1",
+    ]  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli("train-detector", "--out", a, *opts).exit_code == 0
+    res = cli("train-detector", "--out", b, *opts, "--stop-at", "3")
+    assert res.exit_code == 0, res.output
+    trainer = json.loads((b / "checkpoints/last/trainer.json").read_text())
+    assert trainer["state"]["step"] == 3
+    # a run killed after logging step 4 left a line the checkpoint does not cover
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"type": "train", "step": 4, "loss": 9.0}) + "\n")
+    res = cli("train-detector", "--out", b, *opts, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resuming" in res.output
+
+    for sub in ("checkpoints/last/model", "model"):
+        wa = load_file(str(a / sub / "model.safetensors"))
+        wb = load_file(str(b / sub / "model.safetensors"))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
+    sa = torch.load(a / "checkpoints/last/state.pt", weights_only=True)
+    sb = torch.load(b / "checkpoints/last/state.pt", weights_only=True)
+    for i, st in sa["optimizer"]["state"].items():
+        assert all(torch.equal(v, sb["optimizer"]["state"][i][k]) for k, v in st.items())
+    ra, rb = _records(a), _records(b)
+    assert _without_times(ra) == _without_times(rb)
+    assert [r["step"] for r in ra if r["type"] == "shrink_pad"] == [0, 3]
+    assert len([r for r in ra if r["type"] == "train"]) == 6
+
+
+def test_resume_refuses_other_settings_and_existing_runs(tmp_path, data, cli):
+    run = tmp_path / "run"
+    base = [data, "--out", run, *TINY, "--steps", "2", "--workers", "0", "--val-fraction", "0"]
+    assert cli("train-detector", *base).exit_code == 0
+    assert (run / "model/model.safetensors").is_file()
+    assert [r["type"] for r in _records(run)] == ["train", "train"]  # no validation split
+    res = cli("train-detector", *base)
+    assert res.exit_code == 1 and "already holds a training run" in res.output
+    res = cli("train-detector", *base, "--resume", "--lr", "1e-3")
+    assert res.exit_code == 1 and "lr" in res.output and "different settings" in res.output
+
+
+def test_early_stopping_on_a_higher_is_better_metric(tmp_path, data, cli):
+    val = make_dataset(tmp_path / "val", n=6, seed=1)
+    run = tmp_path / "run"
+    res = cli(
+        "train-detector", data, "--out", run, *TINY, "--val", val,
+        "--steps", "10", "--lr", "1e-12", "--workers", "0", "--val-every", "1",
+        "--select-metric", "image_auroc", "--patience", "1", "--precision", "bf16", "--cpu",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "early stop at step 2" in res.output
+    val_recs = [r for r in _records(run) if r["type"] == "val"]
+    assert [(r["step"], r["best"]) for r in val_recs] == [(1, True), (2, False)]
+    assert val_recs[0]["n_images"] == 6
+    assert json.loads((run / "checkpoints/best/best.json").read_text())["step"] == 1
+    assert "(early stop)" in (run / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "fp16", "--cpu"], "fp16 needs a GPU"),
+        (["--variant", "b9"], "unknown SegFormer variant"),
+        (["--balance", "hand=1"], "bad --balance entry"),
+        (["--select-metric", "accuracy"], "unknown --select-metric"),
+        (["--shrink-pad-fill", "grey"], "bad --shrink-pad-fill"),
+        (["--batch-size", "64"], "no full batch"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path, data, cli, args, message):
+    base = ["--input-size", "64", "--steps", "1", "--workers", "0"]
+    res = cli("train-detector", data, "--out", tmp_path / "run", *base, *args)
+    assert res.exit_code == 1, res.output
+    assert message in res.output
+    assert res.output.strip().splitlines()[-1].startswith("Error:")
+    assert "Traceback" not in res.output
+
+
+def test_empty_dataset_is_an_error(tmp_path, cli):
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    res = cli("train-detector", tmp_path / "empty", "--out", tmp_path / "run", *TINY)
+    assert res.exit_code == 1 and "no images found" in res.output
+
+
+def test_two_cpu_processes_through_accelerate_launch(tmp_path, data):
+    """DDP over gloo with two CPU processes: both train, rank 0 writes a loadable model."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "dd", "train-detector", str(data), "--out", str(run),
+        "--cpu", *TINY[:4], "--batch-size", "2", "--steps", "3", "--workers", "0",
+        "--val-every", "3", "--log-every", "1", "--val-fraction", "0.25",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es), global batch 4" in proc.stderr
+    last = run / "checkpoints/last"
+    assert (last / "rng_rank0.pt").is_file() and (last / "rng_rank1.pt").is_file()
+    assert json.loads((last / "trainer.json").read_text())["world_size"] == 2
+    r0 = torch.load(last / "rng_rank0.pt", weights_only=True)["torch"]
+    r1 = torch.load(last / "rng_rank1.pt", weights_only=True)["torch"]
+    assert not torch.equal(r0, r1)  # each process has its own dropout stream
+    recs = _records(run)
+    assert [r["step"] for r in recs if r["type"] == "train"] == [1, 2, 3]
+    val = [r for r in recs if r["type"] == "val"]
+    assert len(val) == 1 and val[0]["n_images"] == 4  # gathered from both processes
+    det = get_host().detectors.get("segformer").load(str(run / "model"), input_size=64)
+    out = det.predict(torch.rand(1, 3, 64, 64))
+    assert out.shape == (1, 1, 64, 64) and torch.isfinite(out).all()
