@@ -30,8 +30,9 @@ A family implements the abstract methods: loading, :meth:`encode_prompts`,
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -516,16 +517,36 @@ class Backbone(abc.ABC):
 
     def save_lora(self, out_dir: str | Path, *, is_main_process: bool = True) -> Path:
         """Write ``pytorch_lora_weights.safetensors`` in diffusers' format."""
+        import inspect
+
         from diffusers.utils import convert_state_dict_to_diffusers
 
         out_dir = Path(out_dir)
-        layers = convert_state_dict_to_diffusers(self.lora_state_dict())
+        layers = self.lora_state_dict()
+        if self.lora_layers_kwarg == "unet_lora_layers":
+            # UNet families: diffusers' SD/SDXL training scripts convert to its key names;
+            # transformer families (FLUX, SD3) keep peft's lora_A/lora_B names, as diffusers'
+            # own FLUX/SD3 scripts save them and other tools expect.
+            layers = convert_state_dict_to_diffusers(layers)
         layers = {k: v.detach().to("cpu").contiguous() for k, v in layers.items()}
-        type(self.pipe).save_lora_weights(
+        save = type(self.pipe).save_lora_weights
+        kwargs: dict[str, Any] = {self.lora_layers_kwarg: layers}
+        # The adapter's config (alpha above all) goes into the file's metadata; without it
+        # diffusers loads the LoRA with alpha = rank, a different model when alpha != rank.
+        meta_kwarg = self.lora_layers_kwarg.replace("_lora_layers", "_lora_adapter_metadata")
+        config = getattr(self.denoiser, "peft_config", {}).get("default")
+        if config is not None and meta_kwarg in inspect.signature(save).parameters:
+            kwargs[meta_kwarg] = config.to_dict()
+        elif config is not None and config.lora_alpha != config.r:
+            raise DDError(
+                f"this diffusers cannot store LoRA alpha {config.lora_alpha} != rank {config.r}",
+                hint="upgrade diffusers, or use --lora-alpha equal to the rank",
+            )
+        save(
             save_directory=str(out_dir),
             is_main_process=is_main_process,
             safe_serialization=True,
-            **{self.lora_layers_kwarg: layers},
+            **kwargs,
         )
         return out_dir / LORA_WEIGHT_NAME
 
@@ -533,12 +554,18 @@ class Backbone(abc.ABC):
         """Load a diffusers-format LoRA (ours, a DreamBooth one, a hub one) into the
         denoiser as the adapter ``default``; make it trainable to continue from it."""
         try:
-            self.pipe.load_lora_weights(str(path), adapter_name="default")
+            with _lora_key_warnings() as problems:
+                self.pipe.load_lora_weights(str(path), adapter_name="default")
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             raise DDError(
                 f"cannot load LoRA {path} into this {self.name} model: {e}",
                 hint="is the LoRA for another architecture or base model?",
             ) from None
+        if problems:
+            raise DDError(
+                f"LoRA {path} does not fit this {self.name} model: {_shorten(problems[0])}",
+                hint="is the LoRA for another architecture or base model?",
+            )
         if not any("lora_" in n for n, _ in self.denoiser.named_parameters()):
             raise DDError(
                 f"LoRA {path} loaded nothing into the {self.name} denoiser",
@@ -562,6 +589,46 @@ class Backbone(abc.ABC):
             "model": self.source,
             "prediction_type": self.prediction_type,
         }
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _lora_key_warnings() -> Iterator[list[str]]:
+    """Collect diffusers' warnings about unexpected or missing LoRA keys while loading a LoRA
+    (diffusers only logs them: a LoRA of another architecture would load half-way, quietly).
+
+    Its notes that a text encoder got no keys are dropped; other records pass through."""
+    import logging
+
+    problems: list[str] = []
+    passed: list[logging.LogRecord] = []
+    lib = logging.getLogger("diffusers")
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "unexpected keys" in msg or "missing keys" in msg:
+                problems.append(msg.replace("\n", " ").strip())
+            elif "No LoRA keys associated" not in msg:
+                passed.append(record)
+
+    handlers, level = list(lib.handlers), lib.level
+    for h in handlers:
+        lib.removeHandler(h)
+    lib.addHandler(collect := Collect(logging.WARNING))
+    lib.setLevel(min(level or logging.WARNING, logging.WARNING))
+    try:
+        yield problems
+    finally:
+        lib.removeHandler(collect)
+        lib.setLevel(level)
+        for h in handlers:
+            lib.addHandler(h)
+        for record in passed:
+            lib.handle(record)
 
 
 # ---------------------------------------------------------------------- schedule helpers

@@ -26,13 +26,16 @@ class FluxBackbone(Backbone):
     lora_layers_kwarg = "transformer_lora_layers"
     default_resolution = 1024
 
-    def __init__(self, pipe: Any, **kwargs: Any):
+    def __init__(self, pipe: Any, *, max_sequence_length: int | None = None, **kwargs: Any):
         super().__init__(pipe, **kwargs)
         self.guidance_embeds = bool(pipe.transformer.config.get("guidance_embeds", False))
         # schnell: 4 steps, no guidance; dev: guidance embedding 3.5, ~10 steps.
         self.default_steps = 10 if self.guidance_embeds else 4
         self.default_guidance = 3.5 if self.guidance_embeds else None
-        self.max_sequence_length = 512 if self.guidance_embeds else 256
+        # T5 tokens of the prompt (schnell 256, dev 512), clamped to the tokenizer's limit.
+        self.max_sequence_length = int(
+            max_sequence_length or (512 if self.guidance_embeds else 256)
+        )
 
     @classmethod
     def from_pretrained(
@@ -41,6 +44,7 @@ class FluxBackbone(Backbone):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        max_sequence_length: int | None = None,
         **options: Any,
     ) -> FluxBackbone:
         from diffusers import FluxPipeline
@@ -48,7 +52,13 @@ class FluxBackbone(Backbone):
         pipe = load_pipeline(FluxPipeline, model, dtype=dtype, backbone=cls.name)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, device=device, dtype=dtype, source=str(model))
+        return cls(
+            pipe,
+            device=device,
+            dtype=dtype,
+            source=str(model),
+            max_sequence_length=max_sequence_length,
+        )
 
     @property
     def vae_scale_factor(self) -> int:

@@ -69,13 +69,21 @@ _COMMON: dict[str, Any] = {
 _MIT_HEADS = [1, 2, 5, 8]
 _WIDE = [64, 128, 320, 512]
 
-#: MiT encoder variants (SegFormer paper / nvidia/mit-b*) plus ``tiny`` for tests and demos.
+#: MiT encoder variants (SegFormer paper / nvidia/mit-b*), ``small`` (dd's embedded default)
+#: and ``tiny`` for tests.
 VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": {
         "depths": [1, 1, 1, 1],
         "hidden_sizes": [8, 16, 32, 64],
         "num_attention_heads": [1, 1, 2, 4],
         "decoder_hidden_size": 32,
+    },
+    # dd's own small detector (the embedded default, trained on `dd synth` data on a CPU).
+    "small": {
+        "depths": [2, 2, 2, 2],
+        "hidden_sizes": [16, 32, 80, 128],
+        "num_attention_heads": [1, 1, 2, 4],
+        "decoder_hidden_size": 64,
     },
     "b0": {
         "depths": [2, 2, 2, 2],
