@@ -18,8 +18,7 @@ explicit ``torch.Generator``: the same generator state gives the same result.
 * :func:`strong_augment`: the strong augmentation for pseudo-labelled samples: a random
   affine warp (rotation, scale, shift; map warped identically, both filled with 0 outside),
   colour jitter (brightness, contrast, saturation), Gaussian blur and Gaussian noise.
-* :func:`train_pair` chains them for one sample; :func:`eval_pair` is the deterministic
-  validation resize.
+* :func:`train_pair` chains them for one sample.
 """
 
 from __future__ import annotations
@@ -41,13 +40,11 @@ __all__ = [
     "StrongConfig",
     "color_jitter",
     "crop_box",
-    "eval_pair",
     "gaussian_blur",
     "gaussian_noise",
     "hflip",
     "parse_shrink_spec",
     "random_affine",
-    "resize_pair",
     "resized_crop",
     "shrink_pad",
     "strong_augment",
@@ -86,15 +83,6 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 # -- geometric (image and map alike) -------------------------------------------------------------
-def resize_pair(
-    image: torch.Tensor, target: torch.Tensor, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize both to ``size`` (H, W) with one bilinear resampling (no antialias)."""
-    _check_pair(image, target)
-    both = _resample(torch.cat([image, target]), size, antialias=False)
-    return both[:3], both[3:]
-
-
 def crop_box(
     gen: torch.Generator,
     height: int,
@@ -395,10 +383,3 @@ def train_pair(
     if strong:
         image, target = strong_augment(image, target, gen, cfg.strong)
     return image.contiguous(), target.contiguous()
-
-
-def eval_pair(
-    image: torch.Tensor, target: torch.Tensor, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The deterministic transform for prediction passes: resize both to ``size``."""
-    return resize_pair(image, target, size)

@@ -120,7 +120,7 @@ def test_crop_box_stays_inside_and_follows_scale():
     g = _gen(1)
     for _ in range(200):
         top, left, h, w = crop_box(g, 40, 90, scale=(0.3, 0.6))
-        assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 90
+        assert top >= 0 and top + h <= 40 and left >= 0 and left + w <= 90
     # impossible aspect ratio: falls back to the largest centred crop within the ratio
     assert crop_box(g, 10, 100, scale=(1.0, 1.0), ratio=(1.0, 1.0)) == (0, 45, 10, 10)
 

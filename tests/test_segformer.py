@@ -479,7 +479,7 @@ def test_b5_config_on_meta():
     assert cls.kernel_size == (1, 1)
     n = sum(p.numel() for p in det.parameters())
     assert 84_000_000 < n < 85_000_000  # MiT-b5 + all-MLP head: 84,594,113
-    assert set(sf.VARIANTS) == {"tiny", "b0", "b1", "b2", "b3", "b4", "b5"}
+    assert set(sf.VARIANTS) == {"tiny", "small", "b0", "b1", "b2", "b3", "b4", "b5"}
 
 
 # -- 5. plugin registration -------------------------------------------------------------------
@@ -487,3 +487,11 @@ def test_plugin_registers_segformer():
     from dd.plugins import get_host
 
     assert get_host().detectors.get("segformer") is SegformerDetector
+
+
+def test_input_size_is_saved_with_the_weights(tmp_path):
+    det = SegformerDetector.load(None, variant="tiny", input_size=96)
+    det.save_pretrained(tmp_path / "m")
+    back = SegformerDetector.load(tmp_path / "m")
+    assert back.input_size == (96, 96) and back.variant == "tiny" and not back.untrained
+    assert SegformerDetector.load(tmp_path / "m", input_size=64).input_size == (64, 64)

@@ -15,16 +15,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dd.engines.train_detector import cosine_schedule, detector_loss, plot_curves
+from dd.engines.train_detector import cosine_schedule, detector_loss, is_better, plot_curves
 from dd.plugins import get_host
 
 TINY = ["--variant", "tiny", "--input-size", "64", "--batch-size", "4", "--log-every", "1"]
 ARTIFACT = (250, 20, 200)  # a magenta square is the artifact; its mask is exact
 
 
-def make_dataset(root: Path, n: int = 18, seed: int = 0) -> Path:
-    """Noisy images of 64-96 px; two of every three get a magenta square (hand or face,
-    some pseudo-labelled, some with a manifest shrink_pad); the rest are real negatives."""
+def make_dataset(root: Path, n: int = 18, seed: int = 0, negatives: bool = True) -> Path:
+    """Noisy images of 64-96 px; two of every three (all without ``negatives``) get a
+    magenta square (hand or face, some pseudo-labelled, some with a manifest shrink_pad);
+    the rest are real negatives."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
@@ -33,7 +34,7 @@ def make_dataset(root: Path, n: int = 18, seed: int = 0) -> Path:
         h, w = (int(v) for v in rng.integers(64, 97, 2))
         img = (rng.random((h, w, 3)) * 80 + 60).astype(np.uint8)
         rec: dict = {"image": f"images/{i:03d}.png"}
-        if i % 3:
+        if i % 3 or not negatives:
             s = int(rng.integers(14, 30))
             y, x = int(rng.integers(0, h - s)), int(rng.integers(0, w - s))
             img[y : y + s, x : x + s] = ARTIFACT
@@ -125,6 +126,7 @@ def test_train_writes_a_loadable_model_and_reports(tmp_path, data, cli):
     assert all(math.isfinite(r["loss"]) and r["lr"] >= 0 for r in train)
     assert {"mse", "kl_fn", "kl_fp", "iou", "image_auroc", "n_images"} <= set(val[0])
     assert val[0]["n_images"] == 4  # round(18 * 0.25) held out
+    assert val[1]["mse"] < val[0]["mse"] < 0.25  # it learns (0.25: the untrained 0.5 maps)
 
     balance = json.loads((run / "balance.json").read_text())
     assert balance["train_samples"] == 14 and balance["spec"] == "hand=1:1,face=1:2"
@@ -156,43 +158,55 @@ def test_train_writes_a_loadable_model_and_reports(tmp_path, data, cli):
 
 
 def test_resume_gives_the_same_weights_and_metrics(tmp_path, data, cli):
+    """6 steps straight == 3 (at the end of epoch 0; an on-the-fly shrink-pad check right
+    after the checkpoint) or 4 (mid-epoch; flags restored from the checkpoint) + resume, with
+    loader workers, class balance, pseudo labels and manifest shrink_pad in play."""
     opts = [
         data, *TINY, "--steps", "6", "--lr", "1e-3", "--workers", "2",
-        "--val-every", "2", "--save-every", "2", "--val-fraction", "0.25",
+        "--val-every", "3", "--save-every", "2", "--val-fraction", "0.25",
         "--balance", "hand=1:1,*=1:2", "--shrink-pad-threshold", "0.55",
-        "--shrink-pad-every", "3", "--shrink-pad-prob", "1",
+        "--shrink-pad-every", "3", "--shrink-pad-prob", "1", "--log-every", "2",
     ]  # fmt: skip
-    a, b = tmp_path / "a", tmp_path / "b"
+    a = tmp_path / "a"
     assert cli("train-detector", "--out", a, *opts).exit_code == 0
-    res = cli("train-detector", "--out", b, *opts, "--stop-at", "3")
-    assert res.exit_code == 0, res.output
-    trainer = json.loads((b / "checkpoints/last/trainer.json").read_text())
-    assert trainer["state"]["step"] == 3
-    # a run killed after logging step 4 left a line the checkpoint does not cover
-    with open(b / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"type": "train", "step": 4, "loss": 9.0}) + "\n")
-    res = cli("train-detector", "--out", b, *opts, "--resume")
-    assert res.exit_code == 0, res.output
-    assert "resuming" in res.output
-
-    for sub in ("checkpoints/last/model", "model"):
-        wa = load_file(str(a / sub / "model.safetensors"))
-        wb = load_file(str(b / sub / "model.safetensors"))
-        assert wa.keys() == wb.keys()
-        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
-    sa = torch.load(a / "checkpoints/last/state.pt", weights_only=True)
-    sb = torch.load(b / "checkpoints/last/state.pt", weights_only=True)
-    for i, st in sa["optimizer"]["state"].items():
-        assert all(torch.equal(v, sb["optimizer"]["state"][i][k]) for k, v in st.items())
-    ra, rb = _records(a), _records(b)
-    assert _without_times(ra) == _without_times(rb)
+    ra = _records(a)
     assert [r["step"] for r in ra if r["type"] == "shrink_pad"] == [0, 3]
-    assert len([r for r in ra if r["type"] == "train"]) == 6
+    # the loss is logged every 2 steps: a stop at step 3 leaves a half-full loss window
+    assert [r["step"] for r in ra if r["type"] == "train"] == [2, 4, 6]
+    wa = load_file(str(a / "checkpoints/last/model/model.safetensors"))
+    sa = torch.load(a / "checkpoints/last/state.pt", weights_only=True)
+
+    for stop in (3, 4):
+        b = tmp_path / f"b{stop}"
+        res = cli("train-detector", "--out", b, *opts, "--stop-at", stop)
+        assert res.exit_code == 0, res.output
+        trainer = json.loads((b / "checkpoints/last/trainer.json").read_text())
+        assert trainer["state"]["step"] == stop
+        # 14 training samples: 12 draws (3 batches) per epoch; step 3 ends epoch 0
+        epoch, position = divmod(stop * 4 - 1, 12)
+        assert (trainer["state"]["epoch"], trainer["state"]["position"]) == (epoch, position + 1)
+        # a run killed after logging one more step left a line the checkpoint does not cover
+        with open(b / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"type": "train", "step": stop + 1, "loss": 9.0}) + "\n")
+        res = cli("train-detector", "--out", b, *opts, "--resume")
+        assert res.exit_code == 0, res.output
+        assert f"resuming at step {stop}" in res.output
+
+        for sub in ("checkpoints/last/model", "model"):
+            wb = load_file(str(b / sub / "model.safetensors"))
+            ref = wa if sub != "model" else load_file(str(a / sub / "model.safetensors"))
+            assert ref.keys() == wb.keys()
+            assert all(torch.equal(ref[k], wb[k]) for k in ref), (stop, sub)
+        sb = torch.load(b / "checkpoints/last/state.pt", weights_only=True)
+        for i, st in sa["optimizer"]["state"].items():
+            assert all(torch.equal(v, sb["optimizer"]["state"][i][k]) for k, v in st.items())
+        assert _without_times(_records(b)) == _without_times(ra), stop
 
 
 def test_resume_refuses_other_settings_and_existing_runs(tmp_path, data, cli):
     run = tmp_path / "run"
     base = [data, "--out", run, *TINY, "--steps", "2", "--workers", "0", "--val-fraction", "0"]
+    base += ["--precision", "bf16", "--cpu"]  # CPU autocast in bfloat16
     assert cli("train-detector", *base).exit_code == 0
     assert (run / "model/model.safetensors").is_file()
     assert [r["type"] for r in _records(run)] == ["train", "train"]  # no validation split
@@ -202,21 +216,39 @@ def test_resume_refuses_other_settings_and_existing_runs(tmp_path, data, cli):
     assert res.exit_code == 1 and "lr" in res.output and "different settings" in res.output
 
 
-def test_early_stopping_on_a_higher_is_better_metric(tmp_path, data, cli):
-    val = make_dataset(tmp_path / "val", n=6, seed=1)
+def test_is_better_knows_the_direction_of_each_metric():
+    assert is_better("mse", 0.1, 0.2) and not is_better("mse", 0.3, 0.2)
+    assert is_better("iou", 0.3, 0.2) and not is_better("iou", 0.1, 0.2)
+    assert is_better("image_auroc", 0.9, 0.5) and is_better("kl_fp", 1.0, 2.0)
+    assert not is_better("mse", 0.2, 0.2)  # ties keep the earlier step
+    assert is_better("cc", -0.5, None)
+    assert not is_better("cc", math.nan, None) and not is_better("cc", None, 0.1)
+
+
+def test_early_stopping_when_the_metric_never_improves(tmp_path, data, cli):
+    val = make_dataset(tmp_path / "val", n=4, seed=1, negatives=False)
     run = tmp_path / "run"
     res = cli(
         "train-detector", data, "--out", run, *TINY, "--val", val,
-        "--steps", "10", "--lr", "1e-12", "--workers", "0", "--val-every", "1",
-        "--select-metric", "image_auroc", "--patience", "1", "--precision", "bf16", "--cpu",
+        "--steps", "10", "--workers", "0", "--val-every", "1",
+        "--select-metric", "mse_clean", "--patience", "2",
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert "early stop at step 2" in res.output
+    # no clean validation image: mse_clean is undefined, so no evaluation improves it
+    assert "early stop at step 2" in res.output and "no best step: mse_clean" in res.output
     val_recs = [r for r in _records(run) if r["type"] == "val"]
-    assert [(r["step"], r["best"]) for r in val_recs] == [(1, True), (2, False)]
-    assert val_recs[0]["n_images"] == 6
-    assert json.loads((run / "checkpoints/best/best.json").read_text())["step"] == 1
-    assert "(early stop)" in (run / "README.md").read_text()
+    assert [(r["step"], r["best"], r["mse_clean"]) for r in val_recs] == [
+        (1, False, None),
+        (2, False, None),
+    ]
+    assert val_recs[0]["n_images"] == 4 and val_recs[0]["n_positive"] == 4
+    assert not (run / "checkpoints/best").exists()
+    last = load_file(str(run / "checkpoints/last/model/model.safetensors"))
+    model = load_file(str(run / "model/model.safetensors"))
+    assert all(torch.equal(last[k], model[k]) for k in last)  # no best: the last weights
+    card = (run / "README.md").read_text()
+    assert "(early stop)" in card and "2 of 10 optimizer steps" in card
+    assert "mse_clean was never defined" in card
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,10 @@ def build_app(*, with_plugins: bool = True) -> typer.Typer:
 
     app.command("eval-detector")(eval_detector.eval_detector)
     app.add_typer(dataset.app, name="dataset")
+    from dd.cli import generate, treat
+
+    app.command("treat")(treat.treat)
+    app.command("generate")(generate.generate)
 
     @app.callback(invoke_without_command=True)
     def _root(

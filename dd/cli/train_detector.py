@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -135,18 +136,19 @@ def train_detector(
     """Train a SegFormer artifact detector (DiffDoctor's loss, class balance and augmentation).
 
     Writes to --out: model/ (best weights; load with dd detect --weights RUN/model), checkpoints/,
-    metrics.jsonl, balance.json, train_config.json, curves.png and README.md. For several GPUs
-    (or CPU processes) run it under `accelerate launch [--cpu] --num_processes N -m dd
-    train-detector ...`.
+    metrics.jsonl, balance.json, train_config.json, curves.png and README.md. Several GPUs:
+    `accelerate launch --multi_gpu --num_processes N -m dd train-detector ...` (or torchrun
+    --nproc_per_node N -m dd ...); several CPU processes: the same plus --cpu after
+    train-detector. Resume with the same options plus --resume.
     """
     from dd.engines.train_detector import TrainConfig
     from dd.engines.train_detector import train_detector as run
     from dd.metrics import format_table
 
     cfg = TrainConfig(
-        datasets=list(datasets),
+        datasets=[os.path.abspath(d) for d in datasets],
         out=out,
-        val=list(val or []),
+        val=[os.path.abspath(d) for d in val or []],
         val_fraction=val_fraction,
         init=init,
         variant=variant,
@@ -184,6 +186,12 @@ def train_detector(
         resume=resume,
     )
     result = run(cfg, console=Console(stderr=True))
-    if result.main and result.best is not None:
+    if not result.main:
+        return
+    if result.best is not None:
         title = f"validation at step {result.best['step']} (best {cfg.select_metric})"
         Console().print(format_table(result.best["metrics"], title=title))
+    elif result.last_val is not None:
+        console = Console()
+        console.print(f"no best step: {cfg.select_metric} was undefined at every validation")
+        console.print(format_table(result.last_val, title="last validation"))

@@ -70,6 +70,7 @@ from dd.datasets import Sample, load_mask, read_dataset
 from dd.errors import DDError
 from dd.images import load_image
 from dd.io import Journal, atomic_write_bytes, atomic_write_json, atomic_write_text
+from dd.metrics import METRIC_KEYS
 from dd.sampler import (
     EpochSampler,
     balance_table,
@@ -85,6 +86,7 @@ __all__ = [
     "TrainResult",
     "cosine_schedule",
     "detector_loss",
+    "is_better",
     "plot_curves",
     "train_detector",
 ]
@@ -189,7 +191,9 @@ def cosine_schedule(steps: int, warmup: int, min_ratio: float):
     return factor
 
 
-def _better(metric: str, value: float, best: float | None) -> bool:
+def is_better(metric: str, value: float | None, best: float | None) -> bool:
+    """Whether validation ``metric`` = ``value`` beats ``best`` (None: nothing yet); NaN and
+    None never do."""
     if value is None or math.isnan(value):
         return False
     if best is None:
@@ -402,6 +406,11 @@ class _Trainer:
         for ok, msg in checks:
             if not ok:
                 raise DDError(msg)
+        if c.val and c.val_fraction is not None:
+            raise DDError(
+                "--val and --val-fraction both given",
+                hint="validate on --val datasets or on a held-out fraction, not both",
+            )
         if c.shrink_fill != "reflect":
             try:
                 ok = 0.0 <= float(c.shrink_fill) <= 1.0
@@ -646,7 +655,7 @@ class _Trainer:
             raise DDError(f"cannot read {last / 'model'}: {type(e).__name__}: {e}") from None
         detector.model.load_state_dict(weights, strict=True)
         scheduler.load_state_dict(trainer["scheduler"])
-        self.log(f"resuming {self.out} at step {trainer['state']['step']}")
+        self.log(f"resuming at step {trainer['state']['step']} from {last}")
         return {**state, **trainer["state"]}
 
     # -- the loop ------------------------------------------------------------------------------
@@ -693,7 +702,9 @@ class _Trainer:
                 step = st["step"]
                 if progress is not None:
                     progress.update(task, completed=step, loss=f"{loss:.4f}")
-                if step % cfg.log_every == 0 or step == stop_at:
+                # Not at --stop-at: the metrics lines of a stopped and resumed run must be
+                # those of an uninterrupted one (the loss window is in the checkpoint).
+                if step % cfg.log_every == 0 or step == cfg.steps:
                     self._log_train(grad_norm)
                 if self.val and (step % cfg.val_every == 0 or step == cfg.steps):
                     stopped_early = self._validate()
@@ -784,7 +795,7 @@ class _Trainer:
             )
         result = DetectorMetrics.from_states(gather_object([metrics.state()])).compute()
         value = result[cfg.select_metric]
-        improved = _better(cfg.select_metric, value, st["best"])
+        improved = is_better(cfg.select_metric, value, st["best"])
         if improved:
             st["best"], st["best_step"], st["bad_evals"] = value, st["step"], 0
             self._save_best(result)
@@ -799,7 +810,7 @@ class _Trainer:
         shown = f"{value:.5f}" if value is not None and not math.isnan(value) else "n/a"
         self.log(
             f"step {st['step']}: val {cfg.select_metric} {shown}"
-            + (" (best)" if improved else f" (best {st['best_step']})")
+            + (" (best)" if improved else f" (best: step {st['best_step'] or '-'})")
         )
         return cfg.patience is not None and st["bad_evals"] >= cfg.patience
 
@@ -821,7 +832,8 @@ class _Trainer:
 
     def _refresh_shrink(self) -> None:
         """On-the-fly shrink-and-pad: flag training samples whose predicted max confidence
-        (current model, no augmentation) is below the threshold."""
+        (current model, no augmentation, in batches of ``val_batch_size``) is below the
+        threshold."""
         from accelerate.utils import gather_object
 
         from dd.detectors import logits_to_probs
@@ -844,9 +856,12 @@ class _Trainer:
                 self.acc.autocast(),
                 ThreadPoolExecutor(max(1, cfg.workers)) as pool,
             ):
-                for i, x, hw in pool.map(load, mine):
-                    logits = det.logits(x[None].to(self.acc.device)).float()
-                    maxima.append((i, float(logits_to_probs(logits, hw).max())))
+                for start in range(0, len(mine), cfg.val_batch_size):
+                    chunk = list(pool.map(load, mine[start : start + cfg.val_batch_size]))
+                    x = torch.stack([t for _, t, _ in chunk]).to(self.acc.device)
+                    logits = det.logits(x).float()
+                    for k, (i, _, hw) in enumerate(chunk):
+                        maxima.append((i, float(logits_to_probs(logits[k : k + 1], hw).max())))
         except DDError as e:
             raise DDError(f"shrink-pad check: {e}") from None
         finally:
@@ -957,22 +972,32 @@ class _Trainer:
             "",
             "## Validation metrics",
         ]
+        vals = [r for r in self.journal.records if r.get("type") == "val"] if self.journal else []
         if best:
             m = best["metrics"]
+            lines.append(f"Best {cfg.select_metric}, at step {best['step']}:")
+        elif vals:
+            m = vals[-1]
+            lines.append(
+                f"Last validation, at step {m['step']} ({cfg.select_metric} was never defined "
+                "on the validation set, so no best step was chosen):"
+            )
+        else:
+            m = None
+            lines.append("No validation was run.")
+        if m is not None:
             lines += [
+                "",
                 "| metric | value |",
                 "| --- | --- |",
                 *(
                     f"| {k} | {m[k]:.5f} |" if isinstance(m.get(k), float) else f"| {k} | - |"
-                    for k in ("mse", "mse_clean", "kl_fn", "kl_fp", "cc", "iou", "f1")
-                    + ("pixel_auroc", "image_auroc")
+                    for k in METRIC_KEYS
                 ),
                 "",
                 f"Images: {m.get('n_images')}, clean: {m.get('n_clean')}, "
                 f"positive: {m.get('n_positive')}.",
             ]
-        else:
-            lines.append("No validation was run.")
         input_opt = f"-O input_size={det.input_size[0]}x{det.input_size[1]}"
         lines += [
             "",
@@ -1060,15 +1085,17 @@ def train_detector(cfg: TrainConfig, *, console: Any | None = None) -> TrainResu
     """
     from accelerate.state import AcceleratorState, GradientState
 
-    # accelerate keeps its settings (precision, device) in process-wide singletons; a run
-    # that created them resets them afterwards, so the next run in this process (a test, a
-    # notebook) may choose other settings. Under a multi-process launch they stay.
-    ours = not AcceleratorState._shared_state
-    trainer = None
+    # accelerate keeps its settings (precision, device) in process-wide singletons that
+    # refuse to change once set. A single-process run starts from fresh ones and clears them
+    # afterwards, so runs with other settings can follow in the same process (tests,
+    # notebooks). Under a multi-process launch they stay (they hold the process group).
+    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    if single:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     try:
-        trainer = _Trainer(cfg, console)
-        return trainer.run()
+        return _Trainer(cfg, console).run()
     finally:
-        if ours and (trainer is None or trainer.world == 1):
+        if single:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()

@@ -58,6 +58,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RELEASED_FILES = ("ad_pytorch_model.bin", "ad_richhf_baseline_model.bin")
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+#: dd's embedded default detector (shipped in the package; see docs/models.md).
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "dd-synth-small"
 
 _COMMON: dict[str, Any] = {
     "num_encoder_blocks": 4,
@@ -691,18 +693,22 @@ class SegformerDetector(Detector):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         variant: str | None = None,
-        input_size: Any = 512,
+        input_size: Any = None,
         seed: int | str = 0,
         gradient_checkpointing: bool | str = False,
         **options: Any,
     ) -> SegformerDetector:
         """Build the detector.
 
-        ``weights``: None (random init of ``variant``, default ``tiny``: untrained), a
+        ``weights``: None without ``variant`` (dd's embedded default detector, trained on
+        ``dd synth`` data: see docs/models.md), None with ``variant`` (random init:
+        untrained), a
         ``.bin``/``.pt``/``.pth`` state dict (read with ``weights_only=True`` only), a
         ``.safetensors`` file, a folder (``save_pretrained`` output, or one holding exactly one
         of ``ad_pytorch_model.bin`` / ``ad_richhf_baseline_model.bin`` / ``*.safetensors``) or a
-        hub id. ``variant`` (tiny, b0..b5) is inferred from the weights when not given.
+        hub id. ``variant`` (tiny, small, b0..b5) is inferred from the weights when not given.
+        ``input_size`` defaults to the one saved with the weights (``dd_input_size`` in
+        ``config.json``, written by :meth:`save_pretrained`), else 512 as DiffDoctor uses.
         """
         if options:
             raise DDError(
@@ -710,7 +716,6 @@ class SegformerDetector(Detector):
                 hint="options: variant (tiny, b0..b5), input_size (512 or HxW), seed, "
                 "gradient_checkpointing",
             )
-        size = _parse_size(input_size)
         try:
             seed = int(seed)
         except (TypeError, ValueError):
@@ -718,7 +723,10 @@ class SegformerDetector(Detector):
         variant = _normalize_variant(variant) if variant is not None else None
         device = torch.device(device)
 
+        if weights is None and variant is None and DEFAULT_WEIGHTS.is_dir():
+            weights = DEFAULT_WEIGHTS
         if weights is None:
+            size = _parse_size(input_size if input_size is not None else 512)
             name = variant or "tiny"
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -740,8 +748,10 @@ class SegformerDetector(Detector):
                     f"weights not found: {ref}",
                     hint="pass an existing file (e.g. ad_pytorch_model.bin), folder or hub id",
                 )
+            saved = getattr(model.config, "dd_input_size", None)
+            size = _parse_size(input_size if input_size is not None else (saved or 512))
             det = cls(model, variant=name, input_size=size)
-            det.source = ref
+            det.source = ref if Path(ref) != DEFAULT_WEIGHTS else "dd default (synthetic artifacts)"
         det.to(device=device, dtype=dtype)
         det.eval()
         if _parse_bool(gradient_checkpointing):
@@ -795,6 +805,9 @@ class SegformerDetector(Detector):
         ``SegformerForSemanticSegmentation.from_pretrained(out_dir)`` both read it."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        # Extra config attributes survive transformers' save/load; dd reads it back so a
+        # detector trained at one input size is run at that size.
+        self.model.config.dd_input_size = list(self.input_size)
         self.model.save_pretrained(str(out))
         return out
 
