@@ -1,0 +1,273 @@
+"""Stable Diffusion 1.x / 2.x: a UNet (epsilon or v-prediction) with one CLIP text encoder.
+
+Loaded as a diffusers ``StableDiffusionPipeline`` (SD1.5, and SD2-style v-prediction models:
+the prediction type is read from the scheduler config). Sampling is deterministic DDIM
+(eta 0) computed from the pipeline's own training betas and timestep spacing: the backbone
+swaps the pipeline's scheduler (PNDM for SD1.5) for a ``DDIMScheduler`` with the same
+configuration, so ``pipe.prepare_latents`` gives plain ``randn`` noise (DDIM's
+``init_noise_sigma`` is 1) and ``pipe(...)`` samples exactly what :meth:`Backbone.sample`
+computes.
+
+Classifier-free guidance: default 7.5; a guidance scale <= 1 disables it and skips the
+unconditional pass. The negative prompt is ``""`` (the pipeline's default) unless the
+``negative_prompt`` option sets one; the negative embeddings travel row-aligned with the
+positive ones in the :class:`~dd.backbones.Conditioning`. Generation defaults to 25 DDIM
+steps at the UNet's native size (``unet.sample_size * vae_scale_factor``: 512 px for SD1.5,
+768 for SD2-v). The VAE's scale (and shift, where its config sets one; SD VAEs set none) is
+applied both ways.
+
+:class:`UNetBackbone` holds what SD1.5 and SDXL share; :mod:`dd_plugins.sdxl` builds on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from dd.backbones import (
+    EPSILON,
+    V_PREDICTION,
+    Backbone,
+    Conditioning,
+    Schedule,
+    ddim_schedule,
+    load_pipeline,
+)
+from dd.errors import DDError
+from dd.hookspecs import hookimpl
+
+#: Options ``from_pretrained`` accepts besides ``device`` and ``dtype``.
+OPTIONS = ("negative_prompt",)
+
+
+class UNetBackbone(Backbone):
+    """Shared by the UNet families (SD1.5, SDXL): DDIM sampling from the pipeline's betas,
+    classifier-free guidance with row-aligned negative embeddings, AutoencoderKL."""
+
+    lora_layers_kwarg = "unet_lora_layers"
+    #: Decode (and encode) in fp32 when the model runs in fp16 and the VAE config says
+    #: ``force_upcast`` (SDXL's VAE overflows in fp16).
+    upcast_vae_in_fp16: ClassVar[bool] = False
+
+    def __init__(self, pipe: Any, *, negative_prompt: str | None = None, **kwargs: Any):
+        from diffusers import DDIMScheduler
+
+        config = pipe.scheduler.config
+        prediction = config.get("prediction_type", EPSILON)
+        if prediction not in (EPSILON, V_PREDICTION):
+            raise DDError(
+                f"{self.name}: scheduler prediction type {prediction!r} is not supported",
+                hint="dd samples epsilon and v_prediction models",
+            )
+        # Same betas, spacing and final alpha as the shipped scheduler; no x0 clipping
+        # (latents are not in [-1, 1]): exactly the update rule of Backbone.step.
+        pipe.scheduler = DDIMScheduler.from_config(
+            config, clip_sample=False, set_alpha_to_one=config.get("set_alpha_to_one", False)
+        )
+        pipe.set_progress_bar_config(disable=True)
+        super().__init__(pipe, **kwargs)
+        self.prediction_type = prediction
+        self.negative_prompt = negative_prompt
+        self.default_resolution = int(pipe.unet.config.sample_size) * self.vae_scale_factor
+        self._upcast_vae()
+
+    @classmethod
+    def _load(
+        cls,
+        pipeline_cls: type,
+        model: str,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        options: dict[str, Any],
+        **load_kwargs: Any,
+    ) -> Any:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise DDError(
+                f"unknown option(s) for backbone {cls.name}: {', '.join(unknown)}",
+                hint=f"options: {', '.join(OPTIONS)}",
+            )
+        pipe = load_pipeline(pipeline_cls, model, dtype=dtype, backbone=cls.name, **load_kwargs)
+        pipe.to(device)
+        return cls(pipe, device=device, dtype=dtype, source=str(model), **options)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    # ------------------------------------------------------------------ prompts
+    def _cache_key(self, prompt: str) -> str:
+        return super()._cache_key(f"{prompt}\x00negative:{self.negative_prompt!r}")
+
+    def _negative_prompts(self, n: int) -> list[str] | None:
+        """``None`` keeps the pipeline's default (``""``; zeros for SDXL)."""
+        return None if self.negative_prompt is None else [self.negative_prompt] * n
+
+    # ------------------------------------------------------------------ sampling
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | list | None
+    ) -> torch.Tensor:
+        f = self.vae_scale_factor
+        if int(height) % f or int(width) % f:
+            raise DDError(
+                f"{self.name}: size {width}x{height} is not a multiple of {f}",
+                hint=f"pick a height and width divisible by {f}",
+            )
+        return self.pipe.prepare_latents(
+            batch_size,
+            self.denoiser.config.in_channels,
+            height,
+            width,
+            self.dtype,
+            self.device,
+            generator,
+        )
+
+    def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
+        return ddim_schedule(self.pipe.scheduler.config, steps, device=self.device)
+
+    def unet_inputs(self, cond: Conditioning, cfg: bool, height: int, width: int) -> dict[str, Any]:
+        """UNet keyword inputs for ``cond`` (rows ``[negative, positive]`` when ``cfg``)."""
+        return {"encoder_hidden_states": self._rows(cond, "prompt_embeds", cfg)}
+
+    def _rows(self, cond: Conditioning, key: str, cfg: bool) -> torch.Tensor:
+        positive = cond[key]
+        if positive is None:
+            raise DDError(f"{self.name}: the conditioning has no {key}")
+        if not cfg:
+            return positive
+        negative = cond[f"negative_{key}"]
+        if negative is None:
+            raise DDError(
+                f"{self.name}: classifier-free guidance needs negative_{key}",
+                hint="encode prompts with this backbone, or pass guidance <= 1",
+            )
+        return torch.cat([negative, positive])
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        guidance: float | None,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """The UNet output; with guidance > 1 one batched call on ``[uncond, cond]``, then
+        ``uncond + g * (cond - uncond)``."""
+        cfg = guidance is not None and float(guidance) > 1.0
+        x = torch.cat([latents, latents]) if cfg else latents
+        t = torch.cat([timestep, timestep]) if cfg else timestep
+        out = self.denoiser(x, t, **self.unet_inputs(cond, cfg, height, width), return_dict=False)[
+            0
+        ]
+        if not cfg:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + float(guidance) * (text - uncond)
+
+    def diffusion_loss(
+        self,
+        images: torch.Tensor,
+        cond: Conditioning,
+        *,
+        generator: torch.Generator | None = None,
+        guidance: float | None = None,
+        weighting: str = "uniform",
+    ) -> torch.Tensor:
+        """The epsilon / v-prediction MSE the model was trained with: on the conditional
+        prediction, without classifier-free guidance (``guidance`` is ignored)."""
+        return super().diffusion_loss(
+            images, cond, generator=generator, guidance=1.0, weighting=weighting
+        )
+
+    # ------------------------------------------------------------------ VAE
+    def _upcast_vae(self) -> None:
+        vae = self.vae
+        if self.upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast:
+            vae.to(torch.float32)
+
+    def _vae_shift(self) -> float:
+        shift = self.vae.config.get("shift_factor")
+        return 0.0 if shift is None else float(shift)
+
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        vae = self.vae
+        lat = latents / vae.config.scaling_factor
+        shift = self._vae_shift()
+        if shift:
+            lat = lat + shift
+        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        vae = self.vae
+        x = images.to(self.device, vae.dtype) * 2 - 1
+        z = vae.encode(x).latent_dist.sample(generator=generator)
+        z = (z - self._vae_shift()) * vae.config.scaling_factor
+        return z.to(self.dtype)
+
+    # ------------------------------------------------------------------ misc
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Backbone:
+        super().to(device, dtype)
+        self._upcast_vae()
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "negative_prompt": self.negative_prompt}
+
+
+class SD15Backbone(UNetBackbone):
+    """Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``; epsilon or v-prediction)."""
+
+    name = "sd15"
+    description = (
+        "Stable Diffusion 1.x/2.x: UNet + CLIP, epsilon or v-prediction, DDIM sampling "
+        "(diffusers StableDiffusionPipeline)"
+    )
+    default_steps = 25
+    default_guidance = 7.5
+    default_resolution = 512
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **options: Any,
+    ) -> SD15Backbone:
+        """Load a hub id, folder or single file; option ``negative_prompt``."""
+        from diffusers import StableDiffusionPipeline
+
+        return cls._load(
+            StableDiffusionPipeline,
+            model,
+            device,
+            dtype,
+            options,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+
+    def encode_prompts_uncached(self, prompts: list[str]) -> Conditioning:
+        embeds, negative = self.pipe.encode_prompt(
+            prompts,
+            self.device,
+            1,
+            True,
+            negative_prompt=self._negative_prompts(len(prompts)),
+        )
+        return Conditioning({"prompt_embeds": embeds, "negative_prompt_embeds": negative})
+
+
+@hookimpl
+def dd_register_backbones(register):
+    register(SD15Backbone)
