@@ -1,4 +1,4 @@
-"""Which native / Triton kernels can run here (filled in by the kernels issue)."""
+"""Which native / Triton kernels can run here, for ``dd env``."""
 
 from __future__ import annotations
 
@@ -7,41 +7,15 @@ from typing import Any
 
 
 def kernel_status() -> list[dict[str, Any]]:
-    """One row per kernel backend: name, available, and the reason when it is not."""
-    import torch
+    """One row per kernel backend: name, available, and the reason when it is not.
 
-    rows: list[dict[str, Any]] = [{"name": "reference (PyTorch)", "available": True}]
-    rows.append(
-        {
-            "name": "cpp (csrc, CPU)",
-            "available": False,
-            "reason": "no native ops are built in this version",
-        }
-    )
-    if torch.cuda.is_available():
-        rows.append(
-            {
-                "name": "cuda (csrc)",
-                "available": False,
-                "reason": "no native ops are built in this version",
-            }
-        )
-    else:
-        rows.append(
-            {"name": "cuda (csrc)", "available": False, "reason": "torch has no CUDA device here"}
-        )
-    if importlib.util.find_spec("triton") is None:
-        rows.append(
-            {
-                "name": "triton",
-                "available": False,
-                "reason": "triton is not installed (pip install 'dd-doctor[gpu]')",
-            }
-        )
-    else:
-        rows.append(
-            {"name": "triton", "available": False, "reason": "no Triton kernels in this version"}
-        )
+    The op kernels come from the dispatch registry of :mod:`dd.ops` (nothing is compiled to
+    answer; a C++ op that would compile on first use says so in ``reason``), and each row
+    names the devices where the automatic choice uses it (``default_on``).
+    """
+    from dd.ops import kernel_rows
+
+    rows: list[dict[str, Any]] = list(kernel_rows())
     xformers = importlib.util.find_spec("xformers") is not None
     rows.append(
         {

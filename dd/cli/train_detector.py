@@ -68,6 +68,10 @@ def train_detector(
     clip_grad: Annotated[
         float, typer.Option(help="Clip the gradient norm to this (0: off).")
     ] = 1.0,
+    loss: Annotated[
+        str,
+        typer.Option(help="mse (seed 000, Eq. 1) or bce (stronger gradient from scratch)."),
+    ] = "mse",
     precision: Annotated[
         str, typer.Option(help="fp32, bf16 (GPU or CPU) or fp16 (GPU, with loss scaling).")
     ] = "fp32",
@@ -163,6 +167,7 @@ def train_detector(
         warmup_steps=warmup_steps,
         min_lr_ratio=min_lr_ratio,
         clip_grad=clip_grad,
+        loss=loss.lower(),
         precision=precision.lower(),
         cpu=cpu,
         workers=workers,

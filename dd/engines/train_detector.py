@@ -120,6 +120,8 @@ class TrainConfig:
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0
+    #: ``mse`` (seed 000, Eq. 1) or ``bce`` (binary cross-entropy on the same maps).
+    loss: str = "mse"
     precision: str = "fp32"
     cpu: bool = False
     workers: int = 2
@@ -163,16 +165,31 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------
 # Pieces with no state
 # ------------------------------------------------------------------------------------------------
+LOSSES = ("mse", "bce")
+
+
 def detector_loss(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    kind: str = "mse",
 ) -> torch.Tensor:
     """Seed 000, Eq. 1: MSE of ``sigmoid(upsample(logits))`` and ``target`` (``B x 1 x H x
-    W``), per sample, times ``weight`` (``B``), averaged over the batch. In float32."""
+    W``), per sample, times ``weight`` (``B``), averaged over the batch. In float32.
+
+    ``kind="bce"``: binary cross-entropy on the same soft maps instead. MSE through a
+    sigmoid has a vanishing gradient at saturated pixels (``2 (p - g) p (1 - p)``); from
+    scratch on sparse artifacts it can stall at all-zero maps, where BCE keeps pulling.
+    """
     size = tuple(target.shape[-2:])
     logits = logits.float()
     if tuple(logits.shape[-2:]) != size:
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    per_sample = (torch.sigmoid(logits) - target.float()).square().mean(dim=(1, 2, 3))
+    if kind == "bce":
+        per_pixel = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+        per_sample = per_pixel.mean(dim=(1, 2, 3))
+    else:
+        per_sample = (torch.sigmoid(logits) - target.float()).square().mean(dim=(1, 2, 3))
     if weight is not None:
         per_sample = per_sample * weight.to(per_sample)
     return per_sample.mean()
@@ -386,6 +403,8 @@ class _Trainer:
             raise DDError("no training dataset given", hint="dd train-detector DATASET --out RUN")
         if c.precision not in PRECISIONS:
             raise DDError(f"unknown precision {c.precision!r}", hint="use fp32, bf16 or fp16")
+        if c.loss not in LOSSES:
+            raise DDError(f"unknown --loss {c.loss!r}", hint="use mse (the paper's) or bce")
         if c.select_metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
             names = ", ".join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))
             raise DDError(f"unknown --select-metric {c.select_metric!r}", hint=f"one of {names}")
@@ -747,7 +766,7 @@ class _Trainer:
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.wrapped):
                 logits = self.wrapped(batch["image"])
-                loss = detector_loss(logits, batch["target"], batch["weight"])
+                loss = detector_loss(logits, batch["target"], batch["weight"], self.cfg.loss)
                 acc.backward(loss / cfg.grad_accum)
             total += loss.detach() / cfg.grad_accum
         grad_norm = None
