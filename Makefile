@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   install, then run `dd detect` on the bundled example images
+#   make demo   install, then run `dd detect` and `dd eval-detector` on the bundled examples
 #   make test   install, then ruff check, ruff format --check and the whole test suite
 VENV ?= .venv
 PYTHON ?= python3
@@ -12,6 +12,8 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Sleeping, not spinning, OpenMP threads: a busy 2-core machine otherwise crawls.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo test lint format clean
 
@@ -24,7 +26,8 @@ $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/dd detect examples/images --out demo-out
+	$(BIN)/dd detect examples/synth/images --out demo-out
+	$(BIN)/dd eval-detector examples/synth
 	@echo "Open demo-out/index.html to see the contact sheet."
 
 lint: install

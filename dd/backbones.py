@@ -32,6 +32,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -621,7 +622,16 @@ def _lora_key_warnings() -> Iterator[list[str]]:
     lib.addHandler(collect := Collect(logging.WARNING))
     lib.setLevel(min(level or logging.WARNING, logging.WARNING))
     try:
-        yield problems
+        # peft reports keys it could not place as a Python warning, not a log record.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield problems
+        for w in caught:
+            msg = str(w.message)
+            if "unexpected" in msg.lower() or "missing" in msg.lower():
+                problems.append(msg.replace("\n", " ").strip())
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     finally:
         lib.removeHandler(collect)
         lib.setLevel(level)

@@ -1,0 +1,1578 @@
+"""The treat engine behind ``dd treat`` (DiffDoctor, seed 000, Sec. 3.3, Eq. 2-4).
+
+Pixel-aware treating tunes a LoRA of a diffusion model so that a frozen artifact detector
+finds fewer artifacts in what the model generates:
+
+* each micro-batch samples prompts (a seeded permutation per epoch) and initial noise (one
+  seed per sample, derived from the run seed and the sample's position), generates with
+  :meth:`dd.backbones.Backbone.sample` so that gradients flow only through the last ``K``
+  denoising steps (``grad_steps``, or ``K`` drawn per sample from ``grad_steps_random``),
+  decodes to images in [0, 1] with gradient and runs the detector on them;
+* the loss is ``loss_scale`` times the detector map reduced per image (:func:`confidence_loss`:
+  ``mean`` is Eq. 2; ``max``; ``sum``; ``weighted`` = mean over pixels with p > threshold),
+  averaged over the batch, plus, on regularisation steps, ``reg_weight`` times the
+  backbone's own diffusion loss on real (image, prompt) pairs (Eq. 3-4), in ONE backward
+  (the released code took a separate optimizer step for it);
+* AdamW on the LoRA parameters (kept in float32 while the frozen models may be bf16/fp16),
+  warmup then constant or cosine learning rate, gradient clipping, gradient accumulation,
+  all through ``accelerate`` (one process, or several under ``accelerate launch``).
+
+Evaluation (step 0 = the untreated model, then every ``eval_every`` steps and at the end)
+generates every held-out prompt at every eval seed with no gradient and reports the mean
+over images of each image's mean and max artifact confidence (paper Table 2), writes a
+before/after grid and a line of ``metrics.jsonl``. ``drift`` is the mean absolute pixel
+difference (in [0, 1] units, on the 8-bit images) between an eval image and the untreated
+model's image at the same prompt and seed, averaged over the eval images; ``psnr`` of the
+same pairs is logged too. The best LoRA by eval mean confidence (among evals whose drift is
+within ``max_drift``) is kept in ``OUT/best/``. Training stops early after ``patience``
+evals without improvement, or when drift exceeds ``max_drift``: collapse (smooth, washed
+out images that fool the detector) is this method's known failure.
+
+Run folder::
+
+    OUT/pytorch_lora_weights.safetensors   final LoRA (diffusers format)
+    OUT/best/                              best LoRA by eval mean confidence + best.json
+    OUT/checkpoints/step-N/, last/         trainable.safetensors (exact LoRA parameters),
+                                           pytorch_lora_weights.safetensors, state.pt
+                                           (optimizer, grad scaler), rng_rank*.pt,
+                                           trainer.json (step, data positions, scheduler,
+                                           best score, world size)
+    OUT/eval/base/*.png, eval/step-N.png   untreated eval images; before/after grids
+    OUT/metrics.jsonl, curves.png          train / eval / stop records and their plot
+    OUT/config.toml, README.md             the resolved configuration; a model card
+    OUT/tensorboard/                       when the ``tensorboard`` package is installed
+
+Checkpoints are written to a temporary folder and renamed into place; ``torch.load`` is only
+called with ``weights_only=True``. ``resume`` restores LoRA, optimizer, scheduler, RNG states
+and data positions: since every random draw of a step is a function of the run seed and the
+step's position, a resumed run gives the same weights and metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dd.errors import DDError
+from dd.io import Journal, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "REDUCTIONS",
+    "TreatConfig",
+    "TreatObjective",
+    "TreatResult",
+    "confidence_loss",
+    "generate_batches",
+    "image_grid",
+    "lr_factor",
+    "parse_grad_steps_range",
+    "parse_seeds",
+    "read_prompts",
+    "read_reg_data",
+    "to_uint8",
+    "treat",
+]
+
+REDUCTIONS = ("mean", "max", "sum", "weighted")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+DEVICES = ("auto", "cpu", "cuda")
+#: Config fields a resumed run may change: they do not affect the results.
+RESUMABLE_CHANGES = frozenset({"resume", "stop_at"})
+LORA_FILE = "pytorch_lora_weights.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"
+#: ``metrics.jsonl`` fields that differ between runs with identical results.
+TIMING_FIELDS = frozenset({"step_time_s", "eval_time_s"})
+OOM_HINT = (
+    "lower memory use: --gradient-checkpointing, --grad-steps 1, a lower --resolution, "
+    "--dtype bf16, --batch-size 1 with --grad-accum"
+)
+
+
+@dataclass
+class TreatConfig:
+    """Everything ``dd treat`` takes (see ``dd treat --help`` for each field).
+
+    ``steps`` is the number of *sampling* (denoising) steps, as in ``dd generate``;
+    ``train_steps`` is the number of optimizer steps. ``None`` means the backbone's default
+    (resolution, steps, guidance, LoRA targets) or "off" (patience, max_drift, stop_at).
+    """
+
+    backbone: str | None = None
+    model: str | None = None
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    detector: str = "segformer"
+    detector_weights: str | None = None
+    detector_options: dict[str, Any] = field(default_factory=dict)
+    prompts: str | None = None
+    eval_prompts: str | None = None
+    out: str | None = None
+    resolution: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    dtype: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    train_steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    clip_grad: float = 1.0
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    init_lora: str | None = None
+    grad_steps: int = 1
+    grad_steps_random: str | None = None
+    reduction: str = "mean"
+    loss_scale: float = 1.0
+    weighted_threshold: float = 0.1
+    gradient_checkpointing: bool = False
+    reg_data: str | None = None
+    reg_weight: float = 0.25
+    reg_every: int = 1
+    reg_batch_size: int | None = None
+    eval_every: int = 50
+    eval_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    eval_batch_size: int = 4
+    patience: int | None = None
+    max_drift: float | None = None
+    save_every: int = 100
+    keep_checkpoints: int | None = None
+    log_every: int = 1
+    stop_at: int | None = None
+    resume: bool = False
+
+    def resolved(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TreatResult:
+    out: Path
+    step: int
+    stop_reason: str
+    base: dict[str, Any] | None
+    best: dict[str, Any] | None
+    last_eval: dict[str, Any] | None
+    lora: Path
+    best_lora: Path
+    #: True on the process that wrote the outputs.
+    main: bool = True
+
+
+# ------------------------------------------------------------------------------------------
+# Small pieces without state
+# ------------------------------------------------------------------------------------------
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a ``.txt`` (one per line; blank lines and ``#`` comments skipped), a
+    ``.jsonl`` (objects with a ``prompt`` field) or a ``.json`` list of strings."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DDError(f"cannot read prompts {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise DDError(f"prompts file {p} is not UTF-8 text") from None
+    prompts: list[str] = []
+    if p.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise DDError(f"{p}:{n}: not a JSON object") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise DDError(f"{p}:{n}: needs a string field 'prompt'")
+            prompts.append(obj["prompt"])
+    elif p.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise DDError(f"{p}: invalid JSON: {e}") from None
+        if not isinstance(obj, list) or not all(isinstance(s, str) for s in obj):
+            raise DDError(f"{p}: must be a JSON list of prompt strings")
+        prompts = list(obj)
+    else:
+        prompts = [s.strip() for s in text.splitlines()]
+        prompts = [s for s in prompts if s and not s.startswith("#")]
+    if not prompts:
+        raise DDError(f"no prompts in {p}", hint="one prompt per line (.txt) or .jsonl")
+    return prompts
+
+
+def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
+    """``"0,1,2"`` or ``[0, 1, 2]``: those seeds; ``"4"`` (one number): seeds 0..3;
+    ``"5-7"``: seeds 5, 6, 7."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    s = text.strip() if isinstance(text, str) else ""
+    try:
+        if not isinstance(text, str):
+            seeds = [int(x) for x in text]
+        elif "," in s:
+            seeds = [int(x) for x in s.split(",") if x.strip()]
+        elif "-" in s:
+            lo, hi = s.split("-", 1)
+            seeds = list(range(int(lo), int(hi) + 1))
+        else:
+            n = int(s)
+            if n < 1:
+                raise ValueError
+            seeds = list(range(n))
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise DDError(f"bad seeds {text!r}", hint="a count N, a list 0,1,2 or a range 5-7")
+    if len(set(seeds)) != len(seeds):
+        raise DDError(f"seeds {text!r} repeat a seed", hint="list each seed once")
+    return seeds
+
+
+def parse_grad_steps_range(text: str, steps: int) -> tuple[int, int]:
+    """``"A-B"`` -> ``(A, B)`` with ``1 <= A <= B <= steps``."""
+    try:
+        lo, hi = (int(x) for x in text.replace(",", "-").split("-"))
+    except ValueError:
+        raise DDError(
+            f"bad --grad-steps-random {text!r}", hint="write a range A-B, e.g. 1-3"
+        ) from None
+    if not 1 <= lo <= hi <= steps:
+        raise DDError(
+            f"--grad-steps-random {text!r} must lie in 1..{steps} (the sampling steps)",
+            hint="lower the range or raise --steps",
+        )
+    return lo, hi
+
+
+def lr_factor(schedule: str, steps: int, warmup: int) -> Callable[[int], float]:
+    """LR multiplier of optimizer step ``s``: linear warmup over ``warmup`` steps, then
+    constant, or cosine decay to 0 at ``steps``."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _per_image(probs: torch.Tensor, reduction: str, threshold: float) -> torch.Tensor:
+    """Per-image reduction of ``B x 1 x H x W`` probabilities (float32)."""
+    p = probs.float().flatten(1)
+    if reduction == "mean":
+        return p.mean(1)
+    if reduction == "max":
+        return p.amax(1)
+    if reduction == "sum":
+        return p.sum(1)
+    if reduction == "weighted":
+        mask = (p > threshold).to(p.dtype)
+        return (p * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    raise DDError(f"unknown reduction {reduction!r}", hint=f"one of {', '.join(REDUCTIONS)}")
+
+
+def confidence_loss(
+    detector: torch.nn.Module,
+    images: torch.Tensor,
+    reduction: str = "mean",
+    threshold: float = 0.1,
+) -> torch.Tensor:
+    """The pixel-aware loss (seed 000, Eq. 2) of ``images`` (``B x 3 x H x W`` in [0, 1]):
+    the detector's probability map at image resolution reduced per image (``mean``,
+    ``max``, ``sum``, or ``weighted``: mean over pixels with p > ``threshold``, 0 where none),
+    averaged over the batch. Differentiable w.r.t. ``images``; a fused kernel may replace
+    this function (same signature and result)."""
+    return _per_image(detector(images), reduction, threshold).mean()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``B x 3 x H x W`` in [0, 1] -> ``B x H x W x 3`` uint8, rounded like diffusers."""
+    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def noise_seed(run_seed: int, stream: int, index: int) -> int:
+    """A 32-bit seed for draw ``index`` of random stream ``stream`` of a run."""
+    return int(np.random.SeedSequence([run_seed & 0xFFFFFFFF, stream, index]).generate_state(1)[0])
+
+
+def generate_batches(
+    backbone: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    height: int,
+    width: int,
+    steps: int | None,
+    guidance: float | None,
+    batch_size: int,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, images)`` for consecutive chunks of (prompt, seed) pairs, no gradient."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        with torch.no_grad():
+            images = backbone.generate(
+                list(prompts[chunk]),
+                seeds=list(seeds[chunk]),
+                height=height,
+                width=width,
+                steps=steps,
+                guidance=guidance,
+            )
+        yield start, images
+
+
+def image_grid(
+    rows: Sequence[Sequence[tuple[np.ndarray, str]]],
+    *,
+    row_titles: Sequence[str] = (),
+    col_titles: Sequence[str] = (),
+    cell: int = 256,
+) -> Any:
+    """A PIL image: ``rows`` of (HxWx3 uint8 image, caption) cells, captions under each cell,
+    optional row titles (left) and column titles (top). Cells are fitted into ``cell`` px
+    (small images are enlarged to at least 128 px so the captions fit)."""
+    from PIL import Image, ImageDraw
+
+    ncols = max((len(r) for r in rows), default=0)
+    if not rows or ncols == 0:
+        raise DDError("nothing to put in a grid")
+    h0, w0 = rows[0][0][0].shape[:2]
+    scale = min(cell / max(h0, w0), max(1.0, 128 / max(h0, w0)))
+    cw, ch = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+    cap_h, title_w = 14, 0
+    if row_titles:
+        title_w = min(240, 6 * max(len(t) for t in row_titles) + 8)
+    top = 14 if col_titles else 0
+    grid = Image.new("RGB", (title_w + ncols * (cw + 4), top + len(rows) * (ch + cap_h + 4)))
+    grid.paste((255, 255, 255), (0, 0, *grid.size))
+    draw = ImageDraw.Draw(grid)
+    for j, title in enumerate(col_titles):
+        draw.text((title_w + j * (cw + 4) + 2, 1), title, fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        y = top + i * (ch + cap_h + 4)
+        if i < len(row_titles):
+            words, lines, line = row_titles[i].split(), [], ""
+            for w in words:
+                if len(line) + len(w) + 1 > (title_w - 8) // 6 and line:
+                    lines.append(line)
+                    line = w
+                else:
+                    line = f"{line} {w}".strip()
+            lines.append(line)
+            for k, text in enumerate(lines[: max(1, ch // 12)]):
+                draw.text((4, y + 2 + 12 * k), text, fill=(0, 0, 0))
+        for j, (img, caption) in enumerate(row):
+            x = title_w + j * (cw + 4)
+            tile = Image.fromarray(img)
+            if tile.size != (cw, ch):
+                resample = Image.NEAREST if scale > 1 else Image.BILINEAR
+                tile = tile.resize((cw, ch), resample)
+            grid.paste(tile, (x, y))
+            draw.text((x + 2, y + ch + 1), caption, fill=(0, 0, 0))
+    return grid
+
+
+# ------------------------------------------------------------------------------------------
+# Regularisation data (Eq. 3-4)
+# ------------------------------------------------------------------------------------------
+def read_reg_data(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(image, prompt) pairs of a folder: ``manifest.jsonl`` lines with ``image`` (relative
+    to the folder) and ``prompt``, or else every image (recursively) with a sidecar ``.txt``
+    of the same stem holding its prompt."""
+    from dd.images import IMAGE_SUFFIXES
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DDError(f"--reg-data folder not found: {root}")
+    pairs: list[tuple[Path, str]] = []
+    manifest = root / "manifest.jsonl"
+    if manifest.is_file():
+        for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise DDError(f"{manifest}:{n}: not a JSON object") from None
+            if (
+                not isinstance(obj, dict)
+                or not obj.get("image")
+                or not isinstance(obj.get("prompt"), str)
+            ):
+                raise DDError(f"{manifest}:{n}: needs fields 'image' and 'prompt'")
+            img = Path(obj["image"])
+            pairs.append((img if img.is_absolute() else root / img, obj["prompt"]))
+    else:
+        missing = []
+        for img in sorted(root.rglob("*")):
+            if img.suffix.lower() not in IMAGE_SUFFIXES or img.name.startswith("."):
+                continue
+            txt = img.with_suffix(".txt")
+            if txt.is_file():
+                pairs.append((img, txt.read_text(encoding="utf-8").strip()))
+            else:
+                missing.append(img.name)
+        if missing:
+            raise DDError(
+                f"{len(missing)} image(s) in {root} have no prompt, e.g. {missing[0]}",
+                hint="put the prompt in a .txt of the same name, or write a manifest.jsonl",
+            )
+    if not pairs:
+        raise DDError(
+            f"no (image, prompt) pairs in {root}",
+            hint="images with sidecar .txt prompts, or manifest.jsonl with image and prompt",
+        )
+    return pairs
+
+
+def _load_reg_image(path: Path, size: int) -> torch.Tensor:
+    """Resize the short side to ``size``, centre-crop ``size x size``; ``3 x H x W`` in [0, 1]."""
+    from PIL import Image
+
+    from dd.images import load_image
+
+    im = Image.fromarray(load_image(path))
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+
+
+# ------------------------------------------------------------------------------------------
+# The objective: one micro-batch's loss (the module accelerate wraps)
+# ------------------------------------------------------------------------------------------
+class TreatObjective(torch.nn.Module):
+    """``forward`` computes one micro-batch's loss: sample with truncated backprop, decode,
+    detect, reduce; plus the regularisation loss when a batch of real images is given.
+
+    The denoiser is a submodule, so DDP (``accelerate``) synchronises the LoRA gradients in
+    exactly one forward/backward per micro-batch; the detector and VAE are frozen.
+    """
+
+    def __init__(
+        self,
+        backbone: Any,
+        detector: torch.nn.Module,
+        *,
+        height: int,
+        width: int,
+        steps: int,
+        guidance: float | None,
+        reduction: str = "mean",
+        threshold: float = 0.1,
+        loss_scale: float = 1.0,
+        reg_weight: float = 0.0,
+    ):
+        super().__init__()
+        self.denoiser = backbone.denoiser
+        # Not submodules: frozen, and DDP must not see them.
+        self.__dict__["backbone"] = backbone
+        self.__dict__["detector"] = detector
+        self.height, self.width, self.steps, self.guidance = height, width, steps, guidance
+        self.reduction, self.threshold = reduction, threshold
+        self.loss_scale, self.reg_weight = loss_scale, reg_weight
+
+    def forward(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        grad_steps: list[int],
+        reg_images: torch.Tensor | None = None,
+        reg_prompts: list[str] | None = None,
+        reg_seed: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """``prompts``/``seeds``/``grad_steps``: one each per sample (samples sharing a ``K``
+        are generated together). Returns ``loss`` (to back-propagate), ``confidence`` and
+        ``reg`` (detached; ``reg`` is NaN without regularisation)."""
+        bb, h, w = self.backbone, self.height, self.width
+        cond = bb.encode_prompts(prompts)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        latents = torch.cat([bb.prepare_latents(1, h, w, g) for g in gens])
+        total = None
+        for k in sorted(set(grad_steps)):
+            idx = [i for i, g in enumerate(grad_steps) if g == k]
+            lat = bb.sample(
+                cond.select(idx),
+                height=h,
+                width=w,
+                steps=self.steps,
+                guidance=self.guidance,
+                latents=latents[idx],
+                grad_steps=k,
+            )
+            images = bb.decode_maybe_checkpointed(lat, h, w)
+            part = confidence_loss(self.detector, images, self.reduction, self.threshold)
+            part = part * (len(idx) / len(prompts))
+            total = part if total is None else total + part
+        assert total is not None
+        confidence = total * self.loss_scale
+        loss = confidence
+        reg = torch.full((), float("nan"), device=confidence.device)
+        if reg_images is not None and reg_prompts is not None:
+            reg = bb.diffusion_loss(
+                reg_images.to(bb.device),
+                bb.encode_prompts(reg_prompts),
+                generator=torch.Generator("cpu").manual_seed(int(reg_seed)),
+            )
+            loss = loss + self.reg_weight * reg
+        return {"loss": loss, "confidence": confidence.detach(), "reg": reg.detach()}
+
+
+# ------------------------------------------------------------------------------------------
+# RNG and checkpoint files
+# ------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    key = n["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_tensors(path: Path, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DDError(
+            f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e)[:200]}",
+            hint="the checkpoint is damaged; start a new run or restore it",
+        ) from None
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace folder ``final`` by ``tmp``; at every moment ``final`` or ``final.old`` is
+    whole (:func:`_find_checkpoint` looks at both)."""
+    _fsync_tree(tmp)
+    old = final.with_name(final.name + ".old")
+    if old.exists() and final.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _find_checkpoint(folder: Path) -> Path | None:
+    for cand in (folder, folder.with_name(folder.name + ".old")):
+        if (cand / "trainer.json").is_file():
+            return cand
+    return None
+
+
+def _save_lora_file(backbone: Any, folder: Path) -> Path:
+    """``folder/pytorch_lora_weights.safetensors`` written whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".lora-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        written = backbone.save_lora(tmp)
+        with open(written, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(written, folder / LORA_FILE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / LORA_FILE
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------
+class _Treater:
+    def __init__(self, cfg: TreatConfig, console: Any | None):
+        self.cfg = dataclasses.replace(cfg)  # filled in with the backbone's defaults below
+        self._check_config()
+        assert cfg.out is not None
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.acc = self._accelerator()
+        self.main = self.acc.is_main_process
+        self.console = console if self.main else None
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self._evals: list[dict[str, Any]] = []  # eval records of this run, step 0 first
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    # -- setup --------------------------------------------------------------------------------
+    def _check_config(self) -> None:
+        c = self.cfg
+        for key in ("backbone", "model", "prompts", "eval_prompts", "out"):
+            if not getattr(c, key):
+                flag = "--" + key.replace("_", "-")
+                raise DDError(f"{flag} is required", hint=f"pass {flag} or set {key} in --config")
+        choices = [
+            ("reduction", c.reduction, REDUCTIONS),
+            ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
+            ("dtype", c.dtype, tuple(PRECISIONS)),
+            ("device", c.device, DEVICES),
+        ]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise DDError(f"unknown --{name} {value!r}", hint=f"one of {', '.join(allowed)}")
+        positive = {
+            "train-steps": c.train_steps,
+            "batch-size": c.batch_size,
+            "grad-accum": c.grad_accum,
+            "lora-rank": c.lora_rank,
+            "grad-steps": c.grad_steps,
+            "reg-every": c.reg_every,
+            "eval-every": c.eval_every,
+            "eval-batch-size": c.eval_batch_size,
+            "save-every": c.save_every,
+            "log-every": c.log_every,
+            "patience": c.patience,
+            "keep-checkpoints": c.keep_checkpoints,
+            "stop-at": c.stop_at,
+            "reg-batch-size": c.reg_batch_size,
+            "resolution": c.resolution,
+            "steps": c.steps,
+        }
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise DDError(f"--{name} must be at least 1, got {value}")
+        checks = [
+            (c.lr > 0, "--lr must be above 0"),
+            (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+            (c.clip_grad >= 0, "--clip-grad must be 0 (off) or more"),
+            (c.weight_decay >= 0, "--weight-decay must be 0 or more"),
+            (c.reg_weight >= 0, "--reg-weight must be 0 or more"),
+            (0 <= c.weighted_threshold < 1, "--weighted-threshold must be in [0, 1)"),
+            (c.max_drift is None or c.max_drift > 0, "--max-drift must be above 0"),
+            (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be above 0"),
+            (bool(c.eval_seeds), "--eval-seeds must name at least one seed"),
+            (len(set(c.eval_seeds)) == len(c.eval_seeds), "--eval-seeds repeat a seed"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise DDError(msg)
+        on_cpu = c.device == "cpu" or not torch.cuda.is_available()
+        if c.dtype == "fp16" and on_cpu:
+            raise DDError(
+                "--dtype fp16 needs a GPU (CPU autocast supports bf16 only)",
+                hint="use --dtype bf16 or fp32 on the CPU",
+            )
+        if c.device == "cuda" and not torch.cuda.is_available():
+            raise DDError(
+                "--device cuda was asked for, but this torch has no usable CUDA device",
+                hint="use --device cpu, or install a CUDA build of torch",
+            )
+
+    def _accelerator(self) -> Any:
+        from accelerate import Accelerator
+
+        try:
+            return Accelerator(
+                cpu=self.cfg.device == "cpu",
+                mixed_precision=PRECISIONS[self.cfg.dtype],
+                gradient_accumulation_steps=self.cfg.grad_accum,
+                step_scheduler_with_optimizer=False,
+                rng_types=[],
+            )
+        except (ValueError, RuntimeError) as e:
+            raise DDError(
+                f"cannot set up accelerate: {e}",
+                hint="check --dtype and the accelerate config (accelerate env)",
+            ) from None
+
+    def log(self, renderable: Any) -> None:
+        if self.console is not None:
+            self.console.print(renderable, highlight=False)
+
+    def _prepare_out(self) -> Path | None:
+        """The checkpoint to resume from (None: a new run); refuses to overwrite a run."""
+        cfg = self.cfg
+        last = _find_checkpoint(self.ckpt_dir / "last") if cfg.resume else None
+        if last is None:
+            taken = [
+                p for p in ("checkpoints", "metrics.jsonl", LORA_FILE) if (self.out / p).exists()
+            ]
+            if taken and not cfg.resume:
+                raise DDError(
+                    f"{self.out} already holds a treat run",
+                    hint="pass --resume to continue it, or choose a new --out folder",
+                )
+            if taken:
+                self.log(f"[yellow]no checkpoint in {self.out}; starting from step 0[/yellow]")
+        return last
+
+    def _check_resume_config(self, now: dict[str, Any]) -> None:
+        from dd.config import load_toml
+
+        saved = self.out / "config.toml"
+        try:
+            before = load_toml(saved)
+        except DDError:
+            raise DDError(f"{saved} is missing or damaged; cannot resume") from None
+        diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+        if diff:
+            raise DDError(
+                f"--resume with different settings than the run in {self.out}: "
+                + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff),
+                hint="resume with the original options (see config.toml) or use a new --out",
+            )
+
+    # -- run ----------------------------------------------------------------------------------
+    def run(self) -> TreatResult:
+        from accelerate.utils import set_seed
+        from diffusers.training_utils import cast_training_params
+
+        from dd.cli.detect import load_detector
+        from dd.config import save_config
+        from dd.device import resolve_dtype
+        from dd.plugins import get_host
+
+        cfg, acc = self.cfg, self.acc
+        last = self._prepare_out()
+        prompts = read_prompts(cfg.prompts)  # type: ignore[arg-type]
+        eval_prompts = read_prompts(cfg.eval_prompts)  # type: ignore[arg-type]
+        reg_pairs = read_reg_data(cfg.reg_data) if cfg.reg_data else []
+
+        # models
+        dtype = resolve_dtype(cfg.dtype)
+        bb_cls = get_host().backbones.get(cfg.backbone)
+        self.log(f"loading {cfg.backbone} model {cfg.model} ({cfg.dtype}) on {acc.device}")
+        try:
+            bb = bb_cls.from_pretrained(
+                cfg.model, device=acc.device, dtype=dtype, **cfg.backbone_options
+            )
+        except TypeError as e:
+            raise DDError(f"backbone {cfg.backbone!r} does not accept these options: {e}") from None
+        det = load_detector(
+            cfg.detector,
+            cfg.detector_weights,
+            dict(cfg.detector_options),
+            str(acc.device),
+            cfg.dtype,
+        )
+        if det.untrained:
+            raise DDError(
+                f"the {cfg.detector!r} detector has random weights: treating against it "
+                "teaches the model nothing",
+                hint="pass --detector-weights (e.g. DiffDoctor's ad_pytorch_model.bin)",
+            )
+        det.eval()
+        det.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            bb.enable_gradient_checkpointing()
+            if hasattr(det, "enable_gradient_checkpointing"):
+                det.enable_gradient_checkpointing()
+
+        # effective sampling settings, then the resolved config
+        cfg.resolution = cfg.resolution or int(bb.default_resolution)
+        cfg.steps = cfg.steps or int(bb.default_steps)
+        if cfg.guidance is None and bb.default_guidance is not None:
+            cfg.guidance = float(bb.default_guidance)
+        if cfg.grad_steps > cfg.steps:
+            raise DDError(
+                f"--grad-steps {cfg.grad_steps} exceeds the {cfg.steps} sampling steps",
+                hint="lower --grad-steps or raise --steps",
+            )
+        self.k_range = (
+            parse_grad_steps_range(cfg.grad_steps_random, cfg.steps)
+            if cfg.grad_steps_random
+            else None
+        )
+        resolved = cfg.resolved()
+        if last is not None:
+            self._check_resume_config(resolved)
+        if self.main:
+            header = [
+                f"dd treat: resolved configuration of the run in {self.out}",
+                "Read it back with --config; (unset) lines take the defaults.",
+            ]
+            save_config(self.out / "config.toml", resolved, header=header)
+        acc.wait_for_everyone()
+
+        # LoRA (its gaussian init draws from the seeded global generators)
+        set_seed(cfg.seed)
+        if cfg.init_lora:
+            bb.load_lora(cfg.init_lora, trainable=True)
+        else:
+            bb.add_lora(
+                rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, init="gaussian"
+            )
+        cast_training_params(bb.denoiser, dtype=torch.float32)
+        params = [p for p in bb.denoiser.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
+        n_params = sum(p.numel() for p in params)
+
+        objective = TreatObjective(
+            bb,
+            det,
+            height=cfg.resolution,
+            width=cfg.resolution,
+            steps=cfg.steps,
+            guidance=cfg.guidance,
+            reduction=cfg.reduction,
+            threshold=cfg.weighted_threshold,
+            loss_scale=cfg.loss_scale,
+            reg_weight=cfg.reg_weight,
+        )
+        objective.eval()  # no dropout: the step is a pure function of its seeds
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
+        )
+        state: dict[str, Any] = {
+            "step": 0,
+            "position": 0,
+            "reg_position": 0,
+            "evaluated": [],
+            "best": None,
+            "best_step": None,
+            "bad_evals": 0,
+            # since the last log line: confidence sum, reg sum, steps, reg steps, seconds
+            "window": [0.0, 0.0, 0, 0, 0.0],
+        }
+        if last is not None:
+            state = self._load_checkpoint(last, params, scheduler, state)
+        wrapped, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+        if last is not None:
+            opt_state = _torch_load(last / "state.pt")
+            optimizer.load_state_dict(opt_state["optimizer"])
+            if acc.scaler is not None and opt_state.get("scaler"):
+                acc.scaler.load_state_dict(opt_state["scaler"])
+            _set_rng_state(_torch_load(last / f"rng_rank{self.rank}.pt"))
+
+        self.bb, self.det, self.params, self.wrapped = bb, det, params, wrapped
+        self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
+        self.prompts, self.eval_prompts, self.reg_pairs = prompts, eval_prompts, reg_pairs
+        self.eval_items = [(i, s) for i in range(len(eval_prompts)) for s in cfg.eval_seeds]
+        self.base_images: np.ndarray | None = None
+        self.journal = self._open_journal(state["step"], fresh=last is None) if self.main else None
+        self.tb = self._tensorboard(state["step"]) if self.main else None
+        self.log(
+            f"treating {cfg.backbone} with a LoRA of {n_params:,} parameters on "
+            f"{len(prompts)} prompts; {self.world} process(es), batch {cfg.batch_size} x "
+            f"{self.world} x {cfg.grad_accum} accumulation, {cfg.resolution}px, "
+            f"{cfg.steps} steps, K={cfg.grad_steps_random or cfg.grad_steps}, "
+            f"{cfg.reduction} loss"
+            + (f", {len(reg_pairs)} regularisation pairs" if reg_pairs else "")
+        )
+        try:
+            stop_reason = self._loop()
+            result = self._finish(stop_reason)
+        finally:
+            if self.journal is not None:
+                self.journal.close()
+            if self.tb is not None:
+                self.tb.close()
+        acc.wait_for_everyone()
+        return result
+
+    def _open_journal(self, step: int, fresh: bool) -> Journal:
+        path = self.out / "metrics.jsonl"
+        journal = Journal(path, fresh=fresh)
+        # Keep what the checkpoint's step had logged; "stop" lines end an earlier session.
+        keep = [r for r in journal.records if r.get("step", 0) <= step and r.get("type") != "stop"]
+        if len(keep) != len(journal.records):
+            journal.close()
+            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+            journal = Journal(path)
+        return journal
+
+    def _tensorboard(self, step: int) -> Any:
+        if importlib.util.find_spec("tensorboard") is None:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=step or None)
+
+    def _load_checkpoint(
+        self, last: Path, params: list[torch.nn.Parameter], scheduler: Any, state: dict
+    ) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        try:
+            trainer = json.loads((last / "trainer.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DDError(f"cannot read {last / 'trainer.json'}: {e}") from None
+        if trainer.get("world_size") != self.world:
+            raise DDError(
+                f"the checkpoint in {last} was written by {trainer.get('world_size')} "
+                f"process(es), this run has {self.world}",
+                hint="resume with the same number of processes (the data order depends on it)",
+            )
+        try:
+            weights = load_file(str(last / TRAINABLE_FILE))
+        except Exception as e:
+            raise DDError(f"cannot read {last / TRAINABLE_FILE}: {type(e).__name__}: {e}") from None
+        if sorted(weights) != sorted(self.param_names):
+            raise DDError(
+                f"the LoRA in {last} does not match this run's LoRA layers",
+                hint="resume with the original --lora-* options",
+            )
+        with torch.no_grad():
+            for name, p in zip(self.param_names, params, strict=True):
+                p.copy_(weights[name].to(p.device, p.dtype))
+        scheduler.load_state_dict(trainer["scheduler"])
+        self.log(f"resuming {self.out} at step {trainer['state']['step']}")
+        return {**state, **trainer["state"]}
+
+    # -- data ---------------------------------------------------------------------------------
+    def _perm(self, n: int, epoch: int, stream: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, stream, epoch]).permutation(n)
+
+    def _at(self, index: int, n: int, stream: int) -> int:
+        """Item of global draw ``index`` in a seeded per-epoch permutation of ``n`` items."""
+        epoch, j = divmod(index, n)
+        cache = self._perms
+        key = (stream, epoch)
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = self._perm(n, epoch, stream)
+        return int(cache[key][j])
+
+    def _micro_batch(self, micro: int, reg: bool) -> dict[str, Any]:
+        cfg, st = self.cfg, self.state
+        bs = cfg.batch_size
+        first = st["position"] + (micro * self.world + self.rank) * bs
+        draws = range(first, first + bs)
+        prompts = [self.prompts[self._at(i, len(self.prompts), 1)] for i in draws]
+        seeds = [noise_seed(cfg.seed, 2, i) for i in draws]
+        if self.k_range is None:
+            ks = [cfg.grad_steps] * bs
+        else:
+            lo, hi = self.k_range
+            ks = [lo + noise_seed(cfg.seed, 3, i) % (hi - lo + 1) for i in draws]
+        batch: dict[str, Any] = {"prompts": prompts, "seeds": seeds, "grad_steps": ks}
+        if reg:
+            rbs = cfg.reg_batch_size or bs
+            rfirst = st["reg_position"] + (micro * self.world + self.rank) * rbs
+            picks = [
+                self.reg_pairs[self._at(i, len(self.reg_pairs), 4)]
+                for i in range(rfirst, rfirst + rbs)
+            ]
+            batch["reg_images"] = torch.stack(
+                [_load_reg_image(p, cfg.resolution) for p, _ in picks]
+            )  # type: ignore[arg-type]
+            batch["reg_prompts"] = [t for _, t in picks]
+            batch["reg_seed"] = noise_seed(cfg.seed, 5, rfirst)
+        return batch
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> str:
+        cfg, st = self.cfg, self.state
+        stop_at = min(cfg.train_steps, cfg.stop_at or cfg.train_steps)
+        if 0 not in st["evaluated"]:
+            self._guarded_evaluate()  # the untreated model
+        elif self.base_images is None:
+            self._load_base_images()
+        progress = self._progress()
+        reason = ""
+        with progress if progress is not None else contextlib.nullcontext():
+            task = None
+            if progress is not None:
+                task = progress.add_task(
+                    "treat",
+                    total=cfg.train_steps,
+                    completed=st["step"],
+                    loss="",
+                    eval=self._eval_text(),
+                )
+            while st["step"] < stop_at:
+                t0 = time.perf_counter()
+                conf, reg, grad_norm, lr = self._guarded_train_step()
+                st["step"] += 1
+                w = st["window"]
+                w[0], w[2], w[4] = w[0] + conf, w[2] + 1, w[4] + time.perf_counter() - t0
+                if math.isfinite(reg):
+                    w[1], w[3] = w[1] + reg, w[3] + 1
+                step = st["step"]
+                if progress is not None:
+                    progress.update(task, completed=step, loss=f"{conf:.4f}")
+                if step % cfg.log_every == 0 or step == stop_at:
+                    self._log_train(grad_norm, lr)
+                if step % cfg.eval_every == 0 or step == cfg.train_steps:
+                    reason = self._guarded_evaluate()
+                    if progress is not None:
+                        progress.update(task, eval=self._eval_text())
+                if not reason and step == cfg.train_steps:
+                    reason = f"reached --train-steps {cfg.train_steps}"
+                elif not reason and step == stop_at:
+                    reason = f"stopped at --stop-at {stop_at} (continue with --resume)"
+                if step % cfg.save_every == 0 or reason:
+                    self._save_checkpoint(keep_step=step % cfg.save_every == 0)
+                if reason:
+                    break
+        if not reason:  # resumed at or after the end
+            reason = (
+                f"reached --train-steps {cfg.train_steps}"
+                if st["step"] >= cfg.train_steps
+                else (f"stopped at --stop-at {stop_at} (continue with --resume)")
+            )
+        if self.journal is not None:
+            self.journal.append({"type": "stop", "step": st["step"], "reason": reason})
+        self.log(f"stopped at step {st['step']}: {reason}")
+        return reason
+
+    def _eval_text(self) -> str:
+        recs = self._evals
+        if not recs:
+            return ""
+        r, base = recs[-1], recs[0]
+        return f"mean {r['mean']:.4f} (base {base['mean']:.4f}) drift {r['drift']:.3f}"
+
+    def _progress(self) -> Any:
+        if self.console is None:
+            return None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        return Progress(
+            TextColumn("[bold]treat"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("eval {task.fields[eval]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+
+    def _guarded_train_step(self) -> tuple[float, float, float | None, float]:
+        try:
+            return self._train_step()
+        except torch.cuda.OutOfMemoryError:
+            raise DDError(
+                f"out of GPU memory at step {self.state['step'] + 1} "
+                f"({self.cfg.resolution}px, batch {self.cfg.batch_size}, "
+                f"K={self.cfg.grad_steps_random or self.cfg.grad_steps})",
+                hint=OOM_HINT,
+            ) from None
+
+    def _guarded_evaluate(self) -> str:
+        try:
+            return self._evaluate()
+        except torch.cuda.OutOfMemoryError:
+            raise DDError(
+                f"out of GPU memory evaluating at step {self.state['step']} "
+                f"({self.cfg.resolution}px, {self.cfg.eval_batch_size} images per batch)",
+                hint="lower --eval-batch-size (e.g. 1), or " + OOM_HINT.split(": ", 1)[1],
+            ) from None
+
+    def _train_step(self) -> tuple[float, float, float | None, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean confidence
+        loss and regularisation loss over all processes, the gradient norm and the learning
+        rate of the step."""
+        cfg, acc, st = self.cfg, self.acc, self.state
+        lr = float(self.scheduler.get_last_lr()[0])
+        reg = bool(self.reg_pairs) and cfg.reg_weight > 0 and st["step"] % cfg.reg_every == 0
+        conf_sum = torch.zeros((), device=acc.device)
+        reg_sum = torch.zeros((), device=acc.device)
+        grad_norm = None
+        for micro in range(cfg.grad_accum):
+            batch = self._micro_batch(micro, reg)
+            with acc.accumulate(self.wrapped):
+                out = self.wrapped(**batch)
+                acc.backward(out["loss"])
+                if acc.sync_gradients and cfg.clip_grad > 0:
+                    grad_norm = float(acc.clip_grad_norm_(self.params, cfg.clip_grad))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            conf_sum += out["confidence"] / cfg.grad_accum
+            if reg:
+                reg_sum += out["reg"] / cfg.grad_accum
+        self.scheduler.step()
+        per = cfg.batch_size * self.world * cfg.grad_accum
+        st["position"] += per
+        if reg:
+            st["reg_position"] += (
+                (cfg.reg_batch_size or cfg.batch_size) * self.world * cfg.grad_accum
+            )
+        conf = float(acc.reduce(conf_sum, reduction="mean"))
+        regv = float(acc.reduce(reg_sum, reduction="mean")) if reg else float("nan")
+        if not math.isfinite(conf):
+            raise DDError(
+                f"the loss became {conf} at step {st['step'] + 1}",
+                hint="lower --lr, use --dtype fp32 or bf16, or keep --clip-grad on",
+            )
+        return conf, regv, grad_norm, lr
+
+    def _log_train(self, grad_norm: float | None, lr: float) -> None:
+        st = self.state
+        conf, reg, n, n_reg, seconds = st["window"]
+        st["window"] = [0.0, 0.0, 0, 0, 0.0]
+        if n == 0:
+            return
+        rec = {
+            "type": "train",
+            "step": st["step"],
+            "loss": conf / n,
+            "reg_loss": reg / n_reg if n_reg else None,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "step_time_s": seconds / n,
+        }
+        if self.journal is not None:
+            self.journal.append(rec)
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", rec["loss"], st["step"])
+            if rec["reg_loss"] is not None:
+                self.tb.add_scalar("train/reg_loss", rec["reg_loss"], st["step"])
+            self.tb.add_scalar("train/lr", rec["lr"], st["step"])
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def _evaluate(self) -> str:
+        """Score the eval prompts at the eval seeds (all processes); returns a stop reason
+        (empty: go on). Every process computes the same decision from gathered results."""
+        from accelerate.utils import gather_object
+
+        from dd.scores import map_scores
+
+        cfg, st, bb = self.cfg, self.state, self.bb
+        t0 = time.perf_counter()
+        mine = list(range(self.rank, len(self.eval_items), self.world))
+        prompts = [self.eval_prompts[self.eval_items[i][0]] for i in mine]
+        seeds = [self.eval_items[i][1] for i in mine]
+        results: list[tuple[int, dict[str, Any], np.ndarray]] = []
+        with self.acc.autocast():
+            for start, images in generate_batches(
+                bb,
+                prompts,
+                seeds,
+                height=cfg.resolution,  # type: ignore[arg-type]
+                width=cfg.resolution,  # type: ignore[arg-type]
+                steps=cfg.steps,
+                guidance=cfg.guidance,
+                batch_size=cfg.eval_batch_size,
+            ):
+                with torch.no_grad():
+                    probs = self.det(images).float().cpu().numpy()
+                u8 = to_uint8(images)
+                for j in range(images.shape[0]):
+                    s = map_scores(probs[j, 0], weighted_threshold=cfg.weighted_threshold)
+                    keep = {k: s[k] for k in ("mean", "max", "weighted", "artifact_ratio")}
+                    results.append((mine[start + j], keep, u8[j]))
+        gathered = sorted(gather_object(results), key=lambda r: r[0])
+        scores = [r[1] for r in gathered]
+        images_u8 = np.stack([r[2] for r in gathered])
+        step = st["step"]
+        if step == 0:
+            self.base_images = images_u8
+            if self.main:
+                from PIL import Image
+
+                from dd.io import save_image_atomic
+
+                for i, img in enumerate(images_u8):
+                    save_image_atomic(
+                        Image.fromarray(img), self.out / "eval" / "base" / f"{i:04d}.png"
+                    )
+        assert self.base_images is not None
+        diff = np.abs(images_u8.astype(np.float32) - self.base_images.astype(np.float32)) / 255
+        drift = float(diff.mean())
+        mse = (diff**2).reshape(len(diff), -1).mean(1)
+        psnr = float(
+            np.mean([100.0 if m == 0 else min(100.0, 10 * math.log10(1 / m)) for m in mse])
+        )
+        rec: dict[str, Any] = {
+            "type": "eval",
+            "step": step,
+            "mean": float(np.mean([s["mean"] for s in scores])),
+            "max": float(np.mean([s["max"] for s in scores])),
+            "weighted": float(np.mean([s["weighted"] for s in scores])),
+            "artifact_ratio": float(np.mean([s["artifact_ratio"] for s in scores])),
+            "drift": drift,
+            "psnr": psnr,
+            "images": [
+                {"prompt": self.eval_items[i][0], "seed": self.eval_items[i][1]}
+                | {k: round(v, 6) for k, v in s.items()}
+                for i, s in enumerate(scores)
+            ],
+        }
+        reason = ""
+        drift_ok = cfg.max_drift is None or drift <= cfg.max_drift
+        improved = drift_ok and (st["best"] is None or rec["mean"] < st["best"])
+        if improved:
+            st["best"], st["best_step"], st["bad_evals"] = rec["mean"], step, 0
+            self._save_best(rec)
+        elif step > 0:
+            st["bad_evals"] += 1
+        rec["best"] = improved
+        rec["eval_time_s"] = time.perf_counter() - t0
+        st["evaluated"] = sorted(set(st["evaluated"]) | {step})
+        self._evals.append(rec)
+        if not drift_ok:
+            reason = (
+                f"drift guard: eval images moved {drift:.4f} from the untreated model's "
+                f"(--max-drift {cfg.max_drift}); collapse suspected"
+            )
+        elif cfg.patience is not None and st["bad_evals"] >= cfg.patience:
+            reason = (
+                f"eval mean confidence did not improve in {cfg.patience} evaluations "
+                f"(best {st['best']:.5f} at step {st['best_step']})"
+            )
+        if self.main:
+            assert self.journal is not None
+            self.journal.append(rec)
+            self._write_grid(step, images_u8, scores)
+            if self.tb is not None:
+                for k in ("mean", "max", "weighted", "drift", "psnr"):
+                    self.tb.add_scalar(f"eval/{k}", rec[k], step)
+        self.log(
+            f"step {step}: eval mean {rec['mean']:.5f} max {rec['max']:.5f} drift {drift:.4f}"
+            + (" (best)" if improved else f" (best {st['best_step']})")
+        )
+        return reason
+
+    def _load_base_images(self) -> None:
+        from dd.images import load_image
+
+        folder = self.out / "eval" / "base"
+        paths = [folder / f"{i:04d}.png" for i in range(len(self.eval_items))]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise DDError(
+                f"cannot resume: the untreated model's eval image {missing[0]} is missing",
+                hint="start a new run (--out elsewhere)",
+            )
+        self.base_images = np.stack([load_image(p) for p in paths])
+        base = [r for r in self.journal.records if r.get("type") == "eval"] if self.journal else []
+        self._evals = base
+
+    def _write_grid(self, step: int, images: np.ndarray, scores: list[dict[str, Any]]) -> None:
+        from dd.io import save_image_atomic
+
+        assert self.base_images is not None
+        base_scores = self._evals[0]["images"] if step and self._evals else None
+        rows, titles = [], []
+        for i, (pi, seed) in enumerate(self.eval_items):
+            s = scores[i]
+            cap = f"mean {s['mean']:.3f} max {s['max']:.3f}"
+            if step == 0:
+                rows.append([(images[i], cap)])
+            else:
+                b = base_scores[i] if base_scores else None
+                bcap = f"mean {b['mean']:.3f} max {b['max']:.3f}" if b else ""
+                rows.append([(self.base_images[i], bcap), (images[i], cap)])
+            titles.append(f"{pi}: {self.eval_prompts[pi]} (seed {seed})")
+        cols = ["untreated"] if step == 0 else ["untreated", f"step {step}"]
+        grid = image_grid(rows, row_titles=titles, col_titles=cols)
+        save_image_atomic(grid, self.out / "eval" / f"step-{step:06d}.png")
+
+    def _save_best(self, rec: dict[str, Any]) -> None:
+        self.acc.wait_for_everyone()
+        if self.main:
+            tmp = self.out / ".best.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _save_lora_file(self.bb, tmp)
+            atomic_write_json(
+                tmp / "best.json",
+                {"step": rec["step"], "metric": "mean"}
+                | {k: v for k, v in rec.items() if k != "images"},
+            )
+            _swap_in(tmp, self.out / "best")
+        self.acc.wait_for_everyone()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _save_checkpoint(self, keep_step: bool) -> None:
+        from safetensors.torch import save_file
+
+        acc, st = self.acc, self.state
+        step = st["step"]
+        tmp = self.ckpt_dir / f".tmp-step-{step}"
+        acc.wait_for_everyone()
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        _save_tensors(tmp / f"rng_rank{self.rank}.pt", _rng_state())
+        if self.main:
+            weights = {
+                n: p.detach().to("cpu", torch.float32).contiguous()
+                for n, p in zip(self.param_names, self.params, strict=True)
+            }
+            save_file(weights, str(tmp / TRAINABLE_FILE))
+            _save_lora_file(self.bb, tmp)
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            _save_tensors(
+                tmp / "state.pt", {"optimizer": self.optimizer.state_dict(), "scaler": scaler}
+            )
+            atomic_write_json(
+                tmp / "trainer.json",
+                {
+                    "state": st,
+                    "scheduler": self.scheduler.state_dict(),
+                    "world_size": self.world,
+                },
+            )
+        acc.wait_for_everyone()
+        if self.main:
+            if keep_step:
+                named = self.ckpt_dir / f"step-{step}"
+                _fsync_tree(tmp)
+                shutil.rmtree(named, ignore_errors=True)
+                os.replace(tmp, named)
+                copy = self.ckpt_dir / ".last.tmp"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(named, copy)
+                _swap_in(copy, self.ckpt_dir / "last")
+                self._prune_checkpoints()
+            else:
+                _swap_in(tmp, self.ckpt_dir / "last")
+        acc.wait_for_everyone()
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.cfg.keep_checkpoints
+        if keep is None:
+            return
+        steps = sorted(
+            int(p.name.split("-", 1)[1])
+            for p in self.ckpt_dir.glob("step-*")
+            if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+        )
+        for s in steps[:-keep]:
+            shutil.rmtree(self.ckpt_dir / f"step-{s}", ignore_errors=True)
+
+    # -- outputs ------------------------------------------------------------------------------
+    def _finish(self, stop_reason: str) -> TreatResult:
+        st, acc = self.state, self.acc
+        acc.wait_for_everyone()
+        evals = list(self._evals)
+        best = None
+        best_json = self.out / "best" / "best.json"
+        if best_json.is_file():
+            best = json.loads(best_json.read_text())
+        if self.main:
+            _save_lora_file(self.bb, self.out)
+            records = list(self.journal.records) if self.journal is not None else []
+            plot_curves(records, self.out / "curves.png")
+            atomic_write_text(self.out / "README.md", self._model_card(evals, best, stop_reason))
+            self.log(
+                f"LoRA: {self.out / LORA_FILE} (step {st['step']}); best: "
+                f"{self.out / 'best'} (step {best['step'] if best else '-'})"
+            )
+        acc.wait_for_everyone()
+        return TreatResult(
+            out=self.out,
+            step=st["step"],
+            stop_reason=stop_reason,
+            base=evals[0] if evals else None,
+            best=best,
+            last_eval=evals[-1] if evals else None,
+            lora=self.out / LORA_FILE,
+            best_lora=self.out / "best" / LORA_FILE,
+            main=self.main,
+        )
+
+    def _model_card(
+        self, evals: list[dict[str, Any]], best: dict[str, Any] | None, reason: str
+    ) -> str:
+        cfg, st = self.cfg, self.state
+        det = self.det.describe() if hasattr(self.det, "describe") else {"detector": cfg.detector}
+        peft_cfg = getattr(self.bb.denoiser, "peft_config", {}).get("default")
+        rank = getattr(peft_cfg, "r", cfg.lora_rank)
+        alpha = getattr(peft_cfg, "lora_alpha", cfg.lora_alpha)
+        targets = sorted(getattr(peft_cfg, "target_modules", None) or cfg.lora_targets or [])
+        lines = [
+            f"# {cfg.backbone} LoRA treated with `dd treat` (DiffDoctor pixel-aware treating)",
+            "",
+            "A LoRA tuned so that an artifact detector finds fewer artifacts in the images the "
+            "model generates (DiffDoctor, Sec. 3.3).",
+            "",
+            "## Base model and detector",
+            f"- Backbone: {cfg.backbone}, model `{cfg.model}`",
+            f"- Detector: {det.get('detector', cfg.detector)}, weights "
+            f"`{det.get('weights', cfg.detector_weights)}`",
+            "",
+            "## Treating",
+            f"- {st['step']} of {cfg.train_steps} optimizer steps; stopped: {reason}",
+            f"- LoRA rank {rank}, alpha {alpha}, targets {', '.join(map(str, targets)) or '-'}"
+            + (f", initialised from `{cfg.init_lora}`" if cfg.init_lora else ""),
+            f"- AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} "
+            f"schedule, warmup {cfg.warmup_steps}, clip {cfg.clip_grad:g}, batch "
+            f"{cfg.batch_size} x {self.world} process(es) x {cfg.grad_accum} accumulation",
+            f"- Sampling: {cfg.resolution}x{cfg.resolution}, {cfg.steps} steps, guidance "
+            f"{cfg.guidance if cfg.guidance is not None else 'none'}; gradients through the "
+            f"last {cfg.grad_steps_random or cfg.grad_steps} step(s)",
+            f"- Loss: {cfg.loss_scale:g} x {cfg.reduction} artifact confidence"
+            + (
+                f" + {cfg.reg_weight:g} x diffusion loss on {len(self.reg_pairs)} real images "
+                f"every {cfg.reg_every} step(s)"
+                if self.reg_pairs and cfg.reg_weight > 0
+                else ""
+            ),
+            f"- dtype {cfg.dtype}, seed {cfg.seed}, {len(self.prompts)} training prompts",
+            "",
+            "## Evaluation",
+            f"{len(self.eval_prompts)} held-out prompts x seeds "
+            f"{', '.join(map(str, cfg.eval_seeds))}; "
+            "artifact confidence averaged over images (lower is better); drift = mean "
+            "|image - untreated image| in [0, 1].",
+            "",
+            "| model | step | mean | max | drift |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        rows = []
+        if evals:
+            rows.append(("untreated", evals[0]))
+        if best:
+            rows.append(("best (`best/`)", best))
+        if evals and evals[-1]["step"] > 0:
+            rows.append(("final (this folder)", evals[-1]))
+        for name, r in rows:
+            lines.append(
+                f"| {name} | {r['step']} | {r['mean']:.5f} | {r['max']:.5f} | {r['drift']:.4f} |"
+            )
+        lines += [
+            "",
+            "## Use",
+            "```python",
+            f"pipe = {type(self.bb.pipe).__name__}.from_pretrained({cfg.model!r})",
+            f"pipe.load_lora_weights({str(self.out / 'best')!r})",
+            "```",
+            f"or `dd generate --backbone {cfg.backbone} --model {cfg.model} --lora "
+            f"{self.out / 'best'} --prompts PROMPTS.txt --seeds 4 --out samples`.",
+            "",
+            "## Limits",
+            "- The treated model avoids what this detector flags; it learns nothing the "
+            "detector does not see, and may take shortcuts (e.g. leave hands out).",
+            "- Over-treating collapses image quality (smooth, washed-out images): prefer "
+            "`best/` and look at the grids in `eval/`.",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Plot (Pillow only)
+# ------------------------------------------------------------------------------------------
+def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """Training loss, eval mean/max confidence and drift against steps, as a PNG."""
+    from PIL import Image, ImageDraw
+
+    from dd.io import save_image_atomic
+
+    def pts(kind: str, key: str) -> list[tuple[float, float]]:
+        return [
+            (r["step"], r[key])
+            for r in records
+            if r.get("type") == kind
+            and isinstance(r.get(key), (int, float))
+            and math.isfinite(r[key])
+        ]
+
+    panels = [
+        ("train loss", [("confidence loss", pts("train", "loss"), (31, 119, 180)),
+                        ("reg loss", pts("train", "reg_loss"), (148, 103, 189))]),
+        ("eval artifact confidence", [("mean", pts("eval", "mean"), (214, 39, 40)),
+                                      ("max", pts("eval", "max"), (255, 127, 14))]),
+        ("eval drift", [("drift", pts("eval", "drift"), (44, 160, 44))]),
+    ]  # fmt: skip
+    pw, ph, margin = 420, 280, 48
+    img = Image.new("RGB", (pw * len(panels), ph), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (title, series) in enumerate(panels):
+        x0, y0, x1, y1 = k * pw + margin, 24, (k + 1) * pw - 16, ph - margin + 8
+        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
+        draw.text((x0, 6), title, fill=(0, 0, 0))
+        every = [p for _, s, _ in series for p in s]
+        if not every:
+            draw.text((x0 + 8, y0 + 8), "no data", fill=(90, 90, 90))
+            continue
+        xs, ys = [p[0] for p in every], [p[1] for p in every]
+        xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
+        if xhi == xlo:
+            xlo, xhi = xlo - 1, xhi + 1
+        if yhi == ylo:
+            ylo, yhi = ylo - abs(ylo) * 0.1 - 1e-6, yhi + abs(yhi) * 0.1 + 1e-6
+        for label_y, v in ((y0, yhi), (y1 - 10, ylo)):
+            draw.text((k * pw + 2, label_y), f"{v:.3g}", fill=(0, 0, 0))
+        draw.text((x0, y1 + 4), f"{xlo:g}", fill=(0, 0, 0))
+        draw.text((x1 - 30, y1 + 4), f"{xhi:g}", fill=(0, 0, 0))
+        draw.text(((x0 + x1) // 2 - 12, y1 + 4), "step", fill=(0, 0, 0))
+        for j, (label, s, colour) in enumerate(series):
+            coords = [
+                (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
+                for x, y in s
+            ]
+            if len(coords) > 1:
+                draw.line(coords, fill=colour, width=2)
+            for cx, cy in coords if len(coords) <= 60 else []:
+                draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
+            if s:
+                draw.text((x1 - 120, y0 + 6 + 12 * j), label, fill=colour)
+    save_image_atomic(img, path)
+
+
+def treat(cfg: TreatConfig, *, console: Any | None = None) -> TreatResult:
+    """Treat (or resume treating) a diffusion model's LoRA; see the module docstring.
+
+    ``console`` (a rich Console) receives messages and the progress bar on the main process.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps its settings in process-wide singletons; a run that created them
+    # resets them afterwards so the next run in this process may choose other settings.
+    ours = not AcceleratorState._shared_state
+    treater = None
+    try:
+        treater = _Treater(cfg, console)
+        return treater.run()
+    finally:
+        if ours and (treater is None or treater.world == 1):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
