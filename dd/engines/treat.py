@@ -53,11 +53,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import io
 import json
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -68,8 +66,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from dd.checkpoint import find_checkpoint as _find_checkpoint
+from dd.checkpoint import fsync_tree as _fsync_tree
+from dd.checkpoint import load_tensors as _torch_load
+from dd.checkpoint import rng_state as _rng_state
+from dd.checkpoint import save_tensors as _save_tensors
+from dd.checkpoint import set_rng_state as _set_rng_state
+from dd.checkpoint import swap_in as _swap_in
 from dd.errors import DDError
-from dd.io import Journal, atomic_write_bytes, atomic_write_json, atomic_write_text
+from dd.io import Journal, atomic_write_json, atomic_write_text
 
 __all__ = [
     "REDUCTIONS",
@@ -548,76 +553,6 @@ class TreatObjective(torch.nn.Module):
 # ------------------------------------------------------------------------------------------
 # RNG and checkpoint files
 # ------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "key": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    key = n["key"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_tensors(path: Path, obj: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DDError(
-            f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e)[:200]}",
-            hint="the checkpoint is damaged; start a new run or restore it",
-        ) from None
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace folder ``final`` by ``tmp``; at every moment ``final`` or ``final.old`` is
-    whole (:func:`_find_checkpoint` looks at both)."""
-    _fsync_tree(tmp)
-    old = final.with_name(final.name + ".old")
-    if old.exists() and final.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _find_checkpoint(folder: Path) -> Path | None:
-    for cand in (folder, folder.with_name(folder.name + ".old")):
-        if (cand / "trainer.json").is_file():
-            return cand
-    return None
-
-
 def _save_lora_file(backbone: Any, folder: Path) -> Path:
     """``folder/pytorch_lora_weights.safetensors`` written whole or not at all."""
     folder.mkdir(parents=True, exist_ok=True)
