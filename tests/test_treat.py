@@ -603,12 +603,15 @@ TINY_FLAGS = ["--resolution", "64", "--steps", "2"]
 # ------------------------------------------------------------------------------------------
 def test_confidence_loss_reductions_match_map_scores():
     class Fixed(torch.nn.Module):
+        """Detector API stand-in: logits whose sigmoid is ``probs``, differentiable."""
+
         def __init__(self, probs):
             super().__init__()
             self.probs = probs
 
-        def forward(self, images):
-            return self.probs * images.mean() / images.mean()  # differentiable, = probs
+        def logits(self, images):
+            tie = images.mean() - images.mean().detach()  # value 0, gradient to images
+            return torch.logit(self.probs.double()).float() + tie
 
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(3, 1, 8, 8, generator=g) ** 3

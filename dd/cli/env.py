@@ -85,9 +85,14 @@ def env(
         rest = ", ".join(f"{k}={v}" for k, v in dev.items() if k != "device")
         d.add_row(dev["device"], rest)
     console.print(d)
-    k = Table(title="kernels")
-    for col in ("kernel", "available", "why not"):
+    k = Table(title="kernels (DD_KERNEL overrides the automatic choice)")
+    for col in ("kernel", "available", "default on", "note"):
         k.add_column(col)
     for row in info["kernels"]:
-        k.add_row(row["name"], "yes" if row["available"] else "no", row.get("reason") or "")
+        k.add_row(
+            row["name"],
+            "yes" if row["available"] else "no",
+            ", ".join(row.get("default_on") or []) or "-",
+            row.get("reason") or "",
+        )
     console.print(k)

@@ -308,9 +308,16 @@ def confidence_loss(
     """The pixel-aware loss (seed 000, Eq. 2) of ``images`` (``B x 3 x H x W`` in [0, 1]):
     the detector's probability map at image resolution reduced per image (``mean``,
     ``max``, ``sum``, or ``weighted``: mean over pixels with p > ``threshold``, 0 where none),
-    averaged over the batch. Differentiable w.r.t. ``images``; a fused kernel may replace
-    this function (same signature and result)."""
-    return _per_image(detector(images), reduction, threshold).mean()
+    averaged over the batch. Differentiable w.r.t. ``images``.
+
+    Runs through :func:`dd.ops.artifact_confidence_loss` (upsample + sigmoid + reduction
+    fused where a native kernel is available, so the full-resolution map is not kept for
+    backward); the PyTorch reference is the fallback and the spec."""
+    from dd.ops import artifact_confidence_loss
+
+    logits = detector.logits(images)
+    size = tuple(images.shape[-2:])
+    return artifact_confidence_loss(logits, size, reduction, threshold=threshold).mean()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
