@@ -241,3 +241,14 @@ def test_decompression_bomb_guard_is_refused_with_a_hint(tmp_path, cli):
     assert "decompression-bomb guard" in failed[0]["reason"]
     res = cli("detect", tmp_path / "in", "--out", out, *TINY, "--max-pixels", "20000")
     assert res.exit_code == 0
+
+
+def test_no_overlays_writes_maps_and_reports_only(tmp_path, cli):
+    _images(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    res = cli("detect", tmp_path / "in", "--out", out, *TINY, "--no-overlays", "--json")
+    assert res.exit_code == 0, res.output
+    recs = json.loads(res.stdout)["images"]
+    assert all("overlay" not in r and (out / r["map"]).exists() for r in recs)
+    assert not (out / "overlays").exists()
+    assert "img00" in (out / "index.html").read_text()

@@ -64,10 +64,11 @@ def build_app(*, with_plugins: bool = True) -> typer.Typer:
     from dd.cli import synth
 
     app.command("synth")(synth.synth)
-    from dd.cli import dataset, eval_detector
+    from dd.cli import bench, dataset, eval_detector
 
     app.command("eval-detector")(eval_detector.eval_detector)
     app.add_typer(dataset.app, name="dataset")
+    app.add_typer(bench.app, name="bench")
     from dd.cli import generate, treat
 
     app.command("treat")(treat.treat)

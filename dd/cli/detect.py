@@ -56,6 +56,9 @@ def detect(
         typer.Option(help="Exit 3 if any image's max confidence exceeds this (quality gate)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Skip images already done in --out.")] = False,
+    overlays: Annotated[
+        bool, typer.Option(help="Write heat-map overlay PNGs (the slowest output to encode).")
+    ] = True,
     max_pixels: Annotated[
         int, typer.Option(help="Refuse images with more pixels (decompression-bomb guard).")
     ] = 178_956_970,
@@ -89,7 +92,12 @@ def detect(
             highlight=False,
         )
     cfg = DetectConfig(
-        out=out, batch_size=batch_size, workers=workers, resume=resume, max_pixels=max_pixels
+        out=out,
+        batch_size=batch_size,
+        workers=workers,
+        resume=resume,
+        max_pixels=max_pixels,
+        save_overlays=overlays,
     )
     with Progress(
         TextColumn("[bold]detect"),

@@ -125,12 +125,14 @@ def _write_outputs(cfg: DetectConfig, loaded: _Loaded, prob: np.ndarray) -> dict
     rec.update(map_scores(prob))
     if cfg.save_maps:
         rel = f"maps/{item.key}.png"
-        save_image_atomic(Image.fromarray(to_uint8_map(prob), mode="L"), cfg.out / rel)
+        save_image_atomic(
+            Image.fromarray(to_uint8_map(prob), mode="L"), cfg.out / rel, compress_level=1
+        )
         rec["map"] = rel
     if cfg.save_overlays:
         rel = f"overlays/{item.key}.png"
         save_image_atomic(
-            Image.fromarray(overlay(loaded.image, prob)), cfg.out / rel, compress_level=3
+            Image.fromarray(overlay(loaded.image, prob)), cfg.out / rel, compress_level=1
         )
         rec["overlay"] = rel
     if item.meta:

@@ -1,0 +1,394 @@
+"""``dd bench``: side-by-side benchmarks of the kernels, the treat step and detect.
+
+Each command runs the baseline and dd's implementation in one process, prints a table and the
+ratios the targets are about (docs/performance.md), and can write the results as JSON and a
+PNG plot. Run on a quiet machine with ``OMP_WAIT_POLICY=PASSIVE``; the load average at the
+start is recorded with the results.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="bench",
+    help="Benchmarks: fused loss kernels, the treat step (memory vs K), detect throughput.",
+    no_args_is_help=True,
+)
+
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write the results here (JSON).")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")]
+MarkdownOpt = Annotated[
+    bool, typer.Option("--markdown", help="Print markdown tables (as in docs/performance.md).")
+]
+ThreadsOpt = Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default).")]
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from dd.errors import DDError
+
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise DDError(f"bad {what} {text!r}", hint="comma-separated integers, e.g. 1,4,8") from None
+    if not values or any(v < 1 for v in values):
+        raise DDError(f"bad {what} {text!r}", hint="comma-separated positive integers")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip().lower() for t in text.split(",") if t.strip()]
+
+
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _report(
+    result: dict[str, Any],
+    text: str,
+    panels: list,
+    *,
+    json_out: Path | None,
+    plot: Path | None,
+    markdown: bool,
+) -> None:
+    """Print the tables and targets; write JSON and the plot."""
+    from rich.markdown import Markdown
+
+    from dd.bench import plot_panels
+    from dd.io import atomic_write_text
+
+    console = Console()
+    if markdown:
+        typer.echo(text)
+    else:
+        console.print(Markdown(text))
+    for t in result.get("targets", []):
+        mark = "[green]met[/green]" if t["met"] else "[bold red]MISSED[/bold red]"
+        console.print(f"target {t['name']}: {t['value']} (target {t['target']}) {mark}")
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+    if plot is not None:
+        plot_panels(panels, plot)
+
+
+def _setup_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@app.command("kernels")
+def kernels(
+    device: DeviceOpt = "auto",
+    kernel: Annotated[
+        str,
+        typer.Option(
+            "--kernels",
+            help="Kernels to run beside the reference (unavailable ones are skipped, said so).",
+        ),
+    ] = "cpp,cuda,triton",
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,4,8",
+    sizes: Annotated[str, typer.Option(help="Output sides H = W, comma-separated.")] = "512,1024",
+    logits: Annotated[int, typer.Option(min=1, help="Logits side h = w.")] = 128,
+    reductions: Annotated[
+        str, typer.Option(help="mean, max, sum, weighted, mse (= mean with a target map).")
+    ] = "mean,max,weighted,mse",
+    repeat: Annotated[int, typer.Option(min=1, help="Timed runs per configuration.")] = 5,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = None,
+    plot: PlotOpt = None,
+    markdown: MarkdownOpt = False,
+) -> None:
+    """Time and peak extra memory of dd.ops.artifact_confidence_loss vs its eager reference.
+
+    Forward + backward of loss.mean() on the same logits, each kernel interleaved with the
+    reference; ratios = reference / kernel time and kernel / reference memory.
+    """
+    from dd.bench import bench_kernels, kernels_markdown, kernels_panels
+    from dd.device import resolve_device
+
+    _setup_threads(threads)
+    dev = resolve_device(device)
+    with _progress("kernels") as progress:
+        result = bench_kernels(
+            device=dev,
+            kernels=_names(kernel),
+            batches=_ints(batch, "--batch"),
+            sizes=_ints(sizes, "--sizes"),
+            logits_side=logits,
+            reductions=_names(reductions),
+            repeat=repeat,
+            on_progress=progress,
+        )
+    err = Console(stderr=True)
+    for name, why in result["skipped"].items():
+        err.print(f"[yellow]skipped[/yellow] {name}: {why}", highlight=False)
+    _report(
+        result,
+        kernels_markdown(result),
+        kernels_panels(result),
+        json_out=json_out,
+        plot=plot,
+        markdown=markdown,
+    )
+
+
+@app.command("treat")
+def treat(
+    device: DeviceOpt = "auto",
+    backbone: Annotated[str, typer.Option(help="Backbone plugin: flux, sd15, sd3, sdxl.")] = "flux",
+    model: Annotated[
+        str | None,
+        typer.Option(help="Benchmark this model (folder, file or hub id) instead of a built one."),
+    ] = None,
+    full_size: Annotated[
+        str | None,
+        typer.Option(
+            "--full-size",
+            help="flux: FLUX.1-dev's real transformer (~12B) and VAE with random bf16 weights "
+            "and a SegFormer MiT-b5 (needs a GPU; --device meta counts parameters and FLOPs).",
+        ),
+    ] = None,
+    resolution: Annotated[
+        str | None,
+        typer.Option(help="Image sides, comma-separated (default 64,128; full size 1024)."),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Sampling steps (default 4; full size 10 as flux-dev)."),
+    ] = None,
+    grad_steps: Annotated[
+        str | None,
+        typer.Option(help="K values: tracked steps, e.g. 1,2,all (full size: 1,all)."),
+    ] = None,
+    modes: Annotated[
+        str | None,
+        typer.Option(
+            help="naive (no checkpointing), blocks (denoiser blocks only), checkpointed "
+            "(dd treat's: steps, blocks, VAE, detector). Default naive,checkpointed; "
+            "full size checkpointed,naive."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Frozen models' dtype (default fp32; full size bf16).")
+    ] = None,
+    lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    batch: Annotated[int, typer.Option(min=1, help="Images per step.")] = 1,
+    detector_variant: Annotated[
+        str | None,
+        typer.Option(help="SegFormer variant, random weights (default small; else b5)."),
+    ] = None,
+    detector_size: Annotated[
+        int | None,
+        typer.Option(min=32, help="Detector input side (default 64; else 512)."),
+    ] = None,
+    repeat: Annotated[int, typer.Option(min=1, help="Timed steps per configuration.")] = 3,
+    flops: Annotated[
+        bool, typer.Option(help="Count FLOPs of each configuration (one more step each).")
+    ] = True,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(help="Device peak TFLOP/s for the FLOP-bound fraction (default: table)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of weights, noise and LoRA init.")] = 0,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = None,
+    plot: PlotOpt = None,
+    markdown: MarkdownOpt = False,
+) -> None:
+    """Peak memory and time of one treat step vs K, resolution and checkpointing.
+
+    The step is dd treat's: sample with gradients through the last K denoising steps, decode,
+    detector, loss, backward. With checkpointing, peak memory should not grow with K; naive
+    backprop keeps every tracked step's activations.
+    """
+    from dd.bench import (
+        bench_treat,
+        full_size_flux_setup,
+        parse_grad_steps,
+        pretrained_treat_setup,
+        tiny_treat_setup,
+        treat_markdown,
+        treat_panels,
+    )
+    from dd.device import resolve_device, resolve_dtype
+    from dd.errors import DDError
+
+    _setup_threads(threads)
+    dev = resolve_device(device)
+    big = full_size is not None or model is not None
+    dt = resolve_dtype(dtype or ("bf16" if full_size else "fp32"))
+    variant = detector_variant or ("b5" if big else "small")
+    det_size = detector_size or (512 if big else 64)
+    err = Console(stderr=True)
+    if full_size is not None:
+        if full_size.lower() != "flux":
+            raise DDError(f"no full-size configuration {full_size!r}", hint="use --full-size flux")
+        if model is not None or backbone != "flux":
+            raise DDError("--full-size flux builds its own model", hint="drop --model/--backbone")
+        if dev.type not in ("cuda", "meta"):
+            raise DDError(
+                f"--full-size flux needs a GPU (about 40 GiB), not {dev}",
+                hint="run it on a CUDA machine, or --device meta to count parameters and FLOPs",
+            )
+        n_steps = steps or 10
+        err.print(f"building FLUX.1-dev at full size on {dev} ...", highlight=False)
+        setup = full_size_flux_setup(
+            device=dev,
+            dtype=dt,
+            steps=n_steps,
+            lora_rank=lora_rank,
+            batch=batch,
+            seed=seed,
+            detector_variant=variant,
+            detector_size=det_size,
+        )
+        sides = _ints(resolution or "1024", "--resolution")
+        ks = parse_grad_steps(grad_steps or "1,all", n_steps)
+        mode_list = _names(modes or "checkpointed,naive")
+    else:
+        if dev.type == "meta":
+            raise DDError("--device meta is for --full-size flux", hint="use cpu or cuda")
+        if model is not None:
+            setup = pretrained_treat_setup(
+                backbone,
+                model,
+                device=dev,
+                dtype=dt,
+                steps=steps,
+                lora_rank=lora_rank,
+                detector_variant=variant,
+                detector_size=det_size,
+                batch=batch,
+                seed=seed,
+            )
+            default_sides = str(setup.backbone.default_resolution)
+        else:
+            setup = tiny_treat_setup(
+                backbone,
+                device=dev,
+                dtype=dt,
+                steps=steps or 4,
+                lora_rank=lora_rank,
+                detector_variant=variant,
+                detector_size=det_size,
+                batch=batch,
+                seed=seed,
+            )
+            default_sides = "64,128"
+        sides = _ints(resolution or default_sides, "--resolution")
+        ks = parse_grad_steps(grad_steps or "1,2,all", setup.steps)
+        mode_list = _names(modes or "naive,checkpointed")
+    with _progress("treat") as progress:
+        result = bench_treat(
+            setup,
+            resolutions=sides,
+            grad_steps=ks,
+            modes=mode_list,
+            repeat=repeat,
+            flops=flops,
+            peak_tflops=peak_tflops,
+            on_progress=progress,
+        )
+    _report(
+        result,
+        treat_markdown(result),
+        treat_panels(result),
+        json_out=json_out,
+        plot=plot,
+        markdown=markdown,
+    )
+
+
+@app.command("detect")
+def detect(
+    device: DeviceOpt = "auto",
+    weights: Annotated[
+        str | None,
+        typer.Option(help="SegFormer weights (file, folder or hub id); default: random --variant."),
+    ] = None,
+    variant: Annotated[
+        str, typer.Option(help="Variant of the random detector when no --weights (b5: released).")
+    ] = "b5",
+    input_size: Annotated[
+        int | None, typer.Option(min=32, help="Detector input side (default: the weights', 512).")
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, help="Number of synthetic test images.")] = 32,
+    size: Annotated[int, typer.Option(min=32, help="Side of the test images.")] = 1024,
+    repeat: Annotated[int, typer.Option(min=1, help="Alternating rounds of both approaches.")] = 3,
+    batch_size: Annotated[int, typer.Option(min=1, help="dd detect's batch size.")] = 8,
+    workers: Annotated[int, typer.Option(min=1, help="dd detect's loader/writer threads.")] = 4,
+    overlays: Annotated[
+        bool, typer.Option(help="dd detect writes overlays (--no-overlays: maps and reports).")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the images and random weights.")] = 0,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = None,
+    plot: PlotOpt = None,
+    markdown: MarkdownOpt = False,
+) -> None:
+    """Images per second of dd detect vs the released per-image loop, same images and weights.
+
+    The released loop (DiffDoctor's demo): one image per forward in fp32, cv2 read and resize,
+    the SegFormer image processor, model, upsample, sigmoid, heat-map overlay, cv2 write.
+    dd detect: threaded decoding, batches, maps + overlays at full size, reports.
+    """
+    import torch
+
+    from dd.bench import bench_detect, detect_markdown, detect_panels
+    from dd.device import resolve_device
+    from dd.plugins import get_detector_class
+
+    _setup_threads(threads)
+    dev = resolve_device(device)
+    cls = get_detector_class("segformer")
+    det = cls.load(
+        weights,
+        device=dev,
+        dtype=torch.float32,
+        variant=None if weights else variant,
+        input_size=input_size,
+        seed=seed,
+    )
+    with _progress("detect") as progress:
+        result = bench_detect(
+            det,
+            images=images,
+            size=size,
+            repeat=repeat,
+            batch_size=batch_size,
+            workers=workers,
+            overlays=overlays,
+            seed=seed,
+            on_progress=progress,
+        )
+    _report(
+        result,
+        detect_markdown(result),
+        detect_panels(result),
+        json_out=json_out,
+        plot=plot,
+        markdown=markdown,
+    )
