@@ -23,8 +23,9 @@ The base class implements everything that is the same for every family:
   class's own ``save_lora_weights`` so ``pipe.load_lora_weights(DIR)`` loads it.
 
 A family implements the abstract methods: loading, :meth:`encode_prompts`,
-:meth:`prepare_latents`, :meth:`make_schedule`, :meth:`predict`, :meth:`decode` and
-:meth:`encode_images`.
+:meth:`prepare_latents`, :meth:`make_schedule` and :meth:`predict`; one whose latents are
+not laid out as the VAE's (FLUX packs them) also overrides :meth:`decode` and
+:meth:`encode_images` around :meth:`vae_decode` / :meth:`vae_encode`.
 """
 
 from __future__ import annotations
@@ -208,19 +209,61 @@ class Backbone(abc.ABC):
     ) -> torch.Tensor:
         """The model output (velocity, epsilon or v) for ``latents`` at ``timestep`` (B,)."""
 
-    @abc.abstractmethod
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Latents (sampling layout) to images ``B x 3 x H x W`` in [0, 1], differentiable.
 
-        Must undo the VAE's scaling and shift: ``latents / scaling_factor + shift_factor``.
+        The default suits families whose sampling layout is the VAE's (B x C x h x w); a
+        family that packs latents (FLUX) unpacks and calls :meth:`vae_decode`.
         """
+        return self.vae_decode(latents)
 
-    @abc.abstractmethod
     def encode_images(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Images in [0, 1] to latents in the sampling layout, applying the VAE's shift and
-        scale: ``(z - shift_factor) * scaling_factor`` (no gradient)."""
+        """Images in [0, 1] to latents in the sampling layout (no gradient); see
+        :meth:`vae_encode`."""
+        return self.vae_encode(images, generator)
+
+    # ------------------------------------------------------------------ VAE
+    def vae_shift(self) -> float:
+        """The VAE's ``shift_factor`` (FLUX, SD3), 0 where the config has none (SD, SDXL)."""
+        shift = self.vae.config.get("shift_factor")
+        return 0.0 if shift is None else float(shift)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``B x C x h x w`` model latents to [0, 1] pixels, undoing the VAE's scale and
+        shift: ``latents / scaling_factor + shift_factor`` (differentiable)."""
+        vae = self.vae
+        lat = latents / vae.config.scaling_factor + self.vae_shift()
+        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def vae_encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """[0, 1] pixels to ``B x C x h x w`` model latents with the VAE's shift and scale:
+        ``(z - shift_factor) * scaling_factor`` (the released DiffDoctor code skipped it)."""
+        vae = self.vae
+        x = images.to(self.device, vae.dtype) * 2 - 1
+        z = vae.encode(x).latent_dist.sample(generator=generator)
+        return ((z - self.vae_shift()) * vae.config.scaling_factor).to(self.dtype)
+
+    @classmethod
+    def load_pipe(
+        cls,
+        pipeline_cls: type,
+        model: str,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        **load_kwargs: Any,
+    ) -> Any:
+        """:func:`load_pipeline`, moved to ``device``, with diffusers' progress bar off."""
+        pipe = load_pipeline(pipeline_cls, model, dtype=dtype, backbone=cls.name, **load_kwargs)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:

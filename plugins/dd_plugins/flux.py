@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dd.backbones import FLOW, Backbone, Conditioning, Schedule, flow_schedule, load_pipeline
+from dd.backbones import FLOW, Backbone, Conditioning, Schedule, flow_schedule
 from dd.hookspecs import hookimpl
 
 
@@ -49,9 +49,7 @@ class FluxBackbone(Backbone):
     ) -> FluxBackbone:
         from diffusers import FluxPipeline
 
-        pipe = load_pipeline(FluxPipeline, model, dtype=dtype, backbone=cls.name)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = cls.load_pipe(FluxPipeline, model, device=device, dtype=dtype)
         return cls(
             pipe,
             device=device,
@@ -135,22 +133,15 @@ class FluxBackbone(Backbone):
         )[0]
 
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        vae = self.vae
         lat = self.pipe._unpack_latents(latents, height, width, self.vae_scale_factor)
-        lat = lat / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return self.vae_decode(lat)
 
-    @torch.no_grad()
     def encode_images(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        vae = self.vae
-        x = images.to(self.device, vae.dtype) * 2 - 1
-        z = vae.encode(x).latent_dist.sample(generator=generator)
-        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        z = self.vae_encode(images, generator)
         b, c, h, w = z.shape
-        return self.pipe._pack_latents(z, b, c, h, w).to(self.dtype)
+        return self.pipe._pack_latents(z, b, c, h, w)
 
 
 @hookimpl

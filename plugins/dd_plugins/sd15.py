@@ -32,7 +32,6 @@ from dd.backbones import (
     Conditioning,
     Schedule,
     ddim_schedule,
-    load_pipeline,
 )
 from dd.errors import DDError
 from dd.hookspecs import hookimpl
@@ -88,8 +87,7 @@ class UNetBackbone(Backbone):
                 f"unknown option(s) for backbone {cls.name}: {', '.join(unknown)}",
                 hint=f"options: {', '.join(OPTIONS)}",
             )
-        pipe = load_pipeline(pipeline_cls, model, dtype=dtype, backbone=cls.name, **load_kwargs)
-        pipe.to(device)
+        pipe = cls.load_pipe(pipeline_cls, model, device=device, dtype=dtype, **load_kwargs)
         return cls(pipe, device=device, dtype=dtype, source=str(model), **options)
 
     @property
@@ -187,29 +185,6 @@ class UNetBackbone(Backbone):
         vae = self.vae
         if self.upcast_vae_in_fp16 and vae.dtype == torch.float16 and vae.config.force_upcast:
             vae.to(torch.float32)
-
-    def _vae_shift(self) -> float:
-        shift = self.vae.config.get("shift_factor")
-        return 0.0 if shift is None else float(shift)
-
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        vae = self.vae
-        lat = latents / vae.config.scaling_factor
-        shift = self._vae_shift()
-        if shift:
-            lat = lat + shift
-        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
-    def encode_images(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        vae = self.vae
-        x = images.to(self.device, vae.dtype) * 2 - 1
-        z = vae.encode(x).latent_dist.sample(generator=generator)
-        z = (z - self._vae_shift()) * vae.config.scaling_factor
-        return z.to(self.dtype)
 
     # ------------------------------------------------------------------ misc
     def to(

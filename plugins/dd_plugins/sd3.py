@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dd.backbones import FLOW, Backbone, Conditioning, Schedule, flow_schedule, load_pipeline
+from dd.backbones import FLOW, Backbone, Conditioning, Schedule, flow_schedule
 from dd.errors import DDError
 from dd.hookspecs import hookimpl
 
@@ -48,9 +48,7 @@ class SD3Backbone(Backbone):
     ) -> SD3Backbone:
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = load_pipeline(StableDiffusion3Pipeline, model, dtype=dtype, backbone=cls.name)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = cls.load_pipe(StableDiffusion3Pipeline, model, device=device, dtype=dtype)
         return cls(
             pipe,
             device=device,
@@ -190,23 +188,6 @@ class SD3Backbone(Backbone):
         return super().diffusion_loss(
             images, cond, generator=generator, guidance=1.0, weighting=weighting
         )
-
-    # ------------------------------------------------------------------ VAE
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        vae = self.vae
-        lat = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
-    def encode_images(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        vae = self.vae
-        x = images.to(self.device, vae.dtype) * 2 - 1
-        z = vae.encode(x).latent_dist.sample(generator=generator)
-        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
-        return z.to(self.dtype)
 
 
 @hookimpl
