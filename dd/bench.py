@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import os
 import platform
 import re
@@ -56,6 +55,7 @@ import numpy as np
 import torch
 
 from dd.errors import DDError
+from dd.plot import Panel
 
 #: ``on_progress(done, total)`` after each measured configuration.
 Progress = Callable[[int, int], None]
@@ -191,107 +191,6 @@ def _target(name: str, value: float | None, limit: float, *, at_most: bool) -> d
         "target": f"{'<=' if at_most else '>='} {limit:g}",
         "met": met,
     }
-
-
-# ------------------------------------------------------------------------------------------
-# Plot (Pillow only)
-# ------------------------------------------------------------------------------------------
-@dataclass
-class Panel:
-    """One chart: ``series`` maps a label to its ``(x, y)`` points."""
-
-    title: str
-    xlabel: str
-    ylabel: str
-    series: dict[str, list[tuple[float, float]]]
-    log_x: bool = False
-    log_y: bool = False
-
-
-_COLOURS = (
-    (31, 119, 180),
-    (214, 39, 40),
-    (44, 160, 44),
-    (255, 127, 14),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-)
-
-
-def _axis(log: bool) -> Callable[[float], float]:
-    return math.log10 if log else float
-
-
-def plot_panels(panels: Sequence[Panel], path: str | os.PathLike) -> None:
-    """Draw line charts side by side into a PNG (written atomically)."""
-    from PIL import Image, ImageDraw
-
-    from dd.io import save_image_atomic
-
-    pw, ph, left, bottom = 520, 360, 64, 52
-    img = Image.new("RGB", (pw * max(1, len(panels)), ph), "white")
-    draw = ImageDraw.Draw(img)
-    for k, panel in enumerate(panels):
-        x0, y0, x1, y1 = k * pw + left, 28, (k + 1) * pw - 16, ph - bottom
-        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        draw.text((x0, 8), panel.title, fill=(0, 0, 0))
-        draw.text(((x0 + x1) // 2 - 3 * len(panel.xlabel), ph - 18), panel.xlabel, fill=(0, 0, 0))
-        draw.text((k * pw + 4, 8), panel.ylabel, fill=(90, 90, 90))
-        fx = _axis(panel.log_x)
-        fy = _axis(panel.log_y)
-        pts = [
-            (x, y)
-            for s in panel.series.values()
-            for x, y in s
-            if (not panel.log_x or x > 0) and (not panel.log_y or y > 0)
-        ]
-        if not pts:
-            draw.text((x0 + 8, y0 + 8), "no data", fill=(90, 90, 90))
-            continue
-        xs, ys = [fx(p[0]) for p in pts], [fy(p[1]) for p in pts]
-        xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
-        if xhi == xlo:
-            xlo, xhi = xlo - 1, xhi + 1
-        pad = (yhi - ylo) * 0.08 or abs(yhi) * 0.1 or 1.0
-        ylo, yhi = ylo - pad, yhi + pad
-
-        def px(x: float, y: float, b=(x0, y0, x1, y1), lim=(xlo, xhi, ylo, yhi), fx=fx, fy=fy):
-            return (
-                b[0] + (fx(x) - lim[0]) / (lim[1] - lim[0]) * (b[2] - b[0]),
-                b[3] - (fy(y) - lim[2]) / (lim[3] - lim[2]) * (b[3] - b[1]),
-            )
-
-        ticks_x = sorted({p[0] for p in pts})
-        if len(ticks_x) > 8:
-            ticks_x = [ticks_x[0], ticks_x[-1]]
-        for tx in ticks_x:
-            cx, _ = px(tx, pts[0][1])
-            draw.line([(cx, y1), (cx, y1 + 4)], fill=(0, 0, 0))
-            draw.text((cx - 10, y1 + 6), f"{tx:.3g}", fill=(0, 0, 0))
-        for frac in (0.0, 0.5, 1.0):
-            v = ylo + pad + frac * (yhi - ylo - 2 * pad)
-            shown = 10**v if panel.log_y else v
-            _, cy = px(pts[0][0], shown)
-            draw.line([(x0 - 4, cy), (x0, cy)], fill=(0, 0, 0))
-            draw.text((k * pw + 4, cy - 6), f"{shown:.3g}", fill=(0, 0, 0))
-        for j, (label, series) in enumerate(panel.series.items()):
-            colour = _COLOURS[j % len(_COLOURS)]
-            coords = [
-                px(x, y)
-                for x, y in sorted(series)
-                if (not panel.log_x or x > 0) and (not panel.log_y or y > 0)
-            ]
-            if len(coords) > 1:
-                draw.line(coords, fill=colour, width=2)
-            for cx, cy in coords:
-                draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-            width = draw.textlength(label)  # legend at the top right
-            draw.text((x1 - 8 - width, y0 + 6 + 12 * j), label, fill=colour)
-    save_image_atomic(img, path)
 
 
 # ------------------------------------------------------------------------------------------

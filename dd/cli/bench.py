@@ -75,8 +75,8 @@ def _report(
     """Print the tables and targets; write JSON and the plot."""
     from rich.markdown import Markdown
 
-    from dd.bench import plot_panels
     from dd.io import atomic_write_text
+    from dd.plot import plot_panels
 
     console = Console()
     if markdown:

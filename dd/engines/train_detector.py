@@ -973,60 +973,20 @@ class _Trainer:
 # ------------------------------------------------------------------------------------------------
 def plot_curves(records: list[dict[str, Any]], path: Path, metric: str = "mse") -> None:
     """Draw training loss and validation ``metric`` (and ``mse``) against steps as a PNG."""
-    from PIL import Image, ImageDraw
+    from dd.plot import Panel, plot_panels
 
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    panels = [("train loss", [("loss", train, (31, 119, 180))])]
-    val_series = []
+    blue = {"loss": (31, 119, 180)}
+    panels = [Panel("train loss", "step", "loss", {"loss": train}, colours=blue)]
+    val: dict[str, list[tuple[float, float]]] = {}
+    colours: dict[str, tuple[int, int, int]] = {}
     for name, colour in ((metric, (214, 39, 40)), ("mse", (44, 160, 44))):
         pts = [(r["step"], r[name]) for r in records if r.get("type") == "val" and r.get(name)]
-        if pts and name not in (s[0] for s in val_series):
-            val_series.append((f"val {name}", pts, colour))
-    if val_series:
-        panels.append(("validation", val_series))
-
-    pw, ph, margin = 480, 300, 48
-    img = Image.new("RGB", (pw * len(panels), ph), "white")
-    draw = ImageDraw.Draw(img)
-    for k, (title, series) in enumerate(panels):
-        x0, y0, x1, y1 = k * pw + margin, 24, (k + 1) * pw - 16, ph - margin + 8
-        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        draw.text((x0, 6), title, fill=(0, 0, 0))
-        pts_all = [p for _, pts, _ in series for p in pts]
-        if not pts_all:
-            draw.text((x0 + 8, y0 + 8), "no data", fill=(90, 90, 90))
-            continue
-        xs, ys = [p[0] for p in pts_all], [p[1] for p in pts_all]
-        xlo, xhi = min(xs), max(xs)
-        ylo, yhi = min(ys), max(ys)
-        if xhi == xlo:
-            xlo, xhi = xlo - 1, xhi + 1
-        if yhi == ylo:
-            ylo, yhi = ylo - abs(ylo) * 0.1 - 1e-6, yhi + abs(yhi) * 0.1 + 1e-6
-
-        def to_px(x: float, y: float, box=(x0, y0, x1, y1), lim=(xlo, xhi, ylo, yhi)):
-            bx0, by0, bx1, by1 = box
-            lx0, lx1, ly0, ly1 = lim
-            return (
-                bx0 + (x - lx0) / (lx1 - lx0) * (bx1 - bx0),
-                by1 - (y - ly0) / (ly1 - ly0) * (by1 - by0),
-            )
-
-        for label_y, v in ((y0, yhi), (y1 - 10, ylo)):
-            draw.text((k * pw + 2, label_y), f"{v:.3g}", fill=(0, 0, 0))
-        draw.text((x0, y1 + 4), f"{xlo:g}", fill=(0, 0, 0))
-        draw.text((x1 - 30, y1 + 4), f"{xhi:g}", fill=(0, 0, 0))
-        draw.text(((x0 + x1) // 2 - 12, y1 + 4), "step", fill=(0, 0, 0))
-        for j, (label, pts, colour) in enumerate(series):
-            coords = [to_px(x, y) for x, y in pts]
-            if len(coords) > 1:
-                draw.line(coords, fill=colour, width=2)
-            for cx, cy in coords if len(coords) <= 50 else []:
-                draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
-            draw.text((x1 - 110, y0 + 6 + 12 * j), label, fill=colour)
-    from dd.io import save_image_atomic
-
-    save_image_atomic(img, path)
+        if pts and f"val {name}" not in val:
+            val[f"val {name}"], colours[f"val {name}"] = pts, colour
+    if val:
+        panels.append(Panel("validation", "step", metric, val, colours=colours))
+    plot_panels(panels, path, size=(480, 300))
 
 
 def train_detector(cfg: TrainConfig, *, console: Any | None = None) -> TrainResult:

@@ -1444,9 +1444,7 @@ class _Treater:
 # ------------------------------------------------------------------------------------------
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Training loss, eval mean/max confidence and drift against steps, as a PNG."""
-    from PIL import Image, ImageDraw
-
-    from dd.io import save_image_atomic
+    from dd.plot import Panel, plot_panels
 
     def pts(kind: str, key: str) -> list[tuple[float, float]]:
         return [
@@ -1457,47 +1455,17 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
             and math.isfinite(r[key])
         ]
 
+    colours = {"confidence loss": (31, 119, 180), "reg loss": (148, 103, 189),
+               "mean": (214, 39, 40), "max": (255, 127, 14), "drift": (44, 160, 44)}  # fmt: skip
     panels = [
-        ("train loss", [("confidence loss", pts("train", "loss"), (31, 119, 180)),
-                        ("reg loss", pts("train", "reg_loss"), (148, 103, 189))]),
-        ("eval artifact confidence", [("mean", pts("eval", "mean"), (214, 39, 40)),
-                                      ("max", pts("eval", "max"), (255, 127, 14))]),
-        ("eval drift", [("drift", pts("eval", "drift"), (44, 160, 44))]),
+        Panel("train loss", "step", "loss",
+              {"confidence loss": pts("train", "loss"), "reg loss": pts("train", "reg_loss")},
+              colours=colours),
+        Panel("eval artifact confidence", "step", "confidence",
+              {"mean": pts("eval", "mean"), "max": pts("eval", "max")}, colours=colours),
+        Panel("eval drift", "step", "drift", {"drift": pts("eval", "drift")}, colours=colours),
     ]  # fmt: skip
-    pw, ph, margin = 420, 280, 48
-    img = Image.new("RGB", (pw * len(panels), ph), "white")
-    draw = ImageDraw.Draw(img)
-    for k, (title, series) in enumerate(panels):
-        x0, y0, x1, y1 = k * pw + margin, 24, (k + 1) * pw - 16, ph - margin + 8
-        draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        draw.text((x0, 6), title, fill=(0, 0, 0))
-        every = [p for _, s, _ in series for p in s]
-        if not every:
-            draw.text((x0 + 8, y0 + 8), "no data", fill=(90, 90, 90))
-            continue
-        xs, ys = [p[0] for p in every], [p[1] for p in every]
-        xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
-        if xhi == xlo:
-            xlo, xhi = xlo - 1, xhi + 1
-        if yhi == ylo:
-            ylo, yhi = ylo - abs(ylo) * 0.1 - 1e-6, yhi + abs(yhi) * 0.1 + 1e-6
-        for label_y, v in ((y0, yhi), (y1 - 10, ylo)):
-            draw.text((k * pw + 2, label_y), f"{v:.3g}", fill=(0, 0, 0))
-        draw.text((x0, y1 + 4), f"{xlo:g}", fill=(0, 0, 0))
-        draw.text((x1 - 30, y1 + 4), f"{xhi:g}", fill=(0, 0, 0))
-        draw.text(((x0 + x1) // 2 - 12, y1 + 4), "step", fill=(0, 0, 0))
-        for j, (label, s, colour) in enumerate(series):
-            coords = [
-                (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
-                for x, y in s
-            ]
-            if len(coords) > 1:
-                draw.line(coords, fill=colour, width=2)
-            for cx, cy in coords if len(coords) <= 60 else []:
-                draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=colour)
-            if s:
-                draw.text((x1 - 120, y0 + 6 + 12 * j), label, fill=colour)
-    save_image_atomic(img, path)
+    plot_panels(panels, path, size=(420, 280))
 
 
 def treat(cfg: TreatConfig, *, console: Any | None = None) -> TreatResult:
