@@ -495,3 +495,13 @@ def test_input_size_is_saved_with_the_weights(tmp_path):
     back = SegformerDetector.load(tmp_path / "m")
     assert back.input_size == (96, 96) and back.variant == "tiny" and not back.untrained
     assert SegformerDetector.load(tmp_path / "m", input_size=64).input_size == (64, 64)
+
+
+def test_wrong_input_shape_or_dtype_is_one_clear_error():
+    det = SegformerDetector.load(None, variant="tiny", input_size=32)
+    with pytest.raises(DDError, match=r"B x 3 x H x W tensor, got \(3, 32, 32\)"):
+        det(torch.rand(3, 32, 32))
+    with pytest.raises(DDError, match=r"B x 3 x H x W tensor, got \(1, 4, 32, 32\)"):
+        det.logits(torch.rand(1, 4, 32, 32))
+    with pytest.raises(DDError, match="float in \\[0, 1\\], got dtype torch.uint8"):
+        det(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
