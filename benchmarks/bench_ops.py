@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dd.bench import KERNEL_REDUCTIONS, bench_kernels, kernels_markdown, kernels_panels, plot_panels
+from dd.bench import KERNEL_REDUCTIONS, bench_kernels, kernels_markdown, kernels_panels
 from dd.io import atomic_write_text
+from dd.plot import plot_panels
 
 
 def main(argv: list[str] | None = None) -> int:

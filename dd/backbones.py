@@ -177,6 +177,11 @@ class Backbone(abc.ABC):
     def vae(self) -> torch.nn.Module:
         return self.pipe.vae
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for the real models; the tiny test VAEs use 4)."""
+        return int(self.pipe.vae_scale_factor)
+
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Everything but LoRA is frozen: text encoders, VAE and the base denoiser."""
         names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer", "unet")

@@ -9,6 +9,7 @@ tensors/dicts and read back only with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import shutil
@@ -98,3 +99,19 @@ def find_checkpoint(folder: Path) -> Path | None:
         if (cand / MARKER).is_file():
             return cand
     return None
+
+
+def read_trainer_state(folder: Path, world_size: int) -> dict[str, Any]:
+    """The checkpoint's ``trainer.json``; refuses one written by another number of
+    processes (the data order depends on it)."""
+    try:
+        trainer = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise DDError(f"cannot read {folder / MARKER}: {e}") from None
+    if trainer.get("world_size") != world_size:
+        raise DDError(
+            f"the checkpoint in {folder} was written by {trainer.get('world_size')} "
+            f"process(es), this run has {world_size}",
+            hint="resume with the same number of processes (the data order depends on it)",
+        )
+    return trainer

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from dd.augment import AugmentConfig, ShrinkSpec, parse_shrink_spec, to_tensor, train_pair
 from dd.checkpoint import find_checkpoint as _find_checkpoint
 from dd.checkpoint import load_tensors as _torch_load
+from dd.checkpoint import read_trainer_state
 from dd.checkpoint import rng_state as _rng_state
 from dd.checkpoint import save_tensors as _save_tensors
 from dd.checkpoint import set_rng_state as _set_rng_state
@@ -591,16 +592,7 @@ class _Trainer:
     def _load_checkpoint(self, last: Path, detector, optimizer, scheduler, state) -> dict:
         from safetensors.torch import load_file
 
-        try:
-            trainer = json.loads((last / "trainer.json").read_text())
-        except (OSError, ValueError) as e:
-            raise DDError(f"cannot read {last / 'trainer.json'}: {e}") from None
-        if trainer.get("world_size") != self.world:
-            raise DDError(
-                f"the checkpoint in {last} was written by {trainer.get('world_size')} "
-                f"process(es), this run has {self.world}",
-                hint="resume with the same number of processes (the data order depends on it)",
-            )
+        trainer = read_trainer_state(last, self.world)
         try:
             weights = load_file(str(last / "model" / "model.safetensors"))
         except Exception as e:

@@ -58,10 +58,6 @@ class FluxBackbone(Backbone):
             max_sequence_length=max_sequence_length,
         )
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipe.vae_scale_factor)
-
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         f = self.vae_scale_factor
         return 2 * (int(height) // (f * 2)), 2 * (int(width) // (f * 2))

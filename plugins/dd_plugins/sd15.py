@@ -90,10 +90,6 @@ class UNetBackbone(Backbone):
         pipe = cls.load_pipe(pipeline_cls, model, device=device, dtype=dtype, **load_kwargs)
         return cls(pipe, device=device, dtype=dtype, source=str(model), **options)
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipe.vae_scale_factor)
-
     # ------------------------------------------------------------------ prompts
     def _cache_key(self, prompt: str) -> str:
         return super()._cache_key(f"{prompt}\x00negative:{self.negative_prompt!r}")

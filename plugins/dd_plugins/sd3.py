@@ -59,10 +59,6 @@ class SD3Backbone(Backbone):
 
     # ------------------------------------------------------------------ geometry
     @property
-    def vae_scale_factor(self) -> int:
-        return int(self.pipe.vae_scale_factor)
-
-    @property
     def patch_size(self) -> int:
         return int(self.pipe.transformer.config.patch_size)
 
