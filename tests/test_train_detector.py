@@ -304,3 +304,10 @@ def test_two_cpu_processes_through_accelerate_launch(tmp_path, data):
     det = get_host().detectors.get("segformer").load(str(run / "model"), input_size=64)
     out = det.predict(torch.rand(1, 3, 64, 64))
     assert out.shape == (1, 1, 64, 64) and torch.isfinite(out).all()
+
+
+def test_bad_dataset_leaves_no_run_folder(tmp_path, cli):
+    (tmp_path / "notadataset").mkdir()
+    res = cli("train-detector", tmp_path / "notadataset", "--out", tmp_path / "run", *TINY)
+    assert res.exit_code == 1 and "no images/ folder" in res.output
+    assert not (tmp_path / "run").exists()

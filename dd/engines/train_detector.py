@@ -412,9 +412,8 @@ class _Trainer:
         cfg, acc = self.cfg, self.acc
         ckpt_dir = self.out / "checkpoints"
         last = _find_checkpoint(ckpt_dir / "last") if cfg.resume else None
-        self._prepare_out(last)
 
-        # data
+        # data (read before anything is written to --out: bad input leaves no run folder)
         samples = _read_all(cfg.datasets)
         if cfg.val:
             train, val = samples, _read_all(cfg.val)
@@ -423,6 +422,7 @@ class _Trainer:
             train, val = _split(samples, frac, cfg.seed)
         if not train:
             raise DDError("no training samples", hint="check the dataset folders")
+        self._prepare_out(last)
 
         # model
         options: dict[str, Any] = {"seed": cfg.seed}
