@@ -41,3 +41,45 @@ def cli():
         return runner.invoke(build_app(), [str(a) for a in args], **kw)
 
     return invoke
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A real headless Chromium (Debian's package) driven by Playwright; no browser download.
+
+    Fails, not skips, when Chromium or Playwright is missing: `.ci/run` installs both.
+    """
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser page (own context) per test."""
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    try:
+        yield pg
+    finally:
+        ctx.close()
