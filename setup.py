@@ -38,7 +38,10 @@ setup(
     packages=find_packages(include=["dd", "dd.*"])
     + find_packages("plugins", include=["dd_plugins", "dd_plugins.*"]),
     package_dir={"dd_plugins": "plugins/dd_plugins"},
-    package_data={"dd": ["testing/assets/**/*", "py.typed"], "dd_plugins": ["**/*.json"]},
+    package_data={
+        "dd": ["testing/assets/**/*", "py.typed", "label/static/*"],
+        "dd_plugins": ["**/*.json", "weights/**/*"],
+    },
     include_package_data=True,
     **native_extension(),
 )

@@ -1,0 +1,446 @@
+"""``dd label pseudo``: pseudo-label a pool of images with the detector, built to scale.
+
+Output (a dataset folder, ``docs/datasets.md``)::
+
+    OUT/masks/<hh>/<stem>-<hash>.png   the detector's map, 8-bit (0-255 = confidence 0-1);
+                                       <hh> = 2 hex digits of the hash: 256 sub-folders
+    OUT/pseudo/shard-r<rank>.jsonl     manifest shards: one line per finished image
+    OUT/pseudo/done-r<rank>-of-<world>.json   written by a rank when it has finished
+    OUT/pseudo/run.json                settings and detector (checked on --resume)
+    OUT/manifest.jsonl                 the merged manifest (written once every rank is done)
+
+Each manifest line: ``image`` (absolute path), ``mask``, ``source: "pseudo"``, ``category``,
+``prompt``, ``max``, ``mean``, and ``shrink_pad: {"scale": [lo, hi]}`` when the image's max
+confidence is below ``shrink_threshold`` (seed 000's dynamic augmentation: the training
+engine applies shrink-and-pad to exactly these samples).
+
+Scale: inputs are streamed (folders walked lazily, manifests read line by line), never
+listed in full. Image ``i`` belongs to rank ``hash(path) % world``: ranks (``RANK`` /
+``WORLD_SIZE`` as set by ``torchrun`` and ``accelerate launch``, or ``--rank`` /
+``--world-size``) split the pool without talking to each other. A mask is written atomically
+before its manifest line is appended, and lines are fsynced per batch; ``resume`` skips every
+image already in any shard, so a killed run loses nothing and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dd.errors import DDError
+from dd.images import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, InputItem
+from dd.io import atomic_open, atomic_write_json, save_image_atomic
+
+SHARDS = "pseudo"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class PseudoConfig:
+    out: Path
+    batch_size: int = 16
+    workers: int = 4
+    resume: bool = False
+    shrink_threshold: float = 0.3
+    shrink_scale: tuple[float, float] = (0.3, 0.7)
+    floor: float = 0.0
+    rank: int = 0
+    world_size: int = 1
+    max_pixels: int = 178_956_970
+
+    def check(self) -> None:
+        lo, hi = self.shrink_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise DDError(f"--shrink-scale must be LO,HI with 0 < LO <= HI <= 1, got {lo},{hi}")
+        if not 0.0 <= self.shrink_threshold <= 1.0:
+            raise DDError(f"--shrink-threshold must be in [0, 1], got {self.shrink_threshold}")
+        if not 0.0 <= self.floor < 1.0:
+            raise DDError(f"--floor must be in [0, 1), got {self.floor}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise DDError(f"bad rank {self.rank} of world size {self.world_size}")
+        if self.batch_size < 1:
+            raise DDError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+def dist_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun/accelerate variables (0, 1, 0)."""
+
+    def get(name: str, default: int) -> int:
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            raise DDError(f"environment variable {name} is not an integer") from None
+
+    return get("RANK", 0), get("WORLD_SIZE", 1), get("LOCAL_RANK", 0)
+
+
+# -- streaming inputs ------------------------------------------------------------------------
+def _walk(folder: Path) -> Iterator[Path]:
+    """Images under ``folder``, lazily, in sorted order within each directory."""
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                subdirs.append(Path(e.path))
+            elif e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(e.path)
+        stack.extend(reversed(subdirs))
+
+
+def stream_inputs(specs: list[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(absolute path, manifest fields)`` for files, folders and ``.txt``/``.jsonl``
+    manifests, one at a time. Unreadable specs raise a one-line :class:`DDError`."""
+    for spec in specs:
+        path = Path(os.path.abspath(os.path.expanduser(spec)))
+        if path.is_dir():
+            yield from ((p, {}) for p in _walk(path))
+        elif path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
+            yield from _stream_manifest(path)
+        elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            yield path, {}
+        else:
+            raise DDError(f"pool input not found or not an image/folder/manifest: {spec}")
+
+
+def _stream_manifest(manifest: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    jsonl = manifest.suffix.lower() == ".jsonl"
+    with open(manifest, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            meta: dict[str, Any] = {}
+            if jsonl:
+                try:
+                    rec = json.loads(text)
+                    text = rec["image"]
+                    if not isinstance(text, str):
+                        raise TypeError("'image' must be a string")
+                except (ValueError, KeyError, TypeError) as e:
+                    raise DDError(f"{manifest}:{n}: bad manifest line ({e})") from None
+                meta = {k: v for k, v in rec.items() if k != "image"}
+            p = Path(os.path.expanduser(text))
+            p = Path(os.path.abspath(p if p.is_absolute() else manifest.parent / p))
+            if p.is_dir():
+                yield from ((q, dict(meta)) for q in _walk(p))
+            else:
+                yield p, meta
+
+
+def path_hash(path: Path) -> str:
+    return hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def owner(h: str, world_size: int) -> int:
+    """The rank that owns an image with hash ``h``."""
+    return int(h[:12], 16) % world_size
+
+
+def mask_rel(path: Path, h: str) -> str:
+    stem = _SAFE.sub("_", path.stem)[:80] or "img"
+    return f"masks/{h[:2]}/{stem}-{h[:12]}.png"
+
+
+# -- shards ------------------------------------------------------------------------------------
+def _repair(path: Path) -> None:
+    """Cut a torn last line (a killed run's) off a shard."""
+    with contextlib.suppress(FileNotFoundError), open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return
+        chunk, pos = 1 << 16, size
+        while pos > 0:
+            start = max(0, pos - chunk)
+            f.seek(start)
+            buf = f.read(pos - start)
+            i = buf.rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
+def iter_shard_records(out: Path) -> Iterator[dict[str, Any]]:
+    for shard in sorted((out / SHARDS).glob("shard-r*.jsonl")):
+        with open(shard, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # torn tail
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and "image" in rec:
+                    yield rec
+
+
+def done_images(out: Path) -> set[str]:
+    return {rec["image"] for rec in iter_shard_records(out)}
+
+
+def excluded_images(paths: list[Path]) -> set[str]:
+    """Absolute image paths of human-labelled datasets and queues (not to pseudo-label)."""
+    from dd.datasets import read_dataset
+    from dd.label.queue import QUEUE_FILE, Queue
+
+    out: set[str] = set()
+    for p in paths:
+        p = Path(p)
+        if (p / QUEUE_FILE).is_file():
+            q = Queue.open(p)
+            imgs = [q.image_path(it) for it in q.items]
+        else:
+            imgs = [s.image for s in read_dataset(p)]
+        for img in imgs:
+            out.add(os.path.abspath(img))
+            out.add(os.path.realpath(img))
+    return out
+
+
+def merge_shards(out: Path, world_size: int) -> Path | None:
+    """Write ``OUT/manifest.jsonl`` from all shards (first record of an image wins) once
+    every rank of ``world_size`` has finished; returns the path, or None if not yet."""
+    from dd.datasets import MANIFEST
+
+    d = out / SHARDS
+    if not all((d / f"done-r{r:05d}-of-{world_size:05d}.json").exists() for r in range(world_size)):
+        return None
+    seen: set[str] = set()
+    with atomic_open(out / MANIFEST, "w") as f:
+        for rec in iter_shard_records(out):
+            if rec["image"] in seen:
+                continue
+            seen.add(rec["image"])
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+    return out / MANIFEST
+
+
+# -- the run -----------------------------------------------------------------------------------
+@dataclass
+class PseudoResult:
+    processed: int = 0
+    skipped_done: int = 0
+    skipped_excluded: int = 0
+    other_ranks: int = 0
+    failed: int = 0
+    shrink: int = 0
+    seconds: float = 0.0
+    manifest: Path | None = None
+    failures: list[dict[str, str]] | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["manifest"] = str(self.manifest) if self.manifest else None
+        d["images_per_second"] = round(self.images_per_second, 3)
+        d.pop("failures")
+        return d
+
+
+def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, Any]:
+    from dd.label.mine import item_prompt
+    from dd.viz import to_uint8_map
+
+    if cfg.floor > 0:
+        prob = np.where(prob >= cfg.floor, prob, 0.0)
+    u8 = to_uint8_map(prob)
+    mx, mean = float(prob.max()), float(prob.mean())
+    rel = item.key
+    if u8.any():
+        save_image_atomic(Image.fromarray(u8, mode="L"), cfg.out / rel, compress_level=1)
+    else:
+        rel = None
+    meta = dict(item.meta)
+    rec: dict[str, Any] = {
+        **{k: v for k, v in meta.items() if k not in ("image", "mask", "source", "weight")},
+        "image": str(item.path),
+        "mask": rel,
+        "source": "pseudo",
+        "category": meta.get("category"),
+        "weight": 1.0,
+        "max": round(mx, 6),
+        "mean": round(mean, 6),
+        "height": int(prob.shape[0]),
+        "width": int(prob.shape[1]),
+    }
+    prompt = item_prompt(item.path, meta)
+    if prompt and "prompt" not in rec:
+        rec["prompt"] = prompt
+    if mx < cfg.shrink_threshold:
+        lo, hi = cfg.shrink_scale
+        rec["shrink_pad"] = {"scale": [lo, hi] if lo != hi else lo}
+    return rec
+
+
+def run_pseudo(
+    specs: list[str],
+    detector: Any,
+    cfg: PseudoConfig,
+    *,
+    exclude: list[Path] | None = None,
+    on_progress: Callable[[PseudoResult], None] | None = None,
+    stop_after: int | None = None,
+) -> PseudoResult:
+    """Pseudo-label this rank's share of the pool; see the module docstring.
+
+    ``stop_after`` (tests) raises ``KeyboardInterrupt`` once that many images are written,
+    like a kill between two batches.
+    """
+    from dd.detectors import logits_to_probs
+    from dd.engines.detect import _load, _prefetch
+
+    cfg.check()
+    out = Path(cfg.out)
+    shard_dir = out / SHARDS
+    shard = shard_dir / f"shard-r{cfg.rank:05d}.jsonl"
+    run_info = {
+        "detector": detector.describe(),
+        "shrink_threshold": cfg.shrink_threshold,
+        "shrink_scale": list(cfg.shrink_scale),
+        "floor": cfg.floor,
+    }
+    info_path = shard_dir / "run.json"
+    # Each rank checks only its own shard: other ranks of this run may have created theirs.
+    from dd.datasets import MANIFEST
+
+    if not cfg.resume and (shard.exists() or (out / MANIFEST).exists()):
+        raise DDError(
+            f"{out} already holds pseudo-labels",
+            hint="add --resume to continue that run, or pick a new --out",
+        )
+    if cfg.resume and info_path.exists():
+        try:
+            prev = json.loads(info_path.read_text())
+        except ValueError:
+            prev = None
+        if prev is not None and prev != run_info:
+            raise DDError(
+                f"{out} was labelled with other settings or another detector ({prev})",
+                hint="resume with the same --weights and options, or pick a new --out",
+            )
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.rank == 0 and not (cfg.resume and info_path.exists()):
+        atomic_write_json(info_path, run_info)
+    with contextlib.suppress(FileNotFoundError):
+        (shard_dir / f"done-r{cfg.rank:05d}-of-{cfg.world_size:05d}.json").unlink()
+    _repair(shard)
+    done = done_images(out) if cfg.resume else set()
+    skip = excluded_images(exclude or [])
+    res = PseudoResult(failures=[])
+
+    def mine() -> Iterator[InputItem]:
+        for path, meta in stream_inputs(specs):
+            h = path_hash(path)
+            if owner(h, cfg.world_size) != cfg.rank:
+                res.other_ranks += 1
+                continue
+            s = str(path)
+            if s in done:
+                res.skipped_done += 1
+                continue
+            if s in skip or os.path.realpath(s) in skip:
+                res.skipped_excluded += 1
+                continue
+            yield InputItem(path, mask_rel(path, h), meta)
+
+    param = next(detector.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    detector.eval()
+    t0 = time.perf_counter()
+    f = open(shard, "ab")  # noqa: SIM115 - closed below
+    try:
+        with (
+            ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-load") as loader,
+            ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer,
+        ):
+            pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
+
+            def drain(block: bool) -> None:
+                lines = []
+                while pending and (block or pending[0].done()):
+                    rec = pending.popleft().result()
+                    lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
+                    res.processed += 1
+                    res.shrink += "shrink_pad" in rec
+                if lines:
+                    f.write(b"".join(lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+                    res.seconds = time.perf_counter() - t0
+                    if on_progress:
+                        on_progress(res)
+                    if stop_after is not None and res.processed >= stop_after:
+                        raise KeyboardInterrupt
+
+            def flush(batch: list[Any]) -> None:
+                with torch.inference_mode():
+                    x = torch.stack([b.tensor for b in batch]).to(device, dtype)
+                    logits = detector.logits(x).float()
+                    for i, b in enumerate(batch):
+                        p = logits_to_probs(logits[i : i + 1], b.image.shape[:2])[0, 0]
+                        pending.append(writer.submit(_write, cfg, b.item, p.cpu().numpy()))
+                drain(block=False)
+
+            fn = lambda it: _load(it, detector, cfg.max_pixels)  # noqa: E731
+            batches: dict[tuple[int, ...], list[Any]] = {}
+            depth = max(2 * cfg.batch_size, cfg.workers)
+            for loaded in _prefetch(loader, mine(), fn, depth):  # type: ignore[arg-type]
+                if loaded.error is not None:
+                    res.failed += 1
+                    res.failures.append({"path": str(loaded.item.path), "reason": loaded.error})
+                    continue
+                shape = tuple(loaded.tensor.shape)
+                batches.setdefault(shape, []).append(loaded)
+                if len(batches[shape]) >= cfg.batch_size:
+                    flush(batches.pop(shape))
+                elif sum(map(len, batches.values())) > 2 * cfg.batch_size:
+                    flush(batches.pop(max(batches, key=lambda k: len(batches[k]))))
+            for batch in batches.values():
+                flush(batch)
+            drain(block=True)
+    finally:
+        f.close()
+    res.seconds = time.perf_counter() - t0
+    if res.failures:
+        from dd.io import atomic_write_text
+
+        atomic_write_text(
+            shard_dir / f"failed-r{cfg.rank:05d}.jsonl",
+            "".join(json.dumps(x, sort_keys=True) + "\n" for x in res.failures),
+        )
+    atomic_write_json(
+        shard_dir / f"done-r{cfg.rank:05d}-of-{cfg.world_size:05d}.json", res.to_json()
+    )
+    res.manifest = merge_shards(out, cfg.world_size)
+    return res
