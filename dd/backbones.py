@@ -599,12 +599,15 @@ class Backbone(abc.ABC):
         )
         return out_dir / LORA_WEIGHT_NAME
 
-    def load_lora(self, path: str | Path, *, trainable: bool = True) -> None:
+    def load_lora(
+        self, path: str | Path, *, trainable: bool = True, adapter_name: str = "default"
+    ) -> None:
         """Load a diffusers-format LoRA (ours, a DreamBooth one, a hub one) into the
-        denoiser as the adapter ``default``; make it trainable to continue from it."""
+        denoiser as the adapter ``adapter_name`` (``default``); make it trainable to continue
+        from it. Several adapters can be loaded under different names (``dd refine``)."""
         try:
             with _lora_key_warnings() as problems:
-                self.pipe.load_lora_weights(str(path), adapter_name="default")
+                self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             raise DDError(
                 f"cannot load LoRA {path} into this {self.name} model: {e}",

@@ -74,6 +74,20 @@ def build_app(*, with_plugins: bool = True) -> typer.Typer:
     app.command("treat")(treat.treat)
     app.command("generate")(generate.generate)
 
+    from dd.cli import dreambooth as dreambooth_cli
+    from dd.cli import eval as eval_cli
+
+    app.command("dreambooth")(dreambooth_cli.dreambooth)
+    app.add_typer(eval_cli.app, name="eval")
+
+    from dd.cli import label as label_cli
+
+    app.add_typer(label_cli.app, name="label")
+
+    from dd.cli import refine as refine_cli
+
+    app.add_typer(refine_cli.app, name="refine")
+
     @app.callback(invoke_without_command=True)
     def _root(
         version: bool = typer.Option(False, "--version", help="Print the version and exit."),

@@ -1,0 +1,695 @@
+"""The engine behind ``dd refine train``: train a diffusion model on a late-step range only.
+
+Seed 002 trains latent diffusion on a range of the reverse process, e.g. steps 500-750 of
+1000 (the seed's ``t = torch.randint(250, 500)``), then 750-1000 for details, so a small
+model learns only what repairing needs. Here ``--late-steps A-B`` trains on integer
+timesteps drawn **uniformly from** ``[T - B, min(T - A, T - 1)]``: exactly the timesteps
+``dd refine --late-steps A-B`` calls the model at (from ``T - A`` down to, and handing over
+at, ``T - B``), so the seed's ``[250, 500)`` plus the starting timestep 500.
+
+* ``--backbone ldm``: the whole UNet is trained (``--init`` gives the pipeline: its VQ/KL
+  autoencoder, scheduler and UNet, which ``--from-scratch`` re-initialises from its config).
+  The output folder is a diffusers ``LDMPipeline`` folder.
+* ``--backbone sd15``: a LoRA on the UNet of ``--init``; the output holds
+  ``pytorch_lora_weights.safetensors`` (diffusers format) and is loaded on top of the base.
+* The loss is the model's own epsilon / v-prediction MSE on latents from the autoencoder
+  (with its shift and scale), through :meth:`dd.backbones.Backbone.add_noise`,
+  :meth:`~dd.backbones.Backbone.predict` and :meth:`~dd.backbones.Backbone.training_target`.
+* EMA of the trained weights (diffusers' ``EMAModel`` with warmup; the saved model and the
+  range-loss evaluation use the EMA weights), AdamW, warmup + constant/cosine learning rate,
+  gradient clipping and accumulation, mixed precision, all through ``accelerate`` (one
+  process, or ``accelerate launch`` over GPUs).
+* Evaluation: the denoising loss on the range over fixed (image, noise, timestep) draws,
+  at step 0 and every ``eval_every`` steps, logged to ``metrics.jsonl`` and ``curves.png``.
+
+Run folder (``OUT`` is itself the model ``dd refine --segment A-B=OUT`` loads)::
+
+    OUT/model_index.json, unet/, vqvae/, scheduler/   ldm: the fine-tuned pipeline
+    OUT/pytorch_lora_weights.safetensors              sd15: the LoRA
+    OUT/refine.json                                   backbone, range, base model, losses
+    OUT/checkpoints/last/                             trainable.safetensors, ema.pt,
+                                                      state.pt, rng_rank*.pt, trainer.json
+    OUT/metrics.jsonl, curves.png, README.md
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dd.checkpoint import (
+    find_checkpoint,
+    load_tensors,
+    read_trainer_state,
+    rng_state,
+    save_tensors,
+    set_rng_state,
+    swap_in,
+)
+from dd.errors import DDError
+from dd.io import Journal, atomic_write_json, atomic_write_text
+
+BACKBONES = ("ldm", "sd15")
+PRECISIONS = ("no", "bf16", "fp16")
+TRAINABLE_FILE = "trainable.safetensors"
+#: Fields a resumed run may change.
+RESUMABLE = frozenset({"resume", "stop_at"})
+
+
+@dataclass
+class RefineTrainConfig:
+    backbone: str = "ldm"
+    late_steps: str | None = None
+    data: str | None = None
+    init: str | None = None
+    out: str | None = None
+    from_scratch: bool = False
+    resolution: int | None = None
+    train_steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    clip_grad: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 100
+    eval_images: int = 8
+    save_every: int = 500
+    log_every: int = 10
+    stop_at: int | None = None
+    resume: bool = False
+
+
+@dataclass
+class RefineTrainResult:
+    out: Path
+    step: int
+    first_loss: float
+    last_loss: float
+    stop_reason: str
+    main: bool = True
+
+
+def train_timestep_range(late_steps: str, total: int = 1000) -> tuple[int, int]:
+    """``A-B`` -> the inclusive training timesteps ``(T - B, min(T - A, T - 1))``."""
+    from dd.engines.refine import parse_late_steps
+
+    a, b = parse_late_steps(late_steps, total)
+    return total - b, min(total - a, total - 1)
+
+
+def sample_range_timesteps(
+    lo: int, hi: int, batch: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``batch`` integer timesteps uniform over ``[lo, hi]`` (inclusive)."""
+    return torch.randint(lo, hi + 1, (batch,), generator=generator)
+
+
+def read_train_data(folder: str | os.PathLike, need_prompts: bool) -> list[tuple[Path, str]]:
+    """(image, prompt) pairs of ``folder``: with prompts as ``dd treat --reg-data`` reads
+    them (manifest.jsonl or sidecar .txt) when the model is conditional, else every image
+    (recursively) with its sidecar prompt if any."""
+    from dd.engines.treat import read_reg_data
+    from dd.images import collect_inputs
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DDError(f"--data folder not found: {root}")
+    if need_prompts:
+        try:
+            return read_reg_data(root)
+        except DDError as e:
+            raise DDError(str(e.message).replace("--reg-data", "--data"), hint=e.hint) from None
+    items, _ = collect_inputs([str(root)])
+    pairs = []
+    for it in items:
+        txt = it.path.with_suffix(".txt")
+        pairs.append((it.path, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
+    if not pairs:
+        raise DDError(f"no images in --data {root}", hint="a folder of PNG/JPEG images")
+    return pairs
+
+
+class RangeObjective(torch.nn.Module):
+    """One micro-batch's denoising loss with timesteps uniform over ``[lo, hi]``; the
+    denoiser is the submodule ``accelerate`` wraps."""
+
+    def __init__(self, backbone: Any, lo: int, hi: int):
+        super().__init__()
+        self.denoiser = backbone.denoiser
+        self.__dict__["backbone"] = backbone
+        self.lo, self.hi = lo, hi
+
+    def forward(self, images: torch.Tensor, prompts: list[str], seed: int) -> torch.Tensor:
+        bb = self.backbone
+        g = torch.Generator("cpu").manual_seed(int(seed))
+        return range_loss(bb, images, prompts, self.lo, self.hi, g)
+
+
+def range_loss(
+    bb: Any,
+    images: torch.Tensor,
+    prompts: list[str],
+    lo: int,
+    hi: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The backbone's own epsilon / v MSE at timesteps uniform over ``[lo, hi]``."""
+    h, w = images.shape[-2:]
+    x0 = bb.encode_images(images.to(bb.device), generator=generator).to(bb.dtype)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+    t = sample_range_timesteps(lo, hi, x0.shape[0], generator).to(x0.device)
+    xt = bb.add_noise(x0, noise, t)
+    cond = bb.encode_prompts(prompts)
+    pred = bb.predict(xt, bb.model_timestep(t), cond, None, h, w)
+    return F.mse_loss(pred.float(), bb.training_target(x0, noise, t).float())
+
+
+@torch.no_grad()
+def eval_range_loss(
+    bb: Any,
+    images: torch.Tensor,
+    prompts: list[str],
+    lo: int,
+    hi: int,
+    *,
+    seed: int = 0,
+    draws: int = 4,
+    batch_size: int = 8,
+) -> float:
+    """Mean range loss over ``draws`` fixed (noise, timestep) draws per image."""
+    total, n = 0.0, 0
+    for d in range(draws):
+        for s in range(0, images.shape[0], batch_size):
+            g = torch.Generator("cpu").manual_seed(seed * 7919 + d * 104729 + s)
+            chunk = images[s : s + batch_size]
+            loss = range_loss(bb, chunk, prompts[s : s + batch_size], lo, hi, g)
+            total += float(loss) * chunk.shape[0]
+            n += chunk.shape[0]
+    return total / max(1, n)
+
+
+class _Trainer:
+    def __init__(self, cfg: RefineTrainConfig, console: Any | None):
+        self.cfg = dataclasses.replace(cfg)
+        self._check()
+        self.out = Path(str(cfg.out))
+        self.ckpt_dir = self.out / "checkpoints"
+        self.acc = self._accelerator()
+        self.main = self.acc.is_main_process
+        self.console = console if self.main else None
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self._perms: dict[int, np.ndarray] = {}
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def log(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg, highlight=False)
+
+    def _check(self) -> None:
+        c = self.cfg
+        for key in ("late_steps", "data", "init", "out"):
+            if not getattr(c, key):
+                flag = "--" + key.replace("_", "-")
+                hint = {
+                    "init": "the model to start from: a diffusers folder or hub id (for ldm "
+                    "its autoencoder and UNet layout; for sd15 the LoRA's base)",
+                    "late_steps": "e.g. --late-steps 500-750 (trains t 250..500)",
+                }.get(key, f"pass {flag}")
+                raise DDError(f"{flag} is required", hint=hint)
+        if c.backbone not in BACKBONES:
+            raise DDError(
+                f"dd refine train supports --backbone {' or '.join(BACKBONES)}, not {c.backbone!r}",
+                hint="ldm is fine-tuned in full, sd15 with a LoRA",
+            )
+        if c.mixed_precision not in PRECISIONS:
+            raise DDError(
+                f"unknown --mixed-precision {c.mixed_precision!r}",
+                hint=f"one of {', '.join(PRECISIONS)}",
+            )
+        if c.lr_schedule not in ("constant", "cosine"):
+            raise DDError(f"unknown --lr-schedule {c.lr_schedule!r}", hint="constant or cosine")
+        if not 0 <= c.ema_decay < 1:
+            raise DDError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
+        if c.lr <= 0:
+            raise DDError("--lr must be above 0")
+        if c.from_scratch and c.backbone != "ldm":
+            raise DDError("--from-scratch applies to --backbone ldm only")
+        for name in ("train_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
+            if getattr(c, name) < 1:
+                raise DDError(f"--{name.replace('_', '-')} must be at least 1")
+        on_cpu = c.device == "cpu" or not torch.cuda.is_available()
+        if c.mixed_precision == "fp16" and on_cpu:
+            raise DDError("--mixed-precision fp16 needs a GPU", hint="use bf16 or no on the CPU")
+        train_timestep_range(c.late_steps or "")
+
+    def _accelerator(self) -> Any:
+        from accelerate import Accelerator
+
+        try:
+            return Accelerator(
+                cpu=self.cfg.device == "cpu",
+                mixed_precision=self.cfg.mixed_precision,
+                gradient_accumulation_steps=self.cfg.grad_accum,
+                step_scheduler_with_optimizer=False,
+                rng_types=[],
+            )
+        except (ValueError, RuntimeError) as e:
+            raise DDError(f"cannot set up accelerate: {e}") from None
+
+    # -- run -------------------------------------------------------------------------------
+    def run(self) -> RefineTrainResult:
+        from accelerate.utils import set_seed
+
+        from dd.engines.treat import lr_factor
+        from dd.plugins import get_host
+
+        cfg, acc = self.cfg, self.acc
+        last = self._prepare_out()
+        bb_cls = get_host().backbones.get(cfg.backbone)
+        self.log(f"loading {cfg.backbone} model {cfg.init} on {acc.device}")
+        bb = bb_cls.from_pretrained(str(cfg.init), device=acc.device, dtype=torch.float32)
+        self.lo, self.hi = train_timestep_range(str(cfg.late_steps), bb.num_train_timesteps)
+        conditional = cfg.backbone != "ldm" or getattr(bb, "conditional", False)
+        self.data = read_train_data(str(cfg.data), need_prompts=conditional)
+        cfg.resolution = cfg.resolution or int(bb.default_resolution)
+        set_seed(cfg.seed)
+        if cfg.backbone == "ldm":
+            self.kind = "full"
+            if cfg.from_scratch:
+                unet = type(bb.denoiser).from_config(bb.denoiser.config).to(acc.device)
+                bb.pipe.unet = unet
+            bb.denoiser.requires_grad_(True)
+        else:
+            self.kind = "lora"
+            bb.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, init="gaussian")
+        bb.denoiser.train()
+        self.names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
+        self.params = [p for p in bb.denoiser.parameters() if p.requires_grad]
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(
+                self.params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3
+            )
+        objective = RangeObjective(bb, self.lo, self.hi)
+        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
+        )
+        self.state: dict[str, Any] = {"step": 0, "position": 0, "first_loss": None, "last": None}
+        if last is not None:
+            self._load_checkpoint(last, scheduler)
+        wrapped, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+        if last is not None:
+            st = load_tensors(last / "state.pt")
+            optimizer.load_state_dict(st["optimizer"])
+            if acc.scaler is not None and st.get("scaler"):
+                acc.scaler.load_state_dict(st["scaler"])
+            set_rng_state(load_tensors(last / f"rng_rank{self.rank}.pt"))
+        self.bb, self.wrapped, self.optimizer, self.scheduler = bb, wrapped, optimizer, scheduler
+        n_eval = min(cfg.eval_images, len(self.data))
+        self.eval_images = torch.stack([self._image(i) for i in range(n_eval)])
+        self.eval_prompts = [self.data[i][1] for i in range(n_eval)]
+        self.journal = (
+            Journal(self.out / "metrics.jsonl", fresh=last is None) if self.main else None
+        )
+        n_params = sum(p.numel() for p in self.params)
+        self.log(
+            f"training {self.kind} ({n_params:,} parameters) on t in [{self.lo}, {self.hi}] "
+            f"(--late-steps {cfg.late_steps}) with {len(self.data)} images at "
+            f"{cfg.resolution}px; batch {cfg.batch_size} x {self.world} x {cfg.grad_accum}"
+        )
+        try:
+            reason = self._loop()
+            self._finish(reason)
+        finally:
+            if self.journal is not None:
+                self.journal.close()
+        acc.wait_for_everyone()
+        st = self.state
+        return RefineTrainResult(
+            self.out,
+            st["step"],
+            float(st["first_loss"]),
+            float(st["last"]),
+            reason,
+            self.main,
+        )
+
+    def _prepare_out(self) -> Path | None:
+        cfg = self.cfg
+        last = find_checkpoint(self.ckpt_dir / "last") if cfg.resume else None
+        if last is None:
+            taken = [p for p in ("checkpoints", "metrics.jsonl") if (self.out / p).exists()]
+            if taken and not cfg.resume:
+                raise DDError(
+                    f"{self.out} already holds a refine train run",
+                    hint="pass --resume to continue it, or choose a new --out folder",
+                )
+        return last
+
+    # -- data ------------------------------------------------------------------------------
+    def _image(self, index: int) -> torch.Tensor:
+        from dd.engines.treat import _load_reg_image
+
+        if index not in self._cache:
+            img = _load_reg_image(self.data[index][0], int(self.cfg.resolution or 0))
+            if len(self._cache) < 2048:
+                self._cache[index] = img
+            return img
+        return self._cache[index]
+
+    def _at(self, draw: int) -> int:
+        n = len(self.data)
+        epoch, j = divmod(draw, n)
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            self._perms[epoch] = np.random.default_rng(
+                [self.cfg.seed & 0xFFFFFFFF, 11, epoch]
+            ).permutation(n)
+        return int(self._perms[epoch][j])
+
+    def _batch(self, micro: int) -> dict[str, Any]:
+        from dd.engines.treat import noise_seed
+
+        cfg, st = self.cfg, self.state
+        first = st["position"] + (micro * self.world + self.rank) * cfg.batch_size
+        idx = [self._at(i) for i in range(first, first + cfg.batch_size)]
+        return {
+            "images": torch.stack([self._image(i) for i in idx]),
+            "prompts": [self.data[i][1] for i in idx],
+            "seed": noise_seed(cfg.seed, 12, first),
+        }
+
+    # -- loop ------------------------------------------------------------------------------
+    def _loop(self) -> str:
+        cfg, st = self.cfg, self.state
+        stop_at = min(cfg.train_steps, cfg.stop_at or cfg.train_steps)
+        if st["first_loss"] is None:
+            st["first_loss"] = st["last"] = self._evaluate()
+        progress = self._progress()
+        window: list[float] = []
+        reason = ""
+        with progress if progress is not None else contextlib.nullcontext():
+            task = None
+            if progress is not None:
+                task = progress.add_task(
+                    "train", total=cfg.train_steps, completed=st["step"], loss="", eval=""
+                )
+            while st["step"] < stop_at:
+                t0 = time.perf_counter()
+                loss, grad_norm = self._train_step()
+                st["step"] += 1
+                step = st["step"]
+                window.append(loss)
+                if progress is not None:
+                    progress.update(task, completed=step, loss=f"{loss:.4f}")
+                if step % cfg.log_every == 0 or step == stop_at:
+                    rec = {
+                        "type": "train",
+                        "step": step,
+                        "loss": float(np.mean(window)),
+                        "lr": float(self.scheduler.get_last_lr()[0]),
+                        "grad_norm": grad_norm,
+                        "step_time_s": time.perf_counter() - t0,
+                    }
+                    window = []
+                    if self.journal is not None:
+                        self.journal.append(rec)
+                if step % cfg.eval_every == 0 or step == cfg.train_steps:
+                    st["last"] = self._evaluate()
+                    if progress is not None:
+                        progress.update(task, eval=f"{st['first_loss']:.4f} -> {st['last']:.4f}")
+                if step == cfg.train_steps:
+                    reason = f"reached --train-steps {cfg.train_steps}"
+                elif step == stop_at:
+                    reason = f"stopped at --stop-at {stop_at} (continue with --resume)"
+                if step % cfg.save_every == 0 or reason:
+                    self._save_checkpoint()
+        if not reason:
+            reason = (
+                f"reached --train-steps {cfg.train_steps}"
+                if st["step"] >= cfg.train_steps
+                else f"stopped at --stop-at {stop_at} (continue with --resume)"
+            )
+        self.log(f"stopped at step {st['step']}: {reason}")
+        return reason
+
+    def _progress(self) -> Any:
+        if self.console is None:
+            return None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        return Progress(
+            TextColumn("[bold]refine train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("range loss {task.fields[eval]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+
+    def _train_step(self) -> tuple[float, float | None]:
+        cfg, acc = self.cfg, self.acc
+        total = torch.zeros((), device=acc.device)
+        grad_norm = None
+        for micro in range(cfg.grad_accum):
+            batch = self._batch(micro)
+            with acc.accumulate(self.wrapped):
+                loss = self.wrapped(**batch)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.clip_grad > 0:
+                    grad_norm = float(acc.clip_grad_norm_(self.params, cfg.clip_grad))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach().float() / cfg.grad_accum
+        if self.ema is not None:
+            self.ema.step(self.params)
+        self.scheduler.step()
+        self.state["position"] += cfg.batch_size * self.world * cfg.grad_accum
+        value = float(acc.reduce(total, reduction="mean"))
+        if not math.isfinite(value):
+            raise DDError(
+                f"the loss became {value} at step {self.state['step'] + 1}",
+                hint="lower --lr, or use --mixed-precision no or bf16",
+            )
+        return value, grad_norm
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
+    def _evaluate(self) -> float:
+        """The range loss of the weights that get saved (the EMA ones)."""
+        den = self.bb.denoiser
+        den.eval()
+        try:
+            with self._ema_weights(), self.acc.autocast():
+                loss = eval_range_loss(
+                    self.bb,
+                    self.eval_images,
+                    self.eval_prompts,
+                    self.lo,
+                    self.hi,
+                    seed=self.cfg.seed,
+                )
+        finally:
+            den.train()
+        rec = {"type": "eval", "step": self.state["step"], "range_loss": loss}
+        if self.journal is not None:
+            self.journal.append(rec)
+        self.log(f"step {self.state['step']}: range loss {loss:.5f}")
+        return loss
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _config_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE}
+
+    def _save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
+        acc, st = self.acc, self.state
+        tmp = self.ckpt_dir / f".tmp-step-{st['step']}"
+        acc.wait_for_everyone()
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        save_tensors(tmp / f"rng_rank{self.rank}.pt", rng_state())
+        if self.main:
+            weights = {
+                n: p.detach().to("cpu", torch.float32).contiguous()
+                for n, p in zip(self.names, self.params, strict=True)
+            }
+            save_file(weights, str(tmp / TRAINABLE_FILE))
+            if self.ema is not None:
+                save_tensors(tmp / "ema.pt", self.ema.state_dict())
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            opt = self.optimizer.state_dict()
+            save_tensors(tmp / "state.pt", {"optimizer": opt, "scaler": scaler})
+            atomic_write_json(
+                tmp / "trainer.json",
+                {
+                    "state": st,
+                    "scheduler": self.scheduler.state_dict(),
+                    "world_size": self.world,
+                    "config": self._config_dict(),
+                },
+            )
+            swap_in(tmp, self.ckpt_dir / "last")
+        acc.wait_for_everyone()
+
+    def _load_checkpoint(self, last: Path, scheduler: Any) -> None:
+        from safetensors.torch import load_file
+
+        trainer = read_trainer_state(last, self.world)
+        saved, now = trainer.get("config", {}), self._config_dict()
+        diff = sorted(k for k in now if saved.get(k) != now[k])
+        if diff:
+            raise DDError(
+                f"--resume with different settings than the run in {self.out}: "
+                + ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in diff),
+                hint="resume with the original options or use a new --out",
+            )
+        weights = load_file(str(last / TRAINABLE_FILE))
+        if sorted(weights) != sorted(self.names):
+            raise DDError(f"the weights in {last} do not match this model")
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params, strict=True):
+                p.copy_(weights[n].to(p.device, p.dtype))
+        if self.ema is not None:
+            self.ema.load_state_dict(load_tensors(last / "ema.pt"))
+        scheduler.load_state_dict(trainer["scheduler"])
+        self.state.update(trainer["state"])
+        self.log(f"resuming {self.out} at step {self.state['step']}")
+
+    # -- outputs ---------------------------------------------------------------------------
+    def _finish(self, reason: str) -> None:
+        from dd.engines.treat import _save_lora_file
+
+        cfg, st, acc = self.cfg, self.state, self.acc
+        acc.wait_for_everyone()
+        if not self.main:
+            return
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
+        if self.kind == "lora":
+            _save_lora_file(self.bb, self.out)
+        else:
+            tmp = self.out / ".model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.bb.pipe.save_pretrained(tmp, safe_serialization=True)
+            for entry in sorted(tmp.iterdir()):
+                dest = self.out / entry.name
+                if entry.is_dir():
+                    swap_in(entry, dest)
+                else:
+                    os.replace(entry, dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+        a, b = (int(x) for x in str(cfg.late_steps).split("-"))
+        info = {
+            "backbone": cfg.backbone,
+            "kind": self.kind,
+            "late_steps": [a, b],
+            "timesteps": [self.lo, self.hi],
+            "init": cfg.init,
+            "from_scratch": cfg.from_scratch,
+            "step": st["step"],
+            "ema_decay": cfg.ema_decay,
+            "range_loss": {"first": st["first_loss"], "last": st["last"]},
+            "stop_reason": reason,
+        }
+        atomic_write_json(self.out / "refine.json", info)
+        records = list(self.journal.records) if self.journal is not None else []
+        _plot(records, self.out / "curves.png")
+        use = (
+            f"dd refine IMAGES --backbone {cfg.backbone} --model {cfg.init} "
+            f"--segment {a}-{b}={self.out} --out refined/"
+        )
+        card = [
+            f"# {cfg.backbone} late-step model (`dd refine train`, steps {a}-{b})",
+            "",
+            f"- {'Full fine-tune' if self.kind == 'full' else 'LoRA'} of `{cfg.init}`"
+            + (" (UNet re-initialised)" if cfg.from_scratch else ""),
+            f"- Timesteps t uniform in [{self.lo}, {self.hi}] of {self.bb.num_train_timesteps}",
+            f"- {st['step']} steps, batch {cfg.batch_size} x {self.world} x {cfg.grad_accum}, "
+            f"lr {cfg.lr:g}, EMA {cfg.ema_decay:g}, {cfg.resolution}px, {len(self.data)} images",
+            f"- Range loss (EMA weights): {st['first_loss']:.5f} -> {st['last']:.5f}",
+            f"- Stopped: {reason}",
+            "",
+            "## Use",
+            "",
+            f"`{use}`",
+            "",
+        ]
+        atomic_write_text(self.out / "README.md", "\n".join(card))
+        self.log(f"model: {self.out} ({self.kind}); range loss {st['first_loss']:.5f} -> "
+                 f"{st['last']:.5f}")  # fmt: skip
+
+
+def _plot(records: list[dict[str, Any]], path: Path) -> None:
+    from dd.plot import Panel, plot_panels
+
+    def pts(kind: str, key: str) -> list[tuple[float, float]]:
+        return [
+            (r["step"], r[key])
+            for r in records
+            if r.get("type") == kind and isinstance(r.get(key), (int, float))
+        ]
+
+    panels = [
+        Panel("train loss", "step", "loss", {"loss": pts("train", "loss")}),
+        Panel("range loss (EMA)", "step", "loss", {"range loss": pts("eval", "range_loss")}),
+    ]
+    plot_panels(panels, path, size=(420, 280))
+
+
+def refine_train(cfg: RefineTrainConfig, *, console: Any | None = None) -> RefineTrainResult:
+    """Train (or resume training) a late-step model; see the module docstring."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    ours = not AcceleratorState._shared_state
+    trainer = None
+    try:
+        trainer = _Trainer(cfg, console)
+        return trainer.run()
+    finally:
+        if ours and (trainer is None or trainer.world == 1):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
