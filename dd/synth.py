@@ -399,25 +399,40 @@ class Artifact:
     info: dict[str, Any]
 
 
-def apply_artifact(rng: Rng, image: np.ndarray, kind: str) -> Artifact | None:
+#: Default opacity range of watermarks (uniform); the low end is hard to see.
+WATERMARK_OPACITY: tuple[float, float] = (0.25, 0.85)
+
+
+def apply_artifact(
+    rng: Rng,
+    image: np.ndarray,
+    kind: str,
+    *,
+    watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
+) -> Artifact | None:
     """Apply one artifact of ``kind`` to a uint8 ``H x W x 3`` image (not modified in place).
 
     Returns ``None`` when no placement in ``_TRIES`` attempts changed enough pixels (e.g. a
-    warp on a flat image).
+    warp on a flat image). ``watermark_opacity``: (low, high) opacity range of watermarks.
     """
     fn = _ARTIFACTS.get(kind)
     if fn is None:
         raise DDError(f"unknown artifact kind {kind!r}", hint=f"use one of {', '.join(KINDS)}")
     image = np.ascontiguousarray(image, np.uint8)
+    extra = {"opacity": watermark_opacity} if kind == "watermark" else {}
     for _ in range(_TRIES):
-        result = fn(rng, image)
+        result = fn(rng, image, **extra)
         if result is not None:
             return result
     return None
 
 
 def make_sample(
-    rng: Rng, clean: np.ndarray, kinds: Iterable[str] = KINDS
+    rng: Rng,
+    clean: np.ndarray,
+    kinds: Iterable[str] = KINDS,
+    *,
+    watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One to three artifacts (the same kind at most twice) on ``clean``.
 
@@ -435,7 +450,7 @@ def make_sample(
 
     def apply(kind: str) -> bool:
         nonlocal image, mask
-        art = apply_artifact(rng, image, kind)
+        art = apply_artifact(rng, image, kind, watermark_opacity=watermark_opacity)
         if art is None:
             return False
         image, mask = art.image, np.maximum(mask, art.mask)
@@ -745,7 +760,9 @@ def _watermark_color(rng: Rng) -> np.ndarray:
     return _color(rng, (0.4, 1.0), (0.4, 1.0))
 
 
-def _watermark(rng: Rng, img: np.ndarray) -> Artifact | None:
+def _watermark(
+    rng: Rng, img: np.ndarray, opacity: tuple[float, float] = WATERMARK_OPACITY
+) -> Artifact | None:
     h, w = img.shape[:2]
     side = min(h, w)
     mode = ("text", "tiled", "logo", "logo+text")[int(rng.choice(4, p=[0.4, 0.25, 0.2, 0.15]))]
@@ -773,7 +790,7 @@ def _watermark(rng: Rng, img: np.ndarray) -> Artifact | None:
     if mode in ("logo", "logo+text"):
         logo = _logo_image(rng, max(10, int(rng.uniform(0.12, 0.35) * side)))
         place_anywhere(logo.rotate(rng.uniform(-30, 30), resample=Image.BICUBIC))
-    color, opacity = _watermark_color(rng), rng.uniform(0.25, 0.85)
+    color, alpha = _watermark_color(rng), rng.uniform(*opacity)
     new = img.astype(np.float32)
     weight = cov
     if rng.random() < 0.25:  # a drop shadow in the opposite tone
@@ -784,12 +801,12 @@ def _watermark(rng: Rng, img: np.ndarray) -> Artifact | None:
         a = (shadow * rng.uniform(0.3, 0.6))[..., None]
         new = new * (1 - a) + shade * a
         weight = np.maximum(cov, shadow)
-    a = (cov * opacity)[..., None]
+    a = (cov * alpha)[..., None]
     new = new * (1 - a) + color * a
     out, mask = _commit(img, new, weight)
     if (mask > 0).sum() < _min_pixels(h, w):
         return None
-    return Artifact(out, mask, {"kind": "watermark", "mode": mode, "opacity": float(opacity)})
+    return Artifact(out, mask, {"kind": "watermark", "mode": mode, "opacity": float(alpha)})
 
 
 _ARTIFACTS: dict[str, Callable[[Rng, np.ndarray], Artifact | None]] = {
@@ -834,6 +851,7 @@ class _Plan:
     seed: int
     kinds: tuple[str, ...]
     negative_ratio: Fraction
+    watermark_opacity: tuple[float, float]
     photos: tuple[tuple[str, str, str], ...]  # (pool: "skimage" | "photos", path, label)
     fingerprint: str
 
@@ -889,7 +907,9 @@ def _render(plan: _Plan, i: int) -> tuple[np.ndarray, np.ndarray | None, dict[st
         if negative:
             rec.update(source="real", category=None, artifacts=[], coverage=0.0)
             return clean, None, rec
-        image, mask, cats = make_sample(rng, clean, plan.kinds)
+        image, mask, cats = make_sample(
+            rng, clean, plan.kinds, watermark_opacity=plan.watermark_opacity
+        )
         if cats:
             coverage = round(float((mask > 0).mean()), 5)
             rec.update(source="synthetic", category=cats[0], artifacts=cats, coverage=coverage)
@@ -954,6 +974,7 @@ def synthesize(
     use_skimage: bool = True,
     workers: int = 1,
     progress: bool = True,
+    watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
 ) -> SynthReport:
     """Write ``count`` samples (``images/``, ``masks/``, ``manifest.jsonl``) to ``out``.
 
@@ -981,15 +1002,28 @@ def synthesize(
     if workers < 1:
         raise DDError(f"workers must be at least 1, got {workers}")
     ks = tuple(_check_kinds(kinds))
+    lo, hi = (float(v) for v in watermark_opacity)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise DDError(
+            f"watermark opacity range must satisfy 0 < low <= high <= 1, got {lo}-{hi}",
+            hint="e.g. --watermark-opacity 0.6-1.0",
+        )
     ratio = Fraction(negative_ratio).limit_denominator(10**6)
     photos = _skimage_photos() if use_skimage else []
     if photos_dir is not None:
         photos += _user_photos(Path(os.path.abspath(photos_dir)))
     photo_ids = [(q, name, os.path.getsize(p)) for q, p, name in photos]
-    fp = _fingerprint(
-        {"size": [h, w], "seed": seed, "kinds": ks, "ratio": str(ratio), "photos": photo_ids}
-    )
-    plan = _Plan(str(out), (h, w), seed, ks, ratio, tuple(photos), fp)
+    plan_args: dict[str, Any] = {
+        "size": [h, w],
+        "seed": seed,
+        "kinds": ks,
+        "ratio": str(ratio),
+        "photos": photo_ids,
+    }
+    if (lo, hi) != WATERMARK_OPACITY:  # default datasets keep their fingerprints
+        plan_args["watermark_opacity"] = [lo, hi]
+    fp = _fingerprint(plan_args)
+    plan = _Plan(str(out), (h, w), seed, ks, ratio, (lo, hi), tuple(photos), fp)
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any] | None] = [_existing(plan, i) for i in range(count)]

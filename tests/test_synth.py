@@ -74,6 +74,22 @@ def test_watermarks_vary_and_have_soft_edges():
     assert soft.size > 100
 
 
+def test_watermark_opacity_range_is_respected_and_changes_the_fingerprint(tmp_path):
+    for s in range(8):
+        rng = np.random.default_rng(s)
+        art = apply_artifact(rng, _flat(s), "watermark", watermark_opacity=(0.9, 0.95))
+        assert 0.9 <= art.info["opacity"] <= 0.95
+    kw = {"size": 40, "seed": 3, "kinds": ["watermark"], **FAST}
+    synthesize(tmp_path / "ds", 3, **kw)
+    first = (tmp_path / "ds/images/000000.png").read_bytes()
+    report = synthesize(tmp_path / "ds", 3, watermark_opacity=(0.25, 0.85), **kw)
+    assert report.resumed == 3  # the default range is the default fingerprint
+    report = synthesize(tmp_path / "ds", 3, watermark_opacity=(0.9, 1.0), **kw)
+    assert report.resumed == 0 and (tmp_path / "ds/images/000000.png").read_bytes() != first
+    with pytest.raises(DDError, match="opacity"):
+        synthesize(tmp_path / "bad", 1, watermark_opacity=(0.8, 0.2), **kw)
+
+
 @pytest.mark.parametrize("bitmap", [False, True])
 def test_text_watermarks_without_system_fonts(monkeypatch, bitmap):
     """No TrueType fonts installed (and optionally a Pillow without FreeType's default font)."""
@@ -239,6 +255,8 @@ def test_bad_arguments_raise_dderror(tmp_path, kwargs, message):
 def test_cli_end_to_end(cli, tmp_path):
     out = tmp_path / "ds"
     args = ("synth", "--out", out, "--count", "5", "--size", "40", "--seed", "2", "--no-skimage")
+    res = cli(*args, "--kinds", "watermark,patch", "--watermark-opacity", "1-0.2")
+    assert res.exit_code != 0 and "opacity" in res.output
     res = cli(*args, "--kinds", "watermark,patch")
     assert res.exit_code == 0, res.output
     assert "clean" in res.output and "5 generated, 0 resumed" in res.output

@@ -15,7 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dd.engines.train_detector import cosine_schedule, detector_loss, is_better, plot_curves
+from dd.engines.train_detector import (
+    cosine_schedule,
+    detector_loss,
+    dilate_targets,
+    is_better,
+    plot_curves,
+)
 from dd.plugins import get_host
 
 TINY = ["--variant", "tiny", "--input-size", "64", "--batch-size", "4", "--log-every", "1"]
@@ -82,6 +88,19 @@ def test_detector_loss_hand_computed():
     t = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     up = torch.nn.functional.interpolate(lg, size=(16, 16), mode="bilinear", align_corners=False)
     assert float(detector_loss(lg, t)) == pytest.approx(float((up.sigmoid() - t).square().mean()))
+
+
+def test_dilate_targets_grows_masks_by_exactly_n_pixels():
+    t = torch.zeros(1, 1, 9, 9)
+    t[0, 0, 4, 4] = 1.0
+    t[0, 0, 0, 8] = 0.5  # soft values keep their value
+    assert torch.equal(dilate_targets(t, 0), t)
+    d = dilate_targets(t, 2)
+    assert d.shape == t.shape
+    assert torch.equal(d[0, 0, 2:7, 2:7], torch.ones(5, 5))
+    assert d[0, 0, 1, 4] == 0 and d[0, 0, 7, 4] == 0 and d[0, 0, 4, 1] == 0
+    assert d[0, 0, 0, 6] == 0.5 and d[0, 0, 2, 8] == 0.5 and d[0, 0, 0, 5] == 0
+    assert int((d == 1).sum()) == 25
 
 
 def test_cosine_schedule():

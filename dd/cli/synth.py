@@ -28,6 +28,9 @@ def synth(
         bool, typer.Option("--no-skimage", help="Do not use scikit-image's sample photos.")
     ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Processes rendering samples.")] = 1,
+    watermark_opacity: Annotated[
+        str, typer.Option(help="Opacity range LOW-HIGH of watermarks (0.6-1.0: plainly visible).")
+    ] = "0.25-0.85",
 ) -> None:
     """Write clean images and copies with synthetic artifacts plus their exact masks.
 
@@ -35,8 +38,15 @@ def synth(
     eval-detector. Rerunning with the same arguments resumes: finished samples are kept.
     Synthetic artifacts model watermarks and local edits, not real hand/face distortions.
     """
+    from dd.errors import DDError
     from dd.synth import synthesize
 
+    try:
+        lo, hi = (float(v) for v in watermark_opacity.split("-"))
+    except ValueError:
+        raise DDError(
+            f"bad --watermark-opacity {watermark_opacity!r}", hint="write LOW-HIGH, e.g. 0.6-1.0"
+        ) from None
     report = synthesize(
         out,
         count,
@@ -47,6 +57,7 @@ def synth(
         photos_dir=photos,
         use_skimage=not no_skimage,
         workers=workers,
+        watermark_opacity=(lo, hi),
     )
     console = Console()
     table = Table(title=f"dd synth: {report.samples} samples in {out}")

@@ -89,6 +89,13 @@ def train_detector(
         float, typer.Option(help="Smallest random crop, as a fraction of the image area.")
     ] = 0.5,
     hflip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = True,
+    mask_dilate: Annotated[
+        int,
+        typer.Option(
+            help="Grow training targets by this many pixels at the training size (thin masks, "
+            "e.g. watermark strokes, train faster as regions); validation uses exact masks."
+        ),
+    ] = 0,
     strong_pseudo: Annotated[
         bool, typer.Option(help="Strong augmentation for pseudo-labelled samples.")
     ] = True,
@@ -175,6 +182,7 @@ def train_detector(
         balance=balance,
         crop_scale=crop_scale,
         hflip=hflip,
+        mask_dilate=mask_dilate,
         strong_pseudo=strong_pseudo,
         shrink_prob=shrink_pad_prob,
         shrink_fill=shrink_pad_fill,
