@@ -90,6 +90,15 @@ def test_detector_loss_hand_computed():
     assert float(detector_loss(lg, t)) == pytest.approx(float((up.sigmoid() - t).square().mean()))
 
 
+def test_bce_pos_weight_weighs_only_artifact_pixels():
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    ln2 = math.log(2.0)
+    assert float(detector_loss(logits, target, kind="bce")) == pytest.approx(ln2)
+    got = float(detector_loss(logits, target, kind="bce", pos_weight=5.0))
+    assert got == pytest.approx((5 * ln2 + 3 * ln2) / 4)
+
+
 def test_dilate_targets_grows_masks_by_exactly_n_pixels():
     t = torch.zeros(1, 1, 9, 9)
     t[0, 0, 4, 4] = 1.0
@@ -330,3 +339,41 @@ def test_bad_dataset_leaves_no_run_folder(tmp_path, cli):
     res = cli("train-detector", tmp_path / "notadataset", "--out", tmp_path / "run", *TINY)
     assert res.exit_code == 1 and "no images/ folder" in res.output
     assert not (tmp_path / "run").exists()
+
+
+# -- learning on synthetic watermarks -------------------------------------------------------------
+def test_tiny_detector_learns_synthetic_watermarks(tmp_path, cli):
+    """300 steps from scratch on `dd synth` watermarks (64 px, procedural backgrounds, opacity
+    0.9-1): validation MSE falls below the untrained detector's and IoU at p >= 0.5 on
+    held-out watermarks clears a bound set at about half the measured value (measured here:
+    watermark IoU 0.19, pixel AUROC 0.83, CC 0.36, MSE 0.10; untrained: IoU 0.06, AUROC 0.53,
+    CC 0.02, MSE 0.24)."""
+    from dd.datasets import read_dataset
+    from dd.metrics import evaluate_detector
+    from dd.synth import synthesize
+
+    kw = {"size": 64, "kinds": ["watermark"], "watermark_opacity": (0.9, 1.0)}
+    kw.update(negative_ratio=0.2, use_skimage=False, progress=False)
+    synthesize(tmp_path / "train", 160, seed=3, **kw)
+    synthesize(tmp_path / "val", 32, seed=4, **kw)
+    run = tmp_path / "run"
+    res = cli(
+        "train-detector", tmp_path / "train", "--val", tmp_path / "val", "--out", run,
+        "--variant", "tiny", "--input-size", "64", "--batch-size", "8", "--steps", "300",
+        "--lr", "3e-3", "--warmup-steps", "10", "--loss", "bce", "--pos-weight", "10",
+        "--crop-scale", "1.0", "--val-every", "100", "--save-every", "300", "--workers", "0",
+        "--log-every", "50", "--seed", "0",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    val = [r for r in _records(run) if r["type"] == "val"]
+    assert [r["step"] for r in val] == [100, 200, 300]
+
+    untrained = get_host().detectors.get("segformer").load(None, variant="tiny", input_size=64)
+    before = evaluate_detector(untrained, read_dataset(tmp_path / "val"), workers=1)
+    last = val[-1]
+    assert last["mse"] < before["mse"] / 2, (last["mse"], before["mse"])
+    # The untrained map hovers around 0.5, so it "finds" about half of every image: IoU 0.06.
+    wm, wm0 = last["by_category"]["watermark"], before["by_category"]["watermark"]
+    assert wm["iou"] >= max(0.12, 2 * wm0["iou"]), (wm, wm0)
+    assert wm["pixel_auroc"] >= 0.75 > wm0["pixel_auroc"] + 0.1, (wm, wm0)
+    assert wm["cc"] >= 0.2, wm
