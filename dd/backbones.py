@@ -643,6 +643,46 @@ class Backbone(abc.ABC):
         }
 
 
+class DDIMBackbone(Backbone):
+    """Base of the epsilon / v-prediction families (SD1.5, SDXL, LDM): deterministic DDIM
+    sampling from the pipeline's own betas, trained with the epsilon / v MSE."""
+
+    def _prediction_type(self, scheduler_config: Any) -> str:
+        """The scheduler's prediction type; refuses what these families cannot sample."""
+        prediction = scheduler_config.get("prediction_type", EPSILON)
+        if prediction not in (EPSILON, V_PREDICTION):
+            raise DDError(
+                f"{self.name}: scheduler prediction type {prediction!r} is not supported",
+                hint="dd samples epsilon and v_prediction models",
+            )
+        return prediction
+
+    def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
+        return ddim_schedule(self.pipe.scheduler.config, steps, device=self.device)
+
+    def diffusion_loss(
+        self,
+        images: torch.Tensor,
+        cond: Conditioning,
+        *,
+        generator: torch.Generator | None = None,
+        guidance: float | None = None,
+        weighting: str = "uniform",
+    ) -> torch.Tensor:
+        """The epsilon / v-prediction MSE the model was trained with: on the conditional
+        prediction, without classifier-free guidance (``guidance`` is ignored)."""
+        return super().diffusion_loss(
+            images, cond, generator=generator, guidance=1.0, weighting=weighting
+        )
+
+
+def cfg_mix(out: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance of a batched ``[unconditional, conditional]`` model output:
+    ``uncond + guidance * (cond - uncond)``."""
+    uncond, text = out.chunk(2)
+    return uncond + float(guidance) * (text - uncond)
+
+
 def _shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from dd.errors import DDError
-from dd.io import atomic_write_bytes
+from dd.io import atomic_write_bytes, atomic_write_json
 
 #: The file a complete checkpoint folder always holds (written last).
 MARKER = "trainer.json"
@@ -101,6 +102,16 @@ def find_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+def write_trainer_state(
+    folder: Path, state: dict[str, Any], scheduler: Any, world_size: int, **extra: Any
+) -> None:
+    """``folder/trainer.json`` (written last: it marks the checkpoint complete): the loop
+    ``state``, the learning-rate ``scheduler``'s state, the number of processes and
+    ``extra`` fields (read back with :func:`read_trainer_state`)."""
+    trainer = {"state": state, "scheduler": scheduler.state_dict(), "world_size": world_size}
+    atomic_write_json(folder / MARKER, {**trainer, **extra})
+
+
 def read_trainer_state(folder: Path, world_size: int) -> dict[str, Any]:
     """The checkpoint's ``trainer.json``; refuses one written by another number of
     processes (the data order depends on it)."""
@@ -115,3 +126,210 @@ def read_trainer_state(folder: Path, world_size: int) -> dict[str, Any]:
             hint="resume with the same number of processes (the data order depends on it)",
         )
     return trainer
+
+
+# ------------------------------------------------------------------------------------------
+# Run folders and checkpoints of the LoRA / fine-tuning engines (treat, dreambooth,
+# refine train): OUT/config.toml, OUT/checkpoints/last/ (trainable.safetensors, state.pt,
+# rng_rank*.pt, trainer.json), OUT/pytorch_lora_weights.safetensors.
+# ------------------------------------------------------------------------------------------
+#: The diffusers-format LoRA file of a run (and of each checkpoint).
+LORA_FILE = "pytorch_lora_weights.safetensors"
+#: The trained parameters in a checkpoint, by name, in float32.
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def prepare_run_folder(
+    out: Path,
+    resume: bool,
+    what: str,
+    files: Sequence[str],
+    log: Callable[[str], None] | None = None,
+) -> Path | None:
+    """The checkpoint ``out/checkpoints/last`` to resume from (None: a new run).
+
+    Refuses to start a new ``what`` run in a folder that already holds one of ``files``
+    unless ``resume``; ``log``, if given, is told when ``resume`` finds such a folder but
+    no checkpoint (the run then starts from step 0).
+    """
+    last = find_checkpoint(out / "checkpoints" / "last") if resume else None
+    if last is None:
+        taken = [p for p in files if (out / p).exists()]
+        if taken and not resume:
+            raise DDError(
+                f"{out} already holds a {what} run",
+                hint="pass --resume to continue it, or choose a new --out folder",
+            )
+        if taken and log is not None:
+            log(f"[yellow]no checkpoint in {out}; starting from step 0[/yellow]")
+    return last
+
+
+def check_resume_config(out: Path, now: dict[str, Any], resumable: Collection[str]) -> None:
+    """Refuses to resume the run in ``out`` with settings (other than ``resumable`` ones)
+    that differ from its ``config.toml``."""
+    from dd.config import load_toml
+
+    saved = out / "config.toml"
+    try:
+        before = load_toml(saved)
+    except DDError:
+        raise DDError(f"{saved} is missing or damaged; cannot resume") from None
+    diff = sorted(k for k in now if k not in resumable and before.get(k) != now.get(k))
+    if diff:
+        raise DDError(
+            f"--resume with different settings than the run in {out}: "
+            + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff),
+            hint="resume with the original options (see config.toml) or use a new --out",
+        )
+
+
+def save_run_config(
+    out: Path,
+    resolved: dict[str, Any],
+    command: str,
+    *,
+    resuming: bool,
+    resumable: Collection[str],
+    main: bool,
+) -> None:
+    """Checks a resumed run's settings against ``out/config.toml`` (see
+    :func:`check_resume_config`), then (on the main process) writes ``resolved`` there."""
+    from dd.config import save_config
+
+    if resuming:
+        check_resume_config(out, resolved, resumable)
+    if main:
+        header = [
+            f"dd {command}: resolved configuration of the run in {out}",
+            "Read it back with --config; (unset) lines take the defaults.",
+        ]
+        save_config(out / "config.toml", resolved, header=header)
+
+
+def save_lora_file(backbone: Any, folder: Path) -> Path:
+    """``folder/pytorch_lora_weights.safetensors`` written whole or not at all."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".lora-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        written = backbone.save_lora(tmp)
+        with open(written, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(written, folder / LORA_FILE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / LORA_FILE
+
+
+def trainable_weights(
+    names: Sequence[str], params: Sequence[torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """The trained parameters by name, as contiguous float32 CPU tensors."""
+    return {
+        n: p.detach().to("cpu", torch.float32).contiguous()
+        for n, p in zip(names, params, strict=True)
+    }
+
+
+def open_checkpoint(acc: Any, ckpt_dir: Path, step: int) -> Path:
+    """Starts the checkpoint of ``step``: the main process makes an empty
+    ``ckpt_dir/.tmp-step-N``, then every process saves its RNG state there."""
+    tmp = ckpt_dir / f".tmp-step-{step}"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    save_tensors(tmp / f"rng_rank{acc.process_index}.pt", rng_state())
+    return tmp
+
+
+def save_optimizer_state(folder: Path, optimizer: Any, acc: Any) -> None:
+    """``folder/state.pt``: the optimizer's and the grad scaler's states."""
+    scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+    save_tensors(folder / "state.pt", {"optimizer": optimizer.state_dict(), "scaler": scaler})
+
+
+def commit_checkpoint(tmp: Path, ckpt_dir: Path, step: int, keep_step: bool) -> None:
+    """Makes the complete folder ``tmp`` the checkpoint ``ckpt_dir/last`` (main process
+    only); with ``keep_step`` it is kept as ``ckpt_dir/step-N`` too."""
+    if keep_step:
+        named = ckpt_dir / f"step-{step}"
+        fsync_tree(tmp)
+        shutil.rmtree(named, ignore_errors=True)
+        os.replace(tmp, named)
+        copy = ckpt_dir / ".last.tmp"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(named, copy)
+        swap_in(copy, ckpt_dir / "last")
+    else:
+        swap_in(tmp, ckpt_dir / "last")
+
+
+def save_lora_checkpoint(
+    acc: Any,
+    ckpt_dir: Path,
+    state: dict[str, Any],
+    backbone: Any,
+    names: Sequence[str],
+    params: Sequence[torch.nn.Parameter],
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    keep_step: bool,
+) -> None:
+    """The checkpoint of a LoRA run at ``state["step"]`` (all processes call it): the
+    trained parameters, the diffusers-format LoRA, optimizer, scheduler and RNG states;
+    see :func:`commit_checkpoint` for ``keep_step``."""
+    from safetensors.torch import save_file
+
+    step = state["step"]
+    tmp = open_checkpoint(acc, ckpt_dir, step)
+    if acc.is_main_process:
+        save_file(trainable_weights(names, params), str(tmp / TRAINABLE_FILE))
+        save_lora_file(backbone, tmp)
+        save_optimizer_state(tmp, optimizer, acc)
+        write_trainer_state(tmp, state, scheduler, acc.num_processes)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        commit_checkpoint(tmp, ckpt_dir, step, keep_step)
+    acc.wait_for_everyone()
+
+
+def load_lora_checkpoint(
+    last: Path,
+    world_size: int,
+    names: Sequence[str],
+    params: Sequence[torch.nn.Parameter],
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Copies the LoRA weights of checkpoint ``last`` into ``params`` and its learning-rate
+    schedule into ``scheduler``; returns its ``trainer.json``."""
+    from safetensors.torch import load_file
+
+    trainer = read_trainer_state(last, world_size)
+    try:
+        weights = load_file(str(last / TRAINABLE_FILE))
+    except Exception as e:
+        raise DDError(f"cannot read {last / TRAINABLE_FILE}: {type(e).__name__}: {e}") from None
+    if sorted(weights) != sorted(names):
+        raise DDError(
+            f"the LoRA in {last} does not match this run's LoRA layers",
+            hint="resume with the original --lora-* options",
+        )
+    with torch.no_grad():
+        for name, p in zip(names, params, strict=True):
+            p.copy_(weights[name].to(p.device, p.dtype))
+    scheduler.load_state_dict(trainer["scheduler"])
+    return trainer
+
+
+def load_optimizer_state(last: Path, optimizer: Any, acc: Any) -> None:
+    """Restores what :func:`save_optimizer_state` and :func:`open_checkpoint` saved in
+    ``last``: optimizer, grad scaler and this process's RNG states."""
+    state = load_tensors(last / "state.pt")
+    optimizer.load_state_dict(state["optimizer"])
+    if acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])
+    set_rng_state(load_tensors(last / f"rng_rank{acc.process_index}.pt"))

@@ -308,3 +308,24 @@ def save_config(path: str | Path, data: Mapping[str, Any], *, header: Iterable[s
     path = Path(path)
     atomic_write_text(path, to_toml(data, header=header))
     return path
+
+
+# --------------------------------------------------------------------------------- checking
+def check_settings(
+    choices: Iterable[tuple[str, Any, Iterable[str]]] = (),
+    positive: Mapping[str, int | None] | None = None,
+    checks: Iterable[tuple[bool, str]] = (),
+) -> None:
+    """One-line errors for a command's settings, in this order: ``choices`` (flag, value,
+    allowed values), ``positive`` (flag -> value that must be at least 1 when set), then
+    ``checks`` (condition, the error when it is false). Flags are named without ``--``."""
+    for name, value, allowed in choices:
+        allowed = tuple(allowed)
+        if value not in allowed:
+            raise DDError(f"unknown --{name} {value!r}", hint=f"one of {', '.join(allowed)}")
+    for name, number in (positive or {}).items():
+        if number is not None and number < 1:
+            raise DDError(f"--{name} must be at least 1, got {number}")
+    for ok, msg in checks:
+        if not ok:
+            raise DDError(msg)

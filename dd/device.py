@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from dd.errors import DDError
@@ -43,3 +46,55 @@ def resolve_dtype(name: str = "fp32") -> torch.dtype:
         return DTYPES[name.lower()]
     except KeyError:
         raise DDError(f"unknown dtype {name!r}", hint="use fp32, bf16 or fp16") from None
+
+
+def check_training_device(device: str, dtype: str) -> None:
+    """Refuses ``--dtype fp16`` on the CPU and ``--device cuda`` without CUDA (training)."""
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    if dtype == "fp16" and on_cpu:
+        raise DDError(
+            "--dtype fp16 needs a GPU (CPU autocast supports bf16 only)",
+            hint="use --dtype bf16 or fp32 on the CPU",
+        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DDError(
+            "--device cuda was asked for, but this torch has no usable CUDA device",
+            hint="use --device cpu, or install a CUDA build of torch",
+        )
+
+
+def make_accelerator(
+    device: str, mixed_precision: str, grad_accum: int, hint: str | None = None
+) -> Any:
+    """An ``accelerate.Accelerator`` for a training engine (the engines seed and step the
+    scheduler themselves); a setup error becomes a DDError with ``hint``."""
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(
+            cpu=device == "cpu",
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=grad_accum,
+            step_scheduler_with_optimizer=False,
+            rng_types=[],
+        )
+    except (ValueError, RuntimeError) as e:
+        raise DDError(f"cannot set up accelerate: {e}", hint=hint) from None
+
+
+def run_accelerated(make_runner: Callable[[], Any]) -> Any:
+    """``make_runner().run()`` for a training engine whose runner sets up accelerate (and
+    has a ``world`` size). accelerate keeps its settings in process-wide singletons: a run
+    that created them resets them afterwards (single process), so that the next run in this
+    process may choose other settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    ours = not AcceleratorState._shared_state
+    runner = None
+    try:
+        runner = make_runner()
+        return runner.run()
+    finally:
+        if ours and (runner is None or runner.world == 1):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()

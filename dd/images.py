@@ -27,12 +27,15 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dd.errors import DDError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -42,6 +45,7 @@ __all__ = [
     "InputItem",
     "collect_inputs",
     "load_image",
+    "load_training_image",
 ]
 
 #: Twice Pillow's default ``MAX_IMAGE_PIXELS``; override per call with ``max_pixels``.
@@ -151,6 +155,30 @@ def load_image(
             f"truncated or corrupt image: {e or type(e).__name__}",
             "re-export or re-download the file",
         ) from None
+
+
+def load_training_image(
+    path: str | os.PathLike[str],
+    size: int,
+    *,
+    center_crop: bool = True,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
+    """Resize the short side to ``size`` (bicubic), crop ``size x size`` at the centre (or at
+    a random position from ``rng``); a ``3 x size x size`` float tensor in [0, 1]."""
+    import torch
+
+    im = Image.fromarray(load_image(path))
+    w, h = im.size
+    s = size / min(w, h)
+    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    if center_crop or rng is None:
+        left, top = (w - size) // 2, (h - size) // 2
+    else:
+        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
 
 
 def _unidentified(p: Path) -> ImageLoadError:

@@ -112,3 +112,13 @@ def plot_panels(
             width = draw.textlength(label)  # legend at the top right
             draw.text((x1 - 8 - width, y0 + 6 + 12 * j), label, fill=colour)
     save_image_atomic(img, path)
+
+
+def metric_points(records: Sequence[dict], kind: str, key: str) -> list[tuple[float, float]]:
+    """``(step, value)`` of the ``metrics.jsonl`` records of ``type`` ``kind`` that hold a
+    finite number under ``key``."""
+    return [
+        (r["step"], r[key])
+        for r in records
+        if r.get("type") == kind and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+    ]

@@ -586,7 +586,7 @@ def test_cli_errors_are_one_line(
     assert res.exit_code == 1 and "unknown --reduction 'median'" in res.output
     # a random detector teaches nothing: refused
     res = cli("treat", "--backbone", "flux", "--model", tiny_flux, *common, "--out", tmp_path / "d",
-              "-O", "input_size=64", *TINY_FLAGS)  # fmt: skip
+              "-O", "input_size=64", "-O", "variant=tiny", *TINY_FLAGS)  # fmt: skip
     assert res.exit_code == 1 and "random weights" in res.output
     # an existing run is not overwritten
     (tmp_path / "e" / "checkpoints").mkdir(parents=True)
@@ -675,3 +675,21 @@ def test_reg_data_folder_and_manifest(tmp_path):
         read_reg_data(reg)
     (reg / "manifest.jsonl").write_text(json.dumps({"image": "3.png", "prompt": "again"}) + "\n")
     assert [(p.name, t) for p, t in read_reg_data(reg)] == [("3.png", "again")]
+
+
+def test_default_detector_treats_with_a_note(tiny_flux, prompt_files, tmp_path):
+    """Without --detector-weights the embedded default detector (trained on synthetic
+    watermarks) is used, and the run says what it knows and what to load instead."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    cfg = base_config(
+        tiny_flux, Path("unused"), prompt_files, tmp_path / "run", train_steps=1, eval_seeds=[0]
+    )
+    cfg.detector_weights, cfg.detector_options = None, {}
+    buf = StringIO()
+    result = treat(cfg, console=Console(file=buf, width=200))
+    text = buf.getvalue()
+    assert "embedded default detector" in text and "ad_pytorch_model.bin" in text
+    assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file(), result

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dd.cli import options as opt
 from dd.engines.dreambooth import DreamBoothConfig
 
 _D = DreamBoothConfig()
@@ -17,18 +18,12 @@ def dreambooth(
     backbone: Annotated[
         str | None, typer.Option(help="Backbone plugin: sd3, flux, sd15 (see `dd plugins`).")
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Diffusers folder, single .safetensors file or hub id of the model."),
-    ] = None,
+    model: opt.Model = None,
     config: Annotated[
         str | None,
         typer.Option("--config", "-c", help="TOML file of settings; flags given here override it."),
     ] = None,
-    backbone_option: Annotated[
-        list[str] | None,
-        typer.Option("--backbone-option", "-B", help="Backbone option KEY=VALUE."),
-    ] = None,
+    backbone_option: opt.BackboneOption = None,
     instance_dir: Annotated[
         str | None, typer.Option(help="Folder of exemplar images (the 'good' renderings).")
     ] = None,
@@ -57,7 +52,7 @@ def dreambooth(
     class_batch_size: Annotated[
         int, typer.Option(min=1, help="Images per batch when generating class images.")
     ] = _D.class_batch_size,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder.")] = None,
+    out: opt.RunFolder = None,
     resolution: Annotated[
         int | None, typer.Option(help="Training size (square); default: the backbone's.")
     ] = None,
@@ -71,30 +66,23 @@ def dreambooth(
     dtype: Annotated[
         str, typer.Option(help="Frozen models' dtype / mixed precision: fp32, bf16, fp16.")
     ] = _D.dtype,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _D.device,
+    device: opt.TrainDevice = _D.device,
     seed: Annotated[int, typer.Option(help="Seed of data order, noise, LoRA init.")] = _D.seed,
-    train_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = _D.train_steps,
+    train_steps: opt.TrainSteps = _D.train_steps,
     batch_size: Annotated[int, typer.Option(min=1, help="Instance images per micro-batch.")] = (
         _D.batch_size
     ),
     grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = (
         _D.grad_accum
     ),
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = _D.lr,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _D.weight_decay,
-    lr_schedule: Annotated[str, typer.Option(help="constant or cosine.")] = _D.lr_schedule,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps.")] = (
-        _D.warmup_steps
-    ),
-    clip_grad: Annotated[float, typer.Option(help="Clip the gradient norm (0: off).")] = (
-        _D.clip_grad
-    ),
+    lr: opt.Lr = _D.lr,
+    weight_decay: opt.WeightDecay = _D.weight_decay,
+    lr_schedule: opt.LrSchedule = _D.lr_schedule,
+    warmup_steps: opt.WarmupSteps = _D.warmup_steps,
+    clip_grad: opt.ClipGrad = _D.clip_grad,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = _D.lora_rank,
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: rank).")] = None,
-    lora_targets: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated module names (default to_q,to_k,to_v,to_out.0)."),
-    ] = None,
+    lora_targets: opt.LoraTargets = None,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = _D.lora_dropout,
     weighting: Annotated[
         str,
@@ -132,16 +120,12 @@ def dreambooth(
     validation_seeds: Annotated[
         str, typer.Option(help="Validation seeds: a list 0,1, a count N or a range A-B.")
     ] = ",".join(map(str, _D.validation_seeds)),
-    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = (
-        _D.save_every
-    ),
-    log_every: Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")] = (
-        _D.log_every
-    ),
+    save_every: opt.SaveEvery = _D.save_every,
+    log_every: opt.LogEvery = _D.log_every,
     stop_at: Annotated[
         int | None, typer.Option(min=1, help="Stop (with a checkpoint) at this step.")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    resume: opt.Resume = False,
 ) -> None:
     """DreamBooth-LoRA fine-tuning on exemplar images (SD3, FLUX, SD1.5).
 
@@ -150,16 +134,13 @@ def dreambooth(
     class_images/, validation/, metrics.jsonl, curves.png, config.toml and README.md.
     Several GPUs: `accelerate launch -m dd dreambooth ...`.
     """
-    from dd.cli.options import parse_options
-    from dd.config import load_preset, passed_flags, resolve
     from dd.engines.dreambooth import dreambooth as run
     from dd.engines.treat import parse_seeds
 
-    targets = [t.strip() for t in (lora_targets or "").split(",") if t.strip()] or None
     values = {
         "backbone": backbone,
         "model": model,
-        "backbone_options": parse_options(backbone_option),
+        "backbone_options": opt.parse_options(backbone_option),
         "instance_dir": instance_dir,
         "instance_prompt": instance_prompt,
         "class_prompt": class_prompt,
@@ -185,7 +166,7 @@ def dreambooth(
         "clip_grad": clip_grad,
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
-        "lora_targets": targets,
+        "lora_targets": opt.split_list(lora_targets),
         "lora_dropout": lora_dropout,
         "weighting": weighting,
         "logit_mean": logit_mean,
@@ -206,10 +187,7 @@ def dreambooth(
         "resume": resume,
     }
     renamed = {"backbone_options": "backbone_option"}
-    given = passed_flags(ctx, {renamed.get(k, k): v for k, v in values.items()})
-    flags = {k: v for k, v in values.items() if renamed.get(k, k) in given}
-    preset, source = ({}, None) if config is None else load_preset(config, DreamBoothConfig)
-    cfg = resolve(DreamBoothConfig, preset=preset, flags=flags)
+    cfg, source = opt.config_from_flags(ctx, DreamBoothConfig, values, config, renamed)
     err = Console(stderr=True)
     if source is not None:
         err.print(f"config {source}", highlight=False)

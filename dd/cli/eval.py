@@ -16,6 +16,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from dd.cli.options import BatchSize, DetectorPlugin, Device, Dtype, Guidance
+
 app = typer.Typer(
     help="Evaluate models' generations (metrics, grids) and run preference studies.",
     no_args_is_help=True,
@@ -69,11 +71,11 @@ def gen(
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder.")] = None,
     resolution: Annotated[int | None, typer.Option(min=8, help="Image size (square).")] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Sampling steps.")] = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 1,
-    detector: Annotated[str, typer.Option(help="Detector plugin.")] = "segformer",
+    guidance: Guidance = None,
+    dtype: Dtype = "fp32",
+    device: Device = "auto",
+    batch_size: BatchSize = 1,
+    detector: DetectorPlugin = "segformer",
     detector_weights: Annotated[
         str | None, typer.Option("--detector-weights", "--weights", help="Detector weights.")
     ] = None,

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dd.cli.options import BackboneOption, BatchSize, Device, Dtype, Guidance, Model
 
 GRID_CELL = 256
 #: Preset keys ``dd generate`` uses (a preset's training keys are ignored here).
@@ -31,20 +32,14 @@ def generate(
     backbone: Annotated[
         str | None, typer.Option(help="Backbone plugin: flux, sd15, sd3, sdxl (see `dd plugins`).")
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Diffusers folder, single .safetensors file or hub id of the model."),
-    ] = None,
+    model: Model = None,
     config: Annotated[
         str | None,
         typer.Option(
             "--config", "-c", help="Preset name or TOML file (its sampling settings are used)."
         ),
     ] = None,
-    backbone_option: Annotated[
-        list[str] | None,
-        typer.Option("--backbone-option", "-B", help="Backbone option KEY=VALUE."),
-    ] = None,
+    backbone_option: BackboneOption = None,
     lora: Annotated[
         str | None,
         typer.Option(help="A diffusers-format LoRA: folder or .safetensors (e.g. RUN/best)."),
@@ -58,14 +53,14 @@ def generate(
     steps: Annotated[
         int | None, typer.Option(min=1, help="Sampling steps; default: the backbone's.")
     ] = None,
-    guidance: Annotated[float | None, typer.Option(help="Guidance scale.")] = None,
+    guidance: Guidance = None,
     resolution: Annotated[
         int | None, typer.Option(min=8, help="Image size (square); default: the backbone's.")
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("dd-generate"),
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 1,
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    batch_size: BatchSize = 1,
+    dtype: Dtype = "fp32",
+    device: Device = "auto",
     detect: Annotated[
         bool, typer.Option("--detect", help="Score every image with the artifact detector.")
     ] = False,
@@ -105,6 +100,7 @@ def generate(
     from dd.errors import DDError
     from dd.io import atomic_write_text, save_image_atomic
     from dd.plugins import get_host
+    from dd.progress import progress_bar
     from dd.scores import map_scores
 
     values: dict[str, Any] = {
@@ -168,13 +164,7 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     cells: dict[tuple[int, int], tuple[Any, str]] = {}
-    with Progress(
-        TextColumn("[bold]generate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    ) as progress:
+    with progress_bar("generate", console=err) as progress:
         task = progress.add_task("generate", total=len(pairs))
         for start, images in generate_batches(
             bb,

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dd.cli.options import Device, Dtype, parse_pair
+
 app = typer.Typer(
     name="label",
     help="Human-in-the-loop labelling: mine hard cases, paint masks, pseudo-label the rest.",
@@ -26,23 +28,7 @@ Options = Annotated[
     list[str] | None,
     typer.Option("--option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."),
 ]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON report to stdout.")]
-
-
-def _pair(text: str, name: str) -> tuple[float, float]:
-    from dd.errors import DDError
-
-    try:
-        parts = [float(p) for p in text.replace(":", ",").split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise DDError(f"bad {name} {text!r}", hint="write one number or two: LO,HI")
-    return parts[0], parts[1]
 
 
 def _detector(name, weights, option, device, dtype, err: Console):
@@ -115,7 +101,7 @@ def mine(
     cfg = MineConfig(
         budget=budget,
         high=high,
-        band=_pair(band, "--band"),
+        band=parse_pair(band, "--band"),
         flag_z=flag_z,
         min_gap=flag_gap,
         min_count=min_count,
@@ -267,7 +253,7 @@ def pseudo(
         workers=workers,
         resume=resume,
         shrink_threshold=shrink_threshold,
-        shrink_scale=_pair(shrink_scale, "--shrink-scale"),
+        shrink_scale=parse_pair(shrink_scale, "--shrink-scale"),
         floor=floor,
         rank=env_rank if rank is None else rank,
         world_size=env_world if world_size is None else world_size,

@@ -1,11 +1,52 @@
-"""Option parsing shared by commands."""
+"""Option types and option parsing shared by commands.
+
+The ``Annotated`` types below carry a flag's help text (and short names or bounds) for
+options that several commands spell the same way; each command keeps its own default, e.g.
+``device: Device = "auto"``.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from dd.errors import DDError
+
+# -- models and outputs ------------------------------------------------------------------------
+Model = Annotated[
+    str | None,
+    typer.Option(help="Diffusers folder, single .safetensors file or hub id of the model."),
+]
+BackboneOption = Annotated[
+    list[str] | None,
+    typer.Option("--backbone-option", "-B", help="Backbone option KEY=VALUE."),
+]
+RunFolder = Annotated[str | None, typer.Option("--out", "-o", help="Run folder.")]
+DetectorPlugin = Annotated[str, typer.Option(help="Detector plugin.")]
+
+# -- devices and sampling ------------------------------------------------------------------------
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
+Guidance = Annotated[float | None, typer.Option(help="Guidance scale.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
+
+# -- training (dd treat, dd dreambooth, dd refine train) -----------------------------------------
+TrainDevice = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+TrainSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]
+Lr = Annotated[float, typer.Option(help="AdamW learning rate.")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
+LrSchedule = Annotated[str, typer.Option(help="constant or cosine.")]
+WarmupSteps = Annotated[int, typer.Option(min=0, help="Linear warmup steps.")]
+ClipGrad = Annotated[float, typer.Option(help="Clip the gradient norm (0: off).")]
+LoraTargets = Annotated[
+    str | None,
+    typer.Option(help="Comma-separated module names (default to_q,to_k,to_v,to_out.0)."),
+]
+SaveEvery = Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")]
+LogEvery = Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in --out.")]
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -24,3 +65,42 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
         except ValueError:
             out[key] = raw
     return out
+
+
+def parse_pair(text: str, name: str) -> tuple[float, float]:
+    """``"0.2,0.8"`` or ``"0.2:0.8"`` -> ``(0.2, 0.8)``; one number ``x`` -> ``(x, x)``."""
+    try:
+        parts = [float(p) for p in text.replace(":", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise DDError(f"bad {name} {text!r}", hint="write one number or two: LO,HI")
+    return parts[0], parts[1]
+
+
+def split_list(text: str | None) -> list[str] | None:
+    """``"to_q, to_k"`` -> ``["to_q", "to_k"]``; None for no text or no items."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return items or None
+
+
+def config_from_flags(
+    ctx: typer.Context,
+    cls: type,
+    values: dict[str, Any],
+    config: str | None,
+    renamed: dict[str, str],
+) -> tuple[Any, Any]:
+    """``cls`` from the preset or TOML file ``config`` (if any), overridden by the flags
+    of ``values`` the user typed; ``renamed`` maps a config field to its click parameter
+    name where they differ. Returns the config and the preset's path (None without one)."""
+    from dd.config import load_preset, passed_flags, resolve
+
+    given = passed_flags(ctx, {renamed.get(k, k): v for k, v in values.items()})
+    flags = {k: v for k, v in values.items() if renamed.get(k, k) in given}
+    preset, source = ({}, None) if config is None else load_preset(config, cls)
+    return resolve(cls, preset=preset, flags=flags), source

@@ -14,6 +14,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from dd.cli import options as opt
+
 DEFAULT_COMMAND = "run"
 
 
@@ -56,10 +58,7 @@ def run(
         str | None,
         typer.Option(help="Base model: diffusers folder, .safetensors file or hub id."),
     ] = None,
-    backbone_option: Annotated[
-        list[str] | None,
-        typer.Option("--backbone-option", "-B", help="Backbone option KEY=VALUE."),
-    ] = None,
+    backbone_option: opt.BackboneOption = None,
     late_steps: Annotated[
         str | None,
         typer.Option(
@@ -117,7 +116,7 @@ def run(
         float | None,
         typer.Option(help="--until-clean stops under this max confidence (default --threshold)."),
     ] = None,
-    detector: Annotated[str, typer.Option(help="Detector plugin.")] = "segformer",
+    detector: opt.DetectorPlugin = "segformer",
     detector_weights: Annotated[
         str | None,
         typer.Option("--detector-weights", "--weights", help="Detector weights: file or folder."),
@@ -128,8 +127,8 @@ def run(
     ] = None,
     seed: Annotated[int, typer.Option(help="Run seed (each image's noise derives from it).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "fp32",
     resume: Annotated[bool, typer.Option(help="Skip images already refined in --out.")] = False,
 ) -> None:
     """Refine images: noise them part-way and redo the late steps (seed 002, SDEdit).
@@ -139,7 +138,6 @@ def run(
     """
     from rich.console import Console
 
-    from dd.cli.options import parse_options
     from dd.engines.refine import RefineConfig, refine
 
     cfg = RefineConfig(
@@ -147,7 +145,7 @@ def run(
         out=out,
         backbone=backbone,
         model=model,
-        backbone_options=parse_options(backbone_option),
+        backbone_options=opt.parse_options(backbone_option),
         late_steps=late_steps,
         segments=list(segment or []),
         strength=strength,
@@ -162,7 +160,7 @@ def run(
         clean_threshold=clean_threshold,
         detector=detector,
         detector_weights=detector_weights,
-        detector_options=parse_options(detector_option),
+        detector_options=opt.parse_options(detector_option),
         seed=seed,
         batch_size=batch_size,
         device=device,
@@ -204,20 +202,20 @@ def train(
         str | None,
         typer.Option(help="Model to start from: diffusers folder or hub id (the base of a LoRA)."),
     ] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder.")] = None,
+    out: opt.RunFolder = None,
     from_scratch: Annotated[
         bool, typer.Option(help="ldm: re-initialise the UNet (keep --init's autoencoder).")
     ] = False,
     resolution: Annotated[
         int | None, typer.Option(min=8, help="Square crop size (default: the model's).")
     ] = None,
-    train_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,
+    train_steps: opt.TrainSteps = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per process per step.")] = 4,
     grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per step.")] = 1,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-2,
-    lr_schedule: Annotated[str, typer.Option(help="constant or cosine.")] = "constant",
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps.")] = 0,
+    lr: opt.Lr = 1e-4,
+    weight_decay: opt.WeightDecay = 1e-2,
+    lr_schedule: opt.LrSchedule = "constant",
+    warmup_steps: opt.WarmupSteps = 0,
     clip_grad: Annotated[float, typer.Option(help="Gradient norm clip (0: off).")] = 1.0,
     ema_decay: Annotated[
         float, typer.Option(help="EMA decay of the saved weights (0: no EMA).")
@@ -227,16 +225,16 @@ def train(
     lora_alpha: Annotated[float | None, typer.Option(help="sd15: LoRA alpha (default rank).")] = (
         None
     ),
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: opt.TrainDevice = "auto",
     seed: Annotated[int, typer.Option(help="Seed of data order, noise and timesteps.")] = 0,
     eval_every: Annotated[int, typer.Option(min=1, help="Range loss every N steps.")] = 100,
     eval_images: Annotated[int, typer.Option(min=1, help="Images in the range-loss eval.")] = 8,
-    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")] = 10,
+    save_every: opt.SaveEvery = 500,
+    log_every: opt.LogEvery = 10,
     stop_at: Annotated[
         int | None, typer.Option(min=1, help="Stop (with a checkpoint) here; --resume later.")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    resume: opt.Resume = False,
 ) -> None:
     """Train a model on a late-step range only (seed 002).
 

@@ -7,16 +7,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dd.cli import options as opt
 from dd.engines.treat import TreatConfig
 
 _D = TreatConfig()
-
-
-def _split_list(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    return items or None
 
 
 def treat(
@@ -24,10 +18,7 @@ def treat(
     backbone: Annotated[
         str | None, typer.Option(help="Backbone plugin: flux, sd15, sd3, sdxl (see `dd plugins`).")
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Diffusers folder, single .safetensors file or hub id of the model."),
-    ] = None,
+    model: opt.Model = None,
     config: Annotated[
         str | None,
         typer.Option(
@@ -45,7 +36,7 @@ def treat(
             help="Backbone option KEY=VALUE (e.g. max_sequence_length=256).",
         ),
     ] = None,
-    detector: Annotated[str, typer.Option(help="Detector plugin.")] = _D.detector,
+    detector: opt.DetectorPlugin = _D.detector,
     detector_weights: Annotated[
         str | None,
         typer.Option(
@@ -64,7 +55,7 @@ def treat(
     eval_prompts: Annotated[
         str | None, typer.Option(help="Held-out prompts evaluated at fixed seeds.")
     ] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder.")] = None,
+    out: opt.RunFolder = None,
     resolution: Annotated[
         int | None, typer.Option(help="Image size (square); default: the backbone's.")
     ] = None,
@@ -91,26 +82,19 @@ def treat(
         int, typer.Option(min=1, help="Micro-batches accumulated per optimizer step.")
     ] = _D.grad_accum,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (paper: 1e-4).")] = _D.lr,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _D.weight_decay,
+    weight_decay: opt.WeightDecay = _D.weight_decay,
     lr_schedule: Annotated[str, typer.Option(help="constant or cosine (after warmup).")] = (
         _D.lr_schedule
     ),
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warmup steps.")] = (
-        _D.warmup_steps
-    ),
-    clip_grad: Annotated[float, typer.Option(help="Clip the gradient norm (0: off).")] = (
-        _D.clip_grad
-    ),
+    warmup_steps: opt.WarmupSteps = _D.warmup_steps,
+    clip_grad: opt.ClipGrad = _D.clip_grad,
     lora_rank: Annotated[
         int, typer.Option(min=1, help="LoRA rank (paper 16; the released code used 8).")
     ] = _D.lora_rank,
     lora_alpha: Annotated[
         float | None, typer.Option(help="LoRA alpha (default: the rank).")
     ] = None,
-    lora_targets: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated module names (default to_q,to_k,to_v,to_out.0)."),
-    ] = None,
+    lora_targets: opt.LoraTargets = None,
     init_lora: Annotated[
         str | None,
         typer.Option(help="Continue from this diffusers-format LoRA (e.g. a DreamBooth one)."),
@@ -174,15 +158,11 @@ def treat(
             "same seeds: mean |difference| of pixels in [0, 1] (collapse guard, e.g. 0.1)."
         ),
     ] = None,
-    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = (
-        _D.save_every
-    ),
+    save_every: opt.SaveEvery = _D.save_every,
     keep_checkpoints: Annotated[
         int | None, typer.Option(min=1, help="Keep only the newest N step-N checkpoints.")
     ] = None,
-    log_every: Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")] = (
-        _D.log_every
-    ),
+    log_every: opt.LogEvery = _D.log_every,
     stop_at: Annotated[
         int | None,
         typer.Option(min=1, help="Stop (with a checkpoint) at this step; --resume later."),
@@ -199,18 +179,16 @@ def treat(
     best/ (best eval mean confidence), checkpoints/, eval/ grids, metrics.jsonl, curves.png,
     config.toml and README.md. Several GPUs: `accelerate launch -m dd treat ...`.
     """
-    from dd.cli.options import parse_options
-    from dd.config import load_preset, passed_flags, resolve
     from dd.engines.treat import parse_seeds
     from dd.engines.treat import treat as run
 
     values = {
         "backbone": backbone,
         "model": model,
-        "backbone_options": parse_options(backbone_option),
+        "backbone_options": opt.parse_options(backbone_option),
         "detector": detector,
         "detector_weights": detector_weights,
-        "detector_options": parse_options(detector_option),
+        "detector_options": opt.parse_options(detector_option),
         "prompts": prompts,
         "eval_prompts": eval_prompts,
         "out": out,
@@ -230,7 +208,7 @@ def treat(
         "clip_grad": clip_grad,
         "lora_rank": lora_rank,
         "lora_alpha": lora_alpha,
-        "lora_targets": _split_list(lora_targets),
+        "lora_targets": opt.split_list(lora_targets),
         "init_lora": init_lora,
         "grad_steps": grad_steps,
         "grad_steps_random": grad_steps_random,
@@ -255,10 +233,7 @@ def treat(
     }
     # the click parameter names of options whose config field is spelled differently
     renamed = {"backbone_options": "backbone_option", "detector_options": "detector_option"}
-    given = passed_flags(ctx, {renamed.get(k, k): v for k, v in values.items()})
-    flags = {k: v for k, v in values.items() if renamed.get(k, k) in given}
-    preset, source = ({}, None) if config is None else load_preset(config, TreatConfig)
-    cfg = resolve(TreatConfig, preset=preset, flags=flags)
+    cfg, source = opt.config_from_flags(ctx, TreatConfig, values, config, renamed)
 
     err = Console(stderr=True)
     if source is not None:

@@ -57,7 +57,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,17 +67,20 @@ import torch
 
 from dd.backbones import Conditioning
 from dd.checkpoint import (
-    find_checkpoint,
-    fsync_tree,
-    load_tensors,
-    read_trainer_state,
-    save_tensors,
-    set_rng_state,
-    swap_in,
+    LORA_FILE,
+    load_lora_checkpoint,
+    load_optimizer_state,
+    prepare_run_folder,
+    save_lora_checkpoint,
+    save_lora_file,
+    save_run_config,
 )
-from dd.checkpoint import rng_state as _rng_state
+from dd.config import check_settings
+from dd.device import check_training_device, make_accelerator, run_accelerated
 from dd.errors import DDError
+from dd.images import load_training_image
 from dd.io import Journal, atomic_write_text
+from dd.progress import progress_bar
 
 __all__ = [
     "WEIGHTINGS",
@@ -93,8 +95,6 @@ WEIGHTINGS = ("logit_normal", "uniform", "mode")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
-LORA_FILE = "pytorch_lora_weights.safetensors"
-TRAINABLE_FILE = "trainable.safetensors"
 #: Config fields a resumed run may change: they do not affect the results.
 RESUMABLE_CHANGES = frozenset({"resume", "stop_at"})
 #: Random streams (with the run seed and an index they give every draw's seed).
@@ -213,28 +213,6 @@ def flow_sigmas(
     return s
 
 
-def load_training_image(
-    path: Path, size: int, *, center_crop: bool = True, rng: np.random.Generator | None = None
-) -> torch.Tensor:
-    """Resize the short side to ``size`` (bicubic), crop ``size x size`` at the centre (or at
-    a random position from ``rng``); ``3 x size x size`` float in [0, 1]."""
-    from PIL import Image
-
-    from dd.images import load_image
-
-    im = Image.fromarray(load_image(path))
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    if center_crop or rng is None:
-        left, top = (w - size) // 2, (h - size) // 2
-    else:
-        left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-    im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
-
-
 def list_images(folder: Path) -> list[Path]:
     from dd.images import IMAGE_SUFFIXES
 
@@ -315,9 +293,6 @@ class _DreamBooth:
             ("dtype", c.dtype, tuple(PRECISIONS)),
             ("device", c.device, DEVICES),
         ]
-        for name, value, allowed in choices:
-            if value not in allowed:
-                raise DDError(f"unknown --{name} {value!r}", hint=f"one of {', '.join(allowed)}")
         positive = {
             "num-class-images": c.num_class_images,
             "class-batch-size": c.class_batch_size,
@@ -332,9 +307,6 @@ class _DreamBooth:
             "resolution": c.resolution,
             "steps": c.steps,
         }
-        for name, value in positive.items():
-            if value is not None and value < 1:
-                raise DDError(f"--{name} must be at least 1, got {value}")
         checks = [
             (c.lr > 0, "--lr must be above 0"),
             (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
@@ -347,20 +319,8 @@ class _DreamBooth:
             (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be above 0"),
             (len(set(c.validation_seeds)) == len(c.validation_seeds), "validation seeds repeat"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise DDError(msg)
-        on_cpu = c.device == "cpu" or not torch.cuda.is_available()
-        if c.dtype == "fp16" and on_cpu:
-            raise DDError(
-                "--dtype fp16 needs a GPU (CPU autocast supports bf16 only)",
-                hint="use --dtype bf16 or fp32 on the CPU",
-            )
-        if c.device == "cuda" and not torch.cuda.is_available():
-            raise DDError(
-                "--device cuda was asked for, but this torch has no usable CUDA device",
-                hint="use --device cpu, or install a CUDA build of torch",
-            )
+        check_settings(choices, positive, checks)
+        check_training_device(c.device, c.dtype)
         inst = Path(c.instance_dir)  # type: ignore[arg-type]
         if not inst.is_dir():
             raise DDError(f"--instance-dir not found: {inst}")
@@ -370,58 +330,23 @@ class _DreamBooth:
             )
 
     def _accelerator(self) -> Any:
-        from accelerate import Accelerator
-
-        try:
-            return Accelerator(
-                cpu=self.cfg.device == "cpu",
-                mixed_precision=PRECISIONS[self.cfg.dtype],
-                gradient_accumulation_steps=self.cfg.grad_accum,
-                step_scheduler_with_optimizer=False,
-                rng_types=[],
-            )
-        except (ValueError, RuntimeError) as e:
-            raise DDError(f"cannot set up accelerate: {e}", hint="check --dtype") from None
+        c = self.cfg
+        hint = "check --dtype"
+        return make_accelerator(c.device, PRECISIONS[c.dtype], c.grad_accum, hint=hint)
 
     def log(self, text: str) -> None:
         if self.console is not None:
             self.console.print(text, highlight=False)
 
     def _prepare_out(self) -> Path | None:
-        last = find_checkpoint(self.ckpt_dir / "last") if self.cfg.resume else None
-        if last is None:
-            taken = [
-                p for p in ("checkpoints", "metrics.jsonl", LORA_FILE) if (self.out / p).exists()
-            ]
-            if taken and not self.cfg.resume:
-                raise DDError(
-                    f"{self.out} already holds a dreambooth run",
-                    hint="pass --resume to continue it, or choose a new --out folder",
-                )
-        return last
-
-    def _check_resume_config(self, now: dict[str, Any]) -> None:
-        from dd.config import load_toml
-
-        saved = self.out / "config.toml"
-        try:
-            before = load_toml(saved)
-        except DDError:
-            raise DDError(f"{saved} is missing or damaged; cannot resume") from None
-        diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
-        if diff:
-            raise DDError(
-                f"--resume with different settings than the run in {self.out}: "
-                + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff),
-                hint="resume with the original options (see config.toml) or use a new --out",
-            )
+        files = ("checkpoints", "metrics.jsonl", LORA_FILE)
+        return prepare_run_folder(self.out, self.cfg.resume, "dreambooth", files)
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> DreamBoothResult:
         from accelerate.utils import set_seed
 
         from dd.backbones import FLOW
-        from dd.config import save_config
         from dd.device import resolve_dtype
         from dd.plugins import get_host
 
@@ -453,15 +378,14 @@ class _DreamBooth:
             if getattr(bb, "guidance_embeds", False)
             else 1.0
         )
-        resolved = cfg.resolved()
-        if last is not None:
-            self._check_resume_config(resolved)
-        if self.main:
-            header = [
-                f"dd dreambooth: resolved configuration of the run in {self.out}",
-                "Read it back with --config; (unset) lines take the defaults.",
-            ]
-            save_config(self.out / "config.toml", resolved, header=header)
+        save_run_config(
+            self.out,
+            cfg.resolved(),
+            "dreambooth",
+            resuming=last is not None,
+            resumable=RESUMABLE_CHANGES,
+            main=self.main,
+        )
         acc.wait_for_everyone()
 
         self._encode_prompts()
@@ -500,11 +424,7 @@ class _DreamBooth:
             state = self._load_checkpoint(last, params, scheduler, state)
         wrapped, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
         if last is not None:
-            opt_state = load_tensors(last / "state.pt")
-            optimizer.load_state_dict(opt_state["optimizer"])
-            if acc.scaler is not None and opt_state.get("scaler"):
-                acc.scaler.load_state_dict(opt_state["scaler"])
-            set_rng_state(load_tensors(last / f"rng_rank{self.rank}.pt"))
+            load_optimizer_state(last, optimizer, acc)
         self.params, self.wrapped, self.optimizer, self.scheduler = (
             params,
             wrapped,
@@ -604,7 +524,7 @@ class _DreamBooth:
                 k += 1
             mine = todo[self.rank :: self.world]
             self.log(f"generating {need} class image(s) for {cfg.class_prompt!r} into {folder}")
-            progress = self._progress("class images", len(mine))
+            progress = progress_bar("class images", "{task.fields[info]}", console=self.console)
             with progress if progress is not None else contextlib.nullcontext():
                 task = progress.add_task("class", total=len(mine), info="") if progress else None
                 for start in range(0, len(mine), cfg.class_batch_size):
@@ -711,32 +631,12 @@ class _DreamBooth:
         return {"x0": x0, "cond": cond, "noise": noise, "t": t, "is_class": is_class}
 
     # -- loop ---------------------------------------------------------------------------------
-    def _progress(self, name: str, total: int) -> Any:
-        if self.console is None:
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        return Progress(
-            TextColumn(f"[bold]{name}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
-
     def _loop(self) -> None:
         cfg, st = self.cfg, self.state
         stop_at = min(cfg.train_steps, cfg.stop_at or cfg.train_steps)
         if 0 not in st["validated"]:
             self._validate()
-        progress = self._progress("dreambooth", cfg.train_steps)
+        progress = progress_bar("dreambooth", "{task.fields[info]}", console=self.console)
         with progress if progress is not None else contextlib.nullcontext():
             task = None
             if progress is not None:
@@ -912,80 +812,25 @@ class _DreamBooth:
     def _load_checkpoint(
         self, last: Path, params: list[torch.nn.Parameter], scheduler: Any, state: dict
     ) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
-        trainer = read_trainer_state(last, self.world)
-        try:
-            weights = load_file(str(last / TRAINABLE_FILE))
-        except Exception as e:
-            raise DDError(f"cannot read {last / TRAINABLE_FILE}: {type(e).__name__}: {e}") from None
-        if sorted(weights) != sorted(self.param_names):
-            raise DDError(
-                f"the LoRA in {last} does not match this run's LoRA layers",
-                hint="resume with the original --lora-* options",
-            )
-        with torch.no_grad():
-            for name, p in zip(self.param_names, params, strict=True):
-                p.copy_(weights[name].to(p.device, p.dtype))
-        scheduler.load_state_dict(trainer["scheduler"])
+        trainer = load_lora_checkpoint(last, self.world, self.param_names, params, scheduler)
         self.log(f"resuming {self.out} at step {trainer['state']['step']}")
         return {**state, **trainer["state"]}
 
     def _save_checkpoint(self, keep_step: bool) -> None:
-        from safetensors.torch import save_file
-
-        from dd.engines.treat import _save_lora_file
-        from dd.io import atomic_write_json
-
-        acc, st = self.acc, self.state
-        step = st["step"]
-        tmp = self.ckpt_dir / f".tmp-step-{step}"
-        acc.wait_for_everyone()
-        if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        save_tensors(tmp / f"rng_rank{self.rank}.pt", _rng_state())
-        if self.main:
-            weights = {
-                n: p.detach().to("cpu", torch.float32).contiguous()
-                for n, p in zip(self.param_names, self.params, strict=True)
-            }
-            save_file(weights, str(tmp / TRAINABLE_FILE))
-            _save_lora_file(self.bb, tmp)
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            save_tensors(
-                tmp / "state.pt", {"optimizer": self.optimizer.state_dict(), "scaler": scaler}
-            )
-            atomic_write_json(
-                tmp / "trainer.json",
-                {"state": st, "scheduler": self.scheduler.state_dict(), "world_size": self.world},
-            )
-        acc.wait_for_everyone()
-        if self.main:
-            if keep_step:
-                named = self.ckpt_dir / f"step-{step}"
-                fsync_tree(tmp)
-                shutil.rmtree(named, ignore_errors=True)
-                os.replace(tmp, named)
-                copy = self.ckpt_dir / ".last.tmp"
-                shutil.rmtree(copy, ignore_errors=True)
-                shutil.copytree(named, copy)
-                swap_in(copy, self.ckpt_dir / "last")
-            else:
-                swap_in(tmp, self.ckpt_dir / "last")
-        acc.wait_for_everyone()
+        bb, names, params = self.bb, self.param_names, self.params
+        opt, sched = self.optimizer, self.scheduler
+        save_lora_checkpoint(
+            self.acc, self.ckpt_dir, self.state, bb, names, params, opt, sched, keep_step=keep_step
+        )
 
     # -- outputs ------------------------------------------------------------------------------
     def _finish(self) -> DreamBoothResult:
-        from dd.engines.treat import _save_lora_file
-
         acc, st = self.acc, self.state
         acc.wait_for_everyone()
         records = list(self.journal.records) if self.journal is not None else []
         vals = [r for r in records if r.get("type") == "validation"]
         if self.main:
-            _save_lora_file(self.bb, self.out)
+            save_lora_file(self.bb, self.out)
             plot_curves(records, self.out / "curves.png")
             atomic_write_text(self.out / "README.md", self._model_card(vals))
             self.log(f"LoRA: {self.out / LORA_FILE} (step {st['step']})")
@@ -1036,16 +881,10 @@ class _DreamBooth:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    from dd.plot import Panel, plot_panels
+    from dd.plot import Panel, metric_points, plot_panels
 
     def pts(kind: str, key: str) -> list[tuple[float, float]]:
-        return [
-            (r["step"], r[key])
-            for r in records
-            if r.get("type") == kind
-            and isinstance(r.get(key), (int, float))
-            and math.isfinite(r[key])
-        ]
+        return metric_points(records, kind, key)
 
     panels = [
         Panel(
@@ -1066,14 +905,4 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
 
 def dreambooth(cfg: DreamBoothConfig, *, console: Any | None = None) -> DreamBoothResult:
     """Train (or resume) a DreamBooth LoRA; see the module docstring."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    ours = not AcceleratorState._shared_state
-    runner = None
-    try:
-        runner = _DreamBooth(cfg, console)
-        return runner.run()
-    finally:
-        if ours and (runner is None or runner.world == 1):
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+    return run_accelerated(lambda: _DreamBooth(cfg, console))

@@ -57,14 +57,15 @@ import torch
 import torch.nn.functional as F
 
 from dd.backbones import FLOW, Backbone, Schedule, flow_schedule
+from dd.checkpoint import LORA_FILE
 from dd.errors import DDError
 from dd.io import Journal, atomic_write_json, atomic_write_text, save_image_atomic
+from dd.progress import progress_bar
 
 JOURNAL = ".dd/refine-journal.jsonl"
 RUN_INFO = ".dd/refine-run.json"
 #: Written by ``dd refine train`` next to the model: backbone, range, base model.
 MODEL_INFO = "refine.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 CSV_FIELDS = [
     "key",
     "image",
@@ -797,7 +798,7 @@ class _Refiner:
         todo = [it for it in items if it.key not in done]
         if done:
             self.log(f"resuming: {len(done)} image(s) already refined")
-        progress = self._progress()
+        progress = progress_bar("refine", console=self.console)
         try:
             with progress if progress is not None else contextlib.nullcontext():
                 task = progress.add_task("refine", total=len(todo)) if progress else None
@@ -819,25 +820,6 @@ class _Refiner:
         records = [r for r in records if r.get("status") != "failed"]
         summary = self._write_reports(records, failures)
         return RefineResult(records, failures, self.printed_plan, summary)
-
-    def _progress(self) -> Any:
-        if self.console is None:
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        return Progress(
-            TextColumn("[bold]refine"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
 
     # -- one chunk of images ---------------------------------------------------------------
     def _refine_chunk(self, chunk: list[Any], failures: list[dict[str, str]]) -> list[dict]:

@@ -49,20 +49,26 @@ import torch
 import torch.nn.functional as F
 
 from dd.checkpoint import (
-    find_checkpoint,
+    TRAINABLE_FILE,
+    load_optimizer_state,
     load_tensors,
+    open_checkpoint,
+    prepare_run_folder,
     read_trainer_state,
-    rng_state,
+    save_lora_file,
+    save_optimizer_state,
     save_tensors,
-    set_rng_state,
     swap_in,
+    trainable_weights,
+    write_trainer_state,
 )
+from dd.device import make_accelerator, run_accelerated
 from dd.errors import DDError
 from dd.io import Journal, atomic_write_json, atomic_write_text
+from dd.progress import progress_bar
 
 BACKBONES = ("ldm", "sd15")
 PRECISIONS = ("no", "bf16", "fp16")
-TRAINABLE_FILE = "trainable.safetensors"
 #: Fields a resumed run may change.
 RESUMABLE = frozenset({"resume", "stop_at"})
 
@@ -262,18 +268,8 @@ class _Trainer:
         train_timestep_range(c.late_steps or "")
 
     def _accelerator(self) -> Any:
-        from accelerate import Accelerator
-
-        try:
-            return Accelerator(
-                cpu=self.cfg.device == "cpu",
-                mixed_precision=self.cfg.mixed_precision,
-                gradient_accumulation_steps=self.cfg.grad_accum,
-                step_scheduler_with_optimizer=False,
-                rng_types=[],
-            )
-        except (ValueError, RuntimeError) as e:
-            raise DDError(f"cannot set up accelerate: {e}") from None
+        c = self.cfg
+        return make_accelerator(c.device, c.mixed_precision, c.grad_accum)
 
     # -- run -------------------------------------------------------------------------------
     def run(self) -> RefineTrainResult:
@@ -321,11 +317,7 @@ class _Trainer:
             self._load_checkpoint(last, scheduler)
         wrapped, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
         if last is not None:
-            st = load_tensors(last / "state.pt")
-            optimizer.load_state_dict(st["optimizer"])
-            if acc.scaler is not None and st.get("scaler"):
-                acc.scaler.load_state_dict(st["scaler"])
-            set_rng_state(load_tensors(last / f"rng_rank{self.rank}.pt"))
+            load_optimizer_state(last, optimizer, acc)
         self.bb, self.wrapped, self.optimizer, self.scheduler = bb, wrapped, optimizer, scheduler
         n_eval = min(cfg.eval_images, len(self.data))
         self.eval_images = torch.stack([self._image(i) for i in range(n_eval)])
@@ -357,23 +349,15 @@ class _Trainer:
         )
 
     def _prepare_out(self) -> Path | None:
-        cfg = self.cfg
-        last = find_checkpoint(self.ckpt_dir / "last") if cfg.resume else None
-        if last is None:
-            taken = [p for p in ("checkpoints", "metrics.jsonl") if (self.out / p).exists()]
-            if taken and not cfg.resume:
-                raise DDError(
-                    f"{self.out} already holds a refine train run",
-                    hint="pass --resume to continue it, or choose a new --out folder",
-                )
-        return last
+        files = ("checkpoints", "metrics.jsonl")
+        return prepare_run_folder(self.out, self.cfg.resume, "refine train", files)
 
     # -- data ------------------------------------------------------------------------------
     def _image(self, index: int) -> torch.Tensor:
-        from dd.engines.treat import _load_reg_image
+        from dd.images import load_training_image
 
         if index not in self._cache:
-            img = _load_reg_image(self.data[index][0], int(self.cfg.resolution or 0))
+            img = load_training_image(self.data[index][0], int(self.cfg.resolution or 0))
             if len(self._cache) < 2048:
                 self._cache[index] = img
             return img
@@ -408,7 +392,12 @@ class _Trainer:
         stop_at = min(cfg.train_steps, cfg.stop_at or cfg.train_steps)
         if st["first_loss"] is None:
             st["first_loss"] = st["last"] = self._evaluate()
-        progress = self._progress()
+        progress = progress_bar(
+            "refine train",
+            "loss {task.fields[loss]}",
+            "range loss {task.fields[eval]}",
+            console=self.console,
+        )
         window: list[float] = []
         reason = ""
         with progress if progress is not None else contextlib.nullcontext():
@@ -455,27 +444,6 @@ class _Trainer:
             )
         self.log(f"stopped at step {st['step']}: {reason}")
         return reason
-
-    def _progress(self) -> Any:
-        if self.console is None:
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        return Progress(
-            TextColumn("[bold]refine train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("range loss {task.fields[eval]}"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
 
     def _train_step(self) -> tuple[float, float | None]:
         cfg, acc = self.cfg, self.acc
@@ -545,33 +513,16 @@ class _Trainer:
         from safetensors.torch import save_file
 
         acc, st = self.acc, self.state
-        tmp = self.ckpt_dir / f".tmp-step-{st['step']}"
-        acc.wait_for_everyone()
+        tmp = open_checkpoint(acc, self.ckpt_dir, st["step"])
         if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        save_tensors(tmp / f"rng_rank{self.rank}.pt", rng_state())
-        if self.main:
-            weights = {
-                n: p.detach().to("cpu", torch.float32).contiguous()
-                for n, p in zip(self.names, self.params, strict=True)
-            }
-            save_file(weights, str(tmp / TRAINABLE_FILE))
+            save_file(trainable_weights(self.names, self.params), str(tmp / TRAINABLE_FILE))
             if self.ema is not None:
                 save_tensors(tmp / "ema.pt", self.ema.state_dict())
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            opt = self.optimizer.state_dict()
-            save_tensors(tmp / "state.pt", {"optimizer": opt, "scaler": scaler})
-            atomic_write_json(
-                tmp / "trainer.json",
-                {
-                    "state": st,
-                    "scheduler": self.scheduler.state_dict(),
-                    "world_size": self.world,
-                    "config": self._config_dict(),
-                },
-            )
+            save_optimizer_state(tmp, self.optimizer, acc)
+            write_trainer_state(tmp, st, self.scheduler, self.world, config=self._config_dict())
+        # Every rank writes its RNG state into tmp: only then is the checkpoint complete.
+        acc.wait_for_everyone()
+        if self.main:
             swap_in(tmp, self.ckpt_dir / "last")
         acc.wait_for_everyone()
 
@@ -601,8 +552,6 @@ class _Trainer:
 
     # -- outputs ---------------------------------------------------------------------------
     def _finish(self, reason: str) -> None:
-        from dd.engines.treat import _save_lora_file
-
         cfg, st, acc = self.cfg, self.state, self.acc
         acc.wait_for_everyone()
         if not self.main:
@@ -610,7 +559,7 @@ class _Trainer:
         if self.ema is not None:
             self.ema.copy_to(self.params)
         if self.kind == "lora":
-            _save_lora_file(self.bb, self.out)
+            save_lora_file(self.bb, self.out)
         else:
             tmp = self.out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -682,14 +631,4 @@ def _plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def refine_train(cfg: RefineTrainConfig, *, console: Any | None = None) -> RefineTrainResult:
     """Train (or resume training) a late-step model; see the module docstring."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    ours = not AcceleratorState._shared_state
-    trainer = None
-    try:
-        trainer = _Trainer(cfg, console)
-        return trainer.run()
-    finally:
-        if ours and (trainer is None or trainer.world == 1):
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+    return run_accelerated(lambda: _Trainer(cfg, console))

@@ -66,16 +66,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from dd.checkpoint import find_checkpoint as _find_checkpoint
-from dd.checkpoint import fsync_tree as _fsync_tree
-from dd.checkpoint import load_tensors as _torch_load
-from dd.checkpoint import read_trainer_state
-from dd.checkpoint import rng_state as _rng_state
-from dd.checkpoint import save_tensors as _save_tensors
-from dd.checkpoint import set_rng_state as _set_rng_state
-from dd.checkpoint import swap_in as _swap_in
+from dd.checkpoint import (
+    LORA_FILE,
+    load_lora_checkpoint,
+    load_optimizer_state,
+    prepare_run_folder,
+    save_lora_checkpoint,
+    save_lora_file,
+    save_run_config,
+    swap_in,
+)
+from dd.config import check_settings
+from dd.device import check_training_device, make_accelerator, run_accelerated
 from dd.errors import DDError
+from dd.images import load_training_image
 from dd.io import Journal, atomic_write_json, atomic_write_text
+from dd.progress import progress_bar
 
 __all__ = [
     "REDUCTIONS",
@@ -100,8 +106,6 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
 RESUMABLE_CHANGES = frozenset({"resume", "stop_at"})
-LORA_FILE = "pytorch_lora_weights.safetensors"
-TRAINABLE_FILE = "trainable.safetensors"
 #: ``metrics.jsonl`` fields that differ between runs with identical results.
 TIMING_FIELDS = frozenset({"step_time_s", "eval_time_s"})
 OOM_HINT = (
@@ -462,22 +466,6 @@ def read_reg_data(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     return pairs
 
 
-def _load_reg_image(path: Path, size: int) -> torch.Tensor:
-    """Resize the short side to ``size``, centre-crop ``size x size``; ``3 x H x W`` in [0, 1]."""
-    from PIL import Image
-
-    from dd.images import load_image
-
-    im = Image.fromarray(load_image(path))
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
-
-
 # ------------------------------------------------------------------------------------------
 # The objective: one micro-batch's loss (the module accelerate wraps)
 # ------------------------------------------------------------------------------------------
@@ -559,24 +547,6 @@ class TreatObjective(torch.nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
-# RNG and checkpoint files
-# ------------------------------------------------------------------------------------------
-def _save_lora_file(backbone: Any, folder: Path) -> Path:
-    """``folder/pytorch_lora_weights.safetensors`` written whole or not at all."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".lora-{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        written = backbone.save_lora(tmp)
-        with open(written, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(written, folder / LORA_FILE)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder / LORA_FILE
-
-
-# ------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------
 class _Treater:
@@ -606,9 +576,6 @@ class _Treater:
             ("dtype", c.dtype, tuple(PRECISIONS)),
             ("device", c.device, DEVICES),
         ]
-        for name, value, allowed in choices:
-            if value not in allowed:
-                raise DDError(f"unknown --{name} {value!r}", hint=f"one of {', '.join(allowed)}")
         positive = {
             "train-steps": c.train_steps,
             "batch-size": c.batch_size,
@@ -627,9 +594,6 @@ class _Treater:
             "resolution": c.resolution,
             "steps": c.steps,
         }
-        for name, value in positive.items():
-            if value is not None and value < 1:
-                raise DDError(f"--{name} must be at least 1, got {value}")
         checks = [
             (c.lr > 0, "--lr must be above 0"),
             (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
@@ -642,37 +606,13 @@ class _Treater:
             (bool(c.eval_seeds), "--eval-seeds must name at least one seed"),
             (len(set(c.eval_seeds)) == len(c.eval_seeds), "--eval-seeds repeat a seed"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise DDError(msg)
-        on_cpu = c.device == "cpu" or not torch.cuda.is_available()
-        if c.dtype == "fp16" and on_cpu:
-            raise DDError(
-                "--dtype fp16 needs a GPU (CPU autocast supports bf16 only)",
-                hint="use --dtype bf16 or fp32 on the CPU",
-            )
-        if c.device == "cuda" and not torch.cuda.is_available():
-            raise DDError(
-                "--device cuda was asked for, but this torch has no usable CUDA device",
-                hint="use --device cpu, or install a CUDA build of torch",
-            )
+        check_settings(choices, positive, checks)
+        check_training_device(c.device, c.dtype)
 
     def _accelerator(self) -> Any:
-        from accelerate import Accelerator
-
-        try:
-            return Accelerator(
-                cpu=self.cfg.device == "cpu",
-                mixed_precision=PRECISIONS[self.cfg.dtype],
-                gradient_accumulation_steps=self.cfg.grad_accum,
-                step_scheduler_with_optimizer=False,
-                rng_types=[],
-            )
-        except (ValueError, RuntimeError) as e:
-            raise DDError(
-                f"cannot set up accelerate: {e}",
-                hint="check --dtype and the accelerate config (accelerate env)",
-            ) from None
+        c = self.cfg
+        hint = "check --dtype and the accelerate config (accelerate env)"
+        return make_accelerator(c.device, PRECISIONS[c.dtype], c.grad_accum, hint=hint)
 
     def log(self, renderable: Any) -> None:
         if self.console is not None:
@@ -680,36 +620,8 @@ class _Treater:
 
     def _prepare_out(self) -> Path | None:
         """The checkpoint to resume from (None: a new run); refuses to overwrite a run."""
-        cfg = self.cfg
-        last = _find_checkpoint(self.ckpt_dir / "last") if cfg.resume else None
-        if last is None:
-            taken = [
-                p for p in ("checkpoints", "metrics.jsonl", LORA_FILE) if (self.out / p).exists()
-            ]
-            if taken and not cfg.resume:
-                raise DDError(
-                    f"{self.out} already holds a treat run",
-                    hint="pass --resume to continue it, or choose a new --out folder",
-                )
-            if taken:
-                self.log(f"[yellow]no checkpoint in {self.out}; starting from step 0[/yellow]")
-        return last
-
-    def _check_resume_config(self, now: dict[str, Any]) -> None:
-        from dd.config import load_toml
-
-        saved = self.out / "config.toml"
-        try:
-            before = load_toml(saved)
-        except DDError:
-            raise DDError(f"{saved} is missing or damaged; cannot resume") from None
-        diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
-        if diff:
-            raise DDError(
-                f"--resume with different settings than the run in {self.out}: "
-                + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff),
-                hint="resume with the original options (see config.toml) or use a new --out",
-            )
+        files = ("checkpoints", "metrics.jsonl", LORA_FILE)
+        return prepare_run_folder(self.out, self.cfg.resume, "treat", files, log=self.log)
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> TreatResult:
@@ -717,7 +629,6 @@ class _Treater:
         from diffusers.training_utils import cast_training_params
 
         from dd.cli.detect import load_detector
-        from dd.config import save_config
         from dd.device import resolve_dtype
         from dd.plugins import get_host
 
@@ -750,6 +661,13 @@ class _Treater:
                 "teaches the model nothing",
                 hint="pass --detector-weights (e.g. DiffDoctor's ad_pytorch_model.bin)",
             )
+        if getattr(det, "source", "") == "dd default (synthetic artifacts)":
+            self.log(
+                "note: no --detector-weights, so the treatment uses dd's embedded default "
+                "detector, trained only on synthetic watermarks and patches (docs/models.md); "
+                "for hands, faces and other real artifacts pass DiffDoctor's "
+                "ad_pytorch_model.bin"
+            )
         det.eval()
         det.requires_grad_(False)
         if cfg.gradient_checkpointing:
@@ -772,15 +690,14 @@ class _Treater:
             if cfg.grad_steps_random
             else None
         )
-        resolved = cfg.resolved()
-        if last is not None:
-            self._check_resume_config(resolved)
-        if self.main:
-            header = [
-                f"dd treat: resolved configuration of the run in {self.out}",
-                "Read it back with --config; (unset) lines take the defaults.",
-            ]
-            save_config(self.out / "config.toml", resolved, header=header)
+        save_run_config(
+            self.out,
+            cfg.resolved(),
+            "treat",
+            resuming=last is not None,
+            resumable=RESUMABLE_CHANGES,
+            main=self.main,
+        )
         acc.wait_for_everyone()
 
         # LoRA (its gaussian init draws from the seeded global generators)
@@ -828,11 +745,7 @@ class _Treater:
             state = self._load_checkpoint(last, params, scheduler, state)
         wrapped, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
         if last is not None:
-            opt_state = _torch_load(last / "state.pt")
-            optimizer.load_state_dict(opt_state["optimizer"])
-            if acc.scaler is not None and opt_state.get("scaler"):
-                acc.scaler.load_state_dict(opt_state["scaler"])
-            _set_rng_state(_torch_load(last / f"rng_rank{self.rank}.pt"))
+            load_optimizer_state(last, optimizer, acc)
 
         self.bb, self.det, self.params, self.wrapped = bb, det, params, wrapped
         self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
@@ -881,22 +794,7 @@ class _Treater:
     def _load_checkpoint(
         self, last: Path, params: list[torch.nn.Parameter], scheduler: Any, state: dict
     ) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
-        trainer = read_trainer_state(last, self.world)
-        try:
-            weights = load_file(str(last / TRAINABLE_FILE))
-        except Exception as e:
-            raise DDError(f"cannot read {last / TRAINABLE_FILE}: {type(e).__name__}: {e}") from None
-        if sorted(weights) != sorted(self.param_names):
-            raise DDError(
-                f"the LoRA in {last} does not match this run's LoRA layers",
-                hint="resume with the original --lora-* options",
-            )
-        with torch.no_grad():
-            for name, p in zip(self.param_names, params, strict=True):
-                p.copy_(weights[name].to(p.device, p.dtype))
-        scheduler.load_state_dict(trainer["scheduler"])
+        trainer = load_lora_checkpoint(last, self.world, self.param_names, params, scheduler)
         self.log(f"resuming {self.out} at step {trainer['state']['step']}")
         return {**state, **trainer["state"]}
 
@@ -936,7 +834,7 @@ class _Treater:
                 for i in range(rfirst, rfirst + rbs)
             ]
             batch["reg_images"] = torch.stack(
-                [_load_reg_image(p, cfg.resolution) for p, _ in picks]
+                [load_training_image(p, cfg.resolution) for p, _ in picks]
             )  # type: ignore[arg-type]
             batch["reg_prompts"] = [t for _, t in picks]
             batch["reg_seed"] = noise_seed(cfg.seed, 5, rfirst)
@@ -950,7 +848,9 @@ class _Treater:
             self._guarded_evaluate()  # the untreated model
         elif self.base_images is None:
             self._load_base_images()
-        progress = self._progress()
+        progress = progress_bar(
+            "treat", "loss {task.fields[loss]}", "eval {task.fields[eval]}", console=self.console
+        )
         reason = ""
         with progress if progress is not None else contextlib.nullcontext():
             task = None
@@ -1004,27 +904,6 @@ class _Treater:
             return ""
         r, base = recs[-1], recs[0]
         return f"mean {r['mean']:.4f} (base {base['mean']:.4f}) drift {r['drift']:.3f}"
-
-    def _progress(self) -> Any:
-        if self.console is None:
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        return Progress(
-            TextColumn("[bold]treat"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("eval {task.fields[eval]}"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
 
     def _guarded_train_step(self) -> tuple[float, float, float | None, float]:
         try:
@@ -1252,62 +1131,30 @@ class _Treater:
         if self.main:
             tmp = self.out / ".best.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            _save_lora_file(self.bb, tmp)
+            save_lora_file(self.bb, tmp)
             atomic_write_json(
                 tmp / "best.json",
                 {"step": rec["step"], "metric": "mean"}
                 | {k: v for k, v in rec.items() if k != "images"},
             )
-            _swap_in(tmp, self.out / "best")
+            swap_in(tmp, self.out / "best")
         self.acc.wait_for_everyone()
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save_checkpoint(self, keep_step: bool) -> None:
-        from safetensors.torch import save_file
-
-        acc, st = self.acc, self.state
-        step = st["step"]
-        tmp = self.ckpt_dir / f".tmp-step-{step}"
-        acc.wait_for_everyone()
-        if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        _save_tensors(tmp / f"rng_rank{self.rank}.pt", _rng_state())
-        if self.main:
-            weights = {
-                n: p.detach().to("cpu", torch.float32).contiguous()
-                for n, p in zip(self.param_names, self.params, strict=True)
-            }
-            save_file(weights, str(tmp / TRAINABLE_FILE))
-            _save_lora_file(self.bb, tmp)
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            _save_tensors(
-                tmp / "state.pt", {"optimizer": self.optimizer.state_dict(), "scaler": scaler}
-            )
-            atomic_write_json(
-                tmp / "trainer.json",
-                {
-                    "state": st,
-                    "scheduler": self.scheduler.state_dict(),
-                    "world_size": self.world,
-                },
-            )
-        acc.wait_for_everyone()
-        if self.main:
-            if keep_step:
-                named = self.ckpt_dir / f"step-{step}"
-                _fsync_tree(tmp)
-                shutil.rmtree(named, ignore_errors=True)
-                os.replace(tmp, named)
-                copy = self.ckpt_dir / ".last.tmp"
-                shutil.rmtree(copy, ignore_errors=True)
-                shutil.copytree(named, copy)
-                _swap_in(copy, self.ckpt_dir / "last")
-                self._prune_checkpoints()
-            else:
-                _swap_in(tmp, self.ckpt_dir / "last")
-        acc.wait_for_everyone()
+        save_lora_checkpoint(
+            self.acc,
+            self.ckpt_dir,
+            self.state,
+            self.bb,
+            self.param_names,
+            self.params,
+            self.optimizer,
+            self.scheduler,
+            keep_step=keep_step,
+        )
+        if keep_step and self.main:
+            self._prune_checkpoints()
 
     def _prune_checkpoints(self) -> None:
         keep = self.cfg.keep_checkpoints
@@ -1331,7 +1178,7 @@ class _Treater:
         if best_json.is_file():
             best = json.loads(best_json.read_text())
         if self.main:
-            _save_lora_file(self.bb, self.out)
+            save_lora_file(self.bb, self.out)
             records = list(self.journal.records) if self.journal is not None else []
             plot_curves(records, self.out / "curves.png")
             atomic_write_text(self.out / "README.md", self._model_card(evals, best, stop_reason))
@@ -1436,16 +1283,10 @@ class _Treater:
 # ------------------------------------------------------------------------------------------
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Training loss, eval mean/max confidence and drift against steps, as a PNG."""
-    from dd.plot import Panel, plot_panels
+    from dd.plot import Panel, metric_points, plot_panels
 
     def pts(kind: str, key: str) -> list[tuple[float, float]]:
-        return [
-            (r["step"], r[key])
-            for r in records
-            if r.get("type") == kind
-            and isinstance(r.get(key), (int, float))
-            and math.isfinite(r[key])
-        ]
+        return metric_points(records, kind, key)
 
     colours = {"confidence loss": (31, 119, 180), "reg loss": (148, 103, 189),
                "mean": (214, 39, 40), "max": (255, 127, 14), "drift": (44, 160, 44)}  # fmt: skip
@@ -1465,16 +1306,4 @@ def treat(cfg: TreatConfig, *, console: Any | None = None) -> TreatResult:
 
     ``console`` (a rich Console) receives messages and the progress bar on the main process.
     """
-    from accelerate.state import AcceleratorState, GradientState
-
-    # accelerate keeps its settings in process-wide singletons; a run that created them
-    # resets them afterwards so the next run in this process may choose other settings.
-    ours = not AcceleratorState._shared_state
-    treater = None
-    try:
-        treater = _Treater(cfg, console)
-        return treater.run()
-    finally:
-        if ours and (treater is None or treater.world == 1):
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+    return run_accelerated(lambda: _Treater(cfg, console))

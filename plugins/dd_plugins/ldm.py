@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from dd.backbones import EPSILON, V_PREDICTION, Backbone, Conditioning, Schedule, ddim_schedule
+from dd.backbones import Conditioning, DDIMBackbone, cfg_mix
 from dd.errors import DDError
 from dd.hookspecs import hookimpl
 
 
-class LDMBackbone(Backbone):
+class LDMBackbone(DDIMBackbone):
     """CompVis latent diffusion (``LDMPipeline`` / ``LDMTextToImagePipeline``)."""
 
     name = "ldm"
@@ -41,13 +41,7 @@ class LDMBackbone(Backbone):
     default_resolution = 256
 
     def __init__(self, pipe: Any, **kwargs: Any):
-        config = pipe.scheduler.config
-        prediction = config.get("prediction_type", EPSILON)
-        if prediction not in (EPSILON, V_PREDICTION):
-            raise DDError(
-                f"ldm: scheduler prediction type {prediction!r} is not supported",
-                hint="dd samples epsilon and v_prediction models",
-            )
+        prediction = self._prediction_type(pipe.scheduler.config)
         super().__init__(pipe, **kwargs)
         self.prediction_type = prediction
         self.conditional = getattr(pipe, "bert", None) is not None
@@ -151,9 +145,6 @@ class LDMBackbone(Backbone):
         shape = (batch_size, self.denoiser.config.in_channels, height // f, width // f)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
-    def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
-        return ddim_schedule(self.pipe.scheduler.config, steps, device=self.device)
-
     def predict(
         self,
         latents: torch.Tensor,
@@ -171,24 +162,7 @@ class LDMBackbone(Backbone):
             embeds = torch.cat([cond["negative_prompt_embeds"], embeds])
             latents, timestep = torch.cat([latents, latents]), torch.cat([timestep, timestep])
         out = self.denoiser(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
-        if not cfg:
-            return out
-        uncond, text = out.chunk(2)
-        return uncond + float(guidance) * (text - uncond)
-
-    def diffusion_loss(
-        self,
-        images: torch.Tensor,
-        cond: Conditioning,
-        *,
-        generator: torch.Generator | None = None,
-        guidance: float | None = None,
-        weighting: str = "uniform",
-    ) -> torch.Tensor:
-        """Epsilon / v MSE on the conditional prediction (no guidance)."""
-        return super().diffusion_loss(
-            images, cond, generator=generator, guidance=1.0, weighting=weighting
-        )
+        return cfg_mix(out, guidance) if cfg else out
 
     def load_lora(self, path: Any, *, trainable: bool = True, **kwargs: Any) -> None:
         raise DDError(

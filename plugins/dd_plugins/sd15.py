@@ -25,14 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dd.backbones import (
-    EPSILON,
-    V_PREDICTION,
-    Backbone,
-    Conditioning,
-    Schedule,
-    ddim_schedule,
-)
+from dd.backbones import Backbone, Conditioning, DDIMBackbone, cfg_mix
 from dd.errors import DDError
 from dd.hookspecs import hookimpl
 
@@ -40,7 +33,7 @@ from dd.hookspecs import hookimpl
 OPTIONS = ("negative_prompt",)
 
 
-class UNetBackbone(Backbone):
+class UNetBackbone(DDIMBackbone):
     """Shared by the UNet families (SD1.5, SDXL): DDIM sampling from the pipeline's betas,
     classifier-free guidance with row-aligned negative embeddings, AutoencoderKL."""
 
@@ -53,12 +46,7 @@ class UNetBackbone(Backbone):
         from diffusers import DDIMScheduler
 
         config = pipe.scheduler.config
-        prediction = config.get("prediction_type", EPSILON)
-        if prediction not in (EPSILON, V_PREDICTION):
-            raise DDError(
-                f"{self.name}: scheduler prediction type {prediction!r} is not supported",
-                hint="dd samples epsilon and v_prediction models",
-            )
+        prediction = self._prediction_type(config)
         # Same betas, spacing and final alpha as the shipped scheduler; no x0 clipping
         # (latents are not in [-1, 1]): exactly the update rule of Backbone.step.
         pipe.scheduler = DDIMScheduler.from_config(
@@ -118,9 +106,6 @@ class UNetBackbone(Backbone):
             generator,
         )
 
-    def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
-        return ddim_schedule(self.pipe.scheduler.config, steps, device=self.device)
-
     def unet_inputs(self, cond: Conditioning, cfg: bool, height: int, width: int) -> dict[str, Any]:
         """UNet keyword inputs for ``cond`` (rows ``[negative, positive]`` when ``cfg``)."""
         return {"encoder_hidden_states": self._rows(cond, "prompt_embeds", cfg)}
@@ -156,25 +141,7 @@ class UNetBackbone(Backbone):
         out = self.denoiser(x, t, **self.unet_inputs(cond, cfg, height, width), return_dict=False)[
             0
         ]
-        if not cfg:
-            return out
-        uncond, text = out.chunk(2)
-        return uncond + float(guidance) * (text - uncond)
-
-    def diffusion_loss(
-        self,
-        images: torch.Tensor,
-        cond: Conditioning,
-        *,
-        generator: torch.Generator | None = None,
-        guidance: float | None = None,
-        weighting: str = "uniform",
-    ) -> torch.Tensor:
-        """The epsilon / v-prediction MSE the model was trained with: on the conditional
-        prediction, without classifier-free guidance (``guidance`` is ignored)."""
-        return super().diffusion_loss(
-            images, cond, generator=generator, guidance=1.0, weighting=weighting
-        )
+        return cfg_mix(out, guidance) if cfg else out
 
     # ------------------------------------------------------------------ VAE
     def _upcast_vae(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dd.backbones import FLOW, Backbone, Conditioning, Schedule, flow_schedule
+from dd.backbones import FLOW, Backbone, Conditioning, Schedule, cfg_mix, flow_schedule
 from dd.errors import DDError
 from dd.hookspecs import hookimpl
 
@@ -160,10 +160,7 @@ class SD3Backbone(Backbone):
             pooled_projections=pooled,
             return_dict=False,
         )[0]
-        if not cfg:
-            return out
-        uncond, text = out.chunk(2)
-        return uncond + scale * (text - uncond)
+        return cfg_mix(out, scale) if cfg else out
 
     # ------------------------------------------------------------------ training
     def diffusion_loss(
