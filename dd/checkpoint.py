@@ -175,12 +175,24 @@ def check_resume_config(out: Path, now: dict[str, Any], resumable: Collection[st
         before = load_toml(saved)
     except DDError:
         raise DDError(f"{saved} is missing or damaged; cannot resume") from None
+    check_same_settings(out, saved.name, before, now, resumable)
+
+
+def check_same_settings(
+    out: Path,
+    saved: str,
+    before: dict[str, Any],
+    now: dict[str, Any],
+    resumable: Collection[str],
+) -> None:
+    """Refuses to resume the run in ``out`` when settings ``now`` (other than ``resumable``
+    ones) differ from those it saved (``before``, read from the file named ``saved``)."""
     diff = sorted(k for k in now if k not in resumable and before.get(k) != now.get(k))
     if diff:
         raise DDError(
             f"--resume with different settings than the run in {out}: "
             + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff),
-            hint="resume with the original options (see config.toml) or use a new --out",
+            hint=f"resume with the original options (see {saved}) or use a new --out",
         )
 
 

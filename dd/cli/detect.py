@@ -8,8 +8,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+from dd.cli.options import (
+    BatchSize,
+    DetectorName,
+    DetectorOptions,
+    DetectorWeights,
+    Device,
+    Dtype,
+)
+from dd.progress import progress_bar
 
 EXIT_FAILED_INPUTS = 2
 EXIT_GATE = 3
@@ -36,21 +45,13 @@ def detect(
         typer.Argument(help="Image files, folders (recursive), globs, or .txt/.jsonl manifests."),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("dd-detect"),
-    detector: Annotated[str, typer.Option(help="Detector plugin (see `dd plugins`).")] = (
-        "segformer"
-    ),
-    weights: Annotated[
-        str | None,
-        typer.Option(help="Detector weights: a .bin/.safetensors file, a folder or a hub id."),
-    ] = None,
-    option: Annotated[
-        list[str] | None,
-        typer.Option("--option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 8,
+    detector: DetectorName = "segformer",
+    weights: DetectorWeights = None,
+    option: DetectorOptions = None,
+    batch_size: BatchSize = 8,
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding and writing.")] = 4,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    device: Device = "auto",
+    dtype: Dtype = "fp32",
     fail_above: Annotated[
         float | None,
         typer.Option(help="Exit 3 if any image's max confidence exceeds this (quality gate)."),
@@ -99,14 +100,7 @@ def detect(
         max_pixels=max_pixels,
         save_overlays=overlays,
     )
-    with Progress(
-        TextColumn("[bold]detect"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    ) as progress:
+    with progress_bar("detect", console=err) as progress:
         task = progress.add_task("detect", total=len(items))
         result = run_detect(
             items,

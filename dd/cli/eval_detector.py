@@ -8,28 +8,29 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from dd.cli.options import (
+    BatchSize,
+    DetectorName,
+    DetectorOptions,
+    DetectorWeights,
+    Device,
+    Dtype,
+)
+from dd.progress import progress_bar
 
 
 def eval_detector(
     dataset: Annotated[
         Path, typer.Argument(help="Dataset folder (images/, masks/, manifest.jsonl).")
     ],
-    weights: Annotated[
-        str | None,
-        typer.Option(help="Detector weights: a .bin/.safetensors file, a folder or a hub id."),
-    ] = None,
-    detector: Annotated[str, typer.Option(help="Detector plugin (see `dd plugins`).")] = (
-        "segformer"
-    ),
-    option: Annotated[
-        list[str] | None,
-        typer.Option("--option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 8,
+    weights: DetectorWeights = None,
+    detector: DetectorName = "segformer",
+    option: DetectorOptions = None,
+    batch_size: BatchSize = 8,
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding images and masks.")] = 4,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    device: Device = "auto",
+    dtype: Dtype = "fp32",
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write metrics.json to this folder.")
     ] = None,
@@ -55,13 +56,7 @@ def eval_detector(
             "these metrics mean nothing.[/bold yellow] Pass --weights.",
             highlight=False,
         )
-    with Progress(
-        TextColumn("[bold]eval"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    ) as progress:
+    with progress_bar("eval", console=err) as progress:
         task = progress.add_task("eval", total=len(samples))
         metrics = evaluate_detector(
             det,

@@ -26,6 +26,17 @@ BackboneOption = Annotated[
 RunFolder = Annotated[str | None, typer.Option("--out", "-o", help="Run folder.")]
 DetectorPlugin = Annotated[str, typer.Option(help="Detector plugin.")]
 
+# -- detectors (dd detect, dd eval-detector) -----------------------------------------------------
+DetectorName = Annotated[str, typer.Option(help="Detector plugin (see `dd plugins`).")]
+DetectorWeights = Annotated[
+    str | None,
+    typer.Option(help="Detector weights: a .bin/.safetensors file, a folder or a hub id."),
+]
+DetectorOptions = Annotated[
+    list[str] | None,
+    typer.Option("--option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."),
+]
+
 # -- devices and sampling ------------------------------------------------------------------------
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]

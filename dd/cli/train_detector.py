@@ -8,19 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-
-def _pair(text: str, name: str) -> tuple[float, float]:
-    from dd.errors import DDError
-
-    try:
-        parts = [float(p) for p in text.replace(":", ",").split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2:
-        raise DDError(f"bad {name} {text!r}", hint="write one number or two: LO,HI")
-    return parts[0], parts[1]
+from dd.cli.options import LogEvery, SaveEvery, WeightDecay, parse_pair
 
 
 def train_detector(
@@ -57,7 +45,7 @@ def train_detector(
         int, typer.Option(min=1, help="Batches accumulated per optimizer step.")
     ] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 6e-5,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    weight_decay: WeightDecay = 0.01,
     betas: Annotated[str, typer.Option(help="AdamW betas B1,B2.")] = "0.9,0.999",
     warmup_steps: Annotated[
         int | None, typer.Option(min=0, help="Linear warmup steps (default: 5% of --steps).")
@@ -139,8 +127,8 @@ def train_detector(
         int | None,
         typer.Option(min=1, help="Stop after this many validations without improvement."),
     ] = None,
-    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")] = 500,
-    log_every: Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")] = 10,
+    save_every: SaveEvery = 500,
+    log_every: LogEvery = 10,
     stop_at: Annotated[
         int | None,
         typer.Option(
@@ -177,7 +165,7 @@ def train_detector(
         grad_accum=grad_accum,
         lr=lr,
         weight_decay=weight_decay,
-        betas=_pair(betas, "--betas"),
+        betas=parse_pair(betas, "--betas"),
         warmup_steps=warmup_steps,
         min_lr_ratio=min_lr_ratio,
         clip_grad=clip_grad,
@@ -196,7 +184,7 @@ def train_detector(
         shrink_fill=shrink_pad_fill,
         shrink_threshold=shrink_pad_threshold,
         shrink_every=shrink_pad_every,
-        shrink_scale=_pair(shrink_pad_scale, "--shrink-pad-scale"),
+        shrink_scale=parse_pair(shrink_pad_scale, "--shrink-pad-scale"),
         val_every=val_every,
         val_batch_size=val_batch_size,
         select_metric=select_metric.lower(),

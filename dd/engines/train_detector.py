@@ -64,18 +64,23 @@ import torch
 import torch.nn.functional as F
 
 from dd.augment import AugmentConfig, ShrinkSpec, parse_shrink_spec, to_tensor, train_pair
-from dd.checkpoint import find_checkpoint as _find_checkpoint
-from dd.checkpoint import load_tensors as _torch_load
-from dd.checkpoint import read_trainer_state
-from dd.checkpoint import rng_state as _rng_state
-from dd.checkpoint import save_tensors as _save_tensors
-from dd.checkpoint import set_rng_state as _set_rng_state
+from dd.checkpoint import (
+    check_same_settings,
+    commit_checkpoint,
+    load_optimizer_state,
+    open_checkpoint,
+    prepare_run_folder,
+    read_trainer_state,
+    save_optimizer_state,
+    write_trainer_state,
+)
 from dd.checkpoint import swap_in as _swap_in
 from dd.datasets import Sample, load_mask, read_dataset
 from dd.errors import DDError
 from dd.images import load_image
 from dd.io import Journal, atomic_write_json, atomic_write_text
 from dd.metrics import METRIC_KEYS
+from dd.progress import progress_bar
 from dd.sampler import (
     EpochSampler,
     balance_table,
@@ -406,22 +411,15 @@ class _Trainer:
             )
 
     def _accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration
+        from dd.device import make_accelerator
 
-        try:
-            return Accelerator(
-                cpu=self.cfg.cpu,
-                mixed_precision=PRECISIONS[self.cfg.precision],
-                rng_types=[],
-                step_scheduler_with_optimizer=False,
-                dataloader_config=DataLoaderConfiguration(even_batches=True),
-            )
-        except (ValueError, RuntimeError) as e:
-            raise DDError(
-                f"cannot set up accelerate: {e}",
-                hint="check --precision and the accelerate config (accelerate env)",
-            ) from None
+        # Gradient accumulation is done by _train_step (no_sync), not by accelerate.
+        return make_accelerator(
+            "cpu" if self.cfg.cpu else "auto",
+            PRECISIONS[self.cfg.precision],
+            1,
+            hint="check --precision and the accelerate config (accelerate env)",
+        )
 
     def log(self, renderable: Any) -> None:
         if self.console is not None:
@@ -435,7 +433,6 @@ class _Trainer:
 
         cfg, acc = self.cfg, self.acc
         ckpt_dir = self.out / "checkpoints"
-        last = _find_checkpoint(ckpt_dir / "last") if cfg.resume else None
 
         # data (read before anything is written to --out: bad input leaves no run folder)
         samples = _read_all(cfg.datasets)
@@ -446,7 +443,7 @@ class _Trainer:
             train, val = _split(samples, frac, cfg.seed)
         if not train:
             raise DDError("no training samples", hint="check the dataset folders")
-        self._prepare_out(last)
+        last = self._prepare_out()
 
         # model
         options: dict[str, Any] = {"seed": cfg.seed}
@@ -542,11 +539,7 @@ class _Trainer:
         wrapped = _LogitsModule(detector)
         wrapped, optimizer, loader, scheduler = acc.prepare(wrapped, optimizer, loader, scheduler)
         if last is not None:
-            opt_state = _torch_load(last / "state.pt")
-            optimizer.load_state_dict(opt_state["optimizer"])
-            if acc.scaler is not None and opt_state.get("scaler"):
-                acc.scaler.load_state_dict(opt_state["scaler"])
-            _set_rng_state(_torch_load(last / f"rng_rank{self.rank}.pt"))
+            load_optimizer_state(last, optimizer, acc)
             dataset.dynamic = {i: ShrinkSpec(*cfg.shrink_scale) for i in state["dynamic"]}
 
         journal = self._open_journal(state["step"]) if self.main else None
@@ -566,36 +559,24 @@ class _Trainer:
         acc.wait_for_everyone()
         return result
 
-    def _prepare_out(self, last: Path | None) -> None:
+    def _prepare_out(self) -> Path | None:
+        """Checks --out (a resumed run's settings) and writes train_config.json; returns the
+        checkpoint to resume from (None: a new run)."""
         cfg = self.cfg
         saved = self.out / "train_config.json"
+        files = ("checkpoints", "metrics.jsonl", "model")
+        last = prepare_run_folder(self.out, cfg.resume, "training", files, log=self.log)
         if last is not None:
             try:
                 before = json.loads(saved.read_text())
             except (OSError, ValueError):
                 raise DDError(f"{saved} is missing or damaged; cannot resume") from None
-            now = cfg.resolved()
-            diff = sorted(
-                k for k in now if k not in _RESUMABLE_CHANGES and before.get(k) != now.get(k)
-            )
-            if diff:
-                raise DDError(
-                    f"--resume with different settings than the run in {self.out}: "
-                    + ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in diff),
-                    hint="resume with the original options (see train_config.json) or use "
-                    "a new --out",
-                )
-        elif any((self.out / p).exists() for p in ("checkpoints", "metrics.jsonl", "model")):
-            if not cfg.resume:
-                raise DDError(
-                    f"{self.out} already holds a training run",
-                    hint="pass --resume to continue it, or choose a new --out folder",
-                )
-            self.log(f"[yellow]no checkpoint in {self.out}; starting from step 0[/yellow]")
+            check_same_settings(self.out, saved.name, before, cfg.resolved(), _RESUMABLE_CHANGES)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(saved, cfg.resolved())
         self.acc.wait_for_everyone()
+        return last
 
     def _open_journal(self, step: int) -> Journal:
         path = self.out / "metrics.jsonl"
@@ -653,7 +634,7 @@ class _Trainer:
         stop_at = min(cfg.steps, cfg.stop_at or cfg.steps)
         self._restart = False
         batches = self._batches()
-        progress = self._progress()
+        progress = progress_bar("train", "loss {task.fields[loss]}", console=self.console)
         stopped_early = False
         with progress if progress is not None else contextlib.nullcontext():
             task = None
@@ -685,26 +666,6 @@ class _Trainer:
                     )
                     break
         return stopped_early
-
-    def _progress(self):
-        if self.console is None:
-            return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        return Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
 
     def _train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[float, float | None]:
         cfg, acc = self.cfg, self.acc
@@ -848,31 +809,15 @@ class _Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
-        acc = self.acc
-        tmp = self.ckpt_dir / ".last.tmp"
-        acc.wait_for_everyone()
-        if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        _save_tensors(tmp / f"rng_rank{self.rank}.pt", _rng_state())
+        acc, step = self.acc, self.state["step"]
+        tmp = open_checkpoint(acc, self.ckpt_dir, step)
         if self.main:
             _save_model(self.detector, tmp / "model")
-            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            _save_tensors(
-                tmp / "state.pt", {"optimizer": self.optimizer.state_dict(), "scaler": scaler}
-            )
-            atomic_write_json(
-                tmp / "trainer.json",
-                {
-                    "state": self.state,
-                    "scheduler": self.scheduler.state_dict(),
-                    "world_size": self.world,
-                },
-            )
+            save_optimizer_state(tmp, self.optimizer, acc)
+            write_trainer_state(tmp, self.state, self.scheduler, self.world)
         acc.wait_for_everyone()
         if self.main:
-            _swap_in(tmp, self.ckpt_dir / "last")
+            commit_checkpoint(tmp, self.ckpt_dir, step, keep_step=False)
         acc.wait_for_everyone()
 
     # -- outputs ---------------------------------------------------------------------------------
