@@ -29,6 +29,23 @@ def _fresh_plugins(monkeypatch):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny models on a shared CPU run faster so)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_ldm(tmp_path_factory):
+    """A tiny LDM pipeline folder of the real diffusers classes (built once per session)."""
+    from dd.testing.tiny import tiny_pipeline_path
+
+    return tiny_pipeline_path("ldm", tmp_path_factory)
+
+
+@pytest.fixture
 def cli():
     """Invoke the real root app (with plugins) like a user would, via Typer's CliRunner."""
     from typer.testing import CliRunner

@@ -33,17 +33,8 @@ DET = ["-O", "variant=tiny", "-O", "input_size=32"]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_torch_thread):
     """Tiny models on a shared CPU run several times faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_ldm(tmp_path_factory) -> Path:
-    return tiny_pipeline_path("ldm", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
