@@ -11,7 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dd.cli.options import Device, Dtype, parse_pair
+from dd.cli.options import (
+    DetectorName,
+    DetectorOptions,
+    DetectorWeights,
+    Device,
+    Dtype,
+    parse_pair,
+)
 
 app = typer.Typer(
     name="label",
@@ -19,15 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-Weights = Annotated[
-    str | None,
-    typer.Option(help="Detector weights: a .bin/.safetensors file, a folder or a hub id."),
-]
-DetectorName = Annotated[str, typer.Option(help="Detector plugin (see `dd plugins`).")]
-Options = Annotated[
-    list[str] | None,
-    typer.Option("--option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."),
-]
+Weights = DetectorWeights
+Options = DetectorOptions
 AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON report to stdout.")]
 
 
