@@ -52,8 +52,8 @@ def test_default_beats_an_untrained_detector_on_held_out_synthetic_data(held_out
     untrained = factory.load(None, variant="small", input_size=default.input_size[0], seed=0)
     assert untrained.untrained
     o, b = _metrics(default, held_out), _metrics(untrained, held_out)
-    # Measured (docs/models.md): default pixel AUROC 0.843, IoU 0.180, image AUROC 0.739,
-    # CC 0.29, MSE 0.073, clean-image MSE 0.047; untrained (seeds 0-2): pixel AUROC 0.48-0.51,
+    # Measured (docs/models.md): default pixel AUROC 0.852, IoU 0.196, image AUROC 0.714,
+    # CC 0.36, MSE 0.070, clean-image MSE 0.042; untrained (seeds 0-2): pixel AUROC 0.48-0.51,
     # IoU 0.036-0.042, image AUROC 0.43-0.60, CC -0.02-0.03, MSE 0.245, clean MSE 0.25.
     assert b["pixel_auroc"] < 0.6
     assert o["pixel_auroc"] >= b["pixel_auroc"] + 0.2, (o, b)
