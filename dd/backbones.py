@@ -270,6 +270,29 @@ class Backbone(abc.ABC):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    @classmethod
+    def load_with_options(
+        cls,
+        pipeline_cls: type,
+        model: str,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        options: dict[str, Any],
+        allowed: Sequence[str],
+        **load_kwargs: Any,
+    ) -> Any:
+        """``cls(pipe, **options)`` for the pipeline at ``model``; an option not in
+        ``allowed`` (a typo) is an error, not silently ignored."""
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise DDError(
+                f"unknown option(s) for backbone {cls.name}: {', '.join(unknown)}",
+                hint=f"options: {', '.join(allowed)}" if allowed else "it takes no options",
+            )
+        pipe = cls.load_pipe(pipeline_cls, model, device=device, dtype=dtype, **load_kwargs)
+        return cls(pipe, device=device, dtype=dtype, source=str(model), **options)
+
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Encode prompts, caching each prompt's embedding (text encoders are frozen)."""

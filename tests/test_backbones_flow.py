@@ -303,6 +303,14 @@ def test_wrong_pairing_names_the_right_backbone(tiny_path):
     assert "flux" in info.value.hint
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_unknown_option_is_an_error_not_ignored(tiny_path, family):
+    cls = FAMILIES[family][2]
+    with pytest.raises(DDError, match="unknown option.*max_seq_len") as info:
+        cls.from_pretrained(str(tiny_path(family)), max_seq_len=64)
+    assert "max_sequence_length" in info.value.hint
+
+
 def test_sd3_size_and_sequence_length(load):
     bb = load("sd3")
     with pytest.raises(DDError, match="multiple of 8"):

@@ -288,6 +288,9 @@ def test_early_stopping_when_the_metric_never_improves(tmp_path, data, cli):
         (["--select-metric", "accuracy"], "unknown --select-metric"),
         (["--shrink-pad-fill", "grey"], "bad --shrink-pad-fill"),
         (["--batch-size", "64"], "no full batch"),
+        (["--pos-weight", "4"], "--pos-weight needs --loss bce"),
+        (["--loss", "bce", "--pos-weight", "0"], "--pos-weight must be positive"),
+        (["--mask-dilate", "-1"], "--mask-dilate must be 0 or more"),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path, data, cli, args, message):

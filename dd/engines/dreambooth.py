@@ -555,8 +555,7 @@ class _DreamBooth:
     def _cache_latents(self) -> None:
         """VAE latents of every instance (and class) image; both orientations with flips."""
         cfg, bb = self.cfg, self.bb
-        size = cfg.resolution
-        assert size is not None
+        size = int(cfg.resolution or bb.default_resolution)
         flips = (False, True) if cfg.random_flip else (False,)
         self.instance_paths = list_images(Path(cfg.instance_dir))  # type: ignore[arg-type]
 

@@ -532,7 +532,8 @@ class TreatObjective(torch.nn.Module):
             part = confidence_loss(self.detector, images, self.reduction, self.threshold)
             part = part * (len(idx) / len(prompts))
             total = part if total is None else total + part
-        assert total is not None
+        if total is None:
+            raise DDError("a treat step got no prompts to generate from")
         confidence = total * self.loss_scale
         loss = confidence
         reg = torch.full((), float("nan"), device=confidence.device)

@@ -215,7 +215,8 @@ def _compile(with_cuda: bool) -> Path:
     d = build_dir(with_cuda)
     d.mkdir(parents=True, exist_ok=True)
     src = csrc_dir()
-    assert src is not None
+    if src is None:
+        raise RuntimeError("the csrc/ sources are not part of this installation")
     sources = [str(src / s) for s in CPP_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     log.info("compiling the native op into %s (first use; cached afterwards)", d)
     cpp_extension.load(

@@ -49,13 +49,13 @@ class FluxBackbone(Backbone):
     ) -> FluxBackbone:
         from diffusers import FluxPipeline
 
-        pipe = cls.load_pipe(FluxPipeline, model, device=device, dtype=dtype)
-        return cls(
-            pipe,
+        return cls.load_with_options(
+            FluxPipeline,
+            model,
             device=device,
             dtype=dtype,
-            source=str(model),
-            max_sequence_length=max_sequence_length,
+            options={**options, "max_sequence_length": max_sequence_length},
+            allowed=("max_sequence_length",),
         )
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:

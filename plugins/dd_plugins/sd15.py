@@ -59,25 +59,6 @@ class UNetBackbone(DDIMBackbone):
         self.default_resolution = int(pipe.unet.config.sample_size) * self.vae_scale_factor
         self._upcast_vae()
 
-    @classmethod
-    def _load(
-        cls,
-        pipeline_cls: type,
-        model: str,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        options: dict[str, Any],
-        **load_kwargs: Any,
-    ) -> Any:
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise DDError(
-                f"unknown option(s) for backbone {cls.name}: {', '.join(unknown)}",
-                hint=f"options: {', '.join(OPTIONS)}",
-            )
-        pipe = cls.load_pipe(pipeline_cls, model, device=device, dtype=dtype, **load_kwargs)
-        return cls(pipe, device=device, dtype=dtype, source=str(model), **options)
-
     # ------------------------------------------------------------------ prompts
     def _cache_key(self, prompt: str) -> str:
         return super()._cache_key(f"{prompt}\x00negative:{self.negative_prompt!r}")
@@ -185,12 +166,13 @@ class SD15Backbone(UNetBackbone):
         """Load a hub id, folder or single file; option ``negative_prompt``."""
         from diffusers import StableDiffusionPipeline
 
-        return cls._load(
+        return cls.load_with_options(
             StableDiffusionPipeline,
             model,
-            device,
-            dtype,
-            options,
+            device=device,
+            dtype=dtype,
+            options=options,
+            allowed=OPTIONS,
             safety_checker=None,
             requires_safety_checker=False,
         )

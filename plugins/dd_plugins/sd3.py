@@ -48,13 +48,13 @@ class SD3Backbone(Backbone):
     ) -> SD3Backbone:
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = cls.load_pipe(StableDiffusion3Pipeline, model, device=device, dtype=dtype)
-        return cls(
-            pipe,
+        return cls.load_with_options(
+            StableDiffusion3Pipeline,
+            model,
             device=device,
             dtype=dtype,
-            source=str(model),
-            max_sequence_length=max_sequence_length,
+            options={**options, "max_sequence_length": max_sequence_length},
+            allowed=("max_sequence_length",),
         )
 
     # ------------------------------------------------------------------ geometry

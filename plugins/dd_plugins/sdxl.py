@@ -28,7 +28,7 @@ import torch
 
 from dd.backbones import Conditioning
 from dd.hookspecs import hookimpl
-from dd_plugins.sd15 import UNetBackbone
+from dd_plugins.sd15 import OPTIONS, UNetBackbone
 
 
 class SDXLBackbone(UNetBackbone):
@@ -56,7 +56,14 @@ class SDXLBackbone(UNetBackbone):
         """Load a hub id, folder or single file; option ``negative_prompt``."""
         from diffusers import StableDiffusionXLPipeline
 
-        return cls._load(StableDiffusionXLPipeline, model, device, dtype, options)
+        return cls.load_with_options(
+            StableDiffusionXLPipeline,
+            model,
+            device=device,
+            dtype=dtype,
+            options=options,
+            allowed=OPTIONS,
+        )
 
     def encode_prompts_uncached(self, prompts: list[str]) -> Conditioning:
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
