@@ -348,6 +348,19 @@ def test_bad_input_is_one_line(cli, tiny_ldm, tmp_path, args, message):
     assert len(errors) == 1 and message in errors[0], res.output
 
 
+def test_bad_segment_model_leaves_no_run_behind(cli, tiny_ldm, tmp_path):
+    """A model that fails to load writes nothing to --out, so the corrected command runs."""
+    imgs = write_images(tmp_path / "in", n=1)
+    (tmp_path / "not-a-model").mkdir()
+    base = ["refine", imgs, "--backbone", "ldm", "--model", tiny_ldm, "--steps", "4", *DET]
+    res = cli(*base, "--segment", f"500-750={tmp_path / 'not-a-model'}", "--out", tmp_path / "o")
+    assert res.exit_code != 0 and "neither a diffusers folder" in res.output
+    assert not (tmp_path / "o").exists()
+    res = cli(*base, "--late-steps", "500-750", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "report.jsonl").is_file()
+
+
 def test_missing_images_and_train_subcommand_dispatch(cli, tiny_ldm, tmp_path):
     res = cli("refine", tmp_path / "nothing.png", "--backbone", "ldm", "--model", tiny_ldm,
               "--late-steps", "500-750", "--out", tmp_path / "o")  # fmt: skip

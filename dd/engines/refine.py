@@ -696,7 +696,9 @@ class _Refiner:
         if not c.model:
             raise DDError("--model is required", hint="a diffusers folder, file or hub id")
 
-    def _prepare_out(self) -> None:
+    def _check_out(self) -> dict[str, Any]:
+        """Refuses to overwrite a run (or to resume with other settings) before anything is
+        loaded; returns the settings to record. Nothing is written here."""
         c = self.cfg
         info = self.out / RUN_INFO
         now = {k: v for k, v in asdict(c).items() if k not in RESUMABLE}
@@ -717,7 +719,7 @@ class _Refiner:
                     + ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in diff),
                     hint="resume with the original options, or use a new --out",
                 )
-        atomic_write_json(info, now)
+        return now
 
     def plan_for(self, h: int, w: int) -> RefinePlan:
         key = (h, w)
@@ -759,8 +761,7 @@ class _Refiner:
         self.segments = (
             plan_segments(c.late_steps, c.segments) if c.strength is None else [Segment(0, 1000)]
         )
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._prepare_out()
+        settings = self._check_out()
         self.plans_written = False
         device, dtype = resolve_device(c.device), resolve_dtype(c.dtype)
         bb_cls = get_host().backbones.get(c.backbone)
@@ -793,6 +794,10 @@ class _Refiner:
         self.guidance = c.guidance if c.guidance is not None else self.base.default_guidance
         self.multiple = size_multiple(self.base)
 
+        # Only now, with every input, model and detector loaded, does --out get written:
+        # bad input leaves no run folder behind that a corrected rerun would trip over.
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / RUN_INFO, settings)
         journal = Journal(self.out / JOURNAL)
         done = {r["key"]: r for r in journal.records if "key" in r}
         todo = [it for it in items if it.key not in done]
