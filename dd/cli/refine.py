@@ -178,7 +178,9 @@ def run(
             highlight=False,
         )
     for f in result.failures:
-        console.print(f"failed: {f['image']}: {f['error']}", highlight=False)
+        # load errors already name the file
+        where = "" if f["error"].startswith(f["image"]) else f"{f['image']}: "
+        console.print(f"failed: {where}{f['error']}", highlight=False)
     if result.failures:
         raise typer.Exit(2)
 
