@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   install, then run `dd detect` and `dd eval-detector` on the bundled examples
-#   make test   install, then ruff check, ruff format --check and the whole test suite
+#   make test   install (and a Chromium for the page tests), then ruff check,
+#               ruff format --check and the whole test suite
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Sleeping, not spinning, OpenMP threads: a busy 2-core machine otherwise crawls.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: install demo test lint format clean
+.PHONY: install browser demo test lint format clean
 
 $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +35,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The web-page tests drive a real Chromium: found on PATH, else installed (see the script).
+browser:
+	bash scripts/test-browser.sh
+
+test: lint browser
 	$(BIN)/python -m pytest -q
 
 format: install

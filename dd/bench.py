@@ -1157,7 +1157,11 @@ def bench_detect(
 
         def ours(tag: str, subset: list) -> None:
             cfg = DetectConfig(
-                out=work / tag, batch_size=batch_size, workers=workers, save_overlays=overlays
+                out=work / tag,
+                batch_size=batch_size,
+                workers=workers,
+                save_overlays=overlays,
+                overwrite=True,
             )
             result = run_detect(subset, detector, cfg)
             if result.failures:

@@ -208,7 +208,9 @@ def save_run_config(
     """Checks a resumed run's settings against ``out/config.toml`` (see
     :func:`check_resume_config`), then (on the main process) writes ``resolved`` there."""
     from dd.config import save_config
+    from dd.io import record_paths
 
+    resolved = record_paths(resolved)
     if resuming:
         check_resume_config(out, resolved, resumable)
     if main:

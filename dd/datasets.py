@@ -28,7 +28,7 @@ from PIL import Image
 
 from dd.errors import DDError
 from dd.images import IMAGE_SUFFIXES
-from dd.io import atomic_write_text
+from dd.io import atomic_write_text, check_complete
 
 SOURCES = ("human", "pseudo", "real", "synthetic")
 MANIFEST = "manifest.jsonl"
@@ -64,14 +64,17 @@ def _rel(p: Path, root: Path) -> str:
         return str(p)
 
 
-def read_dataset(root: str | Path) -> list[Sample]:
-    """Samples of a dataset folder, from its manifest or by scanning ``images/``."""
+def read_dataset(root: str | Path, *, allow_incomplete: bool = False) -> list[Sample]:
+    """Samples of a dataset folder, from its manifest or by scanning ``images/``; a folder
+    that a dd command did not finish writing is refused (unless ``allow_incomplete``)."""
     root = Path(root)
     if not root.is_dir():
         raise DDError(
             f"dataset folder not found: {root}",
             hint="a dataset is a folder with images/ and masks/ (docs/datasets.md)",
         )
+    if not allow_incomplete:
+        check_complete(root)
     manifest = root / MANIFEST
     if manifest.exists():
         return _read_manifest(root, manifest)

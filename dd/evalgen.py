@@ -31,6 +31,7 @@ scores under each image) and ``bars.png`` (a bar chart per metric).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -102,6 +103,81 @@ class EvalGenConfig:
     pickscore_model: str | None = None
     image_reward_model: str | None = None
     seed: int = 0
+    #: Regenerate a model's images made with other settings (without it: refuse).
+    overwrite: bool = False
+
+
+#: Beside each model's images: the settings that made them (an image is reused only when
+#: they are the same) and one record per image (prompt, seed) for ``dd eval study``.
+IMAGE_SETTINGS = ".dd-settings.json"
+IMAGE_REPORT = "report.jsonl"
+
+
+def image_settings(cfg: EvalGenConfig, lora: str | None, prompts: Sequence[str]) -> dict:
+    """Every setting that changes a generated image of one model (paths absolute)."""
+    import hashlib
+    import json
+
+    def where(p: str | None) -> str | None:
+        if p is None:
+            return None
+        path = Path(p).expanduser()
+        return str(path.resolve()) if path.exists() else p  # a hub id stays as it is
+
+    def stamp(p: str | None) -> list[Any] | None:
+        """A LoRA retrained in place must not pass for the old one: size and mtime."""
+        if p is None:
+            return None
+        files = [Path(p)] if Path(p).is_file() else sorted(Path(p).glob("*.safetensors"))
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+    return {
+        "backbone": cfg.backbone,
+        "model": where(cfg.model),
+        "backbone_options": dict(sorted(cfg.backbone_options.items())),
+        "lora": where(lora),
+        "lora_files": stamp(lora),
+        "resolution": cfg.resolution,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "dtype": cfg.dtype,
+        "prompts_sha256": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest(),
+    }
+
+
+def _claim_images(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Reuse ``folder``'s images only if the same settings made them (else refuse, or
+    start over with ``overwrite``)."""
+    import json
+    import shutil
+
+    from dd.io import atomic_write_json
+
+    record = folder / IMAGE_SETTINGS
+    has_images = folder.is_dir() and any(folder.glob("*.png"))
+    if has_images:
+        try:
+            before = json.loads(record.read_text())
+        except (OSError, ValueError):
+            before = None
+        if before != settings:
+            if not overwrite:
+                diff = (
+                    ", ".join(
+                        f"{k} {before.get(k)!r} -> {settings[k]!r}"
+                        for k in settings
+                        if before.get(k) != settings[k]
+                    )
+                    if isinstance(before, dict)
+                    else "no record of the settings that made them"
+                )
+                raise DDError(
+                    f"{folder} holds images made with other settings ({diff})",
+                    hint="pass --overwrite to regenerate them, or choose a new --out",
+                )
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, settings)
 
 
 # ------------------------------------------------------------------------------------------
@@ -440,12 +516,11 @@ def eval_gen(
     from PIL import Image
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from dd.cli.detect import load_detector
     from dd.device import resolve_device, resolve_dtype
     from dd.engines.treat import generate_batches, read_prompts, to_uint8
     from dd.images import load_image
     from dd.io import atomic_write_json, atomic_write_text, save_image_atomic
-    from dd.plugins import get_host
+    from dd.plugins import load_backbone, load_detector
     from dd.scores import ARTIFACT_THRESHOLD, map_scores
 
     _check(cfg)
@@ -491,21 +566,16 @@ def eval_gen(
     ) as progress:
         for name, lora in zip(names, [None, *cfg.loras], strict=True):
             folder = out / "images" / name
+            _claim_images(folder, image_settings(cfg, lora, prompts), cfg.overwrite)
             todo = [(pi, s) for pi, s in items if not (folder / f"{pi:04d}-seed{s}.png").is_file()]
             task = progress.add_task(f"generate {name}", total=len(items))
             progress.update(task, completed=len(items) - len(todo))
             if not todo:
                 continue
             if bb is None:
-                bb_cls = get_host().backbones.get(cfg.backbone)
-                try:
-                    bb = bb_cls.from_pretrained(
-                        cfg.model, device=dev, dtype=dt, **cfg.backbone_options
-                    )
-                except TypeError as e:
-                    raise DDError(
-                        f"backbone {cfg.backbone!r} does not accept these options: {e}"
-                    ) from None
+                bb = load_backbone(
+                    cfg.backbone, cfg.model, device=dev, dtype=dt, options=cfg.backbone_options
+                )
                 size = size or int(bb.default_resolution)
             if any("lora_" in n for n, _ in bb.denoiser.named_parameters()):
                 bb.pipe.unload_lora_weights()
@@ -525,6 +595,15 @@ def eval_gen(
                     pi, s = todo[start + j]
                     save_image_atomic(Image.fromarray(img), folder / f"{pi:04d}-seed{s}.png")
                 progress.advance(task, images.shape[0])
+    for name in names:  # per image: its prompt and seed (dd eval study pairs by these)
+        atomic_write_text(
+            out / "images" / name / IMAGE_REPORT,
+            "".join(
+                json.dumps({"image": f"{pi:04d}-seed{s}.png", "prompt": prompts[pi], "seed": s})
+                + "\n"
+                for pi, s in items
+            ),
+        )
 
     # ------------------------------------------------------------------ scoring
     per_image: list[dict[str, Any]] = []

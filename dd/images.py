@@ -24,7 +24,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dd.errors import DDError
+from dd.io import is_run_folder
 
 if TYPE_CHECKING:
     import torch
@@ -280,8 +281,16 @@ class InputItem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def collect_inputs(specs: list[str]) -> tuple[list[InputItem], list[tuple[str, str]]]:
+def collect_inputs(
+    specs: list[str], *, exclude: Sequence[str | os.PathLike[str]] = ()
+) -> tuple[list[InputItem], list[tuple[str, str]]]:
     """Expand input specs into images; return ``(items, failures)``.
+
+    Folders and globs never reach into ``exclude`` (the command's own output folder) nor
+    into another dd run folder below a named folder (one marked by
+    :func:`dd.io.mark_run_folder`): a second ``dd detect SRC --out SRC/report`` must not
+    score the first run's maps. Naming such a folder itself, or listing its files in a
+    manifest, is explicit and reads it.
 
     A spec is an image file, a folder (recursive; image suffixes only; hidden files and
     folders skipped; symlinked folders not followed), a glob (``*``, ``?``, ``[``; ``**`` is
@@ -296,8 +305,9 @@ def collect_inputs(specs: list[str]) -> tuple[list[InputItem], list[tuple[str, s
     """
     found: list[tuple[Path, dict[str, Any]]] = []
     failures: list[tuple[str, str]] = []
+    skip = tuple(os.path.realpath(p) for p in exclude)
     for spec in specs:
-        _expand_spec(spec, found, failures)
+        _expand_spec(spec, found, failures, skip)
 
     seen: set[str] = set()
     unique: list[tuple[Path, dict[str, Any]]] = []
@@ -321,13 +331,27 @@ def _abs(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def _skipped(path: Path, skip: tuple[str, ...]) -> bool:
+    """True if ``path`` lies in an excluded folder (a glob names files explicitly, so other
+    dd run folders are read)."""
+    real = os.path.realpath(path)
+    return any(real == s or real.startswith(s + os.sep) for s in skip)
+
+
 def _expand_spec(
-    spec: str, found: list[tuple[Path, dict[str, Any]]], failures: list[tuple[str, str]]
+    spec: str,
+    found: list[tuple[Path, dict[str, Any]]],
+    failures: list[tuple[str, str]],
+    skip: tuple[str, ...] = (),
 ) -> None:
     """Expand one command-line spec into ``found`` (or a reason into ``failures``)."""
     if any(c in spec for c in "*?[") and not os.path.lexists(os.path.expanduser(spec)):
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-        images = [_abs(m) for m in matches if os.path.isfile(m) and _is_image(Path(m))]
+        images = [
+            _abs(m)
+            for m in matches
+            if os.path.isfile(m) and _is_image(Path(m)) and not _skipped(_abs(m), skip)
+        ]
         if not images:
             reason = "no files match" if not matches else "no image files match"
             failures.append((spec, reason))
@@ -337,17 +361,23 @@ def _expand_spec(
     if path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
         _expand_manifest(spec, path, found, failures)
         return
-    reason = _expand_path(path, found)
+    if path.is_dir() and skip and os.path.realpath(path) in skip:
+        failures.append((spec, "is the output folder (--out); name another input"))
+        return
+    reason = _expand_path(path, found, skip=skip)
     if reason:
         failures.append((spec, reason))
 
 
 def _expand_path(
-    path: Path, found: list[tuple[Path, dict[str, Any]]], meta: dict[str, Any] | None = None
+    path: Path,
+    found: list[tuple[Path, dict[str, Any]]],
+    meta: dict[str, Any] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> str:
     """Add an image file or a folder's images to ``found``; return a failure reason or ``""``."""
     if path.is_dir():
-        images = list(_walk_images(path))
+        images = list(_walk_images(path, skip))
         if not images:
             return "no images in folder"
         found.extend((image, dict(meta or {})) for image in images)
@@ -363,11 +393,18 @@ def _expand_path(
     return ""
 
 
-def _walk_images(folder: Path) -> Iterable[Path]:
-    """Image files under ``folder``, recursively, skipping hidden names, in sorted tree order."""
+def _walk_images(folder: Path, skip: tuple[str, ...] = ()) -> Iterable[Path]:
+    """Image files under ``folder``, recursively, skipping hidden names, excluded folders and
+    dd run folders below ``folder``, in sorted tree order."""
     out: list[tuple[tuple[str, ...], Path]] = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and not is_run_folder(Path(root, d))
+            and os.path.realpath(Path(root, d)) not in skip
+        ]
         rel = Path(root).relative_to(folder).parts
         for name in files:
             p = Path(root, name)

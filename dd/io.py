@@ -94,3 +94,146 @@ class Journal:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Output folders. Every command that writes a folder of results marks it with RUN_MARKER
+# (a ``.dd/`` folder holding ``run.json``), so input scans can leave dd's own outputs alone.
+# ------------------------------------------------------------------------------------------
+RUN_MARKER = ".dd"
+
+
+def output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """``path`` as an output folder: created if missing; an error if it is a file."""
+    from dd.errors import DDError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DDError(
+            f"{what} {path} is a file, not a folder",
+            hint="name a new or existing folder for the results",
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DDError(
+            f"cannot create the {what} folder {path}: {e.strerror or e}",
+            hint="name a folder you can write to",
+        ) from None
+    return path
+
+
+def mark_run_folder(path: str | os.PathLike, command: str) -> Path:
+    """Create the output folder ``path`` and mark it as written by ``dd COMMAND``."""
+    from dd import __version__
+
+    path = output_dir(path)
+    marker = path / RUN_MARKER / "run.json"
+    if not marker.exists():
+        atomic_write_json(marker, {"command": command, "dd_version": __version__})
+    return path
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """True for a folder some dd command wrote its results to (see :func:`mark_run_folder`)."""
+    return (Path(path) / RUN_MARKER).is_dir()
+
+
+INCOMPLETE = f"{RUN_MARKER}/incomplete.json"
+
+
+def mark_incomplete(folder: str | os.PathLike, command: str) -> None:
+    """Say that ``dd COMMAND`` is writing ``folder``; :func:`mark_complete` takes it back.
+    A folder still marked (the command failed or was killed) is refused by readers."""
+    atomic_write_json(Path(folder) / INCOMPLETE, {"command": command})
+
+
+def mark_complete(folder: str | os.PathLike) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (Path(folder) / INCOMPLETE).unlink()
+
+
+def check_complete(folder: str | os.PathLike, what: str = "dataset") -> None:
+    """A ``DDError`` if a command that wrote ``folder`` did not finish."""
+    path = Path(folder) / INCOMPLETE
+    if not path.is_file():
+        return
+    from dd.errors import DDError
+
+    try:
+        command = json.loads(path.read_text()).get("command", "a dd command")
+    except (OSError, ValueError, AttributeError):
+        command = "a dd command"
+    raise DDError(
+        f"{folder} is an incomplete {what}: `{command}` did not finish writing it",
+        hint=f"rerun `{command}` with the same arguments, or delete the folder",
+    )
+
+
+#: Settings that name an input file or folder. Run records store them absolute, so a record
+#: read from another directory (``dd refine --segment RUN``, ``--resume``) finds them.
+PATH_SETTINGS = frozenset(
+    {
+        "model",
+        "init",
+        "init_lora",
+        "data",
+        "dataset",
+        "datasets",
+        "val",
+        "val_data",
+        "instance_dir",
+        "class_dir",
+        "mask",
+        "weights",
+        "detector_weights",
+        "prompts",
+        "eval_prompts",
+        "reg_data",
+        "instance_data",
+        "class_data",
+        "refs",
+        "inception",
+        "clip_model",
+        "pickscore_model",
+        "image_reward_model",
+        "loras",
+        "inputs",
+        "segments",
+        "out",
+    }
+)
+
+
+def absolute_path(value: Any) -> Any:
+    """A relative path that exists (or an ``out`` folder) made absolute; anything else (a
+    hub id such as ``org/model``, None) unchanged."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(absolute_path(v) for v in value)
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    text = os.fspath(value)
+    expanded = os.path.expanduser(text)
+    if os.path.isabs(expanded) or not os.path.exists(expanded):
+        return expanded if os.path.isabs(expanded) else value
+    return os.path.abspath(expanded)
+
+
+def record_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with every input path (:data:`PATH_SETTINGS`) absolute."""
+    out = dict(settings)
+    for key in PATH_SETTINGS & set(out):
+        if key == "out" and isinstance(out[key], (str, os.PathLike)):
+            out[key] = os.path.abspath(os.path.expanduser(os.fspath(out[key])))
+        else:
+            out[key] = absolute_path(out[key])
+    return out
+
+
+def absolutize(cfg: Any) -> Any:
+    """A copy of the dataclass ``cfg`` with its input paths (:data:`PATH_SETTINGS` but
+    ``out``) absolute: engines call it first, so every record they write is self-contained."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cfg)} & (PATH_SETTINGS - {"out", "segments"})
+    return dataclasses.replace(cfg, **{n: absolute_path(getattr(cfg, n)) for n in names})

@@ -219,3 +219,29 @@ def get_detector_class(name: str):
 
 def get_backbone_class(name: str):
     return get_host().backbones.get(name)
+
+
+def load_detector(
+    name: str, weights: str | None, options: dict[str, Any], device: Any, dtype: Any
+) -> Any:
+    """The detector plugin ``name`` built with ``weights`` on ``device`` in ``dtype``
+    (``"auto"``/``"fp32"`` strings or torch objects); ``options`` are checked against the
+    types its ``load`` declares before it is called (:mod:`dd.plugin_options`)."""
+    from dd.device import resolve_device, resolve_dtype
+    from dd.plugin_options import check_options
+
+    cls = get_host().detectors.get(name)
+    opts = check_options("detector", name, cls.load, options)
+    dev = resolve_device(device) if isinstance(device, str) else device
+    dt = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    return cls.load(weights, device=dev, dtype=dt, **opts)
+
+
+def load_backbone(name: str, model: str, *, device: Any, dtype: Any, options: dict) -> Any:
+    """The backbone plugin ``name`` loaded from ``model`` (hub id, folder or file), with
+    ``options`` checked against the types its ``from_pretrained`` declares."""
+    from dd.plugin_options import check_options
+
+    cls = get_host().backbones.get(name)
+    opts = check_options("backbone", name, cls.from_pretrained, options)
+    return cls.from_pretrained(str(model), device=device, dtype=dtype, **opts)

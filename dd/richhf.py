@@ -43,7 +43,14 @@ from PIL import Image
 
 from dd.errors import DDError
 from dd.images import IMAGE_SUFFIXES
-from dd.io import atomic_open, atomic_write_bytes, atomic_write_text
+from dd.io import (
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_text,
+    mark_complete,
+    mark_incomplete,
+    output_dir,
+)
 
 __all__ = [
     "MAP_FEATURES",
@@ -523,7 +530,14 @@ def _scalar_meta(feats: Mapping[str, Feature]) -> dict[str, Any]:
 def _existing_samples(out: Path) -> list[dict[str, Any]]:
     """Manifest records of a dataset already at ``out`` (none if there is none yet)."""
     from dd.datasets import MANIFEST, read_dataset
+    from dd.io import INCOMPLETE
 
+    if (out / INCOMPLETE).is_file():
+        # An import that did not finish: its manifest (if any) is the last complete state;
+        # images it placed after that are not samples (they are placed again).
+        if not (out / MANIFEST).exists():
+            return []
+        return [s.to_json(out) for s in read_dataset(out, allow_incomplete=True)]
     has_images = (out / "images").is_dir() and any(
         p.suffix.lower() in IMAGE_SUFFIXES for p in (out / "images").rglob("*")
     )
@@ -569,6 +583,8 @@ def import_richhf(
     out = Path(out)
     index, ambiguous = _index_images(Path(images_dir))
     entries = {rec["image"]: rec for rec in _existing_samples(out)}
+    output_dir(out)
+    mark_incomplete(out, "dd dataset import-richhf")  # until the manifest is in place
     report = RichHFReport(out=out, ambiguous=ambiguous)
     total = sum(p.stat().st_size for p in paths)
     base, seen = 0, set()
@@ -624,4 +640,5 @@ def import_richhf(
         "".join(json.dumps(rec, sort_keys=True) + "\n" for rec in entries.values()),
     )
     atomic_write_text(out / "missing.txt", "".join(f"{m}\n" for m in report.missing))
+    mark_complete(out)
     return report

@@ -66,6 +66,19 @@ def _prompt_map(folder: Path) -> dict[str, str]:
     return out
 
 
+#: What dd generate and dd eval gen call a generated image; grid.png and such are not.
+GENERATED = re.compile(r"^\d+-seed\d+$")
+
+
+def _generated(folder: Path, images: Sequence[Path]) -> tuple[dict[str, Path], set[str]]:
+    """``(candidates, all stems)`` of ``folder``'s images (not its subfolders') by stem: where
+    some are named like generated images (``PPPP-seedS``), only those are candidates (a
+    ``grid.png`` contact sheet is never paired with the other folder's grid)."""
+    ims = {p.stem: p for p in images if p.parent == folder}
+    named = {k: v for k, v in ims.items() if GENERATED.match(k)}
+    return (named or ims), set(ims)
+
+
 def create_study(
     dir_a: str | Path,
     dir_b: str | Path,
@@ -85,8 +98,8 @@ def create_study(
             raise DDError(f"image folder not found: {d}")
     if (out / "study.json").exists():
         raise DDError(f"{out} already holds a study", hint="choose a new --out folder")
-    ims_a = {p.stem: p for p in list_images(a) if p.parent == a}
-    ims_b = {p.stem: p for p in list_images(b) if p.parent == b}
+    ims_a, all_a = _generated(a, list_images(a))
+    ims_b, all_b = _generated(b, list_images(b))
     stems = sorted(set(ims_a) & set(ims_b))
     if not stems:
         raise DDError(
@@ -121,8 +134,8 @@ def create_study(
         "seed": seed,
         "pairs": pairs,
         "unpaired": {
-            "a": sorted(set(ims_a) - set(stems)),
-            "b": sorted(set(ims_b) - set(stems)),
+            "a": sorted(all_a - set(stems)),
+            "b": sorted(all_b - set(stems)),
         },
     }
     atomic_write_json(out / "study.json", study)

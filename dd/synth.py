@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from dd.datasets import Sample, save_mask, write_manifest
+from dd.datasets import MANIFEST, Sample, save_mask, write_manifest
 from dd.errors import DDError
 from dd.images import collect_inputs, load_image
 from dd.io import save_image_atomic
@@ -957,6 +957,66 @@ def _existing(plan: _Plan, i: int) -> dict[str, Any] | None:
     return rec
 
 
+SYNTH_RECORD = ".dd/synth.json"
+
+
+def _claim_out(plan: _Plan, count: int, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds other data (see :func:`synthesize`)."""
+    from dd.io import atomic_write_json, output_dir
+
+    out = Path(plan.out)
+    output_dir(out)
+    record_path = out / SYNTH_RECORD
+    entries = [p for p in out.iterdir() if p.name != ".dd"]
+    record: dict[str, Any] | None = None
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except ValueError:
+            record = None
+    elif entries:
+        # A dataset synth wrote before it kept a record: adopt it when every row of its
+        # manifest is a sample of this very plan.
+        rows = _manifest_rows(out)
+        if rows and all(_existing(plan, i) is not None for i in range(rows)):
+            record = {"fingerprint": plan.fingerprint, "count": rows}
+    if entries and record is None:
+        raise DDError(
+            f"{out} is not empty and was not written by dd synth",
+            hint="choose a new or empty --out folder (nothing there was changed)",
+        )
+    if record is not None and entries:
+        same = record.get("fingerprint") == plan.fingerprint
+        if not same and not overwrite:
+            raise DDError(
+                f"{out} holds a dd synth dataset made with other settings",
+                hint="rerun with its settings to resume, pass --overwrite to replace it, "
+                "or choose a new --out",
+            )
+        if same and count < int(record.get("count", 0)) and not overwrite:
+            raise DDError(
+                f"{out} holds {record['count']} samples; --count {count} would drop some",
+                hint=f"pass --count {record['count']} (or more), or --overwrite",
+            )
+        if not same or count < int(record.get("count", 0)):
+            import shutil
+
+            for sub in ("images", "masks"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+            (out / MANIFEST).unlink(missing_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        record_path, {"command": "synth", "fingerprint": plan.fingerprint, "count": count}
+    )
+
+
+def _manifest_rows(out: Path) -> int:
+    try:
+        return sum(1 for line in (out / MANIFEST).read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
 def _fingerprint(plan_args: dict[str, Any]) -> str:
     blob = json.dumps({**plan_args, "format": _FORMAT, "fonts": _font_files()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -975,6 +1035,7 @@ def synthesize(
     workers: int = 1,
     progress: bool = True,
     watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
+    overwrite: bool = False,
 ) -> SynthReport:
     """Write ``count`` samples (``images/``, ``masks/``, ``manifest.jsonl``) to ``out``.
 
@@ -985,8 +1046,10 @@ def synthesize(
     ``artifacts`` (every kind applied) and ``coverage`` (fraction of mask pixels > 0).
 
     Resumable: a sample whose files exist from a run with the same arguments is kept as it
-    is; the manifest is rewritten atomically at the end, in sample order. ``workers > 1``
-    renders in that many processes, with bit-identical results.
+    is; the manifest is rewritten atomically at the end, in sample order. ``out`` must be
+    new, empty, or a synth dataset of the same settings (``count`` may grow); another synth
+    dataset is replaced only with ``overwrite``, and a folder synth did not write never.
+    ``workers > 1`` renders in that many processes, with bit-identical results.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -1025,7 +1088,7 @@ def synthesize(
     fp = _fingerprint(plan_args)
     plan = _Plan(str(out), (h, w), seed, ks, ratio, (lo, hi), tuple(photos), fp)
 
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    _claim_out(plan, count, overwrite)
     records: list[dict[str, Any] | None] = [_existing(plan, i) for i in range(count)]
     todo = [i for i, r in enumerate(records) if r is None]
     resumed = count - len(todo)

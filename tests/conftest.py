@@ -60,7 +60,27 @@ def cli():
     return invoke
 
 
-CHROMIUM = "/usr/bin/chromium"
+def find_chromium() -> str | None:
+    """The browser the page tests drive: ``$DD_CHROMIUM`` (a path or a name on PATH, or
+    ``playwright`` for a browser that ``playwright install chromium`` downloaded), else the
+    first Chromium/Chrome on PATH. ``scripts/test-browser.sh`` (run by ``make test``)
+    provisions one."""
+    import shutil
+
+    for name in (
+        os.environ.get("DD_CHROMIUM"),
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ):
+        if name == "playwright":
+            return name
+        if name and (shutil.which(name) or (os.path.isfile(name) and os.access(name, os.X_OK))):
+            return shutil.which(name) or name
+    return None
+
+
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -75,16 +95,22 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="session")
 def browser():
-    """A real headless Chromium (Debian's package) driven by Playwright; no browser download.
+    """A real headless Chromium driven by Playwright (no browser download).
 
-    Fails, not skips, when Chromium or Playwright is missing: `.ci/run` installs both.
+    Fails, not skips, when no browser is found: `make test` provisions one
+    (scripts/test-browser.sh).
     """
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (`apt-get install chromium`)")
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.fail(
+            "no Chromium/Chrome found: run scripts/test-browser.sh (make test does), or set "
+            "DD_CHROMIUM to a browser (README: Two commands)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        where = {} if chromium == "playwright" else {"executable_path": chromium}
+        b = pw.chromium.launch(args=CHROMIUM_ARGS, **where)
         try:
             yield b
         finally:

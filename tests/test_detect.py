@@ -240,6 +240,10 @@ def test_decompression_bomb_guard_is_refused_with_a_hint(tmp_path, cli):
     assert "120x100 = 12000 pixels" in failed[0]["reason"]
     assert "decompression-bomb guard" in failed[0]["reason"]
     res = cli("detect", tmp_path / "in", "--out", out, *TINY, "--max-pixels", "20000")
+    assert res.exit_code == 1 and "already holds a detect run" in res.output
+    res = cli(
+        "detect", tmp_path / "in", "--out", out, *TINY, "--max-pixels", "20000", "--overwrite"
+    )
     assert res.exit_code == 0
 
 
@@ -252,3 +256,42 @@ def test_no_overlays_writes_maps_and_reports_only(tmp_path, cli):
     assert all("overlay" not in r and (out / r["map"]).exists() for r in recs)
     assert not (out / "overlays").exists()
     assert "img00" in (out / "index.html").read_text()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, cli):
+    _images(tmp_path / "in", 1)
+    (tmp_path / "report").write_text("mine")
+    res = cli("detect", tmp_path / "in", "--out", tmp_path / "report", *TINY)
+    assert res.exit_code == 1
+    assert "is a file, not a folder" in res.output and "Traceback" not in res.output
+    assert (tmp_path / "report").read_text() == "mine"
+
+
+def test_a_second_run_never_reads_its_own_output(tmp_path, cli):
+    """dd detect SRC --out SRC/report twice: 3 images both times, not 3 -> 9 -> 21."""
+    src = tmp_path / "src"
+    _images(src, 3)
+    for flag in ((), ("--overwrite",), ("--resume",)):
+        res = cli("detect", src, "--out", src / "report", *TINY, *flag)
+        assert res.exit_code == 0, res.output
+        summary = json.loads((src / "report" / "summary.json").read_text())
+        assert summary["images"] == 3, flag
+        keys = [json.loads(x)["key"] for x in (src / "report" / "report.jsonl").open()]
+        assert not any(k.startswith("report/") for k in keys), keys
+
+
+def test_other_run_folders_are_skipped_unless_named(tmp_path, cli):
+    src = tmp_path / "src"
+    _images(src, 2)
+    res = cli("detect", src, "--out", src / "first", *TINY)
+    assert res.exit_code == 0, res.output
+    res = cli("detect", src, "--out", tmp_path / "second", *TINY)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "second" / "summary.json").read_text())["images"] == 2
+    # Naming the run folder itself is explicit: its maps are read.
+    res = cli("detect", src / "first" / "maps", "--out", tmp_path / "third", *TINY)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "third" / "summary.json").read_text())["images"] == 2
+    # The output folder itself is never an input.
+    res = cli("detect", tmp_path / "third", "--out", tmp_path / "third", *TINY, "--overwrite")
+    assert res.exit_code == 2 and "is the output folder" in res.output

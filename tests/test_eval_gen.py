@@ -250,6 +250,40 @@ def test_rerun_reuses_the_images(run):
     assert again["models"] == results["models"]
 
 
+def test_other_settings_never_reuse_old_images(run, tmp_path):
+    """--steps 3 after --steps 2 into the same --out: refused; --overwrite regenerates."""
+    import dataclasses
+    import shutil
+
+    d, cfg, results, det = run
+    out = tmp_path / "out"
+    shutil.copytree(d / "out", out)
+    cfg = dataclasses.replace(cfg, out=str(out), refs=None, loras=[])
+    eval_gen(cfg, detector=det)  # the same settings: reused
+    img = out / "images" / "base" / "0000-seed0.png"
+    before = img.read_bytes()
+    other = dataclasses.replace(cfg, steps=3)
+    with pytest.raises(DDError, match=r"other settings \(steps 2 -> 3\)") as e:
+        eval_gen(other, detector=det)
+    assert "--overwrite" in e.value.hint
+    assert img.read_bytes() == before
+    again = eval_gen(dataclasses.replace(other, overwrite=True), detector=det)
+    assert img.read_bytes() != before
+    assert again["config"]["steps"] == 3
+    # a changed prompt list is another setting too
+    (tmp_path / "p.txt").write_text("something else\n")
+    with pytest.raises(DDError, match="prompts_sha256"):
+        eval_gen(dataclasses.replace(other, prompts=str(tmp_path / "p.txt")), detector=det)
+
+
+def test_each_model_folder_records_prompt_and_seed(run):
+    d, *_ = run
+    recs = [json.loads(x) for x in (d / "out" / "images" / "base" / "report.jsonl").open()]
+    assert {(r["image"], r["prompt"], r["seed"]) for r in recs} == {
+        (f"{pi:04d}-seed{s}.png", PROMPTS[pi], s) for pi in range(2) for s in SEEDS
+    }
+
+
 def test_clip_score_from_local_weights(run, tmp_path):
     from transformers import (
         CLIPConfig,

@@ -225,3 +225,20 @@ def test_two_cpu_processes_through_accelerate_launch(tiny_ldm, dataset, tmp_path
     assert json.loads((last / "trainer.json").read_text())["world_size"] == 2
     assert (last / "rng_rank0.pt").is_file() and (last / "rng_rank1.pt").is_file()
     assert json.loads((run / "refine.json").read_text())["step"] == 2
+
+
+def test_run_records_name_inputs_by_absolute_path(tiny_ldm, dataset, tmp_path, monkeypatch):
+    """--init and --data given relative: refine.json and config.toml work from anywhere."""
+    import os
+
+    monkeypatch.chdir(Path(tiny_ldm).parent)
+    init = os.path.relpath(tiny_ldm)
+    data = os.path.relpath(dataset)
+    out = tmp_path / "run"
+    refine_train(config(Path(init), Path(data), out, train_steps=2, eval_every=2))
+    info = json.loads((out / "refine.json").read_text())
+    assert info["init"] == str(Path(tiny_ldm).resolve())
+    monkeypatch.chdir(tmp_path)
+    from dd.engines.refine import read_model_info
+
+    assert Path(read_model_info(out)["init"]).is_dir()

@@ -389,3 +389,21 @@ def test_cli_import_and_info(tmp_path, richhf, cli):
     assert res.exit_code == 0 and "class balance" in res.output and "66.7%" in res.output
     res = cli("dataset", "info", tmp_path / "nowhere")
     assert res.exit_code == 1 and "dataset folder not found" in res.output
+
+
+def test_a_failed_import_leaves_nothing_that_looks_valid(tmp_path, richhf, cli):
+    """A truncated TFRecord: exit 1, and `dd dataset info` says the dataset is incomplete."""
+    raw = richhf["train"].read_bytes()
+    cut = tmp_path / "cut.tfrecord"
+    cut.write_bytes(raw[: len(raw) - 10])  # the last record is truncated
+    out = tmp_path / "ds"
+    res = cli("dataset", "import-richhf", cut, "--images", richhf["pics"], "--out", out)
+    assert res.exit_code == 1 and "truncated" in res.output
+    assert (out / "images").is_dir()  # the first records' images were placed ...
+    res = cli("dataset", "info", out)
+    assert res.exit_code == 1 and "incomplete dataset" in res.output, res.output
+    assert "dd dataset import-richhf" in res.output
+    # ... and a complete import makes it a dataset again
+    res = cli("dataset", "import-richhf", richhf["train"], "--images", richhf["pics"], "--out", out)
+    assert res.exit_code == 0, res.output
+    assert cli("dataset", "info", out).exit_code == 0

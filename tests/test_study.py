@@ -200,3 +200,12 @@ def test_cli_create_and_errors(cli, tmp_path):
     assert r.exit_code == 1 and "not a study folder" in r.output
     r = cli("eval", "study", "report", tmp_path / "missing")
     assert r.exit_code == 1 and "not a study folder" in r.output
+
+
+def test_contact_sheets_are_not_paired(tmp_path):
+    a, b = make_dirs(tmp_path)
+    for d in (a, b):
+        Image.new("RGB", (48, 16)).save(d / "grid.png")
+    study = create_study(a, b, tmp_path / "s")
+    assert "grid" not in [p["stem"] for p in study["pairs"]]
+    assert len(study["pairs"]) == 3 and "grid" in study["unpaired"]["a"]

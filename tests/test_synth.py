@@ -19,7 +19,12 @@ FAST = {"use_skimage": False, "progress": False}
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """The dataset's files (not synth's own record in .dd/)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.relative_to(root).as_posix().startswith(".dd/")
+    }
 
 
 def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -84,7 +89,7 @@ def test_watermark_opacity_range_is_respected_and_changes_the_fingerprint(tmp_pa
     first = (tmp_path / "ds/images/000000.png").read_bytes()
     report = synthesize(tmp_path / "ds", 3, watermark_opacity=(0.25, 0.85), **kw)
     assert report.resumed == 3  # the default range is the default fingerprint
-    report = synthesize(tmp_path / "ds", 3, watermark_opacity=(0.9, 1.0), **kw)
+    report = synthesize(tmp_path / "ds", 3, watermark_opacity=(0.9, 1.0), overwrite=True, **kw)
     assert report.resumed == 0 and (tmp_path / "ds/images/000000.png").read_bytes() != first
     with pytest.raises(DDError, match="opacity"):
         synthesize(tmp_path / "bad", 1, watermark_opacity=(0.8, 0.2), **kw)
@@ -208,7 +213,11 @@ def test_resume_skips_existing_and_regenerates_missing(tmp_path):
             assert p.stat().st_mtime_ns == t
     grown = synthesize(out, 8, size=40, seed=2, **FAST)
     assert (grown.generated, grown.resumed) == (2, 6)
-    other = synthesize(out, 8, size=40, seed=9, **FAST)
+    with pytest.raises(DDError, match="made with other settings"):
+        synthesize(out, 8, size=40, seed=9, **FAST)
+    with pytest.raises(DDError, match="would drop some"):
+        synthesize(out, 5, size=40, seed=2, **FAST)
+    other = synthesize(out, 8, size=40, seed=9, overwrite=True, **FAST)
     assert (other.generated, other.resumed) == (8, 0)
 
 
@@ -268,3 +277,46 @@ def test_cli_end_to_end(cli, tmp_path):
     bad = cli(*args, "--kinds", "watermark,nope")
     assert bad.exit_code == 1 and "nope" in bad.output
     assert os.listdir(out / "images")
+
+
+def test_an_existing_dataset_is_never_overwritten(tmp_path, cli):
+    """A folder synth did not write (here 5 human-labelled samples) is refused, untouched."""
+    from dd.datasets import Sample, write_manifest
+
+    ds = tmp_path / "labelled"
+    (ds / "images").mkdir(parents=True)
+    samples = []
+    for i in range(5):
+        Image.new("RGB", (32, 32), (i, i, i)).save(ds / "images" / f"h{i}.png")
+        samples.append(Sample(ds / "images" / f"h{i}.png", None, "human", "hand", 1.0, {}))
+    write_manifest(ds, samples)
+    before = _files(ds)
+    manifest = (ds / "manifest.jsonl").read_text()
+    res = cli("synth", "--out", ds, "--count", "2", "--size", "40", "--no-skimage")
+    assert res.exit_code == 1 and "was not written by dd synth" in res.output
+    res = cli("synth", "--out", ds, "--count", "2", "--size", "40", "--no-skimage", "--overwrite")
+    assert res.exit_code == 1 and "was not written by dd synth" in res.output
+    assert _files(ds) == before and (ds / "manifest.jsonl").read_text() == manifest
+    # Another synth setting into a synth dataset: refused, then replaced only when told.
+    out = tmp_path / "ds"
+    args = ("synth", "--out", out, "--count", "3", "--size", "40", "--no-skimage")
+    assert cli(*args).exit_code == 0
+    res = cli(*args, "--seed", "5")
+    assert res.exit_code == 1 and "made with other settings" in res.output
+    assert cli(*args, "--seed", "5", "--overwrite").exit_code == 0
+    # A dataset synth wrote before it kept a record (.dd/synth.json) resumes in place.
+    import shutil
+
+    shutil.rmtree(out / ".dd")
+    res = cli(*args, "--seed", "5")
+    assert res.exit_code == 0 and "0 generated, 3 resumed" in res.output, res.output
+
+
+def test_examples_readme_gives_the_shipped_examples_settings():
+    root = Path(__file__).parents[1] / "examples"
+    made = (root / "synth" / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    line = next(x.strip() for x in readme.splitlines() if x.strip().startswith("dd synth"))
+    assert " ".join(line.split()) in " ".join(made.replace("\\\n", " ").split())
+    rows = (root / "synth" / "manifest.jsonl").read_text().splitlines()
+    assert f"--count {len(rows)}" in line

@@ -304,6 +304,27 @@ def test_init_lora_continues_from_an_existing_lora(
     assert "initialised from" in (tmp_path / "more" / "README.md").read_text()
 
 
+def test_init_lora_records_the_rank_it_trains(
+    flux_run, tiny_flux, detector_dir, prompt_files, tmp_path
+):
+    """A rank-4 LoRA given to --init-lora is trained and recorded as rank 4, not 16."""
+    from dd.config import load_toml
+
+    bb = get_host().backbones.get("flux").from_pretrained(str(tiny_flux), max_sequence_length=32)
+    bb.add_lora(rank=4, alpha=2.0)
+    bb.save_lora(tmp_path / "rank4")
+    cfg = base_config(
+        tiny_flux, detector_dir, prompt_files, tmp_path / "more", init_lora=str(tmp_path / "rank4"),
+        train_steps=1, eval_every=1, batch_size=2,
+    )  # fmt: skip
+    treat(cfg)
+    saved = load_toml(tmp_path / "more" / "config.toml")
+    assert saved["lora_rank"] == 4 and saved["lora_alpha"] == 2.0
+    assert saved["init_lora"] == str((tmp_path / "rank4").resolve())
+    out = load_file(str(tmp_path / "more" / "pytorch_lora_weights.safetensors"))
+    assert {t.shape[0] for k, t in out.items() if "lora_A" in k} == {4}
+
+
 # ------------------------------------------------------------------------------------------
 # Truncated backprop, through the objective the engine runs for every micro-batch
 # ------------------------------------------------------------------------------------------

@@ -1,18 +1,23 @@
 """The ``dd`` command line: one module per command (or sub-app), plugins add more.
 
-``main()`` is the console-script entry point. Library errors (:class:`dd.DDError`) are
-printed as one line with a hint and a non-zero exit; ``DD_DEBUG=1`` shows the traceback.
+``main()`` is the console-script entry point. Its contract, tested for every command:
+
+* a usage mistake (unknown command or option, a value of the wrong type, a missing
+  argument) prints click's short usage error and exits 2, never a traceback;
+* a library error (:class:`dd.DDError`) prints one line ``Error: ... (hint: ...)`` and
+  exits non-zero; ``DD_DEBUG=1`` shows the traceback instead;
+* help is plain click text (no Rich boxes or markup), readable at any terminal width.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Any
 
-import click
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from dd.errors import DDError
 
@@ -21,25 +26,91 @@ def _print_error(err: DDError) -> None:
     msg = f"Error: {err.message}"
     if err.hint:
         msg += f" (hint: {err.hint})"
-    click.echo(msg, err=True)
+    typer.echo(msg, err=True)
+
+
+# Click-style placeholders for option values (typer's own are ``<str>``, ``<list[str]>``).
+_METAVARS = {"int": "INTEGER", "float": "FLOAT", "path": "PATH", "bool": "BOOLEAN"}
+
+
+class _PlainArgument(TyperArgument):
+    """An argument whose help row is its name alone (typer adds ``<list[str]>``)."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+def tidy_help(cmd: Any) -> None:
+    """Plain help for ``cmd`` and every sub-command (plugins' too): no Rich markup, so
+    ``[brackets]`` in help texts survive; placeholders ``TEXT``/``INTEGER``/``PATH`` instead
+    of ``<str>``; arguments in upper case, as click writes them."""
+    if getattr(cmd, "_dd_tidy", False):
+        return
+    cmd._dd_tidy = True
+    if hasattr(cmd, "rich_markup_mode"):
+        cmd.rich_markup_mode = None
+    for param in getattr(cmd, "params", []):
+        if param.metavar is not None:
+            continue
+        if isinstance(param, TyperArgument):
+            param.metavar = param.name.upper()
+            if type(param) is TyperArgument:
+                param.__class__ = _PlainArgument
+        elif isinstance(param, TyperOption) and not param.is_flag:
+            desc = param.type_descriptor
+            if desc.is_choice:
+                continue
+            kind = "path" if desc.is_path else param.bare_type()
+            param.metavar = _METAVARS.get(kind, "TEXT")
+    for sub in getattr(cmd, "commands", {}).values():
+        tidy_help(sub)
+
+
+_USER_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EEXIST,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EROFS,
+}
 
 
 class DDGroup(TyperGroup):
     """Root group: turns ``DDError`` into one line on stderr and the error's exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        tidy_help(self)
+        return super().main(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except DDError as err:
             if os.environ.get("DD_DEBUG"):
                 raise
             _print_error(err)
-            raise click.exceptions.Exit(err.exit_code) from None
+            raise typer.Exit(err.exit_code) from None
+        except OSError as err:
+            # A file-system problem the user can fix (permissions, a full disk, a file where
+            # a folder belongs): one line, like a DDError. Others are bugs: a traceback.
+            if os.environ.get("DD_DEBUG") or err.errno not in _USER_ERRNOS:
+                raise
+            where = f": {err.filename}" if err.filename else ""
+            _print_error(
+                DDError(
+                    f"{err.strerror or err}{where}",
+                    hint="check the path and its permissions (DD_DEBUG=1 shows where)",
+                )
+            )
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if os.environ.get("DD_DEBUG"):
                 raise
-            click.echo("Interrupted (finished work is kept; rerun with --resume).", err=True)
-            raise click.exceptions.Exit(130) from None
+            typer.echo("Interrupted (finished work is kept; rerun with --resume).", err=True)
+            raise typer.Exit(130) from None
 
 
 def build_app(*, with_plugins: bool = True) -> typer.Typer:
@@ -53,6 +124,7 @@ def build_app(*, with_plugins: bool = True) -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        rich_markup_mode=None,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     app.command("detect")(detect.detect)
@@ -117,14 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     try:
         rv = cmd.main(args=argv, prog_name="dd", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
         return 1
+    except typer.TyperException as e:  # click's usage errors (typer ships its own click)
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:  # pragma: no cover - every click exception has show()
+            typer.echo(f"Error: {e.format_message()}", err=True)
+        return e.exit_code
     return rv if isinstance(rv, int) else 0
 
 

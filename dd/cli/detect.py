@@ -24,21 +24,6 @@ EXIT_FAILED_INPUTS = 2
 EXIT_GATE = 3
 
 
-def load_detector(name: str, weights: str | None, options: dict, device: str, dtype: str):
-    """Resolve the detector plugin and build it on the chosen device and dtype."""
-    from dd.device import resolve_device, resolve_dtype
-    from dd.plugins import get_host
-
-    cls = get_host().detectors.get(name)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
-    try:
-        return cls.load(weights, device=dev, dtype=dt, **options)
-    except TypeError as e:
-        from dd.errors import DDError
-
-        raise DDError(f"detector {name!r} does not accept these options: {e}") from None
-
-
 def detect(
     paths: Annotated[
         list[str],
@@ -57,6 +42,9 @@ def detect(
         typer.Option(help="Exit 3 if any image's max confidence exceeds this (quality gate)."),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Skip images already done in --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the results of an earlier run in --out.")
+    ] = False,
     overlays: Annotated[
         bool, typer.Option(help="Write heat-map overlay PNGs (the slowest output to encode).")
     ] = True,
@@ -76,9 +64,10 @@ def detect(
     from dd.engines.detect import DetectConfig, run_detect
     from dd.errors import DDError
     from dd.images import collect_inputs
+    from dd.plugins import load_detector
 
     err = Console(stderr=True)
-    items, failures = collect_inputs(paths)
+    items, failures = collect_inputs(paths, exclude=[out])
     if not items:
         reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(paths)
         raise DDError(f"no images to process ({reasons})", exit_code=EXIT_FAILED_INPUTS)
@@ -97,6 +86,7 @@ def detect(
         batch_size=batch_size,
         workers=workers,
         resume=resume,
+        overwrite=overwrite,
         max_pixels=max_pixels,
         save_overlays=overlays,
     )

@@ -11,7 +11,6 @@ import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -27,7 +26,7 @@ app = typer.Typer(
 class _StudyGroup(TyperGroup):
     """``study DIR_A DIR_B ...`` means ``study create DIR_A DIR_B ...``."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         if args and not args[0].startswith("-") and args[0] not in self.commands:
             args = ["create", *args]
         return super().parse_args(ctx, args)
@@ -101,6 +100,10 @@ def gen(
         str | None,
         typer.Option(help="Local ImageReward.pt (+ med_config.json; needs image-reward)."),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Regenerate images in --out that were made with other settings."),
+    ] = False,
 ) -> None:
     """Generate with the base model and each LoRA at identical seeds, then score them.
 
@@ -108,7 +111,8 @@ def gen(
     FID/KID against --refs (local Inception weights only); SSIM/PSNR against paired
     references; optional CLIP score, PickScore, ImageReward from local weights. Writes
     results.md, results.json, grids/prompt-PPPP.png, bars.png and images/<model>/ to --out
-    (existing images are reused: rerun to resume).
+    (images made with the same settings are reused: rerun to resume; other settings need
+    --overwrite).
     """
     from dd.cli.options import parse_options
     from dd.engines.treat import parse_seeds
@@ -138,6 +142,7 @@ def gen(
         clip_model=clip_model,
         pickscore_model=pickscore_model,
         image_reward_model=image_reward_model,
+        overwrite=overwrite,
     )
     results = eval_gen(cfg, console=Console(stderr=True))
     con = Console()

@@ -41,11 +41,11 @@ def eval_detector(
     Prints a table (overall and per category); see docs/datasets.md for the definitions.
     In JSON, undefined metrics (e.g. MSE on clean images when there are none) are null.
     """
-    from dd.cli.detect import load_detector
     from dd.cli.options import parse_options
     from dd.datasets import read_dataset
     from dd.io import atomic_write_json
     from dd.metrics import evaluate_detector, format_table, json_safe
+    from dd.plugins import load_detector
 
     err = Console(stderr=True)
     samples = read_dataset(dataset)

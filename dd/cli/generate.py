@@ -85,7 +85,6 @@ def generate(
     import torch
     from PIL import Image
 
-    from dd.cli.detect import load_detector
     from dd.cli.options import parse_options
     from dd.config import load_preset, passed_flags
     from dd.device import resolve_device, resolve_dtype
@@ -99,7 +98,7 @@ def generate(
     )
     from dd.errors import DDError
     from dd.io import atomic_write_text, save_image_atomic
-    from dd.plugins import get_host
+    from dd.plugins import load_backbone, load_detector
     from dd.progress import progress_bar
     from dd.scores import map_scores
 
@@ -132,15 +131,13 @@ def generate(
     if config is not None:
         err.print(f"preset {source}", highlight=False)
     dev, dt = resolve_device(device), resolve_dtype(settings["dtype"])
-    bb_cls = get_host().backbones.get(settings["backbone"])
-    try:
-        bb = bb_cls.from_pretrained(
-            settings["model"], device=dev, dtype=dt, **settings["backbone_options"]
-        )
-    except TypeError as e:
-        raise DDError(
-            f"backbone {settings['backbone']!r} does not accept these options: {e}"
-        ) from None
+    bb = load_backbone(
+        settings["backbone"],
+        settings["model"],
+        device=dev,
+        dtype=dt,
+        options=settings["backbone_options"],
+    )
     if lora:
         bb.load_lora(lora, trainable=False)
     det = None

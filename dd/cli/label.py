@@ -32,8 +32,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON report to std
 
 
 def _detector(name, weights, option, device, dtype, err: Console):
-    from dd.cli.detect import load_detector
     from dd.cli.options import parse_options
+    from dd.plugins import load_detector
 
     det = load_detector(name, weights, parse_options(option), device, dtype)
     if det.untrained:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -22,7 +21,7 @@ DEFAULT_COMMAND = "run"
 class RefineGroup(TyperGroup):
     """A group whose default command is ``run``: ``dd refine a.png`` = ``dd refine run a.png``."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         help_names = set(ctx.help_option_names or ["--help"])
         if args and args[0] not in self.commands and args[0] not in help_names:
             args = [DEFAULT_COMMAND, *args]

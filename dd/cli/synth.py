@@ -31,11 +31,17 @@ def synth(
     watermark_opacity: Annotated[
         str, typer.Option(help="Opacity range LOW-HIGH of watermarks (0.6-1.0: plainly visible).")
     ] = "0.25-0.85",
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace a dd synth dataset in --out made with other settings."),
+    ] = False,
 ) -> None:
     """Write clean images and copies with synthetic artifacts plus their exact masks.
 
     The output is a dd dataset (images/, masks/, manifest.jsonl) for train-detector and
-    eval-detector. Rerunning with the same arguments resumes: finished samples are kept.
+    eval-detector. Rerunning with the same arguments resumes: finished samples are kept
+    (a larger --count adds samples). Other settings need --overwrite; a folder that synth
+    did not write is refused.
     Synthetic artifacts model watermarks and local edits, not real hand/face distortions.
     """
     from dd.errors import DDError
@@ -58,6 +64,7 @@ def synth(
         use_skimage=not no_skimage,
         workers=workers,
         watermark_opacity=(lo, hi),
+        overwrite=overwrite,
     )
     console = Console()
     table = Table(title=f"dd synth: {report.samples} samples in {out}")

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +29,14 @@ from PIL import Image
 from dd.detectors import Detector, logits_to_probs
 from dd.errors import DDError
 from dd.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, load_image
-from dd.io import Journal, atomic_write_json, atomic_write_text, save_image_atomic
+from dd.io import (
+    Journal,
+    atomic_write_json,
+    atomic_write_text,
+    mark_run_folder,
+    output_dir,
+    save_image_atomic,
+)
 from dd.scores import map_scores
 from dd.viz import overlay, to_uint8_map
 
@@ -57,6 +65,8 @@ class DetectConfig:
     batch_size: int = 8
     workers: int = 4
     resume: bool = False
+    #: Replace an earlier run's results in ``out`` (without it, or ``resume``, refuse).
+    overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     save_maps: bool = True
     save_overlays: bool = True
@@ -151,10 +161,19 @@ def run_detect(
     """Detect artifacts in ``items``; ``failures`` are earlier ones (e.g. missing paths)."""
     if cfg.batch_size < 1:
         raise DDError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    info_path = cfg.out / RUN_INFO
+    output_dir(cfg.out)
+    if info_path.exists() and not (cfg.resume or cfg.overwrite):
+        raise DDError(
+            f"{cfg.out} already holds a detect run",
+            hint="pass --resume to continue it, --overwrite to replace it, or a new --out",
+        )
+    if info_path.exists() and cfg.overwrite and not cfg.resume:
+        for sub in ("maps", "overlays"):  # the earlier run's pictures, not the user's
+            shutil.rmtree(cfg.out / sub, ignore_errors=True)
+    mark_run_folder(cfg.out, "detect")
     _remove_stale_temporaries(cfg.out)
     run_info = {"detector": detector.describe()}
-    info_path = cfg.out / RUN_INFO
     if cfg.resume and info_path.exists():
         try:
             prev = json.loads(info_path.read_text())

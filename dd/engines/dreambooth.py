@@ -52,7 +52,6 @@ Run folder::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -79,7 +78,7 @@ from dd.config import check_settings
 from dd.device import check_training_device, make_accelerator, run_accelerated
 from dd.errors import DDError
 from dd.images import load_training_image
-from dd.io import Journal, atomic_write_text
+from dd.io import Journal, absolutize, atomic_write_text
 from dd.progress import progress_bar
 
 __all__ = [
@@ -264,7 +263,7 @@ class DreamBoothObjective(torch.nn.Module):
 # ------------------------------------------------------------------------------------------
 class _DreamBooth:
     def __init__(self, cfg: DreamBoothConfig, console: Any | None):
-        self.cfg = dataclasses.replace(cfg)
+        self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self._check_config()
         assert self.cfg.out is not None
         self.out = Path(self.cfg.out)
@@ -348,19 +347,15 @@ class _DreamBooth:
 
         from dd.backbones import FLOW
         from dd.device import resolve_dtype
-        from dd.plugins import get_host
+        from dd.plugins import load_backbone
 
         cfg, acc = self.cfg, self.acc
         last = self._prepare_out()
         dtype = resolve_dtype(cfg.dtype)
-        bb_cls = get_host().backbones.get(cfg.backbone)
         self.log(f"loading {cfg.backbone} model {cfg.model} ({cfg.dtype}) on {acc.device}")
-        try:
-            bb = bb_cls.from_pretrained(
-                cfg.model, device=acc.device, dtype=dtype, **cfg.backbone_options
-            )
-        except TypeError as e:
-            raise DDError(f"backbone {cfg.backbone!r} does not accept these options: {e}") from None
+        bb = load_backbone(
+            cfg.backbone, cfg.model, device=acc.device, dtype=dtype, options=cfg.backbone_options
+        )
         self.bb = bb
         cfg.resolution = cfg.resolution or int(bb.default_resolution)
         cfg.steps = cfg.steps or int(bb.default_steps)

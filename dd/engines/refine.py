@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from dd.backbones import FLOW, Backbone, Schedule, flow_schedule
 from dd.checkpoint import LORA_FILE
 from dd.errors import DDError
-from dd.io import Journal, atomic_write_json, atomic_write_text, save_image_atomic
+from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text, save_image_atomic
 from dd.progress import progress_bar
 
 JOURNAL = ".dd/refine-journal.jsonl"
@@ -636,7 +636,7 @@ def _resize_u8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 class _Refiner:
     def __init__(self, cfg: RefineConfig, console: Any | None):
-        self.cfg = cfg
+        self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self.console = console
         self.out = Path(cfg.out)
         self.plans: dict[tuple[int, int], RefinePlan] = {}
@@ -745,14 +745,13 @@ class _Refiner:
 
     # -- run -------------------------------------------------------------------------------
     def run(self) -> RefineResult:
-        from dd.cli.detect import load_detector
         from dd.device import resolve_device, resolve_dtype
         from dd.images import collect_inputs
-        from dd.plugins import get_host
+        from dd.plugins import load_backbone, load_detector
 
         c = self.cfg
         self.check()
-        items, fails = collect_inputs(list(c.inputs))
+        items, fails = collect_inputs(list(c.inputs), exclude=[self.out])
         failures = [{"image": s, "error": r} for s, r in fails]
         if not items:
             detail = f": {fails[0][0]}: {fails[0][1]}" if fails else ""
@@ -764,17 +763,11 @@ class _Refiner:
         settings = self._check_out()
         self.plans_written = False
         device, dtype = resolve_device(c.device), resolve_dtype(c.dtype)
-        bb_cls = get_host().backbones.get(c.backbone)
 
         def loader(model: str) -> Backbone:
-            try:
-                return bb_cls.from_pretrained(
-                    model, device=device, dtype=dtype, **c.backbone_options
-                )
-            except TypeError as e:
-                raise DDError(
-                    f"backbone {c.backbone!r} does not accept these options: {e}"
-                ) from None
+            return load_backbone(
+                c.backbone, model, device=device, dtype=dtype, options=c.backbone_options
+            )
 
         self.log(f"loading {c.backbone} model {c.model} on {device}")
         self.base = loader(str(c.model))

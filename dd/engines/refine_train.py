@@ -35,7 +35,6 @@ Run folder (``OUT`` is itself the model ``dd refine --segment A-B=OUT`` loads)::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import shutil
@@ -64,7 +63,7 @@ from dd.checkpoint import (
 )
 from dd.device import make_accelerator, run_accelerated
 from dd.errors import DDError
-from dd.io import Journal, atomic_write_json, atomic_write_text
+from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text
 from dd.progress import progress_bar
 
 BACKBONES = ("ldm", "sd15")
@@ -215,7 +214,7 @@ def eval_range_loss(
 
 class _Trainer:
     def __init__(self, cfg: RefineTrainConfig, console: Any | None):
-        self.cfg = dataclasses.replace(cfg)
+        self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self._check()
         self.out = Path(str(cfg.out))
         self.ckpt_dir = self.out / "checkpoints"

@@ -78,7 +78,7 @@ from dd.checkpoint import swap_in as _swap_in
 from dd.datasets import Sample, load_mask, read_dataset
 from dd.errors import DDError
 from dd.images import load_image
-from dd.io import Journal, atomic_write_json, atomic_write_text
+from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text
 from dd.metrics import METRIC_KEYS
 from dd.progress import progress_bar
 from dd.sampler import (
@@ -348,7 +348,7 @@ def _save_model(detector: Any, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 class _Trainer:
     def __init__(self, cfg: TrainConfig, console: Any | None):
-        self.cfg = cfg
+        self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self.out = Path(cfg.out)
         self._check_config()
         self.acc = self._accelerator()

@@ -51,7 +51,6 @@ step's position, a resumed run gives the same weights and metrics as an uninterr
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import math
@@ -80,7 +79,7 @@ from dd.config import check_settings
 from dd.device import check_training_device, make_accelerator, run_accelerated
 from dd.errors import DDError
 from dd.images import load_training_image
-from dd.io import Journal, atomic_write_json, atomic_write_text
+from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text
 from dd.progress import progress_bar
 
 __all__ = [
@@ -552,7 +551,8 @@ class TreatObjective(torch.nn.Module):
 # ------------------------------------------------------------------------------------------
 class _Treater:
     def __init__(self, cfg: TreatConfig, console: Any | None):
-        self.cfg = dataclasses.replace(cfg)  # filled in with the backbone's defaults below
+        # a copy (filled in with the backbone's defaults below), inputs by absolute path
+        self.cfg = absolutize(cfg)
         self._check_config()
         assert cfg.out is not None
         self.out = Path(cfg.out)
@@ -629,9 +629,8 @@ class _Treater:
         from accelerate.utils import set_seed
         from diffusers.training_utils import cast_training_params
 
-        from dd.cli.detect import load_detector
         from dd.device import resolve_dtype
-        from dd.plugins import get_host
+        from dd.plugins import load_backbone, load_detector
 
         cfg, acc = self.cfg, self.acc
         last = self._prepare_out()
@@ -641,14 +640,10 @@ class _Treater:
 
         # models
         dtype = resolve_dtype(cfg.dtype)
-        bb_cls = get_host().backbones.get(cfg.backbone)
         self.log(f"loading {cfg.backbone} model {cfg.model} ({cfg.dtype}) on {acc.device}")
-        try:
-            bb = bb_cls.from_pretrained(
-                cfg.model, device=acc.device, dtype=dtype, **cfg.backbone_options
-            )
-        except TypeError as e:
-            raise DDError(f"backbone {cfg.backbone!r} does not accept these options: {e}") from None
+        bb = load_backbone(
+            cfg.backbone, cfg.model, device=acc.device, dtype=dtype, options=cfg.backbone_options
+        )
         det = load_detector(
             cfg.detector,
             cfg.detector_weights,
@@ -691,6 +686,15 @@ class _Treater:
             if cfg.grad_steps_random
             else None
         )
+        # LoRA (its gaussian init draws from the seeded global generators)
+        set_seed(cfg.seed)
+        if cfg.init_lora:
+            bb.load_lora(cfg.init_lora, trainable=True)
+            self._adopt_lora_shape(bb)
+        else:
+            bb.add_lora(
+                rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, init="gaussian"
+            )
         save_run_config(
             self.out,
             cfg.resolved(),
@@ -700,15 +704,6 @@ class _Treater:
             main=self.main,
         )
         acc.wait_for_everyone()
-
-        # LoRA (its gaussian init draws from the seeded global generators)
-        set_seed(cfg.seed)
-        if cfg.init_lora:
-            bb.load_lora(cfg.init_lora, trainable=True)
-        else:
-            bb.add_lora(
-                rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, init="gaussian"
-            )
         cast_training_params(bb.denoiser, dtype=torch.float32)
         params = [p for p in bb.denoiser.parameters() if p.requires_grad]
         self.param_names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
@@ -1199,6 +1194,19 @@ class _Treater:
             best_lora=self.out / "best" / LORA_FILE,
             main=self.main,
         )
+
+    def _adopt_lora_shape(self, bb: Any) -> None:
+        """--init-lora sets the LoRA's rank, alpha and targets: record those, not the flags'
+        defaults (a rank-4 DreamBooth LoRA is trained, and recorded, as rank 4)."""
+        cfg = self.cfg
+        peft_cfg = getattr(bb.denoiser, "peft_config", {}).get("default")
+        if peft_cfg is None:
+            return
+        rank, alpha = int(peft_cfg.r), float(peft_cfg.lora_alpha)
+        targets = sorted(peft_cfg.target_modules or []) or cfg.lora_targets
+        if rank != cfg.lora_rank:
+            self.log(f"--init-lora {cfg.init_lora} has rank {rank}: training rank {rank}")
+        cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
 
     def _model_card(
         self, evals: list[dict[str, Any]], best: dict[str, Any] | None, reason: str

@@ -265,7 +265,7 @@ def run_mine(
             hint="use --resume to re-mine into it (decisions are kept), or a new --out",
         )
     rules = rules or load_rules(None)
-    items, failures = collect_inputs(specs)
+    items, failures = collect_inputs(specs, exclude=[out])
     if not items:
         reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(specs)
         raise DDError(f"no images in the pool ({reasons})", exit_code=2)
@@ -280,6 +280,7 @@ def run_mine(
             batch_size=batch_size,
             workers=workers,
             resume=resume,
+            overwrite=True,  # decisions are guarded above; the detector pass is derived
             save_overlays=False,
         ),
         failures=failures,

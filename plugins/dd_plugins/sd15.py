@@ -161,6 +161,7 @@ class SD15Backbone(UNetBackbone):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        negative_prompt: str | None = None,
         **options: Any,
     ) -> SD15Backbone:
         """Load a hub id, folder or single file; option ``negative_prompt``."""
@@ -171,7 +172,7 @@ class SD15Backbone(UNetBackbone):
             model,
             device=device,
             dtype=dtype,
-            options=options,
+            options={**options, "negative_prompt": negative_prompt},
             allowed=OPTIONS,
             safety_checker=None,
             requires_safety_checker=False,

@@ -51,6 +51,7 @@ class SDXLBackbone(UNetBackbone):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        negative_prompt: str | None = None,
         **options: Any,
     ) -> SDXLBackbone:
         """Load a hub id, folder or single file; option ``negative_prompt``."""
@@ -61,7 +62,7 @@ class SDXLBackbone(UNetBackbone):
             model,
             device=device,
             dtype=dtype,
-            options=options,
+            options={**options, "negative_prompt": negative_prompt},
             allowed=OPTIONS,
         )
 

@@ -646,12 +646,6 @@ def _parse_size(size: Any) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _parse_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
-
-
 class _CheckpointedForward:
     """Instance-level ``forward`` of one encoder block that recomputes it in backward.
 
@@ -694,8 +688,8 @@ class SegformerDetector(Detector):
         dtype: torch.dtype = torch.float32,
         variant: str | None = None,
         input_size: Any = None,
-        seed: int | str = 0,
-        gradient_checkpointing: bool | str = False,
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
         **options: Any,
     ) -> SegformerDetector:
         """Build the detector.
@@ -716,10 +710,7 @@ class SegformerDetector(Detector):
                 hint="options: variant (tiny, b0..b5), input_size (512 or HxW), seed, "
                 "gradient_checkpointing",
             )
-        try:
-            seed = int(seed)
-        except (TypeError, ValueError):
-            raise DDError(f"invalid seed {seed!r}", hint="an integer") from None
+        seed = int(seed)
         variant = _normalize_variant(variant) if variant is not None else None
         device = torch.device(device)
 
@@ -754,7 +745,7 @@ class SegformerDetector(Detector):
             det.source = ref if Path(ref) != DEFAULT_WEIGHTS else "dd default (synthetic artifacts)"
         det.to(device=device, dtype=dtype)
         det.eval()
-        if _parse_bool(gradient_checkpointing):
+        if gradient_checkpointing:
             det.enable_gradient_checkpointing()
         return det
 
