@@ -180,7 +180,8 @@ PAGE = """<!doctype html>
 <style>
 body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1100px}
 .pair{display:flex;gap:1em}.pair figure{flex:1;margin:0;text-align:center}
-.pair img{max-width:100%;image-rendering:auto;border:1px solid #ccc}
+.pair img{width:100%;max-width:768px;image-rendering:auto;border:1px solid #ccc}
+.pair img.small{image-rendering:pixelated}
 fieldset{margin:.8em 0}label{margin-right:1.5em}#done{display:none}
 #prompt{color:#444}
 </style></head><body>
@@ -216,6 +217,14 @@ async function next() {
   $('left').src = j.left; $('right').src = j.right;
   $('form').reset();
 }
+// Small images are scaled up to the column's width for judging, pixel for pixel.
+for (const id of ['left', 'right']) {
+  $(id).onload = () => $(id).classList.toggle('small', $(id).naturalWidth < $(id).width);
+}
+// A named access link fixes the participant: fill in the name and do not ask.
+api('/api/study').then((s) => {
+  if (s.participant) { $('name').value = s.participant; $('name').readOnly = true; }
+}).catch(() => {});
 $('start').onclick = async () => {
   who = $('name').value.trim();
   try {
@@ -280,11 +289,14 @@ def make_app(folder: str | Path) -> Any:
 
     @app.route("GET", r"/api/study")
     def info(req: Any) -> Any:
-        return Response.json({"questions": study["questions"], "total": len(pairs)})
+        # ``participant``: the name a named access token fixes (the page then skips asking)
+        return Response.json(
+            {"questions": study["questions"], "total": len(pairs), "participant": req.annotator}
+        )
 
     @app.route("GET", r"/api/next")
     def next_pair(req: Any) -> Any:
-        name = who(req.arg("participant"))
+        name = who(req.annotator if req.annotator is not None else req.arg("participant"))
         done = done_ids(name)
         todo = [i for i in participant_order(study, name) if i not in done]
         if not todo:
@@ -318,7 +330,8 @@ def make_app(folder: str | Path) -> Any:
         body = req.json()
         if not isinstance(body, dict):
             raise HTTPError(400, "expected a JSON object")
-        name = who(body.get("participant"))
+        # A named access token is its annotator's; otherwise the page names the participant.
+        name = who(req.annotator if req.annotator is not None else body.get("participant"))
         try:
             p = pairs[int(body.get("pair"))]
         except (TypeError, ValueError, KeyError):
@@ -338,6 +351,8 @@ def make_app(folder: str | Path) -> Any:
             "answers": {k: answers[k] for k in keys},
             "winner": winners,
             "time": now_iso(),
+            "annotator": name,
+            "auth": req.auth,
         }
         log = logs.setdefault(name, JsonlLog(root / "votes" / f"{name}.jsonl"))
         log.append(rec)
@@ -346,11 +361,18 @@ def make_app(folder: str | Path) -> Any:
     return app
 
 
-def serve_study(folder: str | Path, host: str = "127.0.0.1", port: int = 8766) -> Any:
-    """Bind the study page (call ``.serve_forever()`` or ``.start()`` on the result)."""
+def serve_study(
+    folder: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8766,
+    *,
+    tokens: dict[str, str | None] | None = None,
+) -> Any:
+    """Bind the study page (call ``.serve_forever()`` or ``.start()`` on the result); beyond
+    loopback every request needs an access token (see :class:`dd.web.LocalServer`)."""
     from dd.web import serve
 
-    return serve(make_app(folder), host=host, port=port)
+    return serve(make_app(folder), host=host, port=port, tokens=tokens)
 
 
 # ------------------------------------------------------------------------------------------

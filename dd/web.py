@@ -12,6 +12,12 @@ study). It gives:
   size-capped; on a loopback address only ``Host`` headers naming a loopback host are
   accepted (blocks DNS-rebinding pages from talking to the server); responses carry
   ``X-Content-Type-Options: nosniff`` and API responses ``Cache-Control: no-store``.
+* Beyond loopback (``--host 0.0.0.0`` for a team) every request needs a secret access token
+  (:func:`make_tokens`): in the shared URL's ``?token=`` (the page then keeps it in an
+  ``HttpOnly``, ``SameSite=Strict`` cookie), a ``dd_token`` cookie or an ``X-DD-Token``
+  header, compared in constant time. A token minted for a name binds the requests made
+  with it to that annotator (``request.annotator``); a shared token leaves the name to the
+  page (``request.auth`` says which: ``loopback``, ``token`` or ``shared-token``).
 * Files: :func:`atomic_write_png` (validated PNG bytes or a PIL image, written atomically) and
   :class:`JsonlLog` (appends whole JSON lines under a thread lock and an ``flock``, so two
   requests, or two server processes, appending at once never interleave or tear a line).
@@ -79,6 +85,10 @@ class Request:
     headers: Any
     body: bytes = b""
     match: tuple[str, ...] = ()
+    #: The annotator a named access token belongs to (None: loopback or a shared token).
+    annotator: str | None = None
+    #: How the request was let in: ``loopback``, ``token`` (named) or ``shared-token``.
+    auth: str = "loopback"
 
     def arg(self, name: str, default: str | None = None) -> str | None:
         """The first value of query parameter ``name``."""
@@ -188,7 +198,40 @@ class WebApp:
         raise HTTPError(404, "not found")
 
 
-def _handler_class(app: WebApp, loopback: bool) -> type[BaseHTTPRequestHandler]:
+TOKEN_COOKIE = "dd_token"
+
+
+def make_tokens(names: list[str] | None = None) -> dict[str, str | None]:
+    """Fresh secret access tokens: one per annotator name, or one shared token (name None)."""
+    import secrets
+
+    if not names:
+        return {secrets.token_urlsafe(24): None}
+    return {secrets.token_urlsafe(24): name for name in dict.fromkeys(names)}
+
+
+def _check_token(given: str, tokens: dict[str, str | None]) -> tuple[bool, str | None]:
+    """``(ok, annotator)``; every token is compared (in constant time) whatever matches."""
+    import hmac
+
+    ok, who = False, None
+    for token, name in tokens.items():
+        if hmac.compare_digest(given.encode(), token.encode()):
+            ok, who = True, name
+    return ok, who
+
+
+def _cookie(header: str, name: str) -> str:
+    for part in header.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == name:
+            return v
+    return ""
+
+
+def _handler_class(
+    app: WebApp, loopback: bool, tokens: dict[str, str | None] | None = None
+) -> type[BaseHTTPRequestHandler]:
     class _Handler(BaseHTTPRequestHandler):
         server_version = "dd-web"
         sys_version = ""
@@ -224,13 +267,33 @@ def _handler_class(app: WebApp, loopback: bool) -> type[BaseHTTPRequestHandler]:
                 raise HTTPError(403, "forbidden host")
             url = urllib.parse.urlsplit(self.path)
             path = urllib.parse.unquote(url.path)
+            query = urllib.parse.parse_qs(url.query)
+            auth, annotator, set_cookie = "loopback", None, ""
+            if tokens:
+                from_query = (query.get("token") or [""])[0]
+                given = (
+                    from_query
+                    or self.headers.get("X-DD-Token")
+                    or _cookie(self.headers.get("Cookie") or "", TOKEN_COOKIE)
+                )
+                ok, annotator = _check_token(given or "", tokens)
+                if not ok:
+                    self.close_connection = True
+                    raise HTTPError(401, "missing or wrong access token: use the URL dd printed")
+                auth = "token" if annotator is not None else "shared-token"
+                if from_query:
+                    set_cookie = f"{TOKEN_COOKIE}={from_query}; HttpOnly; SameSite=Strict; Path=/"
             length = int(self.headers.get("Content-Length") or 0)
             if length < 0 or length > app.max_body:
                 self.close_connection = True
                 raise HTTPError(413, f"request body over {app.max_body} bytes")
             body = self.rfile.read(length) if length else b""
-            req = Request(self.command, path, urllib.parse.parse_qs(url.query), self.headers, body)
-            return app.dispatch(req)
+            req = Request(self.command, path, query, self.headers, body)
+            req.annotator, req.auth = annotator, auth
+            resp = app.dispatch(req)
+            if set_cookie:
+                resp.headers = {**resp.headers, "Set-Cookie": set_cookie}
+            return resp
 
         do_GET = do_POST = do_PUT = do_DELETE = _handle
 
@@ -255,13 +318,31 @@ def _host_name(header: str) -> str:
     return h.split(":", 1)[0]
 
 
-class LocalServer:
-    """A ``ThreadingHTTPServer`` for ``app``; ``port=0`` picks a free port (see ``.url``)."""
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
-    def __init__(self, app: WebApp, host: str = "127.0.0.1", port: int = 0):
-        loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
+
+class LocalServer:
+    """A ``ThreadingHTTPServer`` for ``app``; ``port=0`` picks a free port (see ``.url``).
+
+    Bound beyond loopback it requires an access token on every request: ``tokens`` (from
+    :func:`make_tokens`), or one shared token made here; :attr:`share_urls` are the URLs to
+    hand out (one per annotator)."""
+
+    def __init__(
+        self,
+        app: WebApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tokens: dict[str, str | None] | None = None,
+    ):
+        loopback = is_loopback(host)
+        self.tokens = None if loopback else (tokens or make_tokens())
         try:
-            self.httpd = ThreadingHTTPServer((host, port), _handler_class(app, loopback))
+            self.httpd = ThreadingHTTPServer(
+                (host, port), _handler_class(app, loopback, self.tokens)
+            )
         except OSError as e:
             from dd.errors import DDError
 
@@ -278,6 +359,18 @@ class LocalServer:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}/"
+
+    @property
+    def share_urls(self) -> list[tuple[str | None, str]]:
+        """``(annotator, URL with its token)`` to hand out; ``[(None, url)]`` on loopback.
+        A wildcard bind (``0.0.0.0``) is shown with this machine's host name."""
+        if not self.tokens:
+            return [(None, self.url)]
+        import socket
+
+        host = socket.gethostname() if self.host in ("0.0.0.0", "", "::") else self.host
+        base = f"http://{host}:{self.port}/"
+        return [(name, f"{base}?token={tok}") for tok, name in self.tokens.items()]
 
     def start(self) -> LocalServer:
         """Serve in a daemon thread (returns at once)."""
@@ -304,9 +397,15 @@ class LocalServer:
         self.stop()
 
 
-def serve(app: WebApp, host: str = "127.0.0.1", port: int = 8765) -> LocalServer:
+def serve(
+    app: WebApp,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    tokens: dict[str, str | None] | None = None,
+) -> LocalServer:
     """Bind ``app`` (not started: call ``.serve_forever()`` or ``.start()``)."""
-    return LocalServer(app, host, port)
+    return LocalServer(app, host, port, tokens=tokens)
 
 
 # -- files -----------------------------------------------------------------------------------

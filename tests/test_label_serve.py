@@ -220,3 +220,62 @@ def test_web_helpers(tmp_path):
         f.write(b'{"torn": ')  # a writer killed mid-line
     log.append({"b": 2})
     assert log.read() == [{"a": 1}, {"b": 2}]
+
+
+def test_beyond_loopback_every_request_needs_the_token(tmp_path, page):
+    """--host 0.0.0.0: no token, a wrong token -> 401 on the page, the API and uploads; the
+    annotator's link opens the page in a real browser, and each label records its owner."""
+    from dd.web import make_tokens
+
+    q = _queue(tmp_path)
+    tokens = make_tokens(["alice", "bob"])
+    alice, bob = list(tokens)
+    srv = make_server(q, host="0.0.0.0", port=0, annotator="tester", tokens=tokens).start()
+    try:
+        assert [name for name, _ in srv.share_urls] == ["alice", "bob"]
+        assert all(f"?token={t}" in url for (_, url), t in zip(srv.share_urls, tokens, strict=True))
+        for path in ("/", "/api/state", "/static/app.js", "/api/item/0/image"):
+            assert _req(srv, "GET", path)[0] == 401
+            assert _req(srv, "GET", path + "?token=wrong")[0] == 401
+            assert _req(srv, "GET", path, headers={"Cookie": "dd_token=" + alice[:-1]})[0] == 401
+        status, _ = _req(srv, "POST", "/api/item/0/decision", body=b'{"label": "skip"}')
+        assert status == 401 and not (q / DECISIONS).exists()
+        # a header token works for scripts; the page says who it is whatever the body claims
+        status, body = _req(
+            srv,
+            "POST",
+            "/api/item/0/decision",
+            body=b'{"label": "skip", "annotator": "mallory"}',
+            headers={"X-DD-Token": bob},
+        )
+        assert status == 200, body
+        # the browser: the link sets a cookie, the page's own requests then pass
+        page.goto(f"http://127.0.0.1:{srv.port}/?token={alice}")
+        page.wait_for_selector("body[data-ready='1']", timeout=15000)  # item 0 was decided
+        page.click("#noartifact")
+        page.wait_for_selector("body[data-saved='1:no_artifact']", timeout=10000)
+        log = read_jsonl(q / DECISIONS)
+        assert [(r["annotator"], r["auth"]) for r in log] == [("bob", "token"), ("alice", "token")]
+    finally:
+        srv.stop()
+    # on loopback the Host check stays, and no token is needed
+    srv = make_server(q, port=0, annotator="tester").start()
+    try:
+        assert srv.tokens is None and _req(srv, "GET", "/api/state")[0] == 200
+        assert _req(srv, "GET", "/api/state", headers={"Host": "evil.example"})[0] == 403
+    finally:
+        srv.stop()
+
+
+def test_cli_prints_private_links_beyond_loopback(tmp_path, monkeypatch, cli):
+    from dd.web import LocalServer
+
+    q = _queue(tmp_path)
+    monkeypatch.setattr(LocalServer, "serve_forever", lambda self: self.httpd.server_close())
+    res = cli("label", "serve", q, "--host", "0.0.0.0", "--port", "0", "--annotator", "alice",
+              "--annotator", "bob")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "alice: http://" in res.output and "bob: http://" in res.output
+    assert res.output.count("?token=") == 2
+    res = cli("label", "serve", q, "--port", "0")
+    assert res.exit_code == 0 and "?token=" not in res.output

@@ -209,3 +209,29 @@ def test_contact_sheets_are_not_paired(tmp_path):
     study = create_study(a, b, tmp_path / "s")
     assert "grid" not in [p["stem"] for p in study["pairs"]]
     assert len(study["pairs"]) == 3 and "grid" in study["unpaired"]["a"]
+
+
+def test_study_beyond_loopback_needs_a_token_and_records_the_participant(study, page, cli):
+    from dd.web import make_tokens
+
+    tokens = make_tokens(["carol"])
+    (carol,) = tokens
+    with LocalServer(make_app(study), host="0.0.0.0", tokens=tokens) as srv:
+        base = f"http://127.0.0.1:{srv.port}/"
+        assert _get(base)[0] == 401 and _get(base + "api/next?participant=x")[0] == 401
+        page.goto(base + "?token=" + carol)
+        page.wait_for_function("document.getElementById('name').value === 'carol'", timeout=15000)
+        page.click("#start")
+        page.wait_for_selector("body[data-pair]", timeout=15000)
+        # small images are scaled up to the column for judging
+        page.wait_for_function("document.getElementById('left').naturalWidth > 0", timeout=10000)
+        shown = page.evaluate("document.getElementById('left').getBoundingClientRect().width")
+        assert shown > 4 * 16
+        page.check("input[name='artifacts'][value='left']")
+        page.check("input[name='overall'][value='left']")
+        page.click("#submit")
+        page.wait_for_selector("body[data-voted='1']", timeout=10000)
+    (vote,) = [json.loads(x) for x in (study / "votes" / "carol.jsonl").read_text().splitlines()]
+    assert vote["annotator"] == "carol" and vote["auth"] == "token"
+    r = cli("eval", "study", "serve", study, "--host", "0.0.0.0", "--participant", "bad name!")
+    assert r.exit_code == 1 and "bad participant name" in r.output

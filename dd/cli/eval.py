@@ -175,18 +175,33 @@ def study_create(
 @study_app.command("serve")
 def study_serve(
     study: Annotated[Path, typer.Argument(help="The study folder.")],
-    host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = (
-        "127.0.0.1"
-    ),
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to bind (default: this machine only). Any other (e.g. 0.0.0.0) "
+            "requires the secret access link dd prints."
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: any free one).")] = 8766,
+    participant: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Beyond this machine: one private link per participant name (repeatable); "
+            "their votes carry that name. Without it: one shared link."
+        ),
+    ] = None,
 ) -> None:
     """Serve the study page; votes go to STUDY/votes/<participant>.jsonl."""
-    from dd.study import serve_study
+    from dd.cli.serving import print_links, team_tokens
+    from dd.errors import DDError
+    from dd.study import PARTICIPANT, serve_study
 
-    server = serve_study(study, host=host, port=port)
-    Console(stderr=True).print(
-        f"study page: {server.url} (Ctrl+C to stop; votes in {study / 'votes'})", highlight=False
-    )
+    for name in participant or []:
+        if not PARTICIPANT.match(name):
+            raise DDError(f"bad participant name {name!r}", hint="1-64 letters, digits, - or _")
+    server = serve_study(study, host=host, port=port, tokens=team_tokens(host, participant or []))
+    err = Console(stderr=True)
+    print_links(err, server, f"Study {study} (votes in {study / 'votes'})")
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
 

@@ -172,29 +172,37 @@ def serve(
     queue: Annotated[Path, typer.Argument(help="Queue folder (from `dd label mine`).")],
     port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8765,
     host: Annotated[
-        str, typer.Option(help="Address to bind; the default serves this machine only.")
+        str,
+        typer.Option(
+            help="Address to bind; the default serves this machine only. Any other (e.g. "
+            "0.0.0.0 for a team) requires the secret access link dd prints."
+        ),
     ] = "127.0.0.1",
     annotator: Annotated[
-        str | None, typer.Option(help="Name recorded with each decision (default: $USER).")
+        list[str] | None,
+        typer.Option(
+            help="Annotator name (repeatable). On this machine: the name recorded with each "
+            "decision (default $USER). Beyond it: one private link per name, and each "
+            "decision records the name of the link used."
+        ),
     ] = None,
 ) -> None:
     """Open the labelling page: paint masks, mark 'no artifact', 'uncertain' or skip.
 
     Masks go to QUEUE/masks/ (8-bit PNG, written atomically), decisions to
-    QUEUE/decisions.jsonl; reopening resumes at the first item without a decision.
+    QUEUE/decisions.jsonl with the annotator; reopening resumes at the first item without a
+    decision.
     """
+    from dd.cli.serving import print_links, team_tokens
     from dd.label.serve import make_server
 
-    name = annotator or os.environ.get("USER") or "anonymous"
-    server = make_server(queue, host=host, port=port, annotator=name)
+    names = list(annotator or [])
+    default = names[0] if names else (os.environ.get("USER") or "anonymous")
+    server = make_server(
+        queue, host=host, port=port, annotator=default, tokens=team_tokens(host, names)
+    )
     err = Console(stderr=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err.print(
-            f"[yellow]Listening on {host}: anyone who can reach this address can read the "
-            "queue's images and write masks.[/yellow]",
-            highlight=False,
-        )
-    err.print(f"Labelling {queue} at {server.url} (Ctrl+C to stop)", highlight=False)
+    print_links(err, server, f"Labelling {queue}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

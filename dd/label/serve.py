@@ -45,16 +45,21 @@ def build_app(queue: Queue, *, annotator: str = "anonymous") -> WebApp:
         return n, queue.items[n]
 
     def who(req: Request, body: dict[str, Any] | None = None) -> str:
+        if req.annotator is not None:  # a named access token: its owner, whatever the page says
+            return req.annotator
         name = (body or {}).get("annotator") or req.arg("annotator") or annotator
         name = " ".join(str(name).split())[:100]
         return name or annotator
 
-    def log(n: int, item: dict[str, Any], label: str, name: str, pixels: int | None) -> dict:
+    def log(
+        n: int, item: dict[str, Any], label: str, req: Request, name: str, pixels: int | None
+    ) -> dict:
         rec = {
             "item": item["id"],
             "index": n,
             "label": label,
             "annotator": name,
+            "auth": req.auth,
             "time": now_iso(),
             "mask": f"masks/{item['id']}.png" if pixels is not None else None,
             "pixels": pixels,
@@ -153,7 +158,7 @@ def build_app(queue: Queue, *, annotator: str = "anonymous") -> WebApp:
             pixels = int(np.count_nonzero(np.asarray(written)))
             if label == "artifact" and pixels == 0:
                 label = "no_artifact"
-            rec = log(n, it, label, who(req), pixels)
+            rec = log(n, it, label, req, who(req), pixels)
         return Response.json({"ok": True, "decision": rec, **queue.progress()})
 
     @app.route("POST", r"/api/item/(\d+)/decision")
@@ -171,7 +176,7 @@ def build_app(queue: Queue, *, annotator: str = "anonymous") -> WebApp:
                 w, h = queue.size(it)
                 atomic_write_png(queue.mask_path(it), Image.new("L", (w, h), 0), mode="L")
                 pixels = 0
-            rec = log(n, it, label, who(req, body), pixels)
+            rec = log(n, it, label, req, who(req, body), pixels)
         return Response.json({"ok": True, "decision": rec, **queue.progress()})
 
     return app
@@ -183,7 +188,10 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 8765,
     annotator: str = "anonymous",
+    tokens: dict[str, str | None] | None = None,
 ) -> LocalServer:
-    """The labelling server for a queue folder (call ``.start()`` or ``.serve_forever()``)."""
+    """The labelling server for a queue folder (call ``.start()`` or ``.serve_forever()``);
+    beyond loopback it needs access tokens (:func:`dd.web.make_tokens`; one shared token is
+    made when ``tokens`` is None)."""
     queue = Queue.open(queue_dir)
-    return LocalServer(build_app(queue, annotator=annotator), host, port)
+    return LocalServer(build_app(queue, annotator=annotator), host, port, tokens=tokens)
