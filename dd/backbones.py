@@ -182,6 +182,26 @@ class Backbone(abc.ABC):
         """Pixels per latent cell (8 for the real models; the tiny test VAEs use 4)."""
         return int(self.pipe.vae_scale_factor)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor, times the patch size of
+        a transformer denoiser (a UNet pads odd sizes itself, as diffusers' pipelines allow).
+        A family that packs latents (FLUX) overrides it."""
+        f = self.vae_scale_factor
+        patch = getattr(self.denoiser.config, "patch_size", None)
+        return f * int(patch) if patch else f
+
+    def check_size(self, height: int, width: int, flag: str = "--resolution") -> None:
+        """Refuse a size the model would silently change (FLUX turns 50 px into 48)."""
+        m = self.size_multiple
+        for side in (height, width):
+            if side % m:
+                lo, hi = max(m, side // m * m), (side // m + 1) * m
+                raise DDError(
+                    f"{flag} {side} is not a multiple of {m}, which {self.name} needs",
+                    hint=f"use {lo} or {hi}",
+                )
+
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Everything but LoRA is frozen: text encoders, VAE and the base denoiser."""
         names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer", "unet")
@@ -439,6 +459,7 @@ class Backbone(abc.ABC):
             raise DDError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         height = height or self.default_resolution
         width = width or self.default_resolution
+        self.check_size(height, width)
         cond = self.encode_prompts(prompts)
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         lat = torch.cat([self.prepare_latents(1, height, width, g) for g in gens])

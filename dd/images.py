@@ -300,7 +300,8 @@ def collect_inputs(
     resolved against the manifest's folder.
 
     ``failures`` holds ``(spec_or_path, reason)`` for every spec or manifest entry that gave
-    nothing. Items are de-duplicated by resolved path (the first wins) and keep their order.
+    nothing. Items are de-duplicated by resolved path (the first keeps its place and key;
+    the metadata of every mention is merged) and keep their order.
     ``item.path`` is absolute but symlinks are kept (keys come from the names the user sees).
     """
     found: list[tuple[Path, dict[str, Any]]] = []
@@ -309,13 +310,20 @@ def collect_inputs(
     for spec in specs:
         _expand_spec(spec, found, failures, skip)
 
-    seen: set[str] = set()
+    # One item per file (the first spec that named it wins the key); what any spec says of it
+    # (a manifest's prompt, category, ...) is merged, so the order of specs does not matter.
+    first: dict[str, int] = {}
     unique: list[tuple[Path, dict[str, Any]]] = []
     for path, meta in found:
         real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            unique.append((path, meta))
+        if real not in first:
+            first[real] = len(unique)
+            unique.append((path, dict(meta)))
+        else:
+            merged = unique[first[real]][1]
+            for k, v in meta.items():
+                if merged.get(k) is None:
+                    merged[k] = v
 
     keys = _make_keys([path for path, _ in unique])
     items = [InputItem(path, key, meta) for (path, meta), key in zip(unique, keys, strict=True)]

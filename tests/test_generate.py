@@ -145,3 +145,15 @@ def test_generate_errors_are_one_line(cli, tiny_flux, prompts, tmp_path_factory,
     assert res.exit_code == 1, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and str(lora_dir) in lines[0] and "sd15" in lines[0]
+
+
+def test_a_resolution_the_model_would_change_is_refused(cli, tiny_flux, tmp_path):
+    """FLUX would silently turn 50 px into 48: refused, with the nearest sizes."""
+    (tmp_path / "p.txt").write_text("a cat\n")
+    res = cli("generate", "--backbone", "flux", "--model", tiny_flux,
+              "--prompts", tmp_path / "p.txt", "--resolution", "50",
+              "--out", tmp_path / "g", "-B", "max_sequence_length=32")  # fmt: skip
+    assert res.exit_code == 1
+    assert "--resolution 50 is not a multiple of 8, which flux needs" in res.output
+    assert "use 48 or 56" in res.output
+    assert not (tmp_path / "g").exists() or not any((tmp_path / "g").glob("*.png"))

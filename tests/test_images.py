@@ -699,3 +699,14 @@ def test_collect_then_load(tree: Path) -> None:
     load: Callable[[Path], np.ndarray] = load_image
     for item in items:
         _check_rgb(load(item.path), 2, 2)
+
+
+def test_spec_order_does_not_matter_for_a_manifest_s_metadata(tree: Path, tmp_path: Path):
+    """`dd label mine FOLDER prompts.jsonl`: the folder names the image first, the manifest
+    still gives its prompt (as in the other order)."""
+    manifest = tmp_path / "prompts.jsonl"
+    manifest.write_text(json.dumps({"image": str(tree / "a.jpg"), "prompt": "a hand"}) + "\n")
+    for specs in ([str(tree), str(manifest)], [str(manifest), str(tree)]):
+        items, _ = collect_inputs(specs)
+        by_path = {i.path: i.meta for i in items}
+        assert by_path[tree / "a.jpg"] == {"prompt": "a hand"}, specs

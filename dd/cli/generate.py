@@ -156,6 +156,7 @@ def generate(
                 highlight=False,
             )
     size = settings["resolution"] or int(bb.default_resolution)
+    bb.check_size(size, size)
     n_steps = settings["steps"] or int(bb.default_steps)
     pairs = [(pi, s) for pi in range(len(prompt_list)) for s in seed_list]
     out.mkdir(parents=True, exist_ok=True)

@@ -358,6 +358,7 @@ class _DreamBooth:
         )
         self.bb = bb
         cfg.resolution = cfg.resolution or int(bb.default_resolution)
+        bb.check_size(cfg.resolution, cfg.resolution)
         cfg.steps = cfg.steps or int(bb.default_steps)
         if cfg.sample_guidance is None and bb.default_guidance is not None:
             cfg.sample_guidance = float(bb.default_guidance)

@@ -586,18 +586,14 @@ def image_seed(run_seed: int, key: str, round_: int) -> int:
 
 
 def size_multiple(bb: Backbone) -> int:
-    """Image sides the backbone accepts are multiples of this."""
-    m = getattr(bb, "size_multiple", None)
-    if isinstance(m, int):
-        return m
-    f = bb.vae_scale_factor
+    """Refine resizes images to multiples of this: what the backbone needs, and for a UNet
+    its full downsampling (so that no padding shifts the repaired pixels)."""
+    m = int(bb.size_multiple)
     cfg = bb.denoiser.config
-    if bb.name == "flux":
-        return f * 2
-    if getattr(cfg, "patch_size", None):
-        return f * int(cfg.patch_size)
     blocks = getattr(cfg, "block_out_channels", None)
-    return f * 2 ** (len(blocks) - 1) if blocks else f
+    if blocks and not getattr(cfg, "patch_size", None):
+        return max(m, bb.vae_scale_factor * 2 ** (len(blocks) - 1))
+    return m
 
 
 def read_prompt(item: Any, default: str | None) -> str:

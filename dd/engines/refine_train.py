@@ -286,6 +286,7 @@ class _Trainer:
         conditional = cfg.backbone != "ldm" or getattr(bb, "conditional", False)
         self.data = read_train_data(str(cfg.data), need_prompts=conditional)
         cfg.resolution = cfg.resolution or int(bb.default_resolution)
+        bb.check_size(cfg.resolution, cfg.resolution)
         set_seed(cfg.seed)
         if cfg.backbone == "ldm":
             self.kind = "full"

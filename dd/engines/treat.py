@@ -673,6 +673,7 @@ class _Treater:
 
         # effective sampling settings, then the resolved config
         cfg.resolution = cfg.resolution or int(bb.default_resolution)
+        bb.check_size(cfg.resolution, cfg.resolution)
         cfg.steps = cfg.steps or int(bb.default_steps)
         if cfg.guidance is None and bb.default_guidance is not None:
             cfg.guidance = float(bb.default_guidance)

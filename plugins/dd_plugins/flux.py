@@ -70,6 +70,11 @@ class FluxBackbone(Backbone):
         )
         return Conditioning({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
 
+    @property
+    def size_multiple(self) -> int:
+        """FLUX packs 2 x 2 latent cells into one token: sides are multiples of 2 x the VAE's."""
+        return self.vae_scale_factor * 2
+
     def prepare_latents(
         self, batch_size: int, height: int, width: int, generator: torch.Generator | list | None
     ) -> torch.Tensor:
