@@ -285,7 +285,8 @@ class Backbone(abc.ABC):
         **load_kwargs: Any,
     ) -> Any:
         """:func:`load_pipeline`, moved to ``device``, with diffusers' progress bar off."""
-        pipe = load_pipeline(pipeline_cls, model, dtype=dtype, backbone=cls.name, **load_kwargs)
+        with quiet_loading():
+            pipe = load_pipeline(pipeline_cls, model, dtype=dtype, backbone=cls.name, **load_kwargs)
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -654,7 +655,7 @@ class Backbone(abc.ABC):
                 self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             raise DDError(
-                f"cannot load LoRA {path} into this {self.name} model: {e}",
+                f"cannot load LoRA {path} into this {self.name} model: {_summarize_load_error(e)}",
                 hint="is the LoRA for another architecture or base model?",
             ) from None
         if problems:
@@ -756,6 +757,8 @@ def _lora_key_warnings() -> Iterator[list[str]]:
         lib.removeHandler(h)
     lib.addHandler(collect := Collect(logging.WARNING))
     lib.setLevel(min(level or logging.WARNING, logging.WARNING))
+    others: list[warnings.WarningMessage] = []
+    failed = True
     try:
         # peft reports keys it could not place as a Python warning, not a log record.
         with warnings.catch_warnings(record=True) as caught:
@@ -766,14 +769,57 @@ def _lora_key_warnings() -> Iterator[list[str]]:
             if "unexpected" in msg.lower() or "missing" in msg.lower():
                 problems.append(msg.replace("\n", " ").strip())
             else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                others.append(w)
+        failed = bool(problems)
     finally:
         lib.removeHandler(collect)
         lib.setLevel(level)
         for h in handlers:
             lib.addHandler(h)
-        for record in passed:
-            lib.handle(record)
+        # A LoRA that does not fit is one error line: what diffusers and peft said on the way
+        # (a state-dict dump, an "inconsistency" warning) is dropped; after a clean load it
+        # passes through.
+        if not failed:
+            for record in passed:
+                lib.handle(record)
+            for w in others:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """While a pipeline loads: no per-component "Loading weights" bars and no notes from
+    transformers (e.g. that torchvision is absent: dd never uses their image processors).
+    Errors still raise; ``DD_DEBUG=1`` keeps everything."""
+    import os
+
+    if os.environ.get("DD_DEBUG"):
+        yield
+        return
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _summarize_load_error(e: BaseException) -> str:
+    """torch's multi-line state-dict error as one line: its first line, how many size
+    mismatches, and the first one."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    mismatches = [ln for ln in lines if ln.startswith("size mismatch")]
+    if mismatches:
+        first = _shorten(mismatches[0], 200)
+        return f"{len(mismatches)} size mismatch(es), e.g. {first}"
+    return _shorten(lines[0])
 
 
 # ---------------------------------------------------------------------- schedule helpers

@@ -202,9 +202,16 @@ KERNEL_REDUCTIONS = ("mean", "max", "sum", "weighted", "mse")
 def available_kernels(
     device: torch.device, wanted: Sequence[str]
 ) -> tuple[list[str], dict[str, str]]:
-    """``(["reference", *runnable], {kernel: why not})`` for ``wanted`` on ``device``."""
+    """``(["reference", *runnable], {kernel: why not})`` for ``wanted`` on ``device``; a
+    name that is no kernel at all is an error (a known one this machine lacks is skipped)."""
     import dd.ops as ops
+    from dd.ops.dispatch import KERNELS
 
+    unknown = [k for k in wanted if k not in KERNELS]
+    if unknown:
+        raise DDError(
+            f"unknown kernel(s) {', '.join(unknown)}", hint=f"choose from {', '.join(KERNELS)}"
+        )
     kernels, skipped = ["reference"], {}
     for k in wanted:
         if k == "reference" or k in kernels:

@@ -348,12 +348,16 @@ def test_unknown_option_and_registration(tiny_paths):
     assert (SD15Backbone.default_steps, SDXLBackbone.default_steps) == (25, 30)
 
 
-@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters:RuntimeWarning")
-def test_lora_of_the_other_family_is_refused(tiny_paths, tmp_path):
+@pytest.mark.filterwarnings("error")
+def test_lora_of_the_other_family_is_refused(tiny_paths, tmp_path, caplog):
+    """One line: no state-dict dump logged by diffusers, none in the message, no warning."""
     sd15 = SD15Backbone.from_pretrained(str(tiny_paths["sd15"]))
     sd15.add_lora(rank=4)
     sd15.save_lora(tmp_path / "sd15-lora")
     sdxl = SDXLBackbone.from_pretrained(str(tiny_paths["sdxl"]))
+    caplog.clear()
     with pytest.raises(DDError) as info:
         sdxl.load_lora(tmp_path / "sd15-lora")
     assert "another architecture" in (info.value.hint or "")
+    assert "\n" not in str(info.value) and "size mismatch(es)" in str(info.value)
+    assert not [r for r in caplog.records if r.name.startswith("diffusers")], caplog.text

@@ -265,3 +265,9 @@ def test_cli_detect(cli, tmp_path):
     assert result["speedup"] == pytest.approx(ips["dd detect"] / ips["released"], rel=1e-2)
     assert [r["approach"] for r in result["rows"]] == ["released", "dd detect"]
     assert result["targets"][0]["name"] == "dd detect / released throughput"
+
+
+def test_unknown_kernel_names_are_refused(cli):
+    res = cli("bench", "kernels", "--kernels", "bogus,cpp", "--device", "cpu", "--sizes", "8")
+    assert res.exit_code == 1
+    assert "unknown kernel(s) bogus" in res.output and "reference, cpp, cuda, triton" in res.output

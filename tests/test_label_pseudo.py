@@ -138,3 +138,14 @@ def test_human_labelled_images_are_skipped(tmp_path, weights, cli):
     res = cli("label", "status", tmp_path / "out")
     assert res.exit_code == 0, res.output
     assert "pseudo" in res.output and "5 samples" in res.output
+
+
+def test_pseudo_labels_get_their_category_from_the_prompt(tmp_path, weights):
+    """A prompt (sidecar .txt or manifest field) gives the category, as in `dd label mine`;
+    an image without one stays uncategorised."""
+    _pool(tmp_path / "pool", 3)
+    (tmp_path / "pool" / "p01.txt").write_text("a woman waving her hand")
+    (tmp_path / "pool" / "p02.txt").write_text("a red teapot")
+    res = run_pseudo([str(tmp_path / "pool")], _detector(weights), PseudoConfig(out=tmp_path / "o"))
+    cats = {Path(s.image).name: s.category for s in read_dataset(res.manifest.parent)}
+    assert cats == {"p00.png": None, "p01.png": "hand", "p02.png": "other"}

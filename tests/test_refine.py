@@ -154,6 +154,8 @@ def test_refine_first_call_is_the_resolved_timestep(cli, tiny_ldm, tmp_path, cal
     assert res.exit_code == 0, res.output
     assert "noise the input to t = 500" in res.output
     assert "t 500 450 400 350 300 -> 250" in res.output
+    # the summary says what its figures are: means over the images of per-image maxima
+    assert "averaged over the images: per-image max" in " ".join(res.output.split())
     # 3 images in batches of 2: two runs of 10 calls; each starts at the resolved t = 500
     assert [t for _, t in calls] == [500, 450, 400, 350, 300, 250, 200, 150, 100, 50] * 2
     recs = [json.loads(x) for x in (out / "report.jsonl").read_text().splitlines()]

@@ -380,3 +380,16 @@ def test_tiny_detector_learns_synthetic_watermarks(tmp_path, cli):
     assert wm["iou"] >= max(0.12, 2 * wm0["iou"]), (wm, wm0)
     assert wm["pixel_auroc"] >= 0.75 > wm0["pixel_auroc"] + 0.1, (wm, wm0)
     assert wm["cc"] >= 0.2, wm
+
+
+def test_init_with_a_mismatching_variant_hints_the_commands_own_flag(data, tmp_path, cli):
+    """The embedded default is variant small: --variant b0 with it names --variant small."""
+    from dd_plugins.segformer import DEFAULT_WEIGHTS
+
+    res = cli("train-detector", data, "--out", tmp_path / "run", "--init",
+              DEFAULT_WEIGHTS / "model.safetensors",
+              "--variant", "b0", "--steps", "1")  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "--variant small" in res.output and "--option" not in res.output
+    helptext = cli("train-detector", "--help").output
+    assert "small" in helptext

@@ -179,6 +179,10 @@ def build_app(*, with_plugins: bool = True) -> typer.Typer:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``dd``)."""
+    # transformers' notes (a missing torchvision for image processors dd never uses) are
+    # noise on a command line; TRANSFORMERS_VERBOSITY=warning (or DD_DEBUG=1) brings them back.
+    if not os.environ.get("DD_DEBUG"):
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app = build_app()
         cmd = typer.main.get_command(app)

@@ -241,6 +241,10 @@ def pseudo(
     device: Device = "auto",
     dtype: Dtype = "fp32",
     resume: Annotated[bool, typer.Option(help="Continue a run in --out.")] = False,
+    categories: Annotated[
+        Path | None,
+        typer.Option(help="Keyword rules (TOML/JSON: category = [keywords]) for prompts."),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Pseudo-label every pool image not labelled by people, sharded and resumable.
@@ -251,6 +255,7 @@ def pseudo(
     import torch
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from dd.label.mine import load_rules
     from dd.label.pseudo import PseudoConfig, dist_env, run_pseudo
 
     err = Console(stderr=True)
@@ -265,6 +270,7 @@ def pseudo(
         floor=floor,
         rank=env_rank if rank is None else rank,
         world_size=env_world if world_size is None else world_size,
+        rules=load_rules(categories),
     )
     cfg.check()
     if device == "auto" and torch.cuda.is_available() and cfg.world_size > 1:

@@ -171,9 +171,9 @@ def run(
     console = Console()
     if s["images"]:
         console.print(
-            f"refined {s['images']} image(s) -> {out}: max confidence "
-            f"{s['before_max']:.4f} -> {s['after_max']:.4f}, mean "
-            f"{s['before_mean']:.4f} -> {s['after_mean']:.4f}",
+            f"refined {s['images']} image(s) -> {out}; artifact confidence, averaged over "
+            f"the images: per-image max {s['before_max']:.4f} -> {s['after_max']:.4f}, "
+            f"per-image mean {s['before_mean']:.4f} -> {s['after_mean']:.4f}",
             highlight=False,
         )
     for f in result.failures:

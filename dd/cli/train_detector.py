@@ -30,7 +30,10 @@ def train_detector(
     ] = None,
     variant: Annotated[
         str | None,
-        typer.Option(help="SegFormer variant tiny, b0..b5 (from scratch: default b0)."),
+        typer.Option(
+            help="SegFormer variant: tiny, small or b0..b5 (b5: DiffDoctor's released "
+            "detector); from scratch the default is b0, with --init the file's."
+        ),
     ] = None,
     input_size: Annotated[
         int | None, typer.Option(help="Detector input size (default 512).")

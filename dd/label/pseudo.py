@@ -61,6 +61,8 @@ class PseudoConfig:
     rank: int = 0
     world_size: int = 1
     max_pixels: int = 178_956_970
+    #: Keyword rules giving each image a category from its prompt (None: dd's defaults).
+    rules: Any = None
 
     def check(self) -> None:
         lo, hi = self.shrink_scale
@@ -268,7 +270,7 @@ class PseudoResult:
 
 
 def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, Any]:
-    from dd.label.mine import item_prompt
+    from dd.label.mine import item_category, load_rules
     from dd.viz import to_uint8_map
 
     if cfg.floor > 0:
@@ -281,19 +283,23 @@ def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, An
     else:
         rel = None
     meta = dict(item.meta)
+    if cfg.rules is None:
+        cfg.rules = load_rules(None)
+    # The category as `dd label mine` gives it: the manifest's, else the prompt's keywords
+    # ("other" when none match); None only without a prompt.
+    category, prompt = item_category(item.path, meta, cfg.rules)
     rec: dict[str, Any] = {
         **{k: v for k, v in meta.items() if k not in ("image", "mask", "source", "weight")},
         "image": str(item.path),
         "mask": rel,
         "source": "pseudo",
-        "category": meta.get("category"),
+        "category": category if (prompt or meta.get("category")) else None,
         "weight": 1.0,
         "max": round(mx, 6),
         "mean": round(mean, 6),
         "height": int(prob.shape[0]),
         "width": int(prob.shape[1]),
     }
-    prompt = item_prompt(item.path, meta)
     if prompt and "prompt" not in rec:
         rec["prompt"] = prompt
     if mx < cfg.shrink_threshold:

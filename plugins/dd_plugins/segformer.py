@@ -499,8 +499,8 @@ def _model_from_state_dict(sd: dict[str, torch.Tensor], variant: str | None, sou
             parts.append(f"... {len(mismatched) - 5} more shape mismatches")
         if inferred_name and inferred_name != name:
             hint = (
-                f"the file looks like variant {inferred_name}: "
-                f"pass --option variant={inferred_name}"
+                f"the file looks like variant {inferred_name}: pass -O variant={inferred_name} "
+                f"(dd train-detector: --variant {inferred_name})"
                 if inferred_name != "custom"
                 else "the file has a custom MiT architecture: leave the variant option unset"
             )
@@ -508,11 +508,13 @@ def _model_from_state_dict(sd: dict[str, torch.Tensor], variant: str | None, sou
             hint = (
                 "the file does not look like a SegFormer artifact detector "
                 "(SegformerForSemanticSegmentation state dict, e.g. DiffDoctor's "
-                "ad_pytorch_model.bin); if it is one, pass --option variant=b0..b5"
+                "ad_pytorch_model.bin); if it is one, pass its variant: -O variant=b0..b5 "
+                "(dd train-detector: --variant)"
             )
         else:
             hint = (
-                "pass the matching --option variant=b0..b5, or check the file is a SegFormer "
+                "pass the matching variant (-O variant=b0..b5; dd train-detector: --variant), "
+                "or check the file is a SegFormer "
                 "artifact detector with one output channel (DiffDoctor's ad_pytorch_model.bin)"
             )
         raise DDError(f"weights {source} do not fit {what}: " + "; ".join(parts), hint=hint)
