@@ -795,7 +795,7 @@ def bar_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
     from PIL import Image, ImageDraw
 
     from dd.io import save_image_atomic
-    from dd.plot import _COLOURS
+    from dd.plot import PALETTE, draw_text
 
     keys = [(k, h) for k, h, _ in METRICS if any(r.get(k) is not None for r in rows)]
     pw, ph = 240, 220
@@ -803,7 +803,7 @@ def bar_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
     draw = ImageDraw.Draw(img)
     for k, (key, header) in enumerate(keys):
         x0, y0, y1 = k * pw + 16, 26, ph - 24
-        draw.text((x0, 6), header, fill=(0, 0, 0))
+        draw_text(draw, (x0, 6), header, (0, 0, 0))
         vals = [r.get(key) for r in rows]
         top = max([abs(v) for v in vals if v is not None] + [1e-12])
         bw = max(6, (pw - 40) // max(1, len(rows)) - 6)
@@ -813,10 +813,10 @@ def bar_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 continue
             h = (y1 - y0 - 14) * abs(v) / top
             bx = x0 + 4 + j * (bw + 6)
-            draw.rectangle([bx, y1 - h, bx + bw, y1], fill=_COLOURS[j % len(_COLOURS)])
-            draw.text((bx, y1 - h - 12), _fmt(key, v), fill=(0, 0, 0))
+            draw.rectangle([bx, y1 - h, bx + bw, y1], fill=PALETTE[j % len(PALETTE)])
+            draw_text(draw, (bx, y1 - h - 12), _fmt(key, v), (0, 0, 0))
     for j, r in enumerate(rows):
         y = ph + 4 + 14 * j
-        draw.rectangle([16, y + 2, 26, y + 10], fill=_COLOURS[j % len(_COLOURS)])
-        draw.text((32, y), str(r["model"]), fill=(0, 0, 0))
+        draw.rectangle([16, y + 2, 26, y + 10], fill=PALETTE[j % len(PALETTE)])
+        draw_text(draw, (32, y), str(r["model"]), (0, 0, 0))
     save_image_atomic(img, path)

@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Panel:
     colours: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
-_COLOURS = (
+PALETTE = (
     (31, 119, 180),
     (214, 39, 40),
     (44, 160, 44),
@@ -54,11 +55,14 @@ def plot_panels(
     img = Image.new("RGB", (pw * max(1, len(panels)), ph), "white")
     draw = ImageDraw.Draw(img)
     for k, panel in enumerate(panels):
-        x0, y0, x1, y1 = k * pw + left, 28, (k + 1) * pw - 16, ph - bottom
+        # title centred on the first line, the y-axis label on the second, left
+        x0, y0, x1, y1 = k * pw + left, 40, (k + 1) * pw - 16, ph - bottom
         draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
-        draw.text((x0, 8), panel.title, fill=(0, 0, 0))
-        draw.text(((x0 + x1) // 2 - 3 * len(panel.xlabel), ph - 18), panel.xlabel, fill=(0, 0, 0))
-        draw.text((k * pw + 4, 8), panel.ylabel, fill=(90, 90, 90))
+        title = fit_lines(draw, panel.title, pw - 8, 1)[0] if panel.title else ""
+        draw_text(draw, (k * pw + (pw - text_width(draw, title)) / 2, 6), title, (0, 0, 0))
+        draw_text(draw, (k * pw + 4, 22), panel.ylabel, (90, 90, 90))
+        xl = panel.xlabel
+        draw_text(draw, ((x0 + x1 - text_width(draw, xl)) / 2, ph - 18), xl, (0, 0, 0))
         fx = _axis(panel.log_x)
         fy = _axis(panel.log_y)
         pts = [
@@ -68,7 +72,7 @@ def plot_panels(
             if (not panel.log_x or x > 0) and (not panel.log_y or y > 0)
         ]
         if not pts:
-            draw.text((x0 + 8, y0 + 8), "no data", fill=(90, 90, 90))
+            draw_text(draw, (x0 + 8, y0 + 8), "no data", (90, 90, 90))
             continue
         xs, ys = [fx(p[0]) for p in pts], [fy(p[1]) for p in pts]
         xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
@@ -97,7 +101,7 @@ def plot_panels(
             draw.line([(x0 - 4, cy), (x0, cy)], fill=(0, 0, 0))
             draw.text((k * pw + 4, cy - 6), f"{shown:.3g}", fill=(0, 0, 0))
         for j, (label, series) in enumerate(panel.series.items()):
-            colour = panel.colours.get(label, _COLOURS[j % len(_COLOURS)])
+            colour = panel.colours.get(label, PALETTE[j % len(PALETTE)])
             coords = [
                 px(x, y)
                 for x, y in sorted(series)
@@ -109,8 +113,8 @@ def plot_panels(
                 draw.line(coords, fill=colour, width=2)
             for cx, cy in coords:
                 draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
-            width = draw.textlength(label)  # legend at the top right
-            draw.text((x1 - 8 - width, y0 + 6 + 12 * j), label, fill=colour)
+            width = text_width(draw, label)  # legend at the top right
+            draw_text(draw, (x1 - 8 - width, y0 + 6 + 12 * j), label, colour)
     save_image_atomic(img, path)
 
 
@@ -122,3 +126,47 @@ def metric_points(records: Sequence[dict], kind: str, key: str) -> list[tuple[fl
         for r in records
         if r.get("type") == kind and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
     ]
+
+
+# ------------------------------------------------------------------------------------------
+# Text. Pillow's built-in font draws a space 2 px wide: words run together ("eval artifact
+# confidence" reads "evalartifactconfidence"). Every label is drawn word by word instead.
+# ------------------------------------------------------------------------------------------
+WORD_GAP = 4
+
+
+def text_width(draw: Any, text: str) -> float:
+    words = text.split(" ")
+    return sum(draw.textlength(w) for w in words) + WORD_GAP * (len(words) - 1)
+
+
+def draw_text(draw: Any, xy: tuple[float, float], text: str, fill: Any) -> None:
+    """``draw.text`` with visible gaps between words."""
+    x, y = xy
+    for word in text.split(" "):
+        if word:
+            draw.text((x, y), word, fill=fill)
+            x += draw.textlength(word)
+        x += WORD_GAP
+
+
+def fit_lines(draw: Any, text: str, width: float, max_lines: int = 3) -> list[str]:
+    """``text`` wrapped at spaces into lines at most ``width`` px wide (a word longer than
+    that is cut with an ellipsis); at most ``max_lines``, the last one ellipsised."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_width(draw, f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    fitted = []
+    for line in lines:
+        while len(line) > 1 and text_width(draw, line) > width:
+            line = line[:-2] + "…"
+        fitted.append(line)
+    if len(fitted) > max_lines:
+        last = fitted[max_lines - 1]
+        while len(last) > 1 and text_width(draw, last + "…") > width:
+            last = last[:-1]
+        fitted = [*fitted[: max_lines - 1], last + "…"]
+    return fitted

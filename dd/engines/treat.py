@@ -379,36 +379,38 @@ def image_grid(
     h0, w0 = rows[0][0][0].shape[:2]
     scale = min(cell / max(h0, w0), max(1.0, 128 / max(h0, w0)))
     cw, ch = max(1, round(w0 * scale)), max(1, round(h0 * scale))
-    cap_h, title_w = 14, 0
+    from dd.plot import draw_text, fit_lines
+
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # captions and titles wrap to the cell's width (at 64 px cells they used to overlap)
+    caps = [[fit_lines(probe, c, cw - 4) for _, c in row] for row in rows]
+    cap_lines = max((len(c) for row in caps for c in row), default=1)
+    cap_h, title_w = 2 + 12 * max(1, cap_lines), 0
     if row_titles:
-        title_w = min(240, 6 * max(len(t) for t in row_titles) + 8)
-    top = 14 if col_titles else 0
+        title_w = min(240, max(int(probe.textlength(t)) for t in row_titles) + 16)
+    heads = [fit_lines(probe, t, cw - 4, 2) for t in col_titles]
+    top = 2 + 12 * max((len(h) for h in heads), default=0) if col_titles else 0
     grid = Image.new("RGB", (title_w + ncols * (cw + 4), top + len(rows) * (ch + cap_h + 4)))
     grid.paste((255, 255, 255), (0, 0, *grid.size))
     draw = ImageDraw.Draw(grid)
-    for j, title in enumerate(col_titles):
-        draw.text((title_w + j * (cw + 4) + 2, 1), title, fill=(0, 0, 0))
+    for j, lines in enumerate(heads):
+        for k, text in enumerate(lines):
+            draw_text(draw, (title_w + j * (cw + 4) + 2, 1 + 12 * k), text, (0, 0, 0))
     for i, row in enumerate(rows):
         y = top + i * (ch + cap_h + 4)
         if i < len(row_titles):
-            words, lines, line = row_titles[i].split(), [], ""
-            for w in words:
-                if len(line) + len(w) + 1 > (title_w - 8) // 6 and line:
-                    lines.append(line)
-                    line = w
-                else:
-                    line = f"{line} {w}".strip()
-            lines.append(line)
-            for k, text in enumerate(lines[: max(1, ch // 12)]):
-                draw.text((4, y + 2 + 12 * k), text, fill=(0, 0, 0))
-        for j, (img, caption) in enumerate(row):
+            lines = fit_lines(draw, row_titles[i], title_w - 8, max(1, ch // 12))
+            for k, text in enumerate(lines):
+                draw_text(draw, (4, y + 2 + 12 * k), text, (0, 0, 0))
+        for j, (img, _caption) in enumerate(row):
             x = title_w + j * (cw + 4)
             tile = Image.fromarray(img)
             if tile.size != (cw, ch):
                 resample = Image.NEAREST if scale > 1 else Image.BILINEAR
                 tile = tile.resize((cw, ch), resample)
             grid.paste(tile, (x, y))
-            draw.text((x + 2, y + ch + 1), caption, fill=(0, 0, 0))
+            for k, text in enumerate(caps[i][j]):
+                draw_text(draw, (x + 2, y + ch + 1 + 12 * k), text, (0, 0, 0))
     return grid
 
 
