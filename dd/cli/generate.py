@@ -78,8 +78,14 @@ def generate(
 
     Writes PPPP-seedS.png per prompt index and seed, grid.png (a row per prompt, a column
     per seed) and report.jsonl (prompt, seed, file; with --detect the artifact scores mean,
-    max, weighted, artifact_ratio) to --out. Images equal diffusers' pipeline output at the
-    same seeds (a CPU generator seeded per image).
+    max, weighted, artifact_ratio) to --out.
+
+    Each image uses a CPU generator seeded with its seed. It equals diffusers' pipeline
+    output at that seed, steps and guidance when the pipeline samples the same way: SD3 as
+    it is (max_sequence_length 256 in both); FLUX with dd's max_sequence_length (256 for
+    models without guidance embedding such as schnell, 512 with it; FluxPipeline's default
+    is 512); SD1.5 and SDXL with DDIMScheduler.from_config(pipe.scheduler.config,
+    clip_sample=False), as dd samples DDIM (their pipelines default to other schedulers).
     """
     import numpy as np
     import torch
