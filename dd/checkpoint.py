@@ -152,6 +152,8 @@ def prepare_run_folder(
     unless ``resume``; ``log``, if given, is told when ``resume`` finds such a folder but
     no checkpoint (the run then starts from step 0).
     """
+    from dd.io import mark_run_folder
+
     last = find_checkpoint(out / "checkpoints" / "last") if resume else None
     if last is None:
         taken = [p for p in files if (out / p).exists()]
@@ -162,6 +164,7 @@ def prepare_run_folder(
             )
         if taken and log is not None:
             log(f"[yellow]no checkpoint in {out}; starting from step 0[/yellow]")
+    mark_run_folder(out, what)
     return last
 
 

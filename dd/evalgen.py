@@ -555,6 +555,9 @@ def eval_gen(
 
     names = _model_names(cfg.loras)
     items = [(pi, s) for pi in range(len(prompts)) for s in cfg.seeds]
+    from dd.io import mark_run_folder
+
+    mark_run_folder(out, "eval gen")
     bb = None
     size = cfg.resolution
     with Progress(

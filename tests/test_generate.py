@@ -70,6 +70,7 @@ def test_generate_with_detect(cli, tiny_flux, detector_dir, prompts, tmp_path):
     assert res.exit_code == 0, res.output
     names = sorted(p.name for p in out.iterdir())
     assert names == [
+        ".dd",  # marks the folder as a dd run (dd detect on a parent folder skips it)
         "0000-seed0.png",
         "0000-seed1.png",
         "0001-seed0.png",
@@ -157,3 +158,18 @@ def test_a_resolution_the_model_would_change_is_refused(cli, tiny_flux, tmp_path
     assert "--resolution 50 is not a multiple of 8, which flux needs" in res.output
     assert "use 48 or 56" in res.output
     assert not (tmp_path / "g").exists() or not any((tmp_path / "g").glob("*.png"))
+
+
+def test_a_non_empty_out_is_refused_before_loading(cli, tiny_flux, prompts, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "0000-seed0.png").write_bytes(b"precious")
+    args = ("generate", "--backbone", "flux", "--model", tiny_flux, "--prompts", prompts,
+            "--resolution", "32", "--steps", "1", "--out", out,
+            "-B", "max_sequence_length=32")  # fmt: skip
+    res = cli(*args)
+    assert res.exit_code == 1 and "is not empty" in res.output and "--overwrite" in res.output
+    assert (out / "0000-seed0.png").read_bytes() == b"precious"
+    res = cli(*args, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert (out / "0000-seed0.png").read_bytes() != b"precious"

@@ -73,6 +73,9 @@ def generate(
         list[str] | None,
         typer.Option("--option", "-O", help="Detector option KEY=VALUE (with --detect)."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into a non-empty --out, replacing files of the same name.")
+    ] = False,
 ) -> None:
     """Generate images for prompts x seeds, e.g. to look at a treated model.
 
@@ -103,7 +106,7 @@ def generate(
         to_uint8,
     )
     from dd.errors import DDError
-    from dd.io import atomic_write_text, save_image_atomic
+    from dd.io import atomic_write_text, mark_run_folder, output_dir, save_image_atomic
     from dd.plugins import load_backbone, load_detector
     from dd.progress import progress_bar
     from dd.scores import map_scores
@@ -128,6 +131,12 @@ def generate(
     for key in ("backbone", "model"):
         if not settings[key]:
             raise DDError(f"--{key} is required", hint=f"pass --{key} or a --config that sets it")
+    output_dir(out)
+    if not overwrite and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise DDError(
+            f"--out {out} is not empty",
+            hint="choose a new folder, or pass --overwrite to replace same-named images",
+        )
     if prompts is None:
         raise DDError("--prompts is required", hint="a .txt file with one prompt per line")
     prompt_list = read_prompts(prompts)
@@ -165,7 +174,7 @@ def generate(
     bb.check_size(size, size)
     n_steps = settings["steps"] or int(bb.default_steps)
     pairs = [(pi, s) for pi in range(len(prompt_list)) for s in seed_list]
-    out.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(out, "generate")
     records: list[dict[str, Any]] = []
     cells: dict[tuple[int, int], tuple[Any, str]] = {}
     with progress_bar("generate", console=err) as progress:

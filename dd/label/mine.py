@@ -269,6 +269,9 @@ def run_mine(
     if not items:
         reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(specs)
         raise DDError(f"no images in the pool ({reasons})", exit_code=2)
+    from dd.io import mark_run_folder
+
+    mark_run_folder(out, "label mine")
     cats: dict[str, tuple[str, str | None]] = {
         it.key: item_category(it.path, it.meta, rules) for it in items
     }

@@ -43,7 +43,7 @@ from PIL import Image
 
 from dd.errors import DDError
 from dd.images import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, InputItem
-from dd.io import atomic_open, atomic_write_json, save_image_atomic
+from dd.io import atomic_open, atomic_write_json, mark_run_folder, save_image_atomic
 
 SHARDS = "pseudo"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -355,6 +355,7 @@ def run_pseudo(
                 hint="resume with the same --weights and options, or pick a new --out",
             )
     shard_dir.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(out, "label pseudo")
     if cfg.rank == 0 and not (cfg.resume and info_path.exists()):
         atomic_write_json(info_path, run_info)
     with contextlib.suppress(FileNotFoundError):
