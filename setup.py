@@ -36,10 +36,13 @@ def native_extension() -> dict:
 
 setup(
     packages=find_packages(include=["dd", "dd.*"])
-    + find_packages("plugins", include=["dd_plugins", "dd_plugins.*"]),
-    package_dir={"dd_plugins": "plugins/dd_plugins"},
+    + find_packages("plugins", include=["dd_plugins", "dd_plugins.*"])
+    + ["dd.presets"],
+    # the presets live in configs/ at the top of the tree and install as dd/presets/
+    package_dir={"dd_plugins": "plugins/dd_plugins", "dd.presets": "configs"},
     package_data={
         "dd": ["testing/assets/**/*", "py.typed", "label/static/*"],
+        "dd.presets": ["*.toml"],
         "dd_plugins": ["**/*.json", "weights/**/*"],
     },
     include_package_data=True,

@@ -618,10 +618,12 @@ def _add_lora(bb: Any, rank: int, seed: int) -> None:
 
 
 def _detector(variant: str, size: int, device: torch.device, dtype: torch.dtype, seed: int):
-    from dd_plugins.segformer import SegformerDetector
+    from dd.plugins import get_host
 
-    return SegformerDetector.load(
-        None, variant=variant, input_size=size, device=device, dtype=dtype, seed=seed
+    return (
+        get_host()
+        .detectors.get("segformer")
+        .load(None, variant=variant, input_size=size, device=device, dtype=dtype, seed=seed)
     )
 
 
@@ -785,9 +787,10 @@ def full_size_flux_setup(
     shapes (``max_sequence_length`` T5 tokens as the flux-dev preset, pooled CLIP).
     """
     from dd.backbones import Conditioning
+    from dd.plugins import get_host
 
+    FluxBackbone = get_host().backbones.get("flux")  # noqa: N806 - a class
     with _quiet_libraries():  # importing diffusers' pipelines makes transformers warn
-        from dd_plugins.flux import FluxBackbone
         from diffusers import (
             AutoencoderKL,
             FlowMatchEulerDiscreteScheduler,
@@ -1061,10 +1064,10 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
 def _released_processor(size: int):
     """``SegformerImageProcessor`` as nvidia/mit-b5 configures it, at ``size`` (without
     torchvision, transformers substitutes its PIL twin, as the released script's 4.x had)."""
-    from dd_plugins.segformer import IMAGENET_MEAN, IMAGENET_STD
-
     with _quiet_libraries():
         from transformers import SegformerImageProcessor
+        from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+        from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
         return SegformerImageProcessor(
             do_resize=True,

@@ -53,8 +53,23 @@ __all__ = [
     "validate",
 ]
 
-#: The presets shipped with dd (``configs/`` at the top of the source tree).
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _preset_dir() -> Path:
+    """The presets shipped with dd: the installed package ``dd.presets`` (``configs/`` of
+    the source tree, which is also where a source checkout finds them)."""
+    try:
+        from importlib.resources import files
+
+        found = Path(str(files("dd.presets")))
+        if found.is_dir():
+            return found
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+#: The folder of the presets shipped with dd.
+PRESET_DIR = _preset_dir()
 
 T = TypeVar("T")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -170,3 +170,37 @@ def save_mask(path: str | Path, mask: np.ndarray) -> None:
     from dd.viz import to_uint8_map
 
     save_image_atomic(Image.fromarray(to_uint8_map(mask), mode="L"), path)
+
+
+#: How summaries name samples without a category.
+NO_CATEGORY = "(none)"
+
+
+def dataset_summary(root: Path) -> dict[str, Any]:
+    """Counts of a dataset: positives/negatives overall, per source and per category."""
+    samples = read_dataset(root)
+
+    def tally(groups: dict[str, dict[str, int]], key: str, positive: bool) -> None:
+        g = groups.setdefault(key, {"positives": 0, "negatives": 0, "total": 0})
+        g["positives" if positive else "negatives"] += 1
+        g["total"] += 1
+
+    by_source: dict[str, dict[str, int]] = {}
+    by_category: dict[str, dict[str, int]] = {}
+    for s in samples:
+        tally(by_source, s.source, s.positive)
+        tally(by_category, s.category if s.category is not None else NO_CATEGORY, s.positive)
+    positives = sum(s.positive for s in samples)
+    cats = sorted(k for k in by_category if k != NO_CATEGORY) + (
+        [NO_CATEGORY] if NO_CATEGORY in by_category else []
+    )
+    return {
+        "dataset": str(root),
+        "samples": len(samples),
+        "positives": positives,
+        "negatives": len(samples) - positives,
+        "by_source": {k: by_source[k] for k in sorted(by_source)},
+        "by_category": {k: by_category[k] for k in cats},
+        "missing_images": sum(not s.image.is_file() for s in samples),
+        "missing_masks": sum(s.mask is not None and not s.mask.is_file() for s in samples),
+    }

@@ -524,3 +524,17 @@ def _make_keys(paths: list[Path]) -> list[str]:
         keys[i] = candidate
         taken.add(candidate.casefold())
     return [k or "" for k in keys]  # every slot is filled above
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the header (EXIF rotation applied like ``load_image``)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                orient = im.getexif().get(0x0112, 1)
+            except Exception:
+                orient = 1
+            return (h, w) if orient in (5, 6, 7, 8) else (w, h)
+    except OSError as e:
+        raise DDError(f"cannot read image {path}: {e}") from None

@@ -351,11 +351,11 @@ def test_kernel_status_rows_come_from_the_registry():
 
 
 def test_benchmark_runs_and_the_op_is_leaner(tmp_path):
-    """The benchmark script end to end at one size; the fused op's peak extra memory is a
-    fraction of the reference's (it never stores the full-resolution map)."""
+    """`dd bench kernels` end to end (its own process) at one size; the fused op's peak extra
+    memory is a fraction of the reference's (it never stores the full-resolution map)."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_ops.py"), "--batch", "2"]
-    cmd += ["--sizes", "512", "--reductions", "mean", "mse", "--repeat", "1"]
+    cmd = [sys.executable, "-m", "dd", "bench", "kernels", "--device", "cpu", "--batch", "2"]
+    cmd += ["--sizes", "512", "--reductions", "mean,mse", "--repeat", "1"]
     cmd += ["--kernels", "cpp", "--threads", "1", "--json", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     result = json.loads(out.read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -15,8 +15,6 @@ app = typer.Typer(
     help="Import artifact datasets (RichHF-18K) and show their class balance.",
     no_args_is_help=True,
 )
-
-_NONE = "(none)"
 
 
 @app.command("import-richhf")
@@ -99,36 +97,6 @@ def import_richhf_cmd(
         )
 
 
-def dataset_summary(root: Path) -> dict[str, Any]:
-    """Counts of a dataset: positives/negatives overall, per source and per category."""
-    from dd.datasets import read_dataset
-
-    samples = read_dataset(root)
-
-    def tally(groups: dict[str, dict[str, int]], key: str, positive: bool) -> None:
-        g = groups.setdefault(key, {"positives": 0, "negatives": 0, "total": 0})
-        g["positives" if positive else "negatives"] += 1
-        g["total"] += 1
-
-    by_source: dict[str, dict[str, int]] = {}
-    by_category: dict[str, dict[str, int]] = {}
-    for s in samples:
-        tally(by_source, s.source, s.positive)
-        tally(by_category, s.category if s.category is not None else _NONE, s.positive)
-    positives = sum(s.positive for s in samples)
-    cats = sorted(k for k in by_category if k != _NONE) + ([_NONE] if _NONE in by_category else [])
-    return {
-        "dataset": str(root),
-        "samples": len(samples),
-        "positives": positives,
-        "negatives": len(samples) - positives,
-        "by_source": {k: by_source[k] for k in sorted(by_source)},
-        "by_category": {k: by_category[k] for k in cats},
-        "missing_images": sum(not s.image.is_file() for s in samples),
-        "missing_masks": sum(s.mask is not None and not s.mask.is_file() for s in samples),
-    }
-
-
 def _balance_table(title: str, label: str, groups: dict[str, dict[str, int]]) -> Table:
     table = Table(title=title)
     table.add_column(label)
@@ -151,6 +119,8 @@ def info(
 
     Also counts per source, and listed image or mask files that do not exist.
     """
+    from dd.datasets import dataset_summary
+
     summary = dataset_summary(dataset)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

@@ -288,21 +288,6 @@ def lr_factor(schedule: str, steps: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def _per_image(probs: torch.Tensor, reduction: str, threshold: float) -> torch.Tensor:
-    """Per-image reduction of ``B x 1 x H x W`` probabilities (float32)."""
-    p = probs.float().flatten(1)
-    if reduction == "mean":
-        return p.mean(1)
-    if reduction == "max":
-        return p.amax(1)
-    if reduction == "sum":
-        return p.sum(1)
-    if reduction == "weighted":
-        mask = (p > threshold).to(p.dtype)
-        return (p * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    raise DDError(f"unknown reduction {reduction!r}", hint=f"one of {', '.join(REDUCTIONS)}")
-
-
 def confidence_loss(
     detector: torch.nn.Module,
     images: torch.Tensor,

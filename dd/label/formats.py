@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dd.errors import DDError
-from dd.images import IMAGE_SUFFIXES
+from dd.images import IMAGE_SUFFIXES, image_size
 from dd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dd.label.rle import coco_decode, coco_encode, ls_decode_mask, ls_encode_mask
 
@@ -72,20 +72,6 @@ def png_bytes(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(mask, np.uint8), mode="L").save(buf, format="PNG")
     return buf.getvalue()
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the header (EXIF rotation applied like ``load_image``)."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            try:
-                orient = im.getexif().get(0x0112, 1)
-            except Exception:
-                orient = 1
-            return (h, w) if orient in (5, 6, 7, 8) else (w, h)
-    except OSError as e:
-        raise DDError(f"cannot read image {path}: {e}") from None
 
 
 # -- dataset writer ------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ class Queue:
         """``(width, height)`` of the item's image."""
         if item.get("width") and item.get("height"):
             return int(item["width"]), int(item["height"])
-        from dd.label.formats import image_size
+        from dd.images import image_size
 
         w, h = image_size(self.image_path(item))
         item["width"], item["height"] = w, h

@@ -15,8 +15,8 @@ from dd.datasets import SOURCES
 
 
 def dataset_status(root: Path) -> dict[str, Any]:
-    from dd.cli.dataset import _NONE, dataset_summary
-    from dd.datasets import read_dataset
+    from dd.datasets import NO_CATEGORY as _NONE
+    from dd.datasets import dataset_summary, read_dataset
 
     summary = dataset_summary(root)
     cross: dict[str, dict[str, dict[str, int]]] = {}

@@ -1,9 +1,10 @@
 """Fused ops with native (C++/CUDA) and Triton kernels, and the PyTorch reference they match.
 
-``artifact_confidence_loss`` is the detector-map loss of the treat engine and detector
-training: upsample low-resolution logits, sigmoid, reduce per image, in one pass forward and
-backward. See :mod:`dd.ops.dispatch` for how a kernel is chosen, :mod:`dd.ops.build` for how
-the native op is built (``python -m dd.ops.build`` builds it now), and docs/performance.md
+``artifact_confidence_loss`` is the detector-map loss of the treat engine: upsample
+low-resolution logits, sigmoid, reduce per image, in one pass forward and backward
+(detector training computes its MSE/BCE on maps eagerly, in ``dd.engines.train_detector``).
+See :mod:`dd.ops.dispatch` for how a kernel is chosen, :mod:`dd.ops.build` for how the
+native op is built (``python -m dd.ops.build`` builds it now), and docs/performance.md
 for the measurements behind the defaults.
 
 Names are imported on first access, so ``python -m dd.ops.build`` runs without the op

@@ -15,7 +15,7 @@ Choosing a kernel, per call:
   checks pass; otherwise the reference, with one debug line per reason on the ``dd.ops``
   logger.
 
-Policy: a kernel enters :data:`AUTO_ORDER` only after ``benchmarks/bench_ops.py`` showed it
+Policy: a kernel enters :data:`AUTO_ORDER` only after ``dd bench kernels`` showed it
 faster or leaner than the reference on that device in a side-by-side run (the figures are in
 ``docs/performance.md``). So far the C++ op has, on CPU; the CUDA and Triton kernels have not
 been measured on a GPU yet, so they run only when asked for.

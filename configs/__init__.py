@@ -1,0 +1,1 @@
+"""dd's configuration presets (``--config NAME``), installed as the package ``dd.presets``."""

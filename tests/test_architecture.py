@@ -1,0 +1,112 @@
+"""The layering rules, checked on the source (imports inside functions included):
+
+* nothing below the CLI imports ``dd.cli`` (nor do the built-in plugins);
+* no import cycles among dd's modules.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules(package: Path, prefix: str) -> dict[str, Path]:
+    out = {}
+    for p in package.rglob("*.py"):
+        parts = p.relative_to(package.parent).with_suffix("").parts
+        name = ".".join(parts)
+        out[name.removesuffix(".__init__")] = p
+    return {k: v for k, v in out.items() if k.startswith(prefix)}
+
+
+MODULES = {**_modules(ROOT / "dd", "dd"), **_modules(ROOT / "plugins" / "dd_plugins", "dd_plugins")}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """dd modules that ``name`` imports anywhere in its file."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = name.split(".")
+                if path.name != "__init__.py":
+                    pkg = pkg[:-1]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
+                base = ".".join([*pkg, *([base] if base else [])])
+            subs = [f"{base}.{a.name}" for a in node.names]
+            targets = [t for t in subs if t in MODULES] or [base]
+        else:
+            continue
+        for t in targets:
+            while t and t not in MODULES:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def test_nothing_below_the_cli_imports_it():
+    offenders = {
+        name: sorted(t for t in deps if t == "dd.cli" or t.startswith("dd.cli."))
+        for name, deps in GRAPH.items()
+        if not (name == "dd.cli" or name.startswith("dd.cli.") or name == "dd.__main__")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_no_import_cycles():
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    assert not cycles
+
+
+def test_the_checker_sees_function_level_imports():
+    assert "dd.plugins" in GRAPH["dd.cli.detect"]  # imported inside detect()
+
+
+def test_the_core_never_imports_a_built_in_plugin():
+    """Built-ins come through the entry points like third-party plugins (dd.plugins)."""
+    offenders = {
+        name: sorted(t for t in deps if t.startswith("dd_plugins"))
+        for name, deps in GRAPH.items()
+        if name.startswith("dd")
+        and not name.startswith("dd_plugins")
+        and not name.startswith("dd.testing")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
