@@ -35,11 +35,9 @@ Memory stays bounded on any dataset size: per image only a few scalars are kept 
 
 from __future__ import annotations
 
-import collections
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -424,6 +422,7 @@ class _Item:
     """One loaded sample: detector input at its working size, target at the image size."""
 
     __slots__ = ("category", "size", "target", "tensor")
+    error = None  # a sample that cannot be read raises instead (see evaluate_detector)
 
     def __init__(
         self, tensor: torch.Tensor, target: np.ndarray, size: tuple[int, int], cat: str | None
@@ -433,34 +432,12 @@ class _Item:
 
 def _load_sample(detector: Detector, sample: Sample, max_pixels: int | None) -> _Item:
     from dd.datasets import load_mask
-    from dd.engines.detect import resize_for
     from dd.images import load_image
+    from dd.inference import resize_for
 
     image = load_image(sample.image, max_pixels=max_pixels)
     size = (int(image.shape[0]), int(image.shape[1]))
     return _Item(resize_for(detector, image), load_mask(sample.mask, size), size, sample.category)
-
-
-def _prefetch(
-    pool: ThreadPoolExecutor, samples: Sequence[Sample], fn: Callable[[Sample], _Item], depth: int
-) -> Iterator[_Item]:
-    """``pool.map`` in order with at most ``depth`` samples loaded ahead."""
-    pending: collections.deque[Future[_Item]] = collections.deque()
-    it = iter(samples)
-    for s in it:
-        pending.append(pool.submit(fn, s))
-        if len(pending) >= depth:
-            break
-    try:
-        while pending:
-            item = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(fn, nxt))
-            yield item
-    finally:
-        for f in pending:
-            f.cancel()
 
 
 def evaluate_detector(
@@ -485,48 +462,26 @@ def evaluate_detector(
     mask raises ``DDError`` naming it: metrics over a silently shortened dataset would
     mislead.
     """
-    from dd.detectors import logits_to_probs
+    from dd.inference import detect_batches
 
     if batch_size < 1:
         raise DDError(f"batch size must be at least 1, got {batch_size}")
     m = metrics if metrics is not None else DetectorMetrics()
-    param = next(detector.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
     total, done = len(samples), 0
     if on_progress:
         on_progress(0, total)
-
-    def run(batch: list[_Item]) -> None:
-        nonlocal done
-        x = torch.stack([it.tensor for it in batch]).to(device, dtype)
-        logits = detector.logits(x).float()
-        for i, it in enumerate(batch):
-            prob = logits_to_probs(logits[i : i + 1], it.size)
-            target = torch.from_numpy(it.target)[None, None].to(prob.device)
-            m.update(prob, target, [it.category])
-        done += len(batch)
-        if on_progress:
-            on_progress(done, total)
-
-    was_training = detector.training
-    detector.eval()
-    try:
-        with (
-            torch.inference_mode(),
-            ThreadPoolExecutor(max(1, workers), thread_name_prefix="dd-eval") as pool,
-        ):
-            batches: dict[tuple[int, ...], list[_Item]] = {}
-            fn = lambda s: _load_sample(detector, s, max_pixels)  # noqa: E731
-            for item in _prefetch(pool, samples, fn, max(2 * batch_size, workers)):
-                shape = tuple(item.tensor.shape)
-                batches.setdefault(shape, []).append(item)
-                if len(batches[shape]) >= batch_size:
-                    run(batches.pop(shape))
-                elif sum(map(len, batches.values())) > 2 * batch_size:
-                    run(batches.pop(max(batches, key=lambda k: len(batches[k]))))
-            for batch in batches.values():
-                run(batch)
-    finally:
-        detector.train(was_training)
+    results = detect_batches(
+        detector,
+        samples,
+        lambda s: _load_sample(detector, s, max_pixels),
+        batch_size=batch_size,
+        workers=workers,
+    )
+    with torch.inference_mode():
+        for item, prob in results:
+            target = torch.from_numpy(item.target)[None, None].to(prob.device)
+            m.update(prob[None, None], target, [item.category])
+            done += 1
+            if on_progress and (done % batch_size == 0 or done == total):
+                on_progress(done, total)
     return m.compute()

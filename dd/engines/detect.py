@@ -15,7 +15,7 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from dd.detectors import Detector, logits_to_probs
+from dd.detectors import Detector
 from dd.errors import DDError
 from dd.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, load_image
+from dd.inference import detect_batches, resize_for
 from dd.io import (
     Journal,
     atomic_write_json,
@@ -82,54 +82,32 @@ class DetectResult:
 
 
 @dataclass
-class _Loaded:
+class Loaded:
+    """An input image decoded for :func:`dd.inference.detect_batches`."""
+
     item: InputItem
     image: np.ndarray | None = None
     tensor: torch.Tensor | None = None
     error: str | None = None
 
-
-def resize_for(detector: Detector, image: np.ndarray) -> torch.Tensor:
-    """uint8 H x W x 3 -> float 3 x h x w in [0, 1] at the detector's working size."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    size = detector.working_size(image.shape[0], image.shape[1])
-    if tuple(size) != tuple(image.shape[:2]):
-        x = F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-    return x
+    @property
+    def size(self) -> tuple[int, int]:
+        assert self.image is not None
+        return int(self.image.shape[0]), int(self.image.shape[1])
 
 
-def _load(item: InputItem, detector: Detector, max_pixels: int) -> _Loaded:
+def load_input(item: InputItem, detector: Detector, max_pixels: int) -> Loaded:
+    """Decode ``item`` and resize it for ``detector``; a failure is recorded, not raised."""
     try:
         img = load_image(item.path, max_pixels=max_pixels)
     except ImageLoadError as e:
-        return _Loaded(item, error=e.message)
+        return Loaded(item, error=e.message)
     except Exception as e:  # never let one image stop the run
-        return _Loaded(item, error=f"{item.path}: {type(e).__name__}: {e}")
-    return _Loaded(item, image=img, tensor=resize_for(detector, img))
+        return Loaded(item, error=f"{item.path}: {type(e).__name__}: {e}")
+    return Loaded(item, image=img, tensor=resize_for(detector, img))
 
 
-def _prefetch(
-    pool: ThreadPoolExecutor,
-    items: list[InputItem],
-    fn: Callable[[InputItem], _Loaded],
-    depth: int,
-) -> Iterator[_Loaded]:
-    """Like ``pool.map`` in order, but with at most ``depth`` images decoded ahead."""
-    pending: collections.deque[Future[_Loaded]] = collections.deque()
-    it = iter(items)
-    for item in it:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= depth:
-            break
-    while pending:
-        done = pending.popleft().result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
-        yield done
-
-
-def _write_outputs(cfg: DetectConfig, loaded: _Loaded, prob: np.ndarray) -> dict[str, Any]:
+def _write_outputs(cfg: DetectConfig, loaded: Loaded, prob: np.ndarray) -> dict[str, Any]:
     item = loaded.item
     rec: dict[str, Any] = {"key": item.key, "image": str(item.path)}
     rec.update(map_scores(prob))
@@ -202,15 +180,9 @@ def run_detect(
     if on_progress:
         on_progress(finished, total)
 
-    param = next(detector.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    detector.eval()
-    depth = max(2 * cfg.batch_size, cfg.workers)
     processed = 0
     with (
         journal,
-        ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-load") as loader,
         ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer,
     ):
         writes: collections.deque[Future[dict[str, Any]]] = collections.deque()
@@ -225,34 +197,22 @@ def run_detect(
                 if on_progress:
                     on_progress(finished, total)
 
-        def flush(batch: list[_Loaded]) -> None:
-            with torch.inference_mode():
-                x = torch.stack([b.tensor for b in batch]).to(device, dtype)
-                logits = detector.logits(x).float()
-                for i, b in enumerate(batch):
-                    p = logits_to_probs(logits[i : i + 1], b.image.shape[:2])[0, 0]
-                    writes.append(writer.submit(_write_outputs, cfg, b, p.cpu().numpy()))
-            drain(block=False)
-
-        # Batch only images of one working size together (a detector may keep sizes).
-        batches: dict[tuple[int, ...], list[_Loaded]] = {}
-        fn = lambda it: _load(it, detector, cfg.max_pixels)  # noqa: E731
-        for loaded in _prefetch(loader, todo, fn, depth):
-            if loaded.error is not None:
+        results = detect_batches(
+            detector,
+            todo,
+            lambda it: load_input(it, detector, cfg.max_pixels),
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+        )
+        for loaded, prob in results:
+            if prob is None:
                 fails.append({"path": str(loaded.item.path), "reason": loaded.error})
                 finished += 1
                 if on_progress:
                     on_progress(finished, total)
                 continue
-            shape = tuple(loaded.tensor.shape)
-            batches.setdefault(shape, []).append(loaded)
-            if len(batches[shape]) >= cfg.batch_size:
-                flush(batches.pop(shape))
-            elif sum(map(len, batches.values())) > 2 * cfg.batch_size:
-                # Many distinct sizes: flush the fullest partial batch to bound memory.
-                flush(batches.pop(max(batches, key=lambda k: len(batches[k]))))
-        for batch in batches.values():
-            flush(batch)
+            writes.append(writer.submit(_write_outputs, cfg, loaded, prob.cpu().numpy()))
+            drain(block=False)
         drain(block=True)
 
         for rec in journal.records:

@@ -47,6 +47,7 @@ Only the main process writes files (except its own RNG state, which each process
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -54,7 +55,6 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -768,36 +768,32 @@ class _Trainer:
         threshold."""
         from accelerate.utils import gather_object
 
-        from dd.detectors import logits_to_probs
-        from dd.engines.detect import resize_for
+        from dd.inference import detect_batches, resize_for
 
         cfg, det = self.cfg, self.detector
         samples = self.dataset.samples
         mine = list(range(self.rank, len(samples), self.world))
 
-        def load(i: int) -> tuple[int, torch.Tensor, tuple[int, int]]:
+        @dataclasses.dataclass
+        class Item:
+            index: int
+            tensor: torch.Tensor
+            size: tuple[int, int]
+            error: str | None = None
+
+        def load(i: int) -> Item:
             img = load_image(samples[i].image)
-            return i, resize_for(det, img), img.shape[:2]
+            return Item(i, resize_for(det, img), (int(img.shape[0]), int(img.shape[1])))
 
         maxima: list[tuple[int, float]] = []
-        was_training = det.training
-        det.eval()
         try:
-            with (
-                torch.inference_mode(),
-                self.acc.autocast(),
-                ThreadPoolExecutor(max(1, cfg.workers)) as pool,
-            ):
-                for start in range(0, len(mine), cfg.val_batch_size):
-                    chunk = list(pool.map(load, mine[start : start + cfg.val_batch_size]))
-                    x = torch.stack([t for _, t, _ in chunk]).to(self.acc.device)
-                    logits = det.logits(x).float()
-                    for k, (i, _, hw) in enumerate(chunk):
-                        maxima.append((i, float(logits_to_probs(logits[k : k + 1], hw).max())))
+            with self.acc.autocast():
+                results = detect_batches(
+                    det, mine, load, batch_size=cfg.val_batch_size, workers=cfg.workers
+                )
+                maxima = [(item.index, float(prob.max())) for item, prob in results]
         except DDError as e:
             raise DDError(f"shrink-pad check: {e}") from None
-        finally:
-            det.train(was_training)
         flagged = sorted(i for i, m in gather_object(maxima) if m < cfg.shrink_threshold)
         self.dataset.dynamic = {i: ShrinkSpec(*cfg.shrink_scale) for i in flagged}
         self.state["dynamic"] = flagged

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dd.errors import DDError
@@ -322,8 +321,8 @@ def run_pseudo(
     ``stop_after`` (tests) raises ``KeyboardInterrupt`` once that many images are written,
     like a kill between two batches.
     """
-    from dd.detectors import logits_to_probs
-    from dd.engines.detect import _load, _prefetch
+    from dd.engines.detect import load_input
+    from dd.inference import detect_batches
 
     cfg.check()
     out = Path(cfg.out)
@@ -380,17 +379,10 @@ def run_pseudo(
                 continue
             yield InputItem(path, mask_rel(path, h), meta)
 
-    param = next(detector.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    detector.eval()
     t0 = time.perf_counter()
     f = open(shard, "ab")  # noqa: SIM115 - closed below
     try:
-        with (
-            ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-load") as loader,
-            ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer,
-        ):
+        with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer:
             pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
 
             def drain(block: bool) -> None:
@@ -410,31 +402,20 @@ def run_pseudo(
                     if stop_after is not None and res.processed >= stop_after:
                         raise KeyboardInterrupt
 
-            def flush(batch: list[Any]) -> None:
-                with torch.inference_mode():
-                    x = torch.stack([b.tensor for b in batch]).to(device, dtype)
-                    logits = detector.logits(x).float()
-                    for i, b in enumerate(batch):
-                        p = logits_to_probs(logits[i : i + 1], b.image.shape[:2])[0, 0]
-                        pending.append(writer.submit(_write, cfg, b.item, p.cpu().numpy()))
-                drain(block=False)
-
-            fn = lambda it: _load(it, detector, cfg.max_pixels)  # noqa: E731
-            batches: dict[tuple[int, ...], list[Any]] = {}
-            depth = max(2 * cfg.batch_size, cfg.workers)
-            for loaded in _prefetch(loader, mine(), fn, depth):  # type: ignore[arg-type]
-                if loaded.error is not None:
+            results = detect_batches(
+                detector,
+                mine(),
+                lambda it: load_input(it, detector, cfg.max_pixels),
+                batch_size=cfg.batch_size,
+                workers=cfg.workers,
+            )
+            for loaded, prob in results:
+                if prob is None:
                     res.failed += 1
                     res.failures.append({"path": str(loaded.item.path), "reason": loaded.error})
                     continue
-                shape = tuple(loaded.tensor.shape)
-                batches.setdefault(shape, []).append(loaded)
-                if len(batches[shape]) >= cfg.batch_size:
-                    flush(batches.pop(shape))
-                elif sum(map(len, batches.values())) > 2 * cfg.batch_size:
-                    flush(batches.pop(max(batches, key=lambda k: len(batches[k]))))
-            for batch in batches.values():
-                flush(batch)
+                pending.append(writer.submit(_write, cfg, loaded.item, prob.cpu().numpy()))
+                drain(block=False)
             drain(block=True)
     finally:
         f.close()
