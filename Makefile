@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py requirements/constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/dd detect examples/synth/images --out demo-out
+	$(BIN)/dd detect examples/synth/images --out demo-out --overwrite
 	$(BIN)/dd eval-detector examples/synth
 	@echo "Open demo-out/index.html to see the contact sheet."
 
