@@ -142,6 +142,32 @@ class Backbone(abc.ABC):
     default_steps: ClassVar[int] = 28
     default_guidance: ClassVar[float | None] = None
     default_resolution: ClassVar[int] = 1024
+    #: diffusers pipeline class names (``model_index.json`` ``_class_name``) this family
+    #: loads: a folder of another family gets a hint naming the right ``--backbone``.
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    #: How ``dd refine train`` trains this family on a late-step range: ``"full"``
+    #: (fine-tune the denoiser), ``"lora"``, or None (not supported).
+    late_step_training: ClassVar[str | None] = None
+    #: Whether the family is prompted (an unconditional LDM is not).
+    conditional: bool = True
+
+    @classmethod
+    def build_tiny_pipeline(cls, seed: int = 0) -> Any:
+        """A tiny pipeline of the family's real classes with seeded random weights, for
+        offline tests (``python -m dd.testing.tiny NAME DIR`` saves it). Families without one
+        return None."""
+        return None
+
+    @staticmethod
+    def family_of(pipeline_class: str) -> str | None:
+        """The ``--backbone`` name of the loaded family that declares ``pipeline_class``."""
+        todo = list(Backbone.__subclasses__())
+        while todo:
+            cls = todo.pop()
+            todo.extend(cls.__subclasses__())
+            if pipeline_class in getattr(cls, "pipeline_classes", ()) and cls.name:
+                return cls.name
+        return None
 
     def __init__(
         self,
@@ -875,17 +901,6 @@ def flow_schedule(
 
 
 # ---------------------------------------------------------------------- loading helpers
-#: model_index.json ``_class_name`` -> the ``--backbone`` that loads it (for hints).
-PIPELINE_BACKBONES = {
-    "FluxPipeline": "flux",
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusionXLPipeline": "sdxl",
-    "LDMPipeline": "ldm",
-    "LDMTextToImagePipeline": "ldm",
-}
-
-
 def load_pipeline(
     pipeline_cls: type,
     model: str,
@@ -936,8 +951,8 @@ def load_pipeline(
             found = json.loads(index.read_text()).get("_class_name", "?")
         except ValueError:
             raise DDError(f"{index} is not valid JSON") from None
-        if found != expected and PIPELINE_BACKBONES.get(found) != backbone:
-            right = PIPELINE_BACKBONES.get(found)
+        right = Backbone.family_of(found)
+        if found != expected and right != backbone:
             raise DDError(
                 f"{path} holds a {found}, not a {expected} (--backbone {backbone})",
                 hint=f"use --backbone {right}" if right else "pick the matching --backbone",

@@ -220,8 +220,16 @@ def test_example_plugin_installed_through_its_entry_point(tmp_path):
     ex = info["example"]
     assert ex["version"] == "0.1.0" and ex["distribution"] == "dd-example-plugin"
     assert not ex["builtin"]
-    assert ex["registered"] == {"commands": ["clipping-info"], "detectors": ["clipping"]}
-    assert ex["hooks"] == ["dd_register_commands", "dd_register_detectors"]
+    assert ex["registered"] == {
+        "backbones": ["auraflow"],
+        "commands": ["clipping-info"],
+        "detectors": ["clipping"],
+    }
+    assert ex["hooks"] == [
+        "dd_register_backbones",
+        "dd_register_commands",
+        "dd_register_detectors",
+    ]
 
     res = subprocess.run([*dd, "clipping-info"], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and "low=0.02 high=0.98" in res.stdout

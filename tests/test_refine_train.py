@@ -197,8 +197,9 @@ def test_train_bad_input(cli, tiny_ldm, dataset, tmp_path):
 
     base = ["--data", dataset, "--init", tiny_ldm, "--out", tmp_path / "o"]
     assert "--late-steps '900-100' must satisfy" in error(*base, "--late-steps", "900-100")
-    assert "supports --backbone ldm or sd15" in error(*base, "--late-steps", "0-500",
-                                                      "--backbone", "flux")  # fmt: skip
+    msg = error(*base, "--late-steps", "0-500", "--backbone", "flux")
+    assert "cannot train --backbone 'flux' on a step range" in msg
+    assert "ldm (full)" in msg and "sd15 (lora)" in msg
     assert "--data folder not found" in error(
         "--late-steps", "0-500", "--data", tmp_path / "none", "--init", tiny_ldm, "--out",
         tmp_path / "o",

@@ -66,7 +66,6 @@ from dd.errors import DDError
 from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text
 from dd.progress import progress_bar
 
-BACKBONES = ("ldm", "sd15")
 PRECISIONS = ("no", "bf16", "fp16")
 #: Fields a resumed run may change.
 RESUMABLE = frozenset({"resume", "stop_at"})
@@ -240,10 +239,18 @@ class _Trainer:
                     "late_steps": "e.g. --late-steps 500-750 (trains t 250..500)",
                 }.get(key, f"pass {flag}")
                 raise DDError(f"{flag} is required", hint=hint)
-        if c.backbone not in BACKBONES:
+        mode = self._training_mode()
+        if mode is None:
+            from dd.plugins import get_host
+
+            able = [
+                f"{e.name} ({e.obj.late_step_training})"
+                for e in get_host().backbones.entries.values()
+                if getattr(e.obj, "late_step_training", None)
+            ]
             raise DDError(
-                f"dd refine train supports --backbone {' or '.join(BACKBONES)}, not {c.backbone!r}",
-                hint="ldm is fine-tuned in full, sd15 with a LoRA",
+                f"dd refine train cannot train --backbone {c.backbone!r} on a step range",
+                hint=f"backbones that can: {', '.join(able) or 'none installed'}",
             )
         if c.mixed_precision not in PRECISIONS:
             raise DDError(
@@ -256,8 +263,11 @@ class _Trainer:
             raise DDError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
         if c.lr <= 0:
             raise DDError("--lr must be above 0")
-        if c.from_scratch and c.backbone != "ldm":
-            raise DDError("--from-scratch applies to --backbone ldm only")
+        if c.from_scratch and mode != "full":
+            raise DDError(
+                "--from-scratch re-initialises a fully fine-tuned denoiser",
+                hint=f"--backbone {c.backbone} trains a LoRA; drop --from-scratch",
+            )
         for name in ("train_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(c, name) < 1:
                 raise DDError(f"--{name.replace('_', '-')} must be at least 1")
@@ -265,6 +275,12 @@ class _Trainer:
         if c.mixed_precision == "fp16" and on_cpu:
             raise DDError("--mixed-precision fp16 needs a GPU", hint="use bf16 or no on the CPU")
         train_timestep_range(c.late_steps or "")
+
+    def _training_mode(self) -> str | None:
+        """``full`` or ``lora`` as the backbone declares (``late_step_training``)."""
+        from dd.plugins import get_host
+
+        return getattr(get_host().backbones.get(self.cfg.backbone), "late_step_training", None)
 
     def _accelerator(self) -> Any:
         c = self.cfg
@@ -283,12 +299,12 @@ class _Trainer:
         self.log(f"loading {cfg.backbone} model {cfg.init} on {acc.device}")
         bb = bb_cls.from_pretrained(str(cfg.init), device=acc.device, dtype=torch.float32)
         self.lo, self.hi = train_timestep_range(str(cfg.late_steps), bb.num_train_timesteps)
-        conditional = cfg.backbone != "ldm" or getattr(bb, "conditional", False)
+        conditional = bool(getattr(bb, "conditional", True))
         self.data = read_train_data(str(cfg.data), need_prompts=conditional)
         cfg.resolution = cfg.resolution or int(bb.default_resolution)
         bb.check_size(cfg.resolution, cfg.resolution)
         set_seed(cfg.seed)
-        if cfg.backbone == "ldm":
+        if self._training_mode() == "full":
             self.kind = "full"
             if cfg.from_scratch:
                 unet = type(bb.denoiser).from_config(bb.denoiser.config).to(acc.device)

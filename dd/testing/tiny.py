@@ -659,6 +659,8 @@ def build_tiny(
     The folder appears whole or not at all (it is written beside ``out``, then renamed); an
     existing non-empty ``out`` is an error unless ``overwrite``.
     """
+    if backbone not in BACKBONES:
+        return _build_plugin_tiny(backbone, out, seed=seed, overwrite=overwrite, **variants)
     _check_backbone(backbone)
     allowed = {"guidance"} if backbone == "flux" else set()
     unknown = sorted(set(variants) - allowed)
@@ -680,7 +682,35 @@ def build_tiny(
         "sdxl": lambda: _build_sdxl(seed),
         "ldm": lambda: _build_ldm(seed),
     }
-    pipe = builders[backbone]()
+    return _save_whole(builders[backbone](), out)
+
+
+def _build_plugin_tiny(
+    backbone: str, out: str | os.PathLike, *, seed: int, overwrite: bool, **variants: Any
+) -> Path:
+    """The tiny pipeline a backbone plugin builds itself (``Backbone.build_tiny_pipeline``):
+    how a third-party family gets offline tests without dd knowing its name."""
+    from dd.plugins import get_host
+
+    cls = get_host().backbones.get(backbone)  # an unknown name lists the installed ones
+    if variants:
+        raise DDError(f"tiny {backbone} has no variant {', '.join(sorted(variants))}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DDError(f"{out} is a file", hint="give a folder for the tiny pipeline")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DDError(f"{out} is not empty", hint="choose a new folder or pass --overwrite")
+    pipe = cls.build_tiny_pipeline(seed)
+    if pipe is None:
+        raise DDError(
+            f"backbone {backbone} has no tiny builder",
+            hint="its plugin can implement Backbone.build_tiny_pipeline(seed)",
+        )
+    return _save_whole(pipe, out)
+
+
+def _save_whole(pipe: Any, out: Path) -> Path:
+    """``pipe.save_pretrained`` into ``out``, whole or not at all (written beside, renamed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -723,7 +753,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a tiny offline diffusers pipeline of the real classes "
         "(random seeded weights) that from_pretrained loads.",
     )
-    parser.add_argument("backbone", nargs="?", choices=BACKBONES, help="model family")
+    parser.add_argument(
+        "backbone",
+        nargs="?",
+        help=f"model family: {', '.join(BACKBONES)}, or a plugin backbone with a tiny builder",
+    )
     parser.add_argument("outdir", nargs="?", type=Path, help="folder to write (new or empty)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument(

@@ -21,6 +21,7 @@ class FluxBackbone(Backbone):
     """FLUX.1 schnell / dev (flow matching, packed latents)."""
 
     name = "flux"
+    pipeline_classes = ("FluxPipeline",)
     description = "FLUX.1 schnell / dev: flow-matching transformer (diffusers FluxPipeline)"
     prediction_type = FLOW
     lora_layers_kwarg = "transformer_lora_layers"

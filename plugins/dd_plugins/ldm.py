@@ -31,6 +31,8 @@ class LDMBackbone(DDIMBackbone):
     """CompVis latent diffusion (``LDMPipeline`` / ``LDMTextToImagePipeline``)."""
 
     name = "ldm"
+    pipeline_classes = ("LDMPipeline", "LDMTextToImagePipeline")
+    late_step_training = "full"
     description = (
         "Latent diffusion: VQModel/AutoencoderKL + UNet2DModel/UNet2DConditionModel, DDIM "
         "sampling (diffusers LDMPipeline, LDMTextToImagePipeline)"

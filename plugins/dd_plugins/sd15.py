@@ -146,6 +146,8 @@ class SD15Backbone(UNetBackbone):
     """Stable Diffusion 1.x / 2.x (``StableDiffusionPipeline``; epsilon or v-prediction)."""
 
     name = "sd15"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    late_step_training = "lora"
     description = (
         "Stable Diffusion 1.x/2.x: UNet + CLIP, epsilon or v-prediction, DDIM sampling "
         "(diffusers StableDiffusionPipeline)"

@@ -23,6 +23,7 @@ class SD3Backbone(Backbone):
     """Stable Diffusion 3 / 3.5 (flow matching, classifier-free guidance)."""
 
     name = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
     description = "Stable Diffusion 3 / 3.5: flow-matching MMDiT (StableDiffusion3Pipeline)"
     prediction_type = FLOW
     lora_layers_kwarg = "transformer_lora_layers"

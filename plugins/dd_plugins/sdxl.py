@@ -35,6 +35,7 @@ class SDXLBackbone(UNetBackbone):
     """Stable Diffusion XL (``StableDiffusionXLPipeline``)."""
 
     name = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
     description = (
         "Stable Diffusion XL: UNet + 2 CLIP encoders, DDIM sampling "
         "(diffusers StableDiffusionXLPipeline)"

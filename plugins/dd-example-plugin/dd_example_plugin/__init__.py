@@ -1,4 +1,5 @@
-"""An example dd plugin: one detector and one command, registered through dd's hooks."""
+"""An example dd plugin: a detector, a backbone (AuraFlow) and a command, registered through
+dd's hooks from this package's ``dd`` entry point."""
 
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ class ClippingDetector(Detector):
 @hookimpl
 def dd_register_detectors(register):
     register(ClippingDetector)
+
+
+@hookimpl
+def dd_register_backbones(register):
+    from dd_example_plugin.auraflow import AuraFlowBackbone
+
+    register(AuraFlowBackbone)
 
 
 @hookimpl
