@@ -18,7 +18,7 @@ A detector is a ``torch.nn.Module``. Its contract:
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,28 @@ class Detector(torch.nn.Module, abc.ABC):
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for reports (name, weights source, untrained flag)."""
         return {"detector": self.name, "weights": self.source, "untrained": self.untrained}
+
+
+@runtime_checkable
+class TrainableDetector(Protocol):
+    """What ``dd train-detector --detector NAME`` needs beyond :class:`Detector`.
+
+    * ``input_size``: ``(height, width)`` the detector works at; training crops default to it.
+    * ``save_pretrained(folder)``: write weights (and whatever config) that ``load(folder)``
+      reads back; the run's ``model/`` and every checkpoint are written with it.
+    * ``load_pretrained_weights(folder)``: load weights ``save_pretrained`` wrote into this
+      instance, strictly (``--resume``).
+    * ``default_train_options``: ``load`` options for a detector trained from scratch
+      (e.g. ``{"variant": "b0"}``); the ``--variant``/``--input-size`` flags and ``seed``
+      are passed where ``load`` declares them.
+    """
+
+    input_size: tuple[int, int]
+    default_train_options: dict[str, Any]
+
+    def save_pretrained(self, out_dir: Any) -> Any: ...
+
+    def load_pretrained_weights(self, folder: Any) -> None: ...
 
 
 def logits_to_probs(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

@@ -393,3 +393,43 @@ def test_init_with_a_mismatching_variant_hints_the_commands_own_flag(data, tmp_p
     assert "--variant small" in res.output and "--option" not in res.output
     helptext = cli("train-detector", "--help").output
     assert "small" in helptext
+
+
+def test_any_trainable_detector_plugin_can_be_trained(data, tmp_path, cli):
+    """--detector NAME trains a plugin detector that implements TrainableDetector; one that
+    does not is refused in one line."""
+    import types
+
+    from dd_plugins.segformer import SegformerDetector
+
+    from dd.hookspecs import hookimpl
+    from dd.plugins import PluginHost, reset_host
+
+    class Mini(SegformerDetector):  # a third party's trainable detector
+        name = "mini"
+        default_train_options = {"variant": "tiny"}
+
+    from dd.detectors import Detector
+
+    class Untrainable(Detector):
+        name = "untrainable"
+
+        @classmethod
+        def load(cls, weights=None, *, device="cpu", dtype=torch.float32):
+            return cls()
+
+        def logits(self, images):
+            return images[:, :1]
+
+    host = PluginHost()
+    mod = types.ModuleType("third")
+    mod.dd_register_detectors = hookimpl(lambda register: (register(Mini), register(Untrainable)))
+    host.add(mod, name="third")
+    reset_host(host)
+    res = cli("train-detector", data, "--out", tmp_path / "run", "--detector", "mini",
+              "--input-size", "64", "--steps", "2", "--batch-size", "4")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "mini artifact detector" in (tmp_path / "run" / "README.md").read_text()
+    res = cli("train-detector", data, "--out", tmp_path / "run2", "--detector", "untrainable",
+              "--steps", "1")  # fmt: skip
+    assert res.exit_code == 1 and "cannot be trained by dd train-detector" in res.output

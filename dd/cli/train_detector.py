@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dd.cli.options import LogEvery, SaveEvery, WeightDecay, parse_pair
+from dd.cli.options import DetectorOptions, LogEvery, SaveEvery, WeightDecay, parse_pair
 
 
 def train_detector(
@@ -24,6 +24,11 @@ def train_detector(
         float | None,
         typer.Option(help="Fraction of the data held out for validation (default 0.1)."),
     ] = None,
+    detector: Annotated[
+        str,
+        typer.Option(help="Detector plugin to train (one that implements TrainableDetector)."),
+    ] = "segformer",
+    option: DetectorOptions = None,
     init: Annotated[
         str | None,
         typer.Option(help="Start from these weights: a file, a save_pretrained folder, hub id."),
@@ -150,6 +155,7 @@ def train_detector(
     --nproc_per_node N -m dd ...); several CPU processes: the same plus --cpu after
     train-detector. Resume with the same options plus --resume.
     """
+    from dd.cli.options import parse_options
     from dd.engines.train_detector import TrainConfig
     from dd.engines.train_detector import train_detector as run
     from dd.metrics import format_table
@@ -157,6 +163,8 @@ def train_detector(
     cfg = TrainConfig(
         datasets=[os.path.abspath(d) for d in datasets],
         out=out,
+        detector=detector,
+        detector_options=parse_options(option),
         val=[os.path.abspath(d) for d in val or []],
         val_fraction=val_fraction,
         init=init,

@@ -115,6 +115,9 @@ class TrainConfig:
 
     datasets: list[str]
     out: str
+    #: A detector plugin that implements ``dd.detectors.TrainableDetector``.
+    detector: str = "segformer"
+    detector_options: dict[str, Any] = field(default_factory=dict)
     val: list[str] = field(default_factory=list)
     val_fraction: float | None = None
     init: str | None = None
@@ -429,8 +432,6 @@ class _Trainer:
     def run(self) -> TrainResult:
         from accelerate.utils import set_seed
 
-        from dd.plugins import get_host
-
         cfg, acc = self.cfg, self.acc
         ckpt_dir = self.out / "checkpoints"
 
@@ -446,14 +447,7 @@ class _Trainer:
         last = self._prepare_out()
 
         # model
-        options: dict[str, Any] = {"seed": cfg.seed}
-        if cfg.variant is not None:
-            options["variant"] = cfg.variant
-        elif cfg.init is None:
-            options["variant"] = "b0"
-        if cfg.input_size is not None:
-            options["input_size"] = cfg.input_size
-        detector = get_host().detectors.get("segformer").load(cfg.init, **options)
+        detector = self._load_detector()
         input_size = tuple(detector.input_size)
         size = (cfg.size, cfg.size) if cfg.size else input_size
         detector.untrained = False
@@ -508,7 +502,7 @@ class _Trainer:
 
         # optimisation
         decay, no_decay = [], []
-        for _name, p in detector.model.named_parameters():
+        for _name, p in detector.named_parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
         optimizer = torch.optim.AdamW(
             [
@@ -594,15 +588,36 @@ class _Trainer:
             journal = Journal(path)
         return journal
 
-    def _load_checkpoint(self, last: Path, detector, optimizer, scheduler, state) -> dict:
-        from safetensors.torch import load_file
+    def _load_detector(self) -> Any:
+        """The ``--detector`` plugin, built to be trained (see ``TrainableDetector``)."""
+        from dd.detectors import TrainableDetector
+        from dd.plugin_options import declared_options
+        from dd.plugins import get_host, load_detector
 
+        cfg = self.cfg
+        cls = get_host().detectors.get(cfg.detector)
+        declared, _ = declared_options(cls.load)
+        options: dict[str, Any] = dict(cfg.detector_options)
+        if cfg.init is None:
+            options = {**dict(getattr(cls, "default_train_options", {})), **options}
+        if cfg.variant is not None:
+            options["variant"] = cfg.variant
+        if cfg.input_size is not None:
+            options["input_size"] = cfg.input_size
+        if "seed" in declared:
+            options.setdefault("seed", cfg.seed)
+        detector = load_detector(cfg.detector, cfg.init, options, "cpu", "fp32")
+        if not isinstance(detector, TrainableDetector):
+            raise DDError(
+                f"detector {cfg.detector!r} cannot be trained by dd train-detector",
+                hint="it needs input_size, save_pretrained, load_pretrained_weights and "
+                "default_train_options (dd.detectors.TrainableDetector)",
+            )
+        return detector
+
+    def _load_checkpoint(self, last: Path, detector, optimizer, scheduler, state) -> dict:
         trainer = read_trainer_state(last, self.world)
-        try:
-            weights = load_file(str(last / "model" / "model.safetensors"))
-        except Exception as e:
-            raise DDError(f"cannot read {last / 'model'}: {type(e).__name__}: {e}") from None
-        detector.model.load_state_dict(weights, strict=True)
+        detector.load_pretrained_weights(last / "model")
         scheduler.load_state_dict(trainer["scheduler"])
         self.log(f"resuming at step {trainer['state']['step']} from {last}")
         return {**state, **trainer["state"]}
@@ -854,13 +869,15 @@ class _Trainer:
         for s in self.dataset.samples:
             sources[s.source] = sources.get(s.source, 0) + 1
         lines = [
-            "# SegFormer artifact detector (trained with `dd train-detector`)",
+            f"# {cfg.detector} artifact detector (trained with `dd train-detector`)",
             "",
             "Predicts a per-pixel artifact confidence map (0-1) for an RGB image, as "
             "DiffDoctor's detector does (seed 000, Sec. 3.2).",
             "",
             "## Model",
-            f"- Variant: {det.variant}, input size {det.input_size[0]}x{det.input_size[1]}",
+            f"- Detector: {cfg.detector}"
+            + (f", variant {det.variant}" if getattr(det, "variant", None) else "")
+            + f", input size {det.input_size[0]}x{det.input_size[1]}",
             f"- Initialised from: {cfg.init or 'random init (from scratch)'}",
             f"- Weights here: step {best['step'] if best else st['step']} "
             + (f"(best validation {cfg.select_metric})" if best else "(last step)"),
@@ -910,7 +927,9 @@ class _Trainer:
                 f"Images: {m.get('n_images')}, clean: {m.get('n_clean')}, "
                 f"positive: {m.get('n_positive')}.",
             ]
-        input_opt = f"-O input_size={det.input_size[0]}x{det.input_size[1]}"
+        input_opt = (
+            f"--detector {cfg.detector} -O input_size={det.input_size[0]}x{det.input_size[1]}"
+        )
         lines += [
             "",
             "## Use",

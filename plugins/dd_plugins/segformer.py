@@ -32,7 +32,7 @@ import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -803,6 +803,20 @@ class SegformerDetector(Detector):
         self.model.config.dd_input_size = list(self.input_size)
         self.model.save_pretrained(str(out))
         return out
+
+    #: ``dd train-detector`` from scratch: the smallest ImageNet-size MiT.
+    default_train_options: ClassVar[dict[str, Any]] = {"variant": "b0"}
+
+    def load_pretrained_weights(self, folder: str | os.PathLike) -> None:
+        """Load the weights :meth:`save_pretrained` wrote (strict), e.g. to resume training."""
+        from safetensors.torch import load_file
+
+        path = Path(folder) / "model.safetensors"
+        try:
+            weights = load_file(str(path))
+        except Exception as e:
+            raise DDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        self.model.load_state_dict(weights, strict=True)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
