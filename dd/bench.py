@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from dd.errors import DDError
-from dd.plot import Panel
+from dd.report.plot import Panel
 
 #: ``on_progress(done, total)`` after each measured configuration.
 Progress = Callable[[int, int], None]
@@ -1042,7 +1042,7 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
     (sigma 1% of the range), about as compressible as generated images (~1.5 MB at 1024²)."""
     from PIL import Image
 
-    from dd.io import save_image_atomic
+    from dd.runtime.io import save_image_atomic
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -1147,8 +1147,8 @@ def bench_detect(
     image's size) and of :func:`released_detect` on the same ``images`` synthetic ``size``² PNGs
     and the same detector, alternating ``repeat`` rounds after a warm-up of both on two images.
     ``overlays=False`` leaves out dd detect's overlay PNGs (to see what they cost)."""
+    from dd.data.images import collect_inputs
     from dd.engines.detect import DetectConfig, run_detect
-    from dd.images import collect_inputs
 
     if images < 1:
         raise DDError("--images must be at least 1")

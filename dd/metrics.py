@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from dd.data.images import DEFAULT_MAX_PIXELS
 from dd.errors import DDError
-from dd.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from dd.datasets import Sample
+    from dd.data.datasets import Sample
     from dd.detectors import Detector
 
 __all__ = [
@@ -225,7 +225,7 @@ class DetectorMetrics:
             raise DDError(
                 f"ground-truth maps must lie in [0, 1], got values in "
                 f"[{lo_hi[2]:.4g}, {lo_hi[3]:.4g}]",
-                hint="scale 8-bit masks by 1/255 (dd.datasets.load_mask does)",
+                hint="scale 8-bit masks by 1/255 (dd.data.datasets.load_mask does)",
             )
 
         eps = self.eps
@@ -431,8 +431,8 @@ class _Item:
 
 
 def _load_sample(detector: Detector, sample: Sample, max_pixels: int | None) -> _Item:
-    from dd.datasets import load_mask
-    from dd.images import load_image
+    from dd.data.datasets import load_mask
+    from dd.data.images import load_image
     from dd.inference import resize_for
 
     image = load_image(sample.image, max_pixels=max_pixels)

@@ -227,8 +227,8 @@ def load_detector(
     """The detector plugin ``name`` built with ``weights`` on ``device`` in ``dtype``
     (``"auto"``/``"fp32"`` strings or torch objects); ``options`` are checked against the
     types its ``load`` declares before it is called (:mod:`dd.plugin_options`)."""
-    from dd.device import resolve_device, resolve_dtype
     from dd.plugin_options import check_options
+    from dd.runtime.device import resolve_device, resolve_dtype
 
     cls = get_host().detectors.get(name)
     opts = check_options("detector", name, cls.load, options)

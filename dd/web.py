@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from dd.io import atomic_write_bytes
+from dd.runtime.io import atomic_write_bytes
 
 try:  # POSIX only; on other systems the thread lock alone guards appends
     import fcntl

@@ -17,3 +17,29 @@ def make_dist(site: Path, name: str, version: str, entry_points: dict[str, str])
     lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
     (d / "entry_points.txt").write_text(f"[dd]\n{lines}")
     return d
+
+
+# -- the fused op's tests (test_ops.py, test_ops_triton.py) ----------------------------------
+def make_inputs(shape, size, dtype, variant, seed=0):
+    """Logits ``shape``, and a target (``t`` in ``variant``) and weight map (``w``) of the
+    output ``size``, seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
+    full = (shape[0], 1, *size)
+    t = torch.rand(full, generator=g, dtype=torch.float64).to(dtype) if "t" in variant else None
+    w = torch.rand(full, generator=g, dtype=torch.float64).to(dtype) if "w" in variant else None
+    return x, t, w
+
+
+def loss_and_grad(fn, x, size, reduction, t, w, kernel=None):
+    """Per-image losses and the gradient of a weighted sum of them (distinct per image)."""
+    import torch
+
+    x = x.detach().clone().requires_grad_()
+    kw = {"kernel": kernel} if kernel else {}
+    loss = fn(x, size, reduction, t, 0.1, w, **kw)
+    coef = torch.arange(1, x.shape[0] + 1, dtype=loss.dtype)
+    (grad,) = torch.autograd.grad((loss * coef).sum(), x)
+    return loss.detach(), grad

@@ -110,3 +110,27 @@ def test_the_core_never_imports_a_built_in_plugin():
         and not name.startswith("dd.testing")
     }
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def _below(name: str, allowed: tuple[str, ...]) -> list[str]:
+    return sorted(
+        t
+        for t in GRAPH[name]
+        if t != "dd" and not any(t == a or t.startswith(a + ".") for a in allowed)
+    )
+
+
+def test_layers_import_only_layers_below():
+    """runtime <- plugin APIs (backbones, detectors) <- data, reports <- engines <- cli."""
+    rules = {
+        "dd.runtime": ("dd.runtime", "dd.errors"),
+        "dd.data": ("dd.runtime", "dd.errors", "dd.data"),
+        "dd.report": ("dd.runtime", "dd.errors", "dd.data", "dd.report"),
+    }
+    bad = {
+        name: _below(name, allowed)
+        for prefix, allowed in rules.items()
+        for name in GRAPH
+        if name == prefix or name.startswith(prefix + ".")
+    }
+    assert not {k: v for k, v in bad.items() if v}

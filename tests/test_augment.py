@@ -1,11 +1,11 @@
-"""dd.augment: image and map stay in exact correspondence; randomness is seeded."""
+"""dd.data.augment: image and map stay in exact correspondence; randomness is seeded."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dd.augment import (
+from dd.data.augment import (
     AugmentConfig,
     ShrinkSpec,
     StrongConfig,

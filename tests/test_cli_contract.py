@@ -213,3 +213,11 @@ def test_plugins_table_keeps_hook_names_at_80_columns(capsys, monkeypatch):
     assert code == 0
     assert "dd_register_backbones" in out and "dd_register_detectors" in out, out
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_detector_options_are_spelled_alike_everywhere():
+    """-O is --option and --detector-option on every command that takes detector options."""
+    for path, cmd in LEAVES:
+        for p in cmd.params:
+            if "-O" in getattr(p, "opts", []):
+                assert {"--option", "--detector-option"} <= set(p.opts), (path, p.opts)

@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 import typer.main
 
-from dd.config import (
+from dd.engines.treat import TreatConfig
+from dd.errors import DDError
+from dd.runtime.config import (
     PRESET_DIR,
     find_preset,
     list_presets,
@@ -18,8 +20,6 @@ from dd.config import (
     to_toml,
     validate,
 )
-from dd.engines.treat import TreatConfig
-from dd.errors import DDError
 
 SHIPPED = ["flux-dev", "flux-schnell", "sd15", "sd3", "sdxl"]
 

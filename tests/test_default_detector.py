@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 from dd_plugins.segformer import DEFAULT_WEIGHTS
 
-from dd.datasets import read_dataset
+from dd.data.datasets import read_dataset
+from dd.data.synth import synthesize
 from dd.metrics import evaluate_detector
 from dd.plugins import get_detector_class
-from dd.synth import synthesize
 
 
 @pytest.fixture(scope="module")

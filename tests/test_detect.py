@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from dd.cli import main
+from dd.data.images import collect_inputs, load_image
 from dd.engines.detect import JOURNAL, DetectConfig, resize_for, run_detect
-from dd.images import collect_inputs, load_image
 from dd.plugins import get_host
 
 TINY = ["-O", "variant=tiny", "-O", "input_size=64"]

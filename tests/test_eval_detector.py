@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dd.datasets import Sample, load_mask, read_dataset, save_mask, write_manifest
+from dd.data.datasets import Sample, load_mask, read_dataset, save_mask, write_manifest
+from dd.data.images import load_image
 from dd.detectors import Detector
-from dd.images import load_image
 from dd.metrics import METRIC_KEYS, DetectorMetrics, evaluate_detector
 from dd.plugins import get_host
 

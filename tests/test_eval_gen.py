@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dd.engines.eval_gen import EvalGenConfig, eval_gen, fid, kid, psnr, ssim
 from dd.errors import DDError
-from dd.evalgen import EvalGenConfig, eval_gen, fid, kid, psnr, ssim
 from dd.plugins import get_host
 from dd.testing.tiny import tiny_pipeline_path
 
@@ -294,7 +294,7 @@ def test_clip_score_from_local_weights(run, tmp_path):
         CLIPVisionConfig,
     )
 
-    from dd.evalgen import _ClipScorer, clip_scores, pick_scores
+    from dd.engines.eval_gen import _ClipScorer, clip_scores, pick_scores
     from dd.testing.tiny import load_clip_tokenizer
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for dd.images: robust image loading and input collection.
+"""Tests for dd.data.images: robust image loading and input collection.
 
 Every fixture is generated here, in ``tmp_path``, with Pillow and numpy.
 """
@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dd.errors import DDError
-from dd.images import (
+from dd.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     ImageLoadError,
@@ -27,6 +26,7 @@ from dd.images import (
     collect_inputs,
     load_image,
 )
+from dd.errors import DDError
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

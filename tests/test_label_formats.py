@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dd.datasets import read_dataset
+from dd.data.datasets import read_dataset
 from dd.errors import DDError
 from dd.label.formats import (
     export_coco,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dd.augment import ShrinkSpec, parse_shrink_spec
-from dd.datasets import read_dataset
+from dd.data.augment import ShrinkSpec, parse_shrink_spec
+from dd.data.datasets import read_dataset
 from dd.label.pseudo import PseudoConfig, run_pseudo
 from dd.label.queue import write_queue
 from dd.plugins import get_host

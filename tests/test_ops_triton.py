@@ -15,6 +15,7 @@ from importlib import metadata
 
 import pytest
 import torch
+from helpers import loss_and_grad, make_inputs
 from torch.library import opcheck
 
 import dd.ops as ops
@@ -71,24 +72,6 @@ def interpreter():
 @pytest.fixture(autouse=True)
 def _no_kernel_override(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-
-
-def make_inputs(shape, size, dtype, variant, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype)
-    full = (shape[0], 1, *size)
-    t = torch.rand(full, generator=g, dtype=torch.float64).to(dtype) if "t" in variant else None
-    w = torch.rand(full, generator=g, dtype=torch.float64).to(dtype) if "w" in variant else None
-    return x, t, w
-
-
-def loss_and_grad(fn, x, size, reduction, t, w, kernel=None):
-    x = x.detach().clone().requires_grad_()
-    kw = {"kernel": kernel} if kernel else {}
-    loss = fn(x, size, reduction, t, 0.1, w, **kw)
-    coef = torch.arange(1, x.shape[0] + 1, dtype=loss.dtype)
-    (grad,) = torch.autograd.grad((loss * coef).sum(), x)
-    return loss.detach(), grad
 
 
 SHAPES = [

@@ -40,9 +40,9 @@ def test_a_wheel_without_the_source_tree_runs_treat_with_a_preset(tmp_path_facto
     (work / "p.txt").write_text("a photo of a hand\n")
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
     code = (
-        "import dd, dd.config, sys; from dd.cli import main; "
+        "import dd, dd.runtime.config, sys; from dd.cli import main; "
         f"assert dd.__file__.startswith({str(site)!r}), dd.__file__; "
-        "assert 'flux-schnell' in dd.config.list_presets(); "
+        "assert 'flux-schnell' in dd.runtime.config.list_presets(); "
         "sys.exit(main(sys.argv[1:]))"
     )
     res = subprocess.run(

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dd.engines.treat import image_grid
-from dd.plot import Panel, draw_text, fit_lines, plot_panels, text_width
+from dd.report.plot import Panel, draw_text, fit_lines, plot_panels, text_width
 
 
 def _ink_columns(img: Image.Image) -> np.ndarray:

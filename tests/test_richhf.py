@@ -13,9 +13,8 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from PIL import Image
 
-from dd.datasets import read_dataset
-from dd.errors import DDError
-from dd.richhf import (
+from dd.data.datasets import read_dataset
+from dd.data.richhf import (
     _crc32c_py,
     crc32c,
     decode_example,
@@ -26,6 +25,7 @@ from dd.richhf import (
     read_tfrecord,
     write_tfrecord,
 )
+from dd.errors import DDError
 
 # -- CRC-32C ----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""dd.sampler: class-balance weights (hand-computed) and the deterministic epoch order."""
+"""dd.data.sampler: class-balance weights (hand-computed) and the deterministic epoch order."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dd.datasets import Sample
-from dd.errors import DDError
-from dd.sampler import (
+from dd.data.datasets import Sample
+from dd.data.sampler import (
     NONE,
     SHARED,
     EpochSampler,
@@ -20,6 +19,7 @@ from dd.sampler import (
     is_positive,
     parse_balance,
 )
+from dd.errors import DDError
 
 
 def _s(name: str, mask: bool, category: str | None, source: str = "human") -> Sample:

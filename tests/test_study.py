@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dd.errors import DDError
-from dd.study import (
+from dd.engines.study import (
     create_study,
     load_study,
     make_app,
@@ -20,6 +19,7 @@ from dd.study import (
     study_report,
     wilson_interval,
 )
+from dd.errors import DDError
 from dd.web import LocalServer
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dd.datasets import load_mask, read_dataset
+from dd.data.datasets import load_mask, read_dataset
+from dd.data.synth import KINDS, TOL, apply_artifact, make_sample, procedural_image, synthesize
 from dd.errors import DDError
-from dd.synth import KINDS, TOL, apply_artifact, make_sample, procedural_image, synthesize
-from dd.viz import to_uint8_map
+from dd.report.viz import to_uint8_map
 
 FAST = {"use_skimage": False, "progress": False}
 
@@ -98,9 +98,9 @@ def test_watermark_opacity_range_is_respected_and_changes_the_fingerprint(tmp_pa
 @pytest.mark.parametrize("bitmap", [False, True])
 def test_text_watermarks_without_system_fonts(monkeypatch, bitmap):
     """No TrueType fonts installed (and optionally a Pillow without FreeType's default font)."""
-    import dd.synth
+    import dd.data.synth
 
-    monkeypatch.setattr(dd.synth, "_font_files", lambda: ())
+    monkeypatch.setattr(dd.data.synth, "_font_files", lambda: ())
     if bitmap:
         from PIL import ImageFont
 
@@ -281,7 +281,7 @@ def test_cli_end_to_end(cli, tmp_path):
 
 def test_an_existing_dataset_is_never_overwritten(tmp_path, cli):
     """A folder synth did not write (here 5 human-labelled samples) is refused, untouched."""
-    from dd.datasets import Sample, write_manifest
+    from dd.data.datasets import Sample, write_manifest
 
     ds = tmp_path / "labelled"
     (ds / "images").mkdir(parents=True)

@@ -351,9 +351,9 @@ def test_tiny_detector_learns_synthetic_watermarks(tmp_path, cli):
     held-out watermarks clears a bound set at about half the measured value (measured here:
     watermark IoU 0.19, pixel AUROC 0.83, CC 0.36, MSE 0.10; untrained: IoU 0.06, AUROC 0.53,
     CC 0.02, MSE 0.24)."""
-    from dd.datasets import read_dataset
+    from dd.data.datasets import read_dataset
+    from dd.data.synth import synthesize
     from dd.metrics import evaluate_detector
-    from dd.synth import synthesize
 
     kw = {"size": 64, "kinds": ["watermark"], "watermark_opacity": (0.9, 1.0)}
     kw.update(negative_ratio=0.2, use_skimage=False, progress=False)

@@ -215,7 +215,7 @@ def test_flux_treating_lowers_heldout_confidence(flux_run, tiny_flux, detector_d
 
 
 def test_flux_run_outputs(flux_run):
-    from dd.config import load_toml
+    from dd.runtime.config import load_toml
 
     run, _ = flux_run
     for name in ("README.md", "curves.png", "config.toml", "pytorch_lora_weights.safetensors"):
@@ -308,7 +308,7 @@ def test_init_lora_records_the_rank_it_trains(
     flux_run, tiny_flux, detector_dir, prompt_files, tmp_path
 ):
     """A rank-4 LoRA given to --init-lora is trained and recorded as rank 4, not 16."""
-    from dd.config import load_toml
+    from dd.runtime.config import load_toml
 
     bb = get_host().backbones.get("flux").from_pretrained(str(tiny_flux), max_sequence_length=32)
     bb.add_lora(rank=4, alpha=2.0)

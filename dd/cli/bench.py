@@ -75,8 +75,8 @@ def _report(
     """Print the tables and targets; write JSON and the plot."""
     from rich.markdown import Markdown
 
-    from dd.io import atomic_write_text
-    from dd.plot import plot_panels
+    from dd.report.plot import plot_panels
+    from dd.runtime.io import atomic_write_text
 
     console = Console()
     if markdown:
@@ -127,7 +127,7 @@ def kernels(
     reference; ratios = reference / kernel time and kernel / reference memory.
     """
     from dd.bench import bench_kernels, kernels_markdown, kernels_panels
-    from dd.device import resolve_device
+    from dd.runtime.device import resolve_device
 
     _setup_threads(threads)
     dev = resolve_device(device)
@@ -233,8 +233,8 @@ def treat(
         treat_markdown,
         treat_panels,
     )
-    from dd.device import resolve_device, resolve_dtype
     from dd.errors import DDError
+    from dd.runtime.device import resolve_device, resolve_dtype
 
     _setup_threads(threads)
     dev = resolve_device(device)
@@ -358,8 +358,8 @@ def detect(
     import torch
 
     from dd.bench import bench_detect, detect_markdown, detect_panels
-    from dd.device import resolve_device
     from dd.plugins import get_detector_class
+    from dd.runtime.device import resolve_device
 
     _setup_threads(threads)
     dev = resolve_device(device)

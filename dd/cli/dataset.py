@@ -48,7 +48,7 @@ def import_richhf_cmd(
         TimeRemainingColumn,
     )
 
-    from dd.richhf import import_richhf
+    from dd.data.richhf import import_richhf
 
     err = Console(stderr=True)
     with Progress(
@@ -119,7 +119,7 @@ def info(
 
     Also counts per source, and listed image or mask files that do not exist.
     """
-    from dd.datasets import dataset_summary
+    from dd.data.datasets import dataset_summary
 
     summary = dataset_summary(dataset)
     if as_json:

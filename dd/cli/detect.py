@@ -18,7 +18,7 @@ from dd.cli.options import (
     Device,
     Dtype,
 )
-from dd.progress import progress_bar
+from dd.runtime.progress import progress_bar
 
 EXIT_FAILED_INPUTS = 2
 EXIT_GATE = 3
@@ -61,9 +61,9 @@ def detect(
     Exit codes: 0 all done; 2 some inputs failed; 3 --fail-above tripped (takes precedence).
     """
     from dd.cli.options import parse_options
+    from dd.data.images import collect_inputs
     from dd.engines.detect import DetectConfig, run_detect
     from dd.errors import DDError
-    from dd.images import collect_inputs
     from dd.plugins import load_detector
 
     err = Console(stderr=True)

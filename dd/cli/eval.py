@@ -79,7 +79,8 @@ def gen(
         str | None, typer.Option("--detector-weights", "--weights", help="Detector weights.")
     ] = None,
     detector_option: Annotated[
-        list[str] | None, typer.Option("--detector-option", "-O", help="Detector option K=V.")
+        list[str] | None,
+        typer.Option("--option", "--detector-option", "-O", help="Detector option K=V."),
     ] = None,
     inception: Annotated[
         str | None,
@@ -115,8 +116,8 @@ def gen(
     --overwrite).
     """
     from dd.cli.options import parse_options
+    from dd.engines.eval_gen import METRICS, EvalGenConfig, _fmt, eval_gen
     from dd.engines.treat import parse_seeds
-    from dd.evalgen import METRICS, EvalGenConfig, _fmt, eval_gen
 
     cfg = EvalGenConfig(
         backbone=backbone,
@@ -162,7 +163,7 @@ def study_create(
     seed: Annotated[int, typer.Option(help="Seed of the left/right draw.")] = 0,
 ) -> None:
     """Create a study from two folders of images paired by file name."""
-    from dd.study import create_study
+    from dd.engines.study import create_study
 
     study = create_study(dir_a, dir_b, out, name_a=name_a, name_b=name_b, seed=seed)
     msg = f"{len(study['pairs'])} pairs of {study['models']['a']} vs {study['models']['b']}"
@@ -193,8 +194,8 @@ def study_serve(
 ) -> None:
     """Serve the study page; votes go to STUDY/votes/<participant>.jsonl."""
     from dd.cli.serving import print_links, team_tokens
+    from dd.engines.study import PARTICIPANT, serve_study
     from dd.errors import DDError
-    from dd.study import PARTICIPANT, serve_study
 
     for name in participant or []:
         if not PARTICIPANT.match(name):
@@ -215,7 +216,7 @@ def study_report_cmd(
     """Win rates per question with Wilson score intervals (writes report.md/.json)."""
     import json
 
-    from dd.study import format_rates, study_report
+    from dd.engines.study import format_rates, study_report
 
     report: dict[str, Any] = study_report(study, confidence=confidence)
     if as_json:

@@ -17,7 +17,7 @@ from dd.cli.options import (
     Device,
     Dtype,
 )
-from dd.progress import progress_bar
+from dd.runtime.progress import progress_bar
 
 
 def eval_detector(
@@ -42,10 +42,10 @@ def eval_detector(
     In JSON, undefined metrics (e.g. MSE on clean images when there are none) are null.
     """
     from dd.cli.options import parse_options
-    from dd.datasets import read_dataset
-    from dd.io import atomic_write_json
+    from dd.data.datasets import read_dataset
     from dd.metrics import evaluate_detector, format_table, json_safe
     from dd.plugins import load_detector
+    from dd.runtime.io import atomic_write_json
 
     err = Console(stderr=True)
     samples = read_dataset(dataset)

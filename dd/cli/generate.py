@@ -71,7 +71,9 @@ def generate(
     ] = None,
     detector_option: Annotated[
         list[str] | None,
-        typer.Option("--option", "-O", help="Detector option KEY=VALUE (with --detect)."),
+        typer.Option(
+            "--option", "--detector-option", "-O", help="Detector option KEY=VALUE (with --detect)."
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Write into a non-empty --out, replacing files of the same name.")
@@ -95,8 +97,6 @@ def generate(
     from PIL import Image
 
     from dd.cli.options import parse_options
-    from dd.config import load_preset, passed_flags
-    from dd.device import resolve_device, resolve_dtype
     from dd.engines.treat import (
         TreatConfig,
         generate_batches,
@@ -106,9 +106,11 @@ def generate(
         to_uint8,
     )
     from dd.errors import DDError
-    from dd.io import atomic_write_text, mark_run_folder, output_dir, save_image_atomic
     from dd.plugins import load_backbone, load_detector
-    from dd.progress import progress_bar
+    from dd.runtime.config import load_preset, passed_flags
+    from dd.runtime.device import resolve_device, resolve_dtype
+    from dd.runtime.io import atomic_write_text, mark_run_folder, output_dir, save_image_atomic
+    from dd.runtime.progress import progress_bar
     from dd.scores import map_scores
 
     values: dict[str, Any] = {

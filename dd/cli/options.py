@@ -34,7 +34,9 @@ DetectorWeights = Annotated[
 ]
 DetectorOptions = Annotated[
     list[str] | None,
-    typer.Option("--option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."),
+    typer.Option(
+        "--option", "--detector-option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."
+    ),
 ]
 
 # -- devices and sampling ------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def config_from_flags(
     """``cls`` from the preset or TOML file ``config`` (if any), overridden by the flags
     of ``values`` the user typed; ``renamed`` maps a config field to its click parameter
     name where they differ. Returns the config and the preset's path (None without one)."""
-    from dd.config import load_preset, passed_flags, resolve
+    from dd.runtime.config import load_preset, passed_flags, resolve
 
     given = passed_flags(ctx, {renamed.get(k, k): v for k, v in values.items()})
     flags = {k: v for k, v in values.items() if renamed.get(k, k) in given}

@@ -122,7 +122,7 @@ def run(
     ] = None,
     detector_option: Annotated[
         list[str] | None,
-        typer.Option("--detector-option", "-O", help="Detector option KEY=VALUE."),
+        typer.Option("--option", "--detector-option", "-O", help="Detector option KEY=VALUE."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Run seed (each image's noise derives from it).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 1,

@@ -44,8 +44,8 @@ def synth(
     did not write is refused.
     Synthetic artifacts model watermarks and local edits, not real hand/face distortions.
     """
+    from dd.data.synth import synthesize
     from dd.errors import DDError
-    from dd.synth import synthesize
 
     try:
         lo, hi = (float(v) for v in watermark_opacity.split("-"))

@@ -46,7 +46,10 @@ def treat(
     detector_option: Annotated[
         list[str] | None,
         typer.Option(
-            "--detector-option", "-O", help="Detector option KEY=VALUE (e.g. variant=b5)."
+            "--option",
+            "--detector-option",
+            "-O",
+            help="Detector option KEY=VALUE (e.g. variant=b5).",
         ),
     ] = None,
     prompts: Annotated[

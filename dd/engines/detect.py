@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dd.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, load_image
 from dd.detectors import Detector
 from dd.errors import DDError
-from dd.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, load_image
 from dd.inference import detect_batches, resize_for
-from dd.io import (
+from dd.report.viz import overlay, to_uint8_map
+from dd.runtime.io import (
     Journal,
     atomic_write_json,
     atomic_write_text,
@@ -38,7 +39,6 @@ from dd.io import (
     save_image_atomic,
 )
 from dd.scores import map_scores
-from dd.viz import overlay, to_uint8_map
 
 JOURNAL = ".dd/detect-journal.jsonl"
 RUN_INFO = ".dd/detect-run.json"
@@ -227,7 +227,7 @@ def run_detect(
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Delete temporary files a killed run left (``dd.io.atomic_open`` names them)."""
+    """Delete temporary files a killed run left (``dd.runtime.io.atomic_open`` names them)."""
     for dirpath, _dirs, files in os.walk(out):
         for f in files:
             if f.startswith(".") and f.endswith(".tmp"):
@@ -256,7 +256,7 @@ def write_reports(
     failures: list[dict[str, str]],
     summary: dict[str, Any],
 ) -> None:
-    from dd.html import contact_sheet
+    from dd.report.html import contact_sheet
 
     atomic_write_text(
         out / "report.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)

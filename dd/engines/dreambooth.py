@@ -65,7 +65,9 @@ import numpy as np
 import torch
 
 from dd.backbones import Conditioning
-from dd.checkpoint import (
+from dd.data.images import load_training_image
+from dd.errors import DDError
+from dd.runtime.checkpoint import (
     LORA_FILE,
     load_lora_checkpoint,
     load_optimizer_state,
@@ -74,12 +76,10 @@ from dd.checkpoint import (
     save_lora_file,
     save_run_config,
 )
-from dd.config import check_settings
-from dd.device import check_training_device, make_accelerator, run_accelerated
-from dd.errors import DDError
-from dd.images import load_training_image
-from dd.io import Journal, absolutize, atomic_write_text
-from dd.progress import progress_bar
+from dd.runtime.config import check_settings
+from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
+from dd.runtime.io import Journal, absolutize, atomic_write_text
+from dd.runtime.progress import progress_bar
 
 __all__ = [
     "WEIGHTINGS",
@@ -213,7 +213,7 @@ def flow_sigmas(
 
 
 def list_images(folder: Path) -> list[Path]:
-    from dd.images import IMAGE_SUFFIXES
+    from dd.data.images import IMAGE_SUFFIXES
 
     return sorted(
         p
@@ -346,8 +346,8 @@ class _DreamBooth:
         from accelerate.utils import set_seed
 
         from dd.backbones import FLOW
-        from dd.device import resolve_dtype
         from dd.plugins import load_backbone
+        from dd.runtime.device import resolve_dtype
 
         cfg, acc = self.cfg, self.acc
         last = self._prepare_out()
@@ -503,7 +503,7 @@ class _DreamBooth:
         from PIL import Image
 
         from dd.engines.treat import to_uint8
-        from dd.io import save_image_atomic
+        from dd.runtime.io import save_image_atomic
 
         cfg, bb = self.cfg, self.bb
         folder = Path(cfg.class_dir) if cfg.class_dir else self.out / "class_images"
@@ -748,7 +748,7 @@ class _DreamBooth:
         from PIL import Image
 
         from dd.engines.treat import image_grid, to_uint8
-        from dd.io import save_image_atomic
+        from dd.runtime.io import save_image_atomic
 
         cfg, st, bb = self.cfg, self.state, self.bb
         step = st["step"]
@@ -876,7 +876,7 @@ class _DreamBooth:
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    from dd.plot import Panel, metric_points, plot_panels
+    from dd.report.plot import Panel, metric_points, plot_panels
 
     def pts(kind: str, key: str) -> list[tuple[float, float]]:
         return metric_points(records, kind, key)

@@ -57,10 +57,16 @@ import torch
 import torch.nn.functional as F
 
 from dd.backbones import FLOW, Backbone, Schedule, flow_schedule
-from dd.checkpoint import LORA_FILE
 from dd.errors import DDError
-from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text, save_image_atomic
-from dd.progress import progress_bar
+from dd.runtime.checkpoint import LORA_FILE
+from dd.runtime.io import (
+    Journal,
+    absolutize,
+    atomic_write_json,
+    atomic_write_text,
+    save_image_atomic,
+)
+from dd.runtime.progress import progress_bar
 
 JOURNAL = ".dd/refine-journal.jsonl"
 RUN_INFO = ".dd/refine-run.json"
@@ -504,7 +510,7 @@ def mask_from_map(prob: np.ndarray, threshold: float, dilate: int, feather_px: i
 def load_user_mask(spec: str, item_path: Path, key: str, size: tuple[int, int]) -> np.ndarray:
     """``--mask FILE`` (one mask for every image) or ``--mask DIR`` (``DIR/<stem>.png``):
     white = repaint. Resized to the image's ``size`` (H, W) when it differs."""
-    from dd.datasets import load_mask
+    from dd.data.datasets import load_mask
 
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -741,9 +747,9 @@ class _Refiner:
 
     # -- run -------------------------------------------------------------------------------
     def run(self) -> RefineResult:
-        from dd.device import resolve_device, resolve_dtype
-        from dd.images import collect_inputs
+        from dd.data.images import collect_inputs
         from dd.plugins import load_backbone, load_detector
+        from dd.runtime.device import resolve_device, resolve_dtype
 
         c = self.cfg
         self.check()
@@ -817,7 +823,7 @@ class _Refiner:
 
     # -- one chunk of images ---------------------------------------------------------------
     def _refine_chunk(self, chunk: list[Any], failures: list[dict[str, str]]) -> list[dict]:
-        from dd.images import ImageLoadError, load_image
+        from dd.data.images import ImageLoadError, load_image
 
         c = self.cfg
         loaded: list[tuple[Any, np.ndarray]] = []
@@ -970,9 +976,9 @@ class _Refiner:
     ) -> dict[str, Any]:
         from PIL import Image
 
-        from dd.datasets import save_mask
+        from dd.data.datasets import save_mask
         from dd.engines.treat import image_grid
-        from dd.viz import overlay
+        from dd.report.viz import overlay
 
         c = self.cfg
         key = item.key

@@ -47,7 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd.checkpoint import (
+from dd.errors import DDError
+from dd.runtime.checkpoint import (
     TRAINABLE_FILE,
     load_optimizer_state,
     load_tensors,
@@ -61,10 +62,9 @@ from dd.checkpoint import (
     trainable_weights,
     write_trainer_state,
 )
-from dd.device import make_accelerator, run_accelerated
-from dd.errors import DDError
-from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text
-from dd.progress import progress_bar
+from dd.runtime.device import make_accelerator, run_accelerated
+from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
+from dd.runtime.progress import progress_bar
 
 PRECISIONS = ("no", "bf16", "fp16")
 #: Fields a resumed run may change.
@@ -131,8 +131,8 @@ def read_train_data(folder: str | os.PathLike, need_prompts: bool) -> list[tuple
     """(image, prompt) pairs of ``folder``: with prompts as ``dd treat --reg-data`` reads
     them (manifest.jsonl or sidecar .txt) when the model is conditional, else every image
     (recursively) with its sidecar prompt if any."""
+    from dd.data.images import collect_inputs
     from dd.engines.treat import read_reg_data
-    from dd.images import collect_inputs
 
     root = Path(folder)
     if not root.is_dir():
@@ -370,7 +370,7 @@ class _Trainer:
 
     # -- data ------------------------------------------------------------------------------
     def _image(self, index: int) -> torch.Tensor:
-        from dd.images import load_training_image
+        from dd.data.images import load_training_image
 
         if index not in self._cache:
             img = load_training_image(self.data[index][0], int(self.cfg.resolution or 0))
@@ -629,7 +629,7 @@ class _Trainer:
 
 
 def _plot(records: list[dict[str, Any]], path: Path) -> None:
-    from dd.plot import Panel, plot_panels
+    from dd.report.plot import Panel, plot_panels
 
     def pts(kind: str, key: str) -> list[tuple[float, float]]:
         return [

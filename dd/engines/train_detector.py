@@ -9,10 +9,10 @@ mean is taken. AdamW (no weight decay on biases and norms), linear warmup then c
 gradient accumulation, gradient clipping, mixed precision through ``accelerate``.
 
 Data: datasets are concatenated; a held-out validation split is drawn with the seed (or given
-with ``val``). Training samples get a random resized crop and flip (``dd.augment``); pseudo
+with ``val``). Training samples get a random resized crop and flip (``dd.data.augment``); pseudo
 labels (``source == "pseudo"``) get the strong augmentation; samples with a manifest
 ``shrink_pad`` field, or flagged by the on-the-fly check, get shrink-and-pad. The epoch order
-comes from :class:`dd.sampler.EpochSampler` (class balance optional), a pure function of
+comes from :class:`dd.data.sampler.EpochSampler` (class balance optional), a pure function of
 ``(seed, epoch)``.
 
 On-the-fly shrink-and-pad (``shrink_threshold``): every ``shrink_every`` optimizer steps
@@ -63,8 +63,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd.augment import AugmentConfig, ShrinkSpec, parse_shrink_spec, to_tensor, train_pair
-from dd.checkpoint import (
+from dd.data.augment import AugmentConfig, ShrinkSpec, parse_shrink_spec, to_tensor, train_pair
+from dd.data.datasets import Sample, load_mask, read_dataset
+from dd.data.images import load_image
+from dd.data.sampler import (
+    EpochSampler,
+    balance_table,
+    balance_weights,
+    parse_balance,
+    rows_to_json,
+)
+from dd.errors import DDError
+from dd.metrics import METRIC_KEYS
+from dd.runtime.checkpoint import (
     check_same_settings,
     commit_checkpoint,
     load_optimizer_state,
@@ -74,20 +85,9 @@ from dd.checkpoint import (
     save_optimizer_state,
     write_trainer_state,
 )
-from dd.checkpoint import swap_in as _swap_in
-from dd.datasets import Sample, load_mask, read_dataset
-from dd.errors import DDError
-from dd.images import load_image
-from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text
-from dd.metrics import METRIC_KEYS
-from dd.progress import progress_bar
-from dd.sampler import (
-    EpochSampler,
-    balance_table,
-    balance_weights,
-    parse_balance,
-    rows_to_json,
-)
+from dd.runtime.checkpoint import swap_in as _swap_in
+from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
+from dd.runtime.progress import progress_bar
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -414,7 +414,7 @@ class _Trainer:
             )
 
     def _accelerator(self):
-        from dd.device import make_accelerator
+        from dd.runtime.device import make_accelerator
 
         # Gradient accumulation is done by _train_step (no_sync), not by accelerate.
         return make_accelerator(
@@ -952,7 +952,7 @@ class _Trainer:
 # ------------------------------------------------------------------------------------------------
 def plot_curves(records: list[dict[str, Any]], path: Path, metric: str = "mse") -> None:
     """Draw training loss and validation ``metric`` (and ``mse``) against steps as a PNG."""
-    from dd.plot import Panel, plot_panels
+    from dd.report.plot import Panel, plot_panels
 
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
     blue = {"loss": (31, 119, 180)}

@@ -65,7 +65,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dd.checkpoint import (
+from dd.data.images import load_training_image
+from dd.errors import DDError
+from dd.runtime.checkpoint import (
     LORA_FILE,
     load_lora_checkpoint,
     load_optimizer_state,
@@ -75,12 +77,10 @@ from dd.checkpoint import (
     save_run_config,
     swap_in,
 )
-from dd.config import check_settings
-from dd.device import check_training_device, make_accelerator, run_accelerated
-from dd.errors import DDError
-from dd.images import load_training_image
-from dd.io import Journal, absolutize, atomic_write_json, atomic_write_text
-from dd.progress import progress_bar
+from dd.runtime.config import check_settings
+from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
+from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
+from dd.runtime.progress import progress_bar
 
 __all__ = [
     "REDUCTIONS",
@@ -364,7 +364,7 @@ def image_grid(
     h0, w0 = rows[0][0][0].shape[:2]
     scale = min(cell / max(h0, w0), max(1.0, 128 / max(h0, w0)))
     cw, ch = max(1, round(w0 * scale)), max(1, round(h0 * scale))
-    from dd.plot import draw_text, fit_lines
+    from dd.report.plot import draw_text, fit_lines
 
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     # captions and titles wrap to the cell's width (at 64 px cells they used to overlap)
@@ -406,7 +406,7 @@ def read_reg_data(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     """(image, prompt) pairs of a folder: ``manifest.jsonl`` lines with ``image`` (relative
     to the folder) and ``prompt``, or else every image (recursively) with a sidecar ``.txt``
     of the same stem holding its prompt."""
-    from dd.images import IMAGE_SUFFIXES
+    from dd.data.images import IMAGE_SUFFIXES
 
     root = Path(folder)
     if not root.is_dir():
@@ -616,8 +616,8 @@ class _Treater:
         from accelerate.utils import set_seed
         from diffusers.training_utils import cast_training_params
 
-        from dd.device import resolve_dtype
         from dd.plugins import load_backbone, load_detector
+        from dd.runtime.device import resolve_dtype
 
         cfg, acc = self.cfg, self.acc
         last = self._prepare_out()
@@ -1012,7 +1012,7 @@ class _Treater:
             if self.main:
                 from PIL import Image
 
-                from dd.io import save_image_atomic
+                from dd.runtime.io import save_image_atomic
 
                 for i, img in enumerate(images_u8):
                     save_image_atomic(
@@ -1076,7 +1076,7 @@ class _Treater:
         return reason
 
     def _load_base_images(self) -> None:
-        from dd.images import load_image
+        from dd.data.images import load_image
 
         folder = self.out / "eval" / "base"
         paths = [folder / f"{i:04d}.png" for i in range(len(self.eval_items))]
@@ -1091,7 +1091,7 @@ class _Treater:
         self._evals = base
 
     def _write_grid(self, step: int, images: np.ndarray, scores: list[dict[str, Any]]) -> None:
-        from dd.io import save_image_atomic
+        from dd.runtime.io import save_image_atomic
 
         assert self.base_images is not None
         base_scores = self._evals[0]["images"] if step and self._evals else None
@@ -1280,7 +1280,7 @@ class _Treater:
 # ------------------------------------------------------------------------------------------
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Training loss, eval mean/max confidence and drift against steps, as a PNG."""
-    from dd.plot import Panel, metric_points, plot_panels
+    from dd.report.plot import Panel, metric_points, plot_panels
 
     def pts(kind: str, key: str) -> list[tuple[float, float]]:
         return metric_points(records, kind, key)

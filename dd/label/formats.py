@@ -2,14 +2,14 @@
 
 Imports (all write ``OUT/images/``, ``OUT/masks/`` and ``OUT/manifest.jsonl``; images are
 hard-linked, or copied across filesystems or with ``copy=True``; an all-zero mask makes the
-sample a negative, as in ``dd.datasets``; samples already in OUT are kept, and re-importing
+sample a negative, as in ``dd.data.datasets``; samples already in OUT are kept, and re-importing
 replaces a sample's earlier entry instead of duplicating it):
 
 * ``png``: a folder of mask PNGs and the images they belong to (same relative path or stem).
 * ``coco``: COCO JSON with RLE segmentations (list or compressed counts; polygons too).
 * ``label-studio``: a Label Studio JSON export of ``brushlabels`` results (their RGBA RLE).
 * ``cvat``: a CVAT "Segmentation mask 1.1" zip (``labelmap.txt`` + ``SegmentationClass/``).
-* ``richhf``: RichHF-18K TFRecords (:func:`dd.richhf.import_richhf`).
+* ``richhf``: RichHF-18K TFRecords (:func:`dd.data.richhf.import_richhf`).
 * ``queue``: the decisions of a ``dd label serve`` queue.
 
 Exports: a queue with its predictions as Label Studio tasks (plus the labelling config), and
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dd.data.images import IMAGE_SUFFIXES, image_size
 from dd.errors import DDError
-from dd.images import IMAGE_SUFFIXES, image_size
-from dd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from dd.label.rle import coco_decode, coco_encode, ls_decode_mask, ls_encode_mask
+from dd.runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 FORMATS = ("png", "coco", "label-studio", "cvat", "richhf", "queue")
 
@@ -99,8 +99,8 @@ class DatasetWriter:
     """Adds samples to a dataset folder; :meth:`close` writes the manifest atomically."""
 
     def __init__(self, out: Path, *, copy: bool = False, source: str = "human"):
-        from dd.datasets import SOURCES
-        from dd.richhf import _existing_samples
+        from dd.data.datasets import SOURCES
+        from dd.data.richhf import _existing_samples
 
         if source not in SOURCES:
             raise DDError(f"unknown source {source!r}", hint=f"use one of {', '.join(SOURCES)}")
@@ -124,7 +124,7 @@ class DatasetWriter:
     ) -> None:
         """Place ``image`` at ``images/<rel>`` and its mask (None or all zero: a negative) at
         ``masks/<rel stem>.png``."""
-        from dd.richhf import _place_image
+        from dd.data.richhf import _place_image
 
         image = Path(image)
         rel = PurePosixPath(rel or image.name).as_posix()
@@ -158,7 +158,7 @@ class DatasetWriter:
         }
 
     def close(self) -> ImportReport:
-        from dd.datasets import MANIFEST
+        from dd.data.datasets import MANIFEST
 
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
@@ -524,7 +524,7 @@ def import_any(
     if fmt == "auto":
         fmt = guess_format(sources[0])
     if fmt == "richhf":
-        from dd.richhf import import_richhf
+        from dd.data.richhf import import_richhf
 
         if images is None:
             raise DDError("--images is needed for RichHF (the Pick-a-Pic images folder)")
@@ -657,7 +657,7 @@ def export_coco(
 ) -> dict[str, Any]:
     """Masks of a dataset folder (or the human decisions of a queue) as COCO JSON with one
     RLE annotation per positive image (pixels at or above ``threshold``)."""
-    from dd.datasets import read_dataset
+    from dd.data.datasets import read_dataset
     from dd.label.queue import QUEUE_FILE, Queue
 
     src = Path(src)

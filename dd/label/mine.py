@@ -97,7 +97,7 @@ def load_rules(path: str | Path | None) -> CategoryRules:
         except (OSError, ValueError) as e:
             raise DDError(f"{path}: not a readable JSON file ({e})") from None
     else:
-        from dd.config import load_toml
+        from dd.runtime.config import load_toml
 
         data = load_toml(path)
     if isinstance(data, dict) and isinstance(data.get("categories"), dict):
@@ -252,8 +252,8 @@ def run_mine(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> MineResult:
     """Run the detector over the pool and write the labelling queue to ``out``."""
+    from dd.data.images import collect_inputs
     from dd.engines.detect import DetectConfig, run_detect
-    from dd.images import collect_inputs
     from dd.label.queue import DECISIONS, write_queue
     from dd.web import now_iso
 
@@ -269,7 +269,7 @@ def run_mine(
     if not items:
         reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(specs)
         raise DDError(f"no images in the pool ({reasons})", exit_code=2)
-    from dd.io import mark_run_folder
+    from dd.runtime.io import mark_run_folder
 
     mark_run_folder(out, "label mine")
     cats: dict[str, tuple[str, str | None]] = {
@@ -332,8 +332,8 @@ def run_mine(
     if queue_items:
         write_queue(out, queue_items, info)
     else:
-        from dd.io import atomic_write_json
         from dd.label.queue import INFO_FILE
+        from dd.runtime.io import atomic_write_json
 
         atomic_write_json(out / INFO_FILE, info)
     return MineResult(stats, queue_items, len(records), res.failures, res.resumed, out)

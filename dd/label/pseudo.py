@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dd.data.images import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, InputItem
 from dd.errors import DDError
-from dd.images import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, InputItem
-from dd.io import atomic_open, atomic_write_json, mark_run_folder, save_image_atomic
+from dd.runtime.io import atomic_open, atomic_write_json, mark_run_folder, save_image_atomic
 
 SHARDS = "pseudo"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -208,7 +208,7 @@ def done_images(out: Path) -> set[str]:
 
 def excluded_images(paths: list[Path]) -> set[str]:
     """Absolute image paths of human-labelled datasets and queues (not to pseudo-label)."""
-    from dd.datasets import read_dataset
+    from dd.data.datasets import read_dataset
     from dd.label.queue import QUEUE_FILE, Queue
 
     out: set[str] = set()
@@ -228,7 +228,7 @@ def excluded_images(paths: list[Path]) -> set[str]:
 def merge_shards(out: Path, world_size: int) -> Path | None:
     """Write ``OUT/manifest.jsonl`` from all shards (first record of an image wins) once
     every rank of ``world_size`` has finished; returns the path, or None if not yet."""
-    from dd.datasets import MANIFEST
+    from dd.data.datasets import MANIFEST
 
     d = out / SHARDS
     if not all((d / f"done-r{r:05d}-of-{world_size:05d}.json").exists() for r in range(world_size)):
@@ -270,7 +270,7 @@ class PseudoResult:
 
 def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, Any]:
     from dd.label.mine import item_category, load_rules
-    from dd.viz import to_uint8_map
+    from dd.report.viz import to_uint8_map
 
     if cfg.floor > 0:
         prob = np.where(prob >= cfg.floor, prob, 0.0)
@@ -336,7 +336,7 @@ def run_pseudo(
     }
     info_path = shard_dir / "run.json"
     # Each rank checks only its own shard: other ranks of this run may have created theirs.
-    from dd.datasets import MANIFEST
+    from dd.data.datasets import MANIFEST
 
     if not cfg.resume and (shard.exists() or (out / MANIFEST).exists()):
         raise DDError(
@@ -421,7 +421,7 @@ def run_pseudo(
         f.close()
     res.seconds = time.perf_counter() - t0
     if res.failures:
-        from dd.io import atomic_write_text
+        from dd.runtime.io import atomic_write_text
 
         atomic_write_text(
             shard_dir / f"failed-r{cfg.rank:05d}.jsonl",

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dd.errors import DDError
-from dd.io import atomic_write_json, atomic_write_text
+from dd.runtime.io import atomic_write_json, atomic_write_text
 from dd.web import JsonlLog
 
 QUEUE_FILE = "queue.jsonl"
@@ -110,7 +110,7 @@ class Queue:
         """``(width, height)`` of the item's image."""
         if item.get("width") and item.get("height"):
             return int(item["width"]), int(item["height"])
-        from dd.images import image_size
+        from dd.data.images import image_size
 
         w, h = image_size(self.image_path(item))
         item["width"], item["height"] = w, h

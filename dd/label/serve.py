@@ -123,7 +123,7 @@ def build_app(queue: Queue, *, annotator: str = "anonymous") -> WebApp:
             return Response.file(path)
         import io
 
-        from dd.images import ImageLoadError, load_image
+        from dd.data.images import ImageLoadError, load_image
 
         try:
             arr = load_image(path)

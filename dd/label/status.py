@@ -1,6 +1,6 @@
 """``dd label status``: the class balance of a dataset, or the progress of a queue.
 
-For a dataset (built on :func:`dd.datasets.read_dataset` and ``dd dataset info``'s
+For a dataset (built on :func:`dd.data.datasets.read_dataset` and ``dd dataset info``'s
 summary): counts by source (human, pseudo, real, synthetic) and by category, positives
 (a mask) versus negatives, a category x source table, and how many samples carry a
 ``shrink_pad`` field. For a labelling queue: decisions per label and per category.
@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dd.datasets import SOURCES
+from dd.data.datasets import SOURCES
 
 
 def dataset_status(root: Path) -> dict[str, Any]:
-    from dd.datasets import NO_CATEGORY as _NONE
-    from dd.datasets import dataset_summary, read_dataset
+    from dd.data.datasets import NO_CATEGORY as _NONE
+    from dd.data.datasets import dataset_summary, read_dataset
 
     summary = dataset_summary(root)
     cross: dict[str, dict[str, dict[str, int]]] = {}

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dd.errors import DDError
-from dd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from dd.runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     import pytest

@@ -17,6 +17,10 @@ call, and the VAE's ``scaling_factor`` is applied both ways. What makes it a dd 
   ``AuraFlowPipeline.load_lora_weights`` reads), defaults, ``pipeline_classes``,
 * ``build_tiny_pipeline`` for offline tests (``python -m dd.testing.tiny auraflow DIR``).
 
+Deliberate copy: the loading, prompt and guidance code follows ``dd_plugins/sd3.py`` line
+for line where the families agree; a third-party package depends on dd's public API
+(``dd.backbones``), never on dd's built-in plugins.
+
 Training (``dd treat``'s regularisation, DreamBooth), truncated backprop through the last
 steps, decoding, LoRA save/load and ``dd refine``'s late-step repair come from
 ``dd.backbones.Backbone``.

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dd.data.images import IMAGE_SUFFIXES
 from dd.errors import DDError
-from dd.images import IMAGE_SUFFIXES
-from dd.io import atomic_write_text, check_complete
+from dd.runtime.io import atomic_write_text, check_complete
 
 SOURCES = ("human", "pseudo", "real", "synthetic")
 MANIFEST = "manifest.jsonl"
@@ -166,8 +166,7 @@ def load_mask(path: str | Path | None, size: tuple[int, int]) -> np.ndarray:
 
 def save_mask(path: str | Path, mask: np.ndarray) -> None:
     """Save an ``H x W`` map in [0, 1] as an 8-bit grayscale PNG, atomically."""
-    from dd.io import save_image_atomic
-    from dd.viz import to_uint8_map
+    from dd.runtime.io import save_image_atomic
 
     save_image_atomic(Image.fromarray(to_uint8_map(mask), mode="L"), path)
 
@@ -204,3 +203,9 @@ def dataset_summary(root: Path) -> dict[str, Any]:
         "missing_images": sum(not s.image.is_file() for s in samples),
         "missing_masks": sum(s.mask is not None and not s.mask.is_file() for s in samples),
     }
+
+
+def to_uint8_map(p: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> 8-bit grayscale (0-255 maps to confidence 0-1): how dd
+    stores artifact maps and masks."""
+    return np.clip(np.rint(p.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dd.errors import DDError
-from dd.io import atomic_write_text
+from dd.runtime.io import atomic_write_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,7 +65,7 @@ def _preset_dir() -> Path:
             return found
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parent.parent / "configs"
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 #: The folder of the presets shipped with dd.

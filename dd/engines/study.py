@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from dd.errors import DDError
-from dd.io import atomic_write_json, atomic_write_text
+from dd.runtime.io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "QUESTIONS",

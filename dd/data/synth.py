@@ -59,10 +59,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from dd.datasets import MANIFEST, Sample, save_mask, write_manifest
+from dd.data.datasets import MANIFEST, Sample, save_mask, write_manifest
+from dd.data.images import collect_inputs, load_image
 from dd.errors import DDError
-from dd.images import collect_inputs, load_image
-from dd.io import save_image_atomic
+from dd.runtime.io import save_image_atomic
 
 __all__ = [
     "KINDS",
@@ -80,7 +80,7 @@ KINDS: tuple[str, ...] = ("warp", "patch", "smear", "watermark")
 #: A pixel changed when some channel moved by more than this many 8-bit levels.
 TOL = 2
 #: Report row of the negatives. Their manifest category is null, so that a class-balancing
-#: sampler (dd.sampler) treats them as shared negatives that every category draws from.
+#: sampler (dd.data.sampler) treats them as shared negatives that every category draws from.
 CLEAN = "clean"
 
 _TRIES = 8
@@ -962,7 +962,7 @@ SYNTH_RECORD = ".dd/synth.json"
 
 def _claim_out(plan: _Plan, count: int, overwrite: bool) -> None:
     """Refuse to write into a folder that holds other data (see :func:`synthesize`)."""
-    from dd.io import atomic_write_json, output_dir
+    from dd.runtime.io import atomic_write_json, output_dir
 
     out = Path(plan.out)
     output_dir(out)

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dd.errors import DDError
-from dd.io import is_run_folder
+from dd.runtime.io import is_run_folder
 
 if TYPE_CHECKING:
     import torch
@@ -288,7 +288,7 @@ def collect_inputs(
 
     Folders and globs never reach into ``exclude`` (the command's own output folder) nor
     into another dd run folder below a named folder (one marked by
-    :func:`dd.io.mark_run_folder`): a second ``dd detect SRC --out SRC/report`` must not
+    :func:`dd.runtime.io.mark_run_folder`): a second ``dd detect SRC --out SRC/report`` must not
     score the first run's maps. Naming such a folder itself, or listing its files in a
     manifest, is explicit and reads it.
 

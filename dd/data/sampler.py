@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from dd.datasets import Sample
+from dd.data.datasets import Sample
 from dd.errors import DDError
 
 __all__ = [

@@ -78,7 +78,7 @@ def _resample(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``H x W x 3`` uint8 (``dd.images.load_image``) -> ``3 x H x W`` float in [0, 1]."""
+    """``H x W x 3`` uint8 (``dd.data.images.load_image``) -> ``3 x H x W`` float in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 

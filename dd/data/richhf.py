@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dd.data.images import IMAGE_SUFFIXES
 from dd.errors import DDError
-from dd.images import IMAGE_SUFFIXES
-from dd.io import (
+from dd.runtime.io import (
     atomic_open,
     atomic_write_bytes,
     atomic_write_text,
@@ -529,8 +529,8 @@ def _scalar_meta(feats: Mapping[str, Feature]) -> dict[str, Any]:
 
 def _existing_samples(out: Path) -> list[dict[str, Any]]:
     """Manifest records of a dataset already at ``out`` (none if there is none yet)."""
-    from dd.datasets import MANIFEST, read_dataset
-    from dd.io import INCOMPLETE
+    from dd.data.datasets import MANIFEST, read_dataset
+    from dd.runtime.io import INCOMPLETE
 
     if (out / INCOMPLETE).is_file():
         # An import that did not finish: its manifest (if any) is the last complete state;
@@ -569,7 +569,7 @@ def import_richhf(
     a record's sample replaces its earlier entry, images already in place are not copied
     again. Every file is written atomically. ``on_progress(bytes_done, bytes_total)``.
     """
-    from dd.datasets import MANIFEST
+    from dd.data.datasets import MANIFEST
 
     paths = [Path(p) for p in tfrecords]
     for p in paths:

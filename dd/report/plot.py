@@ -49,7 +49,7 @@ def plot_panels(
     panel's width and height in pixels."""
     from PIL import Image, ImageDraw
 
-    from dd.io import save_image_atomic
+    from dd.runtime.io import save_image_atomic
 
     (pw, ph), left, bottom = size, 64, 52
     img = Image.new("RGB", (pw * max(1, len(panels)), ph), "white")

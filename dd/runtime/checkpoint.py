@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dd.errors import DDError
-from dd.io import atomic_write_bytes, atomic_write_json
+from dd.runtime.io import atomic_write_bytes, atomic_write_json
 
 #: The file a complete checkpoint folder always holds (written last).
 MARKER = "trainer.json"
@@ -152,7 +152,7 @@ def prepare_run_folder(
     unless ``resume``; ``log``, if given, is told when ``resume`` finds such a folder but
     no checkpoint (the run then starts from step 0).
     """
-    from dd.io import mark_run_folder
+    from dd.runtime.io import mark_run_folder
 
     last = find_checkpoint(out / "checkpoints" / "last") if resume else None
     if last is None:
@@ -171,7 +171,7 @@ def prepare_run_folder(
 def check_resume_config(out: Path, now: dict[str, Any], resumable: Collection[str]) -> None:
     """Refuses to resume the run in ``out`` with settings (other than ``resumable`` ones)
     that differ from its ``config.toml``."""
-    from dd.config import load_toml
+    from dd.runtime.config import load_toml
 
     saved = out / "config.toml"
     try:
@@ -210,8 +210,8 @@ def save_run_config(
 ) -> None:
     """Checks a resumed run's settings against ``out/config.toml`` (see
     :func:`check_resume_config`), then (on the main process) writes ``resolved`` there."""
-    from dd.config import save_config
-    from dd.io import record_paths
+    from dd.runtime.config import save_config
+    from dd.runtime.io import record_paths
 
     resolved = record_paths(resolved)
     if resuming:

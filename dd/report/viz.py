@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from dd.data.datasets import to_uint8_map  # the map file format (re-exported)
+
+__all__ = ["jet", "overlay", "to_uint8_map"]
+
 
 def jet(p: np.ndarray) -> np.ndarray:
     """Map probabilities in [0, 1] (H x W) to an RGB uint8 jet colour map (H x W x 3)."""
@@ -22,8 +26,3 @@ def overlay(image: np.ndarray, p: np.ndarray, alpha: float = 0.6) -> np.ndarray:
     heat = jet(p).astype(np.float32)
     out = alpha * heat + (1.0 - alpha) * image.astype(np.float32)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-
-def to_uint8_map(p: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> 8-bit grayscale (0-255 maps to confidence 0-1)."""
-    return np.clip(np.rint(p.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)

@@ -151,7 +151,7 @@ def _claim_images(folder: Path, settings: dict[str, Any], overwrite: bool) -> No
     import json
     import shutil
 
-    from dd.io import atomic_write_json
+    from dd.runtime.io import atomic_write_json
 
     record = folder / IMAGE_SETTINGS
     has_images = folder.is_dir() and any(folder.glob("*.png"))
@@ -459,7 +459,7 @@ def _features_of(
     of different sizes can be batched)."""
     from PIL import Image
 
-    from dd.images import load_image
+    from dd.data.images import load_image
 
     out = []
     for i in range(0, len(paths), batch):
@@ -516,11 +516,11 @@ def eval_gen(
     from PIL import Image
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from dd.device import resolve_device, resolve_dtype
+    from dd.data.images import load_image
     from dd.engines.treat import generate_batches, read_prompts, to_uint8
-    from dd.images import load_image
-    from dd.io import atomic_write_json, atomic_write_text, save_image_atomic
     from dd.plugins import load_backbone, load_detector
+    from dd.runtime.device import resolve_device, resolve_dtype
+    from dd.runtime.io import atomic_write_json, atomic_write_text, save_image_atomic
     from dd.scores import ARTIFACT_THRESHOLD, map_scores
 
     _check(cfg)
@@ -555,7 +555,7 @@ def eval_gen(
 
     names = _model_names(cfg.loras)
     items = [(pi, s) for pi in range(len(prompts)) for s in cfg.seeds]
-    from dd.io import mark_run_folder
+    from dd.runtime.io import mark_run_folder
 
     mark_run_folder(out, "eval gen")
     bb = None
@@ -771,9 +771,9 @@ def _write_grids(
     names: Sequence[str],
     recs: list[dict[str, Any]],
 ) -> None:
+    from dd.data.images import load_image
     from dd.engines.treat import image_grid
-    from dd.images import load_image
-    from dd.io import save_image_atomic
+    from dd.runtime.io import save_image_atomic
 
     by = {(r["model"], r["prompt_index"], r["seed"]): r for r in recs}
     for pi in range(len(prompts)):
@@ -797,8 +797,8 @@ def bar_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
     """One bar panel per metric with values (Pillow only), a bar per model."""
     from PIL import Image, ImageDraw
 
-    from dd.io import save_image_atomic
-    from dd.plot import PALETTE, draw_text
+    from dd.report.plot import PALETTE, draw_text
+    from dd.runtime.io import save_image_atomic
 
     keys = [(k, h) for k, h, _ in METRICS if any(r.get(k) is not None for r in rows)]
     pw, ph = 240, 220

@@ -1,0 +1,1 @@
+"""Reports: HTML contact sheets (``html``), heat-map overlays (``viz``), charts (``plot``)."""
