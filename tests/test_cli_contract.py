@@ -221,3 +221,20 @@ def test_detector_options_are_spelled_alike_everywhere():
         for p in cmd.params:
             if "-O" in getattr(p, "opts", []):
                 assert {"--option", "--detector-option"} <= set(p.opts), (path, p.opts)
+
+
+@pytest.mark.parametrize("command", ["treat"])
+def test_every_setting_is_declared_once(command):
+    """The config dataclass is the source of the command's options: each field (with its
+    help) is one option, and the command has no option that is not a field (but --config)."""
+    import dataclasses
+
+    from dd.engines.treat import TreatConfig
+
+    cls = {"treat": TreatConfig}[command]
+    cmd = dict(LEAVES)[(command,)]
+    params = {p.name: p for p in cmd.params if p.param_type_name == "option"}
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+        assert params[f.name].help == f.metadata["help"]
+    assert set(params) - {f.name for f in dataclasses.fields(cls)} == {"config"}

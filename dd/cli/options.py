@@ -8,6 +8,7 @@ options that several commands spell the same way; each command keeps its own def
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
@@ -117,3 +118,113 @@ def config_from_flags(
     flags = {k: v for k, v in values.items() if renamed.get(k, k) in given}
     preset, source = ({}, None) if config is None else load_preset(config, cls)
     return resolve(cls, preset=preset, flags=flags), source
+
+
+# -- commands built from a config dataclass (one declaration per setting) --------------------
+def _field_default(f: Any) -> Any:
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def config_parameters(cls: type) -> list[Any]:
+    """One ``inspect.Parameter`` (a Typer option) per field of ``cls`` declared with
+    :func:`dd.runtime.config.setting`, in field order."""
+    import dataclasses
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if not meta.get("cli"):
+            continue
+        flags = tuple(meta.get("flags") or ())  # none: typer's --name (--name/--no-name)
+        extra = {"min": meta["min"]} if meta.get("min") is not None else {}
+        default = _field_default(f)
+        text = meta.get("text")
+        if text == "options":
+            tp, default = list[str] | None, None
+        elif text == "list":
+            tp = str | None
+            default = ",".join(default) if default else None
+        elif text == "seeds":
+            tp, default = str, ",".join(str(s) for s in default)
+        else:
+            tp = hints[f.name]
+        option = typer.Option(*flags, help=meta["help"], **extra)
+        params.append(
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=default,
+                annotation=Annotated[tp, option],
+            )
+        )
+    return params
+
+
+def read_config_values(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """The command line's values of ``cls``'s settings, each read in its ``text`` form."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli") or f.name not in raw:
+            continue
+        value, text = raw[f.name], f.metadata.get("text")
+        if text == "options":
+            value = parse_options(value)
+        elif text == "list":
+            value = split_list(value)
+        elif text == "seeds":
+            from dd.engines.treat import parse_seeds
+
+            value = parse_seeds(value)
+        out[f.name] = value
+    return out
+
+
+def config_command(
+    cls: type,
+    body: Any,
+    *,
+    name: str,
+    doc: str,
+    leading: Sequence[Any] = (),
+) -> Any:
+    """A Typer command whose options are ``cls``'s settings (plus the ``leading``
+    ``inspect.Parameter`` s, e.g. ``--config``); it calls ``body(ctx, values, **leading)``
+    with the settings' values read from the command line."""
+    import inspect
+
+    lead = list(leading)
+    ctx_param = inspect.Parameter(
+        "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+    )
+
+    def command(ctx: typer.Context, **kwargs: Any) -> Any:
+        extras = {p.name: kwargs.pop(p.name) for p in lead}
+        return body(ctx, read_config_values(cls, kwargs), **extras)
+
+    command.__signature__ = inspect.Signature([ctx_param, *lead, *config_parameters(cls)])
+    command.__doc__ = doc
+    command.__name__ = command.__qualname__ = name.replace("-", "_")
+    return command
+
+
+def preset_parameter(family_help: str) -> Any:
+    """The ``--config/-c`` option of a command whose settings a preset may give."""
+    import inspect
+
+    return inspect.Parameter(
+        "config",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=None,
+        annotation=Annotated[str | None, typer.Option("--config", "-c", help=family_help)],
+    )

@@ -58,7 +58,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ from dd.runtime.checkpoint import (
     save_run_config,
     swap_in,
 )
-from dd.runtime.config import check_settings
+from dd.runtime.config import check_settings, setting
 from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
 from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import progress_bar
@@ -115,60 +115,114 @@ OOM_HINT = (
 
 @dataclass
 class TreatConfig:
-    """Everything ``dd treat`` takes (see ``dd treat --help`` for each field).
+    """Everything ``dd treat`` takes, each setting declared once (its default, help and
+    flag): the source of ``dd treat``'s options, of what a preset may set and of the run's
+    ``config.toml``.
 
     ``steps`` is the number of *sampling* (denoising) steps, as in ``dd generate``;
     ``train_steps`` is the number of optimizer steps. ``None`` means the backbone's default
     (resolution, steps, guidance, LoRA targets) or "off" (patience, max_drift, stop_at).
     """
 
-    backbone: str | None = None
-    model: str | None = None
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    detector: str = "segformer"
-    detector_weights: str | None = None
-    detector_options: dict[str, Any] = field(default_factory=dict)
-    prompts: str | None = None
-    eval_prompts: str | None = None
-    out: str | None = None
-    resolution: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    dtype: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    train_steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    clip_grad: float = 1.0
-    lora_rank: int = 16
-    lora_alpha: float | None = None
-    lora_targets: list[str] | None = None
-    init_lora: str | None = None
-    grad_steps: int = 1
-    grad_steps_random: str | None = None
-    reduction: str = "mean"
-    loss_scale: float = 1.0
-    weighted_threshold: float = 0.1
-    gradient_checkpointing: bool = False
-    reg_data: str | None = None
-    reg_weight: float = 0.25
-    reg_every: int = 1
-    reg_batch_size: int | None = None
-    eval_every: int = 50
-    eval_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    eval_batch_size: int = 4
-    patience: int | None = None
-    max_drift: float | None = None
-    save_every: int = 100
-    keep_checkpoints: int | None = None
-    log_every: int = 1
-    stop_at: int | None = None
-    resume: bool = False
+    backbone: str | None = setting(
+        None, help="Backbone plugin: flux, sd15, sd3, sdxl (see `dd plugins`)."
+    )
+    model: str | None = setting(
+        None, help="Diffusers folder, single .safetensors file or hub id of the model."
+    )
+    backbone_options: dict[str, Any] = setting(
+        factory=dict,
+        flags=("--backbone-option", "-B"),
+        text="options",
+        help="Backbone option KEY=VALUE (e.g. max_sequence_length=256).",
+    )
+    detector: str = setting("segformer", help="Detector plugin.")
+    detector_weights: str | None = setting(
+        None,
+        flags=("--detector-weights", "--weights"),
+        help="Detector weights: file, folder or hub id.",
+    )
+    detector_options: dict[str, Any] = setting(
+        factory=dict,
+        flags=("--option", "--detector-option", "-O"),
+        text="options",
+        help="Detector option KEY=VALUE (e.g. variant=b5).",
+    )
+    prompts: str | None = setting(
+        None, help="Training prompts: .txt (one per line), .jsonl or .json."
+    )
+    eval_prompts: str | None = setting(None, help="Held-out prompts evaluated at fixed seeds.")
+    out: str | None = setting(None, flags=("--out", "-o"), help="Run folder.")
+    resolution: int | None = setting(None, help="Image size (square); default: the backbone's.")
+    steps: int | None = setting(None, help="Sampling (denoising) steps; default: the backbone's.")
+    guidance: float | None = setting(None, help="Guidance scale (FLUX dev: embedded; SD: CFG).")
+    dtype: str = setting("fp32", help="Frozen models' dtype: fp32, bf16, fp16 (LoRA stays fp32).")
+    device: str = setting(
+        "auto", help="auto, cpu or cuda (under accelerate launch: one GPU per process)."
+    )
+    seed: int = setting(0, help="Seed of prompt order, noise and LoRA init.")
+    train_steps: int = setting(1000, min=1, help="Optimizer steps in total.")
+    batch_size: int = setting(1, min=1, help="Samples per process per micro-batch.")
+    grad_accum: int = setting(1, min=1, help="Micro-batches accumulated per optimizer step.")
+    lr: float = setting(1e-4, help="AdamW learning rate (paper: 1e-4).")
+    weight_decay: float = setting(1e-2, help="AdamW weight decay.")
+    lr_schedule: str = setting("constant", help="constant or cosine (after warmup).")
+    warmup_steps: int = setting(0, min=0, help="Linear warmup steps.")
+    clip_grad: float = setting(1.0, help="Clip the gradient norm (0: off).")
+    lora_rank: int = setting(16, min=1, help="LoRA rank (paper 16; the released code used 8).")
+    lora_alpha: float | None = setting(None, help="LoRA alpha (default: the rank).")
+    lora_targets: list[str] | None = setting(
+        None,
+        text="list",
+        help="Comma-separated module names (default to_q,to_k,to_v,to_out.0).",
+    )
+    init_lora: str | None = setting(
+        None, help="Continue from this diffusers-format LoRA (e.g. a DreamBooth one)."
+    )
+    grad_steps: int = setting(1, min=1, help="Back-propagate through the last K denoising steps.")
+    grad_steps_random: str | None = setting(
+        None, help="Draw K per sample from the range A-B instead."
+    )
+    reduction: str = setting(
+        "mean",
+        help="Per-image loss: mean (Eq. 2), max, sum (use a small --loss-scale, the "
+        "released code: 1e-5) or weighted (mean over pixels above --weighted-threshold).",
+    )
+    loss_scale: float = setting(1.0, help="Multiplier of the artifact loss.")
+    weighted_threshold: float = setting(0.1, help="Pixel threshold of the weighted reduction.")
+    gradient_checkpointing: bool = setting(
+        False, help="Recompute sampling steps, denoiser blocks, VAE and detector in backward."
+    )
+    reg_data: str | None = setting(
+        None, help="Folder of real (image, prompt) pairs for the diffusion-loss regulariser."
+    )
+    reg_weight: float = setting(0.25, help="Weight of the regulariser (Eq. 4; released code 0.25).")
+    reg_every: int = setting(1, min=1, help="Regularise every N optimizer steps.")
+    reg_batch_size: int | None = setting(
+        None, min=1, help="Real images per micro-batch (default --batch-size)."
+    )
+    eval_every: int = setting(50, min=1, help="Evaluate every N steps.")
+    eval_seeds: list[int] = setting(
+        factory=lambda: [0, 1],
+        text="seeds",
+        help="Eval image seeds: a list 0,1, a count N (0..N-1) or a range A-B.",
+    )
+    eval_batch_size: int = setting(4, min=1, help="Images per eval batch.")
+    patience: int | None = setting(None, min=1, help="Stop after P evals without a better mean.")
+    max_drift: float | None = setting(
+        None,
+        help="Stop when eval images drift more than this from the untreated model's at the "
+        "same seeds: mean |difference| of pixels in [0, 1] (collapse guard, e.g. 0.1).",
+    )
+    save_every: int = setting(100, min=1, help="Checkpoint every N steps.")
+    keep_checkpoints: int | None = setting(
+        None, min=1, help="Keep only the newest N step-N checkpoints."
+    )
+    log_every: int = setting(1, min=1, help="Log the loss every N steps.")
+    stop_at: int | None = setting(
+        None, min=1, help="Stop (with a checkpoint) at this step; --resume later."
+    )
+    resume: bool = setting(False, help="Continue the run in --out from its checkpoint.")
 
     def resolved(self) -> dict[str, Any]:
         return asdict(self)

@@ -344,3 +344,37 @@ def check_settings(
     for ok, msg in checks:
         if not ok:
             raise DDError(msg)
+
+
+# ------------------------------------------------------------------------------- declaring
+#: How the command line reads a setting that is not a plain str/int/float/bool.
+TEXT_FORMS = ("options", "list", "seeds")
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    factory: Any = None,
+    flags: tuple[str, ...] = (),
+    min: float | None = None,
+    text: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A config field declared once: its default, its help text and how the command line
+    spells it. The dataclass is then the source of the CLI options
+    (:func:`dd.cli.options.config_command`), of what a TOML preset may set and of the run
+    record.
+
+    ``flags``: the option's spellings (default ``--field-name``); ``min``: a lower bound the
+    CLI enforces; ``text``: how the CLI reads it when it is no plain value: ``options``
+    (repeatable ``KEY=VALUE`` into a dict), ``list`` (comma-separated into a list of str),
+    ``seeds`` (``0,1``, a count ``N`` or a range ``A-B`` into a list of int); ``cli=False``:
+    presets only.
+    """
+    if text is not None and text not in TEXT_FORMS:
+        raise ValueError(f"text must be one of {TEXT_FORMS}, not {text!r}")
+    meta = {"help": help, "flags": flags, "min": min, "text": text, "cli": cli}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
