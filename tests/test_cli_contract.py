@@ -223,15 +223,16 @@ def test_detector_options_are_spelled_alike_everywhere():
                 assert {"--option", "--detector-option"} <= set(p.opts), (path, p.opts)
 
 
-@pytest.mark.parametrize("command", ["treat"])
+@pytest.mark.parametrize("command", ["treat", "dreambooth"])
 def test_every_setting_is_declared_once(command):
     """The config dataclass is the source of the command's options: each field (with its
     help) is one option, and the command has no option that is not a field (but --config)."""
     import dataclasses
 
+    from dd.engines.dreambooth import DreamBoothConfig
     from dd.engines.treat import TreatConfig
 
-    cls = {"treat": TreatConfig}[command]
+    cls = {"treat": TreatConfig, "dreambooth": DreamBoothConfig}[command]
     cmd = dict(LEAVES)[(command,)]
     params = {p.name: p for p in cmd.params if p.param_type_name == "option"}
     for f in dataclasses.fields(cls):

@@ -53,11 +53,6 @@ Lr = Annotated[float, typer.Option(help="AdamW learning rate.")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
 LrSchedule = Annotated[str, typer.Option(help="constant or cosine.")]
 WarmupSteps = Annotated[int, typer.Option(min=0, help="Linear warmup steps.")]
-ClipGrad = Annotated[float, typer.Option(help="Clip the gradient norm (0: off).")]
-LoraTargets = Annotated[
-    str | None,
-    typer.Option(help="Comma-separated module names (default to_q,to_k,to_v,to_out.0)."),
-]
 SaveEvery = Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")]
 LogEvery = Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out.")]

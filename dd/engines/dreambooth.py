@@ -57,7 +57,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ from dd.runtime.checkpoint import (
     save_lora_file,
     save_run_config,
 )
-from dd.runtime.config import check_settings
+from dd.runtime.config import check_settings, setting
 from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
 from dd.runtime.io import Journal, absolutize, atomic_write_text
 from dd.runtime.progress import progress_bar
@@ -106,55 +106,97 @@ OOM_HINT = (
 
 @dataclass
 class DreamBoothConfig:
-    """Everything ``dd dreambooth`` takes (see ``dd dreambooth --help`` for each field)."""
+    """Everything ``dd dreambooth`` takes, each setting declared once (default, help,
+    flag): the source of ``dd dreambooth``'s options, of its TOML configs and run record."""
 
-    backbone: str | None = None
-    model: str | None = None
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    instance_dir: str | None = None
-    instance_prompt: str | None = None
-    class_prompt: str | None = None
-    class_dir: str | None = None
-    prior_preservation: bool = False
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    class_batch_size: int = 4
-    out: str | None = None
-    resolution: int | None = None
-    center_crop: bool = True
-    random_flip: bool = False
-    dtype: str = "fp32"
-    device: str = "auto"
-    seed: int = 0
-    train_steps: int = 500
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    clip_grad: float = 1.0
-    lora_rank: int = 4
-    lora_alpha: float | None = None
-    lora_targets: list[str] | None = None
-    lora_dropout: float = 0.0
-    weighting: str = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    timestep_shift: float | None = None
-    guidance: float | None = None
-    gradient_checkpointing: bool = False
-    offload_text_encoders: bool = True
-    steps: int | None = None
-    sample_guidance: float | None = None
-    validation_prompt: str | None = None
-    validation_every: int = 100
-    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    save_every: int = 100
-    log_every: int = 1
-    stop_at: int | None = None
-    resume: bool = False
+    backbone: str | None = setting(
+        None, help="Backbone plugin: sd3, flux, sd15 (see `dd plugins`)."
+    )
+    model: str | None = setting(
+        None, help="Diffusers folder, single .safetensors file or hub id of the model."
+    )
+    backbone_options: dict[str, Any] = setting(
+        factory=dict,
+        flags=("--backbone-option", "-B"),
+        text="options",
+        help="Backbone option KEY=VALUE.",
+    )
+    instance_dir: str | None = setting(
+        None, help="Folder of exemplar images (the 'good' renderings)."
+    )
+    instance_prompt: str | None = setting(
+        None, help="The prompt the exemplars show, e.g. 'a man lying on grass'."
+    )
+    class_prompt: str | None = setting(
+        None, help="The class prompt for prior preservation, e.g. 'a man'."
+    )
+    class_dir: str | None = setting(
+        None,
+        help="Folder of class images (default OUT/class_images); missing ones are generated "
+        "by the base model and kept.",
+    )
+    prior_preservation: bool = setting(
+        False, help="Add the prior-preservation loss on class images."
+    )
+    num_class_images: int = setting(100, min=1, help="Class images to use (generated if missing).")
+    prior_loss_weight: float = setting(1.0, help="Weight of the prior-preservation loss.")
+    class_batch_size: int = setting(4, min=1, help="Images per batch when generating class images.")
+    out: str | None = setting(None, flags=("--out", "-o"), help="Run folder.")
+    resolution: int | None = setting(None, help="Training size (square); default: the backbone's.")
+    center_crop: bool = setting(
+        True, help="Centre crop after resizing (--no-center-crop: one random crop per image)."
+    )
+    random_flip: bool = setting(False, help="Random horizontal flips.")
+    dtype: str = setting("fp32", help="Frozen models' dtype / mixed precision: fp32, bf16, fp16.")
+    device: str = setting("auto", help="auto, cpu or cuda.")
+    seed: int = setting(0, help="Seed of data order, noise, LoRA init.")
+    train_steps: int = setting(500, min=1, help="Optimizer steps.")
+    batch_size: int = setting(1, min=1, help="Instance images per micro-batch.")
+    grad_accum: int = setting(1, min=1, help="Micro-batches per optimizer step.")
+    lr: float = setting(1e-4, help="AdamW learning rate.")
+    weight_decay: float = setting(1e-4, help="AdamW weight decay.")
+    lr_schedule: str = setting("constant", help="constant or cosine.")
+    warmup_steps: int = setting(0, min=0, help="Linear warmup steps.")
+    clip_grad: float = setting(1.0, help="Clip the gradient norm (0: off).")
+    lora_rank: int = setting(4, min=1, help="LoRA rank.")
+    lora_alpha: float | None = setting(None, help="LoRA alpha (default: rank).")
+    lora_targets: list[str] | None = setting(
+        None,
+        text="list",
+        help="Comma-separated module names (default to_q,to_k,to_v,to_out.0).",
+    )
+    lora_dropout: float = setting(0.0, help="LoRA dropout.")
+    weighting: str = setting(
+        "logit_normal", help="Flow-matching timestep density: logit_normal, uniform or mode."
+    )
+    logit_mean: float = setting(0.0, help="logit_normal mean.")
+    logit_std: float = setting(1.0, help="logit_normal std.")
+    mode_scale: float = setting(1.29, help="mode density scale.")
+    timestep_shift: float | None = setting(
+        None, help="Shift of the noise levels (default: the scheduler's static shift)."
+    )
+    guidance: float | None = setting(None, help="FLUX-dev embedded guidance while training (3.5).")
+    gradient_checkpointing: bool = setting(
+        False, help="Recompute the denoiser's blocks in backward (less memory)."
+    )
+    offload_text_encoders: bool = setting(
+        True, help="Move text encoders to the CPU after encoding the prompts."
+    )
+    steps: int | None = setting(None, min=1, help="Sampling steps of class and validation images.")
+    sample_guidance: float | None = setting(None, help="Guidance of class and validation images.")
+    validation_prompt: str | None = setting(
+        None, help="Validation prompt (default: the instance prompt)."
+    )
+    validation_every: int = setting(100, min=1, help="Validation images every N steps.")
+    validation_seeds: list[int] = setting(
+        factory=lambda: [0, 1],
+        text="seeds",
+        help="Validation seeds: a list 0,1, a count N or a range A-B.",
+    )
+    save_every: int = setting(100, min=1, help="Checkpoint every N steps.")
+    log_every: int = setting(1, min=1, help="Log the loss every N steps.")
+    stop_at: int | None = setting(None, min=1, help="Stop (with a checkpoint) at this step.")
+    resume: bool = setting(False, help="Continue the run in --out.")
 
     def resolved(self) -> dict[str, Any]:
         return asdict(self)
