@@ -18,9 +18,9 @@ study). It gives:
   header, compared in constant time. A token minted for a name binds the requests made
   with it to that annotator (``request.annotator``); a shared token leaves the name to the
   page (``request.auth`` says which: ``loopback``, ``token`` or ``shared-token``).
-* Files: :func:`atomic_write_png` (validated PNG bytes or a PIL image, written atomically) and
-  :class:`JsonlLog` (appends whole JSON lines under a thread lock and an ``flock``, so two
-  requests, or two server processes, appending at once never interleave or tear a line).
+* Files: :func:`atomic_write_png` (validated PNG bytes or a PIL image, written atomically);
+  :class:`dd.runtime.io.JsonlLog` (re-exported here) appends whole JSON lines under a thread
+  lock and an ``flock``, so two requests, or two server processes, never tear a line.
 
 Handlers raise :class:`HTTPError` for client errors (turned into a JSON ``{"error": ...}``
 response with that status); any other exception is a 500 with a one-line message.
@@ -28,7 +28,6 @@ response with that status); any other exception is a 500 with a one-line message
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import mimetypes
@@ -43,12 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from dd.runtime.io import atomic_write_bytes
-
-try:  # POSIX only; on other systems the thread lock alone guards appends
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from dd.runtime.io import JsonlLog, atomic_write_bytes, read_jsonl  # re-exported
 
 __all__ = [
     "HTTPError",
@@ -457,63 +451,6 @@ def atomic_write_png(
     image.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return image
-
-
-class JsonlLog:
-    """An append-only JSON-lines file shared by threads and processes.
-
-    Each :meth:`append` writes one complete line with a single ``write`` on an ``O_APPEND``
-    descriptor while holding a thread lock and an exclusive ``flock``, then fsyncs; readers
-    (:func:`read_jsonl`) skip a torn last line.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-
-    def append(self, record: dict[str, Any]) -> dict[str, Any]:
-        line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n"
-        with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                try:
-                    # A torn last line (a killed writer) would glue onto ours: start fresh.
-                    size = os.fstat(fd).st_size
-                    if size:
-                        with open(self.path, "rb") as f:
-                            f.seek(size - 1)
-                            if f.read(1) != b"\n":
-                                line = b"\n" + line
-                    os.write(fd, line)
-                    os.fsync(fd)
-                finally:
-                    if fcntl is not None:
-                        fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-        return record
-
-    def read(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.path)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; blank, torn or non-object lines are skipped."""
-    out: list[dict[str, Any]] = []
-    with contextlib.suppress(FileNotFoundError):
-        for line in Path(path).read_bytes().split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
 
 
 def now_iso() -> str:

@@ -54,15 +54,11 @@ PARTICIPANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 def _prompt_map(folder: Path) -> dict[str, str]:
     """Prompts by image stem from ``report.jsonl`` (dd generate) or ``results.json``."""
     out: dict[str, str] = {}
-    report = folder / "report.jsonl"
-    if report.is_file():
-        for line in report.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("image") and isinstance(rec.get("prompt"), str):
-                out[Path(rec["image"]).stem] = rec["prompt"]
+    from dd.runtime.io import read_jsonl
+
+    for rec in read_jsonl(folder / "report.jsonl"):
+        if rec.get("image") and isinstance(rec.get("prompt"), str):
+            out[Path(rec["image"]).stem] = rec["prompt"]
     return out
 
 
@@ -167,7 +163,7 @@ def participant_order(study: dict[str, Any], participant: str) -> list[int]:
 
 
 def votes_of(folder: Path, participant: str) -> list[dict[str, Any]]:
-    from dd.web import read_jsonl
+    from dd.runtime.io import read_jsonl
 
     return read_jsonl(folder / "votes" / f"{participant}.jsonl")
 
@@ -264,7 +260,8 @@ $('form').onsubmit = async (ev) => {
 
 def make_app(folder: str | Path) -> Any:
     """The study page and its API on :class:`dd.web.WebApp`."""
-    from dd.web import HTTPError, JsonlLog, Response, WebApp, now_iso, safe_join
+    from dd.runtime.io import JsonlLog
+    from dd.web import HTTPError, Response, WebApp, now_iso, safe_join
 
     root = Path(folder)
     study = load_study(root)
@@ -399,7 +396,7 @@ def _z(confidence: float) -> float:
 
 def study_report(folder: str | Path, *, confidence: float = 0.95) -> dict[str, Any]:
     """Win rates per question with Wilson intervals; writes report.json and report.md."""
-    from dd.web import read_jsonl
+    from dd.runtime.io import read_jsonl
 
     root = Path(folder)
     study = load_study(root)

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dd.errors import DDError
-from dd.runtime.io import atomic_write_json, atomic_write_text
-from dd.web import JsonlLog
+from dd.runtime.io import JsonlLog, atomic_write_json, atomic_write_text
 
 QUEUE_FILE = "queue.jsonl"
 INFO_FILE = "queue.json"

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -237,3 +238,69 @@ def absolutize(cfg: Any) -> Any:
 
     names = {f.name for f in dataclasses.fields(cfg)} & (PATH_SETTINGS - {"out", "segments"})
     return dataclasses.replace(cfg, **{n: absolute_path(getattr(cfg, n)) for n in names})
+
+
+# ------------------------------------------------------------------------------------------
+# Shared JSON-lines logs (labelling decisions, study votes): many writers, whole lines.
+# ------------------------------------------------------------------------------------------
+try:  # POSIX only; on other systems the thread lock alone guards appends
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+
+class JsonlLog:
+    """An append-only JSON-lines file shared by threads and processes.
+
+    Each :meth:`append` writes one complete line with a single ``write`` on an ``O_APPEND``
+    descriptor while holding a thread lock and an exclusive ``flock``, then fsyncs; readers
+    (:func:`read_jsonl`) skip a torn last line.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    # A torn last line (a killed writer) would glue onto ours: start fresh.
+                    size = os.fstat(fd).st_size
+                    if size:
+                        with open(self.path, "rb") as f:
+                            f.seek(size - 1)
+                            if f.read(1) != b"\n":
+                                line = b"\n" + line
+                    os.write(fd, line)
+                    os.fsync(fd)
+                finally:
+                    if fcntl is not None:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        return record
+
+    def read(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; blank, torn or non-object lines are skipped."""
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path(path).read_bytes().split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
