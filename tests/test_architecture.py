@@ -134,3 +134,22 @@ def test_layers_import_only_layers_below():
         if name == prefix or name.startswith(prefix + ".")
     }
     assert not {k: v for k, v in bad.items() if v}
+
+
+def test_one_progress_contract():
+    """Progress bars come from dd.runtime.progress; nothing else builds a rich Progress."""
+    builders = [
+        name
+        for name, path in MODULES.items()
+        if name != "dd.runtime.progress" and "Progress(" in path.read_text(encoding="utf-8")
+    ]
+    assert not builders
+
+
+def test_quiet_progress_takes_the_same_calls():
+    from dd.runtime.progress import progress_or_quiet
+
+    with progress_or_quiet("x", console=None) as bar:
+        task = bar.add_task("x", total=3)
+        bar.update(task, completed=1)
+        bar.advance(task)

@@ -40,24 +40,11 @@ def import_richhf_cmd(
     found are listed in OUT/missing.txt and skipped. Re-running is safe: nothing is
     duplicated and samples already in OUT are kept.
     """
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     from dd.data.richhf import import_richhf
+    from dd.runtime.progress import progress_bar
 
     err = Console(stderr=True)
-    with Progress(
-        TextColumn("[bold]import"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    ) as progress:
+    with progress_bar("import", console=err, unit="bytes") as progress:
         task = progress.add_task("import", total=None)
         report = import_richhf(
             tfrecords,

@@ -93,9 +93,8 @@ def mine(
     prompt (`prompt` field or a sidecar .txt). Writes OUT/queue.jsonl (with the detector's
     map per item) for `dd label serve` and prints the per-category table.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from dd.label.mine import MineConfig, load_rules, run_mine
+    from dd.runtime.progress import progress_bar
 
     err = Console(stderr=True)
     cfg = MineConfig(
@@ -110,9 +109,7 @@ def mine(
     cfg.check()
     rules = load_rules(categories)
     det = _detector(detector, weights, option, device, dtype, err)
-    with Progress(
-        TextColumn("[bold]mine"), BarColumn(), MofNCompleteColumn(), console=err
-    ) as progress:
+    with progress_bar("mine", console=err) as progress:
         task = progress.add_task("mine", total=None)
         res = run_mine(
             pool,
@@ -253,10 +250,10 @@ def pseudo(
     launch` to split the pool over processes; OUT/manifest.jsonl appears when all are done.
     """
     import torch
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from dd.label.mine import load_rules
     from dd.label.pseudo import PseudoConfig, dist_env, run_pseudo
+    from dd.runtime.progress import progress_bar
 
     err = Console(stderr=True)
     env_rank, env_world, local_rank = dist_env()
@@ -277,12 +274,7 @@ def pseudo(
         device = f"cuda:{local_rank % torch.cuda.device_count()}"
     det = _detector(detector, weights, option, device, dtype, err)
     tag = f"pseudo r{cfg.rank}/{cfg.world_size}" if cfg.world_size > 1 else "pseudo"
-    with Progress(
-        SpinnerColumn(),
-        TextColumn(f"[bold]{tag}[/bold] {{task.fields[msg]}}"),
-        TimeElapsedColumn(),
-        console=err,
-    ) as progress:
+    with progress_bar(tag, "{task.fields[msg]}", console=err, unit="open") as progress:
         task = progress.add_task(tag, total=None, msg="starting")
         res = run_pseudo(
             pool,

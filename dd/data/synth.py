@@ -1094,16 +1094,11 @@ def synthesize(
     resumed = count - len(todo)
 
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
-    columns = (TextColumn("[bold]synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+    from dd.runtime.progress import progress_or_quiet
+
+    console = Console(stderr=True) if progress else None
+    with progress_or_quiet("synth", console=console) as bar:
         task = bar.add_task("synth", total=count, completed=resumed)
         if workers == 1 or len(todo) < 2:
             for i in todo:

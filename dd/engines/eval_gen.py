@@ -514,13 +514,13 @@ def eval_gen(
     ``results.json`` holds. ``features``/``detector`` replace the Inception network and the
     detector plugin (tests inject small ones)."""
     from PIL import Image
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from dd.data.images import load_image
     from dd.engines.treat import generate_batches, read_prompts, to_uint8
     from dd.plugins import load_backbone, load_detector
     from dd.runtime.device import resolve_device, resolve_dtype
     from dd.runtime.io import atomic_write_json, atomic_write_text, save_image_atomic
+    from dd.runtime.progress import progress_or_quiet
     from dd.scores import ARTIFACT_THRESHOLD, map_scores
 
     _check(cfg)
@@ -560,13 +560,7 @@ def eval_gen(
     mark_run_folder(out, "eval gen")
     bb = None
     size = cfg.resolution
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=console,
-        disable=console is None,
-    ) as progress:
+    with progress_or_quiet("[bold]{task.description}", console=console) as progress:
         for name, lora in zip(names, [None, *cfg.loras], strict=True):
             folder = out / "images" / name
             _claim_images(folder, image_settings(cfg, lora, prompts), cfg.overwrite)
