@@ -241,6 +241,7 @@ def test_decompression_bomb_guard_is_refused_with_a_hint(tmp_path, cli):
     assert "decompression-bomb guard" in failed[0]["reason"]
     res = cli("detect", tmp_path / "in", "--out", out, *TINY, "--max-pixels", "20000")
     assert res.exit_code == 1 and "already holds a detect run" in res.output
+    assert res.output.startswith("Error:")  # refused before the detector loads or a bar starts
     res = cli(
         "detect", tmp_path / "in", "--out", out, *TINY, "--max-pixels", "20000", "--overwrite"
     )

@@ -62,7 +62,7 @@ def detect(
     """
     from dd.cli.options import parse_options
     from dd.data.images import collect_inputs
-    from dd.engines.detect import DetectConfig, run_detect
+    from dd.engines.detect import DetectConfig, check_out, run_detect
     from dd.errors import DDError
     from dd.plugins import load_detector
 
@@ -74,13 +74,6 @@ def detect(
     for p, r in failures:
         err.print(f"[yellow]skipped[/yellow] {p}: {r}", highlight=False)
 
-    det = load_detector(detector, weights, parse_options(option), device, dtype)
-    if det.untrained:
-        err.print(
-            f"[bold yellow]Warning: the {detector!r} detector is UNTRAINED (random weights): "
-            "its maps mean nothing.[/bold yellow] Pass --weights (see README).",
-            highlight=False,
-        )
     cfg = DetectConfig(
         out=out,
         batch_size=batch_size,
@@ -90,6 +83,14 @@ def detect(
         max_pixels=max_pixels,
         save_overlays=overlays,
     )
+    check_out(cfg)  # before the detector loads
+    det = load_detector(detector, weights, parse_options(option), device, dtype)
+    if det.untrained:
+        err.print(
+            f"[bold yellow]Warning: the {detector!r} detector is UNTRAINED (random weights): "
+            "its maps mean nothing.[/bold yellow] Pass --weights (see README).",
+            highlight=False,
+        )
     with progress_bar("detect", console=err) as progress:
         task = progress.add_task("detect", total=len(items))
         result = run_detect(

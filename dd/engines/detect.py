@@ -128,6 +128,17 @@ def _write_outputs(cfg: DetectConfig, loaded: Loaded, prob: np.ndarray) -> dict[
     return rec
 
 
+def check_out(cfg: DetectConfig) -> None:
+    """Refuse an ``out`` that is a file, or that holds a detect run, unless ``resume`` or
+    ``overwrite`` (callers check before loading anything)."""
+    output_dir(cfg.out)
+    if (cfg.out / RUN_INFO).exists() and not (cfg.resume or cfg.overwrite):
+        raise DDError(
+            f"{cfg.out} already holds a detect run",
+            hint="pass --resume to continue it, --overwrite to replace it, or a new --out",
+        )
+
+
 def run_detect(
     items: list[InputItem],
     detector: Detector,
@@ -140,12 +151,7 @@ def run_detect(
     if cfg.batch_size < 1:
         raise DDError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     info_path = cfg.out / RUN_INFO
-    output_dir(cfg.out)
-    if info_path.exists() and not (cfg.resume or cfg.overwrite):
-        raise DDError(
-            f"{cfg.out} already holds a detect run",
-            hint="pass --resume to continue it, --overwrite to replace it, or a new --out",
-        )
+    check_out(cfg)
     if info_path.exists() and cfg.overwrite and not cfg.resume:
         for sub in ("maps", "overlays"):  # the earlier run's pictures, not the user's
             shutil.rmtree(cfg.out / sub, ignore_errors=True)
