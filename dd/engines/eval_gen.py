@@ -116,7 +116,6 @@ IMAGE_REPORT = "report.jsonl"
 def image_settings(cfg: EvalGenConfig, lora: str | None, prompts: Sequence[str]) -> dict:
     """Every setting that changes a generated image of one model (paths absolute)."""
     import hashlib
-    import json
 
     def where(p: str | None) -> str | None:
         if p is None:
@@ -148,7 +147,6 @@ def image_settings(cfg: EvalGenConfig, lora: str | None, prompts: Sequence[str])
 def _claim_images(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Reuse ``folder``'s images only if the same settings made them (else refuse, or
     start over with ``overwrite``)."""
-    import json
     import shutil
 
     from dd.runtime.io import atomic_write_json

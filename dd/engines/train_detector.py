@@ -47,7 +47,6 @@ Only the main process writes files (except its own RNG state, which each process
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -333,6 +332,16 @@ def _read_all(paths: list[str]) -> list[Sample]:
 # ------------------------------------------------------------------------------------------------
 # RNG and checkpoint files
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class _ShrinkItem:
+    """A training sample loaded for the shrink-and-pad check (``dd.inference.Loaded``)."""
+
+    index: int
+    tensor: torch.Tensor
+    size: tuple[int, int]
+    error: str | None = None
+
+
 def _save_model(detector: Any, folder: Path) -> None:
     """``detector.save_pretrained(folder)`` without transformers' progress bar."""
     from transformers.utils import logging as hf_logging
@@ -789,16 +798,9 @@ class _Trainer:
         samples = self.dataset.samples
         mine = list(range(self.rank, len(samples), self.world))
 
-        @dataclasses.dataclass
-        class Item:
-            index: int
-            tensor: torch.Tensor
-            size: tuple[int, int]
-            error: str | None = None
-
-        def load(i: int) -> Item:
+        def load(i: int) -> _ShrinkItem:
             img = load_image(samples[i].image)
-            return Item(i, resize_for(det, img), (int(img.shape[0]), int(img.shape[1])))
+            return _ShrinkItem(i, resize_for(det, img), (int(img.shape[0]), int(img.shape[1])))
 
         maxima: list[tuple[int, float]] = []
         try:

@@ -478,11 +478,15 @@ def _t5_encoder(tokenizer: Any, seed: int, name: str):
     return T5EncoderModel(config).eval()
 
 
-def _vae(backbone: str, seed: int):
+def tiny_vae(like: str, seed: int = 0):
+    """A tiny ``AutoencoderKL`` (downsampling 4) with the latent channels and scale/shift
+    factors of ``like``'s VAE (flux, sd3, sd15 or sdxl): for plugins' tiny builders too."""
     from diffusers import AutoencoderKL
 
+    if like not in _VAE:
+        raise DDError(f"no tiny VAE like {like!r}", hint=f"one of {', '.join(_VAE)}")
     _seeded(seed, "vae")
-    return AutoencoderKL(**_VAE_COMMON, **_VAE[backbone]).eval()
+    return AutoencoderKL(**_VAE_COMMON, **_VAE[like]).eval()
 
 
 def _build_flux(seed: int, guidance: bool):
@@ -504,7 +508,7 @@ def _build_flux(seed: int, guidance: bool):
     ).eval()
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX_SCHEDULER[guidance]),
-        vae=_vae("flux", seed),
+        vae=tiny_vae("flux", seed),
         text_encoder=_clip_encoder(_CLIP_L, clip_tok, seed, "text_encoder", projection=False),
         tokenizer=clip_tok,
         text_encoder_2=_t5_encoder(t5_tok, seed, "text_encoder_2"),
@@ -531,7 +535,7 @@ def _build_sd15(seed: int):
         attention_head_dim=8,
     ).eval()
     return StableDiffusionPipeline(
-        vae=_vae("sd15", seed),
+        vae=tiny_vae("sd15", seed),
         text_encoder=_clip_encoder(_CLIP_L, clip_tok, seed, "text_encoder", projection=False),
         tokenizer=clip_tok,
         unet=unet,
@@ -567,7 +571,7 @@ def _build_sd3(seed: int):
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(**_SD3_SCHEDULER),
-        vae=_vae("sd3", seed),
+        vae=tiny_vae("sd3", seed),
         text_encoder=_clip_encoder(_CLIP_L, clip_tok, seed, "text_encoder", projection=True),
         tokenizer=clip_tok,
         text_encoder_2=_clip_encoder(_CLIP_G, clip_tok, seed, "text_encoder_2", projection=True),
@@ -602,7 +606,7 @@ def _build_sdxl(seed: int):
         projection_class_embeddings_input_dim=6 * time_embed_dim + _CLIP_G["projection_dim"],
     ).eval()
     return StableDiffusionXLPipeline(
-        vae=_vae("sdxl", seed),
+        vae=tiny_vae("sdxl", seed),
         text_encoder=_clip_encoder(_CLIP_L, clip_tok, seed, "text_encoder", projection=False),
         text_encoder_2=_clip_encoder(_CLIP_G, clip_tok, seed, "text_encoder_2", projection=True),
         tokenizer=clip_tok,

@@ -160,12 +160,11 @@ class AuraFlowBackbone(Backbone):
         from diffusers import (
             AuraFlowPipeline,
             AuraFlowTransformer2DModel,
-            AutoencoderKL,
             FlowMatchEulerDiscreteScheduler,
         )
         from transformers import UMT5Config, UMT5EncoderModel
 
-        from dd.testing.tiny import load_t5_tokenizer
+        from dd.testing.tiny import load_t5_tokenizer, tiny_vae
 
         tok = load_t5_tokenizer()
         torch.manual_seed(seed)
@@ -200,18 +199,7 @@ class AuraFlowBackbone(Backbone):
             out_channels=4,
             pos_embed_max_size=256,
         ).eval()
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32),
-            layers_per_block=1,
-            norm_num_groups=8,
-            latent_channels=4,
-            sample_size=64,
-            scaling_factor=0.13025,
-        ).eval()
+        vae = tiny_vae("sdxl", seed)  # AuraFlow decodes with SDXL's VAE
         return AuraFlowPipeline(
             tokenizer=tok,
             text_encoder=encoder,
