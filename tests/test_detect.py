@@ -296,3 +296,13 @@ def test_other_run_folders_are_skipped_unless_named(tmp_path, cli):
     # The output folder itself is never an input.
     res = cli("detect", tmp_path / "third", "--out", tmp_path / "third", *TINY, "--overwrite")
     assert res.exit_code == 2 and "is the output folder" in res.output
+
+
+def test_weights_of_the_wrong_kind_leave_no_output_behind(tmp_path, cli):
+    _images(tmp_path / "in", 1)
+    (tmp_path / "wrong.bin").write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    res = cli("detect", tmp_path / "in", "--weights", tmp_path / "wrong.bin", "--out", out)
+    assert res.exit_code == 1 and res.output.startswith("Error:")
+    assert len(res.output.strip().splitlines()) == 1
+    assert not out.exists()

@@ -130,8 +130,10 @@ def _write_outputs(cfg: DetectConfig, loaded: Loaded, prob: np.ndarray) -> dict[
 
 def check_out(cfg: DetectConfig) -> None:
     """Refuse an ``out`` that is a file, or that holds a detect run, unless ``resume`` or
-    ``overwrite`` (callers check before loading anything)."""
-    output_dir(cfg.out)
+    ``overwrite`` (callers check before loading anything). Creates nothing: a run that
+    fails to load its detector leaves no folder behind."""
+    if cfg.out.exists() and not cfg.out.is_dir():
+        output_dir(cfg.out)  # the one-line "is a file" error
     if (cfg.out / RUN_INFO).exists() and not (cfg.resume or cfg.overwrite):
         raise DDError(
             f"{cfg.out} already holds a detect run",
@@ -152,6 +154,7 @@ def run_detect(
         raise DDError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     info_path = cfg.out / RUN_INFO
     check_out(cfg)
+    output_dir(cfg.out)
     if info_path.exists() and cfg.overwrite and not cfg.resume:
         for sub in ("maps", "overlays"):  # the earlier run's pictures, not the user's
             shutil.rmtree(cfg.out / sub, ignore_errors=True)
