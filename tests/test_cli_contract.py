@@ -239,3 +239,24 @@ def test_every_setting_is_declared_once(command):
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
         assert params[f.name].help == f.metadata["help"]
     assert set(params) - {f.name for f in dataclasses.fields(cls)} == {"config"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["treat", "--backbone", "flux", "--model", "nomodel", "--prompts", "missing.txt"],
+        ["generate", "--backbone", "flux", "--model", "nomodel", "--prompts", "p.txt"],
+    ],
+)
+def test_a_run_that_fails_on_its_inputs_leaves_no_output_folder(args, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, out, err = _run(capsys, [*args, "--out", "run"])
+    finally:
+        os.chdir(cwd)
+    assert code == 1 and err.strip().splitlines()[-1].startswith("Error:"), err
+    assert not (tmp_path / "run").exists()

@@ -133,8 +133,9 @@ def generate(
     for key in ("backbone", "model"):
         if not settings[key]:
             raise DDError(f"--{key} is required", hint=f"pass --{key} or a --config that sets it")
-    output_dir(out)
-    if not overwrite and any(not p.name.startswith(".") for p in out.iterdir()):
+    if out.exists() and not out.is_dir():
+        output_dir(out)  # the one-line "is a file" error
+    if not overwrite and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise DDError(
             f"--out {out} is not empty",
             hint="choose a new folder, or pass --overwrite to replace same-named images",

@@ -63,7 +63,13 @@ from dd.runtime.checkpoint import (
     write_trainer_state,
 )
 from dd.runtime.device import make_accelerator, run_accelerated
-from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
+from dd.runtime.io import (
+    Journal,
+    absolutize,
+    atomic_write_json,
+    atomic_write_text,
+    mark_run_folder,
+)
 from dd.runtime.progress import progress_bar
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -338,6 +344,8 @@ class _Trainer:
         n_eval = min(cfg.eval_images, len(self.data))
         self.eval_images = torch.stack([self._image(i) for i in range(n_eval)])
         self.eval_prompts = [self.data[i][1] for i in range(n_eval)]
+        if self.main:
+            mark_run_folder(self.out, "refine train")
         self.journal = (
             Journal(self.out / "metrics.jsonl", fresh=last is None) if self.main else None
         )

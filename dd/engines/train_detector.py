@@ -85,7 +85,13 @@ from dd.runtime.checkpoint import (
     write_trainer_state,
 )
 from dd.runtime.checkpoint import swap_in as _swap_in
-from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
+from dd.runtime.io import (
+    Journal,
+    absolutize,
+    atomic_write_json,
+    atomic_write_text,
+    mark_run_folder,
+)
 from dd.runtime.progress import progress_bar
 
 __all__ = [
@@ -576,7 +582,7 @@ class _Trainer:
                 raise DDError(f"{saved} is missing or damaged; cannot resume") from None
             check_same_settings(self.out, saved.name, before, cfg.resolved(), _RESUMABLE_CHANGES)
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            mark_run_folder(self.out, "train-detector")
             atomic_write_json(saved, cfg.resolved())
         self.acc.wait_for_everyone()
         return last

@@ -152,8 +152,6 @@ def prepare_run_folder(
     unless ``resume``; ``log``, if given, is told when ``resume`` finds such a folder but
     no checkpoint (the run then starts from step 0).
     """
-    from dd.runtime.io import mark_run_folder
-
     last = find_checkpoint(out / "checkpoints" / "last") if resume else None
     if last is None:
         taken = [p for p in files if (out / p).exists()]
@@ -164,7 +162,6 @@ def prepare_run_folder(
             )
         if taken and log is not None:
             log(f"[yellow]no checkpoint in {out}; starting from step 0[/yellow]")
-    mark_run_folder(out, what)
     return last
 
 
@@ -211,7 +208,7 @@ def save_run_config(
     """Checks a resumed run's settings against ``out/config.toml`` (see
     :func:`check_resume_config`), then (on the main process) writes ``resolved`` there."""
     from dd.runtime.config import save_config
-    from dd.runtime.io import record_paths
+    from dd.runtime.io import mark_run_folder, record_paths
 
     resolved = record_paths(resolved)
     if resuming:
@@ -221,6 +218,7 @@ def save_run_config(
             f"dd {command}: resolved configuration of the run in {out}",
             "Read it back with --config; (unset) lines take the defaults.",
         ]
+        mark_run_folder(out, command)  # created once the models have loaded
         save_config(out / "config.toml", resolved, header=header)
 
 
