@@ -79,7 +79,7 @@ def generate(
         bool, typer.Option(help="Write into a non-empty --out, replacing files of the same name.")
     ] = False,
 ) -> None:
-    """Generate images for prompts x seeds, e.g. to look at a treated model.
+    """Generate images for prompts x seeds (to look at a base or treated model).
 
     Writes PPPP-seedS.png per prompt index and seed, grid.png (a row per prompt, a column
     per seed) and report.jsonl (prompt, seed, file; with --detect the artifact scores mean,

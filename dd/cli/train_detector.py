@@ -147,7 +147,9 @@ def train_detector(
         bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
     ] = False,
 ) -> None:
-    """Train a SegFormer artifact detector (DiffDoctor's loss, class balance and augmentation).
+    """Train an artifact detector (SegFormer by default; DiffDoctor's loss, balance, augmentation).
+
+    --detector NAME trains any detector plugin that implements dd.detectors.TrainableDetector.
 
     Writes to --out: model/ (best weights; load with dd detect --weights RUN/model), checkpoints/,
     metrics.jsonl, balance.json, train_config.json, curves.png and README.md. Several GPUs:
