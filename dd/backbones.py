@@ -676,6 +676,7 @@ class Backbone(abc.ABC):
         """Load a diffusers-format LoRA (ours, a DreamBooth one, a hub one) into the
         denoiser as the adapter ``adapter_name`` (``default``); make it trainable to continue
         from it. Several adapters can be loaded under different names (``dd refine``)."""
+        check_lora_source(path)
         try:
             with _lora_key_warnings() as problems:
                 self.pipe.load_lora_weights(str(path), adapter_name=adapter_name)
@@ -974,6 +975,16 @@ def load_pipeline(
             if offline
             else "check the hub id or path, and that you are logged in",
         ) from None
+
+
+def check_lora_source(path: str | Path, flag: str = "LoRA") -> None:
+    """A one-line "not found" for a LoRA that is neither a local path nor a hub id (checked
+    before any model loads)."""
+    if not Path(path).exists() and not _looks_like_hub_id(str(path)):
+        raise DDError(
+            f"{flag} not found: {path}",
+            hint="pass a LoRA folder (e.g. RUN/best), a .safetensors file or a hub id",
+        )
 
 
 def _looks_like_hub_id(s: str) -> bool:

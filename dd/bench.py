@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.report.plot import Panel
 
 #: ``on_progress(done, total)`` after each measured configuration.
@@ -1151,7 +1151,7 @@ def bench_detect(
     from dd.engines.detect import DetectConfig, run_detect
 
     if images < 1:
-        raise DDError("--images must be at least 1")
+        raise UsageError("--images must be at least 1")
     param = next(detector.parameters())
     device = param.device
     if param.dtype != torch.float32:

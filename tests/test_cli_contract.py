@@ -244,7 +244,8 @@ def test_every_setting_is_declared_once(command):
 @pytest.mark.parametrize(
     "args",
     [
-        ["treat", "--backbone", "flux", "--model", "nomodel", "--prompts", "missing.txt"],
+        ["treat", "--backbone", "flux", "--model", "nomodel", "--prompts", "missing.txt"]
+        + ["--eval-prompts", "p.txt"],
         ["generate", "--backbone", "flux", "--model", "nomodel", "--prompts", "p.txt"],
     ],
 )

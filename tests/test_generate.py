@@ -133,7 +133,16 @@ def test_generate_errors_are_one_line(cli, tiny_flux, prompts, tmp_path_factory,
     )
     assert res.exit_code == 1 and "bad seeds 'x'" in res.output
     res = cli("generate", "--backbone", "flux", "--model", tiny_flux)
-    assert res.exit_code == 1 and "--prompts is required" in res.output
+    assert res.exit_code == 2 and "--prompts is required" in res.output
+    assert "Usage: dd generate" in res.output
+    res = cli("generate", "--backbone", "flux", "--model", tiny_flux, "--prompts", prompts,
+              "--lora", "nothere", "--out", tmp_path / "nl")  # fmt: skip
+    assert res.exit_code == 1 and "--lora not found: nothere" in res.output
+    assert "offline" not in res.output and "weight_name" not in res.output
+    assert not (tmp_path / "nl").exists()
+    res = cli("generate", "--backbone", "flux", "--model", tiny_flux, "--prompts", prompts,
+              "--device", "gpu", "--out", tmp_path / "ng")  # fmt: skip
+    assert res.exit_code == 2 and "unknown device 'gpu'" in res.output
     # a LoRA of another architecture: a FLUX LoRA into SD1.5
     flux = get_host().backbones.get("flux").from_pretrained(str(tiny_flux))
     flux.add_lora(rank=4)

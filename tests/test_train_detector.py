@@ -280,26 +280,30 @@ def test_early_stopping_when_the_metric_never_improves(tmp_path, data, cli):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "code"),
     [
-        (["--precision", "fp16", "--cpu"], "fp16 needs a GPU"),
-        (["--variant", "b9"], "unknown SegFormer variant"),
-        (["--balance", "hand=1"], "bad --balance entry"),
-        (["--select-metric", "accuracy"], "unknown --select-metric"),
-        (["--shrink-pad-fill", "grey"], "bad --shrink-pad-fill"),
-        (["--batch-size", "64"], "no full batch"),
-        (["--pos-weight", "4"], "--pos-weight needs --loss bce"),
-        (["--loss", "bce", "--pos-weight", "0"], "--pos-weight must be positive"),
-        (["--mask-dilate", "-1"], "--mask-dilate must be 0 or more"),
+        (["--precision", "fp16", "--cpu"], "fp16 needs a GPU", 1),  # this machine's limit
+        (["--variant", "b9"], "unknown SegFormer variant", 1),  # the detector plugin's word
+        (["--balance", "hand=1"], "bad --balance entry", 2),
+        (["--select-metric", "accuracy"], "unknown --select-metric", 2),
+        (["--shrink-pad-fill", "grey"], "bad --shrink-pad-fill", 2),
+        (["--batch-size", "64"], "no full batch", 1),  # the data's size
+        (["--pos-weight", "4"], "--pos-weight needs --loss bce", 2),
+        (["--loss", "bce", "--pos-weight", "0"], "--pos-weight must be positive", 2),
+        (["--mask-dilate", "-1"], "--mask-dilate must be 0 or more", 2),
     ],
 )
-def test_bad_input_is_one_error_line(tmp_path, data, cli, args, message):
+def test_bad_input_is_one_error_line(tmp_path, data, cli, args, message, code):
+    """Exit 2 for a usage mistake (with click's usage line), 1 for other errors."""
     base = ["--input-size", "64", "--steps", "1", "--workers", "0"]
     res = cli("train-detector", data, "--out", tmp_path / "run", *base, *args)
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == code, res.output
     assert message in res.output
     assert res.output.strip().splitlines()[-1].startswith("Error:")
     assert "Traceback" not in res.output
+    if code == 2:
+        assert "Usage: dd train-detector" in res.output and "for help" in res.output
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_empty_dataset_is_an_error(tmp_path, cli):

@@ -596,15 +596,15 @@ def test_cli_errors_are_one_line(
     sd15 = tiny_pipeline_path("sd15", tmp_path_factory)
     common = ["--prompts", prompt_files[0], "--eval-prompts", prompt_files[1]]
     res = cli("treat", "--backbone", "flux", "--model", sd15, *common, "--out", tmp_path / "a")
-    assert res.exit_code == 1
+    assert res.exit_code == 1  # a model of another family: an error, not a usage mistake
     errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and errors[0] == res.output.strip().splitlines()[-1]
     assert "holds a StableDiffusionPipeline" in errors[0] and "--backbone sd15" in errors[0]
     res = cli("treat", "--model", tiny_flux, *common, "--out", tmp_path / "b")
-    assert res.exit_code == 1 and "--backbone is required" in res.output
+    assert res.exit_code == 2 and "--backbone is required" in res.output
     res = cli("treat", "--backbone", "flux", "--model", tiny_flux, *common, "--out", tmp_path / "c",
               "--reduction", "median")  # fmt: skip
-    assert res.exit_code == 1 and "unknown --reduction 'median'" in res.output
+    assert res.exit_code == 2 and "unknown --reduction 'median'" in res.output
     # a random detector teaches nothing: refused
     res = cli("treat", "--backbone", "flux", "--model", tiny_flux, *common, "--out", tmp_path / "d",
               "-O", "input_size=64", "-O", "variant=tiny", *TINY_FLAGS)  # fmt: skip
@@ -614,6 +614,16 @@ def test_cli_errors_are_one_line(
     res = cli("treat", "--backbone", "flux", "--model", tiny_flux, *common, "--out", tmp_path / "e",
               "--detector-weights", detector_dir)  # fmt: skip
     assert res.exit_code == 1 and "already holds a treat run" in res.output
+    assert "--overwrite to replace it" in res.output
+    # a folder of something else is refused unless --overwrite; --resume with it is usage
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "notes.txt").write_text("mine")
+    res = cli("treat", "--backbone", "flux", "--model", tiny_flux, *common, "--out", tmp_path / "f",
+              "--detector-weights", detector_dir)  # fmt: skip
+    assert res.exit_code == 1 and "is not empty" in res.output, res.output
+    res = cli("treat", "--backbone", "flux", "--model", tiny_flux, *common, "--out", tmp_path / "e",
+              "--detector-weights", detector_dir, "--resume", "--overwrite")  # fmt: skip
+    assert res.exit_code == 2 and "exclude each other" in res.output
 
 
 TINY_FLAGS = ["--resolution", "64", "--steps", "2"]

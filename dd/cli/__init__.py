@@ -5,7 +5,9 @@
 * a usage mistake (unknown command or option, a value of the wrong type, a missing
   argument) prints click's short usage error and exits 2, never a traceback;
 * a library error (:class:`dd.DDError`) prints one line ``Error: ... (hint: ...)`` and
-  exits non-zero; ``DD_DEBUG=1`` shows the traceback instead;
+  exits non-zero; ``DD_DEBUG=1`` shows the traceback instead; a
+  :class:`dd.errors.UsageError` (a mistake only the values reveal) is a usage error;
+* exit codes mean one thing each (``dd.errors.EXIT_*``, listed in the README);
 * help is plain click text (no Rich boxes or markup), readable at any terminal width.
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 import typer
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
-from dd.errors import DDError
+from dd.errors import EXIT_INTERRUPTED, DDError
 
 
 def _print_error(err: DDError) -> None:
@@ -62,8 +64,40 @@ def tidy_help(cmd: Any) -> None:
                 continue
             kind = "path" if desc.is_path else param.bare_type()
             param.metavar = _METAVARS.get(kind, "TEXT")
+    if getattr(cmd, "commands", None) is None:
+        _wrap_leaf(cmd)
     for sub in getattr(cmd, "commands", {}).values():
         tidy_help(sub)
+
+
+def _wrap_leaf(cmd: Any) -> None:
+    """Gives the leaf command ``cmd`` the two parts of the contract that need its context:
+    a :class:`dd.errors.UsageError` becomes click's usage error (usage line, message,
+    ``Try ... --help``; exit 2), and Ctrl-C says ``rerun with --resume`` only where the
+    command has a ``--resume``."""
+    from dd.errors import UsageError
+
+    # typer vendors its own click; its UsageError is the base of the exported BadParameter.
+    click_usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+    invoke = cmd.invoke
+    hint = getattr(cmd.callback, "interrupt_hint", None)
+    if hint is None and any(getattr(p, "name", None) == "resume" for p in cmd.params):
+        hint = "finished work is kept; rerun the same command with --resume"
+
+    def wrapped(ctx: Any) -> Any:
+        try:
+            return invoke(ctx)
+        except UsageError as err:
+            if os.environ.get("DD_DEBUG"):
+                raise
+            msg = err.message + (f" (hint: {err.hint})" if err.hint else "")
+            raise click_usage_error(msg, ctx=ctx) from None
+        except KeyboardInterrupt as err:
+            err.dd_hint = hint  # read by DDGroup.invoke
+            raise
+
+    cmd.invoke = wrapped
 
 
 _USER_ERRNOS = {
@@ -106,11 +140,17 @@ class DDGroup(TyperGroup):
                 )
             )
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if os.environ.get("DD_DEBUG"):
                 raise
-            typer.echo("Interrupted (finished work is kept; rerun with --resume).", err=True)
-            raise typer.Exit(130) from None
+            typer.echo(_interrupted(getattr(err, "dd_hint", None)), err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _interrupted(hint: str | None) -> str:
+    """What Ctrl-C prints: true for the command that was running (its ``--resume``, or the
+    hint it declared with :func:`dd.cli.options.interrupt_hint`)."""
+    return f"Interrupted ({hint or 'rerun the command to start again'})."
 
 
 def build_app(*, with_plugins: bool = True) -> typer.Typer:

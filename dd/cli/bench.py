@@ -227,7 +227,7 @@ def treat(
         treat_markdown,
         treat_panels,
     )
-    from dd.errors import DDError
+    from dd.errors import DDError, UsageError
     from dd.runtime.device import resolve_device, resolve_dtype
 
     _setup_threads(threads)
@@ -241,7 +241,9 @@ def treat(
         if full_size.lower() != "flux":
             raise DDError(f"no full-size configuration {full_size!r}", hint="use --full-size flux")
         if model is not None or backbone != "flux":
-            raise DDError("--full-size flux builds its own model", hint="drop --model/--backbone")
+            raise UsageError(
+                "--full-size flux builds its own model", hint="drop --model/--backbone"
+            )
         if dev.type not in ("cuda", "meta"):
             raise DDError(
                 f"--full-size flux needs a GPU (about 40 GiB), not {dev}",
@@ -264,7 +266,7 @@ def treat(
         mode_list = _names(modes or "checkpointed,naive")
     else:
         if dev.type == "meta":
-            raise DDError("--device meta is for --full-size flux", hint="use cpu or cuda")
+            raise UsageError("--device meta is for --full-size flux", hint="use cpu or cuda")
         if model is not None:
             setup = pretrained_treat_setup(
                 backbone,

@@ -33,6 +33,10 @@ def import_richhf_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report to stdout.")] = (
         False
     ),
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Write into a non-empty --out that holds no dataset (its files stay)."),
+    ] = False,
 ) -> None:
     """Import RichHF-18K artifact maps as a dd dataset (no TensorFlow needed).
 
@@ -41,7 +45,10 @@ def import_richhf_cmd(
     duplicated and samples already in OUT are kept.
     """
     from dd.data.richhf import import_richhf
+    from dd.runtime.io import check_dataset_folder
     from dd.runtime.progress import progress_bar
+
+    check_dataset_folder(out, "dataset import-richhf", overwrite=overwrite)
 
     err = Console(stderr=True)
     with progress_bar("import", console=err, unit="bytes") as progress:

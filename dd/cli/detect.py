@@ -18,10 +18,8 @@ from dd.cli.options import (
     Device,
     Dtype,
 )
+from dd.errors import EXIT_GATE, EXIT_SOME_INPUTS_FAILED
 from dd.runtime.progress import progress_bar
-
-EXIT_FAILED_INPUTS = 2
-EXIT_GATE = 3
 
 
 def detect(
@@ -70,7 +68,7 @@ def detect(
     items, failures = collect_inputs(paths, exclude=[out])
     if not items:
         reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(paths)
-        raise DDError(f"no images to process ({reasons})", exit_code=EXIT_FAILED_INPUTS)
+        raise DDError(f"no images to process ({reasons})", exit_code=EXIT_SOME_INPUTS_FAILED)
     for p, r in failures:
         err.print(f"[yellow]skipped[/yellow] {p}: {r}", highlight=False)
 
@@ -116,7 +114,7 @@ def detect(
     if gate:
         raise typer.Exit(EXIT_GATE)
     if result.failures:
-        raise typer.Exit(EXIT_FAILED_INPUTS)
+        raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
 
 
 def _print_summary(result, out: Path, fail_above: float | None, top: int = 20) -> None:

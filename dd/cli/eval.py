@@ -13,9 +13,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 
-from dd.cli.options import BatchSize, DetectorPlugin, Device, Dtype, Guidance
+from dd.cli.groups import DefaultCommandGroup
+from dd.cli.options import BatchSize, DetectorPlugin, Device, Dtype, Guidance, interrupt_hint
 
 app = typer.Typer(
     help="Evaluate models' generations (metrics, grids) and run preference studies.",
@@ -23,13 +23,10 @@ app = typer.Typer(
 )
 
 
-class _StudyGroup(TyperGroup):
+class _StudyGroup(DefaultCommandGroup):
     """``study DIR_A DIR_B ...`` means ``study create DIR_A DIR_B ...``."""
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["create", *args]
-        return super().parse_args(ctx, args)
+    default_command = "create"
 
 
 study_app = typer.Typer(
@@ -42,6 +39,7 @@ app.add_typer(study_app, name="study")
 
 
 @app.command("gen")
+@interrupt_hint("images already generated are kept; the same command reuses them")
 def gen(
     backbone: Annotated[
         str | None, typer.Option(help="Backbone plugin: flux, sd15, sd3, sdxl.")
@@ -161,11 +159,19 @@ def study_create(
     name_a: Annotated[str | None, typer.Option(help="Display name of A (default: folder).")] = None,
     name_b: Annotated[str | None, typer.Option(help="Display name of B (default: folder).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the left/right draw.")] = 0,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace a study in --out that has no votes yet, or use a non-empty folder."
+        ),
+    ] = False,
 ) -> None:
     """Create a study from two folders of images paired by file name."""
     from dd.engines.study import create_study
 
-    study = create_study(dir_a, dir_b, out, name_a=name_a, name_b=name_b, seed=seed)
+    study = create_study(
+        dir_a, dir_b, out, name_a=name_a, name_b=name_b, seed=seed, overwrite=overwrite
+    )
     msg = f"{len(study['pairs'])} pairs of {study['models']['a']} vs {study['models']['b']}"
     skipped = sum(len(v) for v in study["unpaired"].values())
     if skipped:

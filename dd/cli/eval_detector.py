@@ -35,6 +35,9 @@ def eval_detector(
         Path | None, typer.Option("--out", "-o", help="Write metrics.json to this folder.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the metrics.json of an earlier evaluation in --out.")
+    ] = False,
 ) -> None:
     """Score a detector against a dataset's masks: MSE, KL, CC, IoU, F1, AUROC.
 
@@ -43,10 +46,18 @@ def eval_detector(
     """
     from dd.cli.options import parse_options
     from dd.data.datasets import read_dataset
+    from dd.errors import DDError
     from dd.metrics import evaluate_detector, format_table, json_safe
     from dd.plugins import load_detector
-    from dd.runtime.io import atomic_write_json
+    from dd.runtime.io import atomic_write_json, check_output_folder, mark_run_folder
 
+    if out is not None:  # checked before the evaluation, not after it
+        check_output_folder(out, "eval-detector", overwrite=overwrite)
+        if (out / "metrics.json").exists() and not overwrite:
+            raise DDError(
+                f"{out} already holds a metrics.json",
+                hint="pass --overwrite to replace it, or choose a new --out",
+            )
     err = Console(stderr=True)
     samples = read_dataset(dataset)
     det = load_detector(detector, weights, parse_options(option), device, dtype)
@@ -67,6 +78,7 @@ def eval_detector(
         )
     report = json_safe({"dataset": str(dataset), "detector": det.describe(), "metrics": metrics})
     if out is not None:
+        mark_run_folder(out, "eval-detector")
         atomic_write_json(out / "metrics.json", report)
     if as_json:
         typer.echo(json.dumps(report, indent=2))

@@ -75,8 +75,13 @@ def generate(
             "--option", "--detector-option", "-O", help="Detector option KEY=VALUE (with --detect)."
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the run in --out: skip the images it already wrote."),
+    ] = False,
     overwrite: Annotated[
-        bool, typer.Option(help="Write into a non-empty --out, replacing files of the same name.")
+        bool,
+        typer.Option(help="Replace the run in --out (or write into a non-empty folder)."),
     ] = False,
 ) -> None:
     """Generate images for prompts x seeds (to look at a base or treated model).
@@ -92,7 +97,6 @@ def generate(
     is 512); SD1.5 and SDXL with DDIMScheduler.from_config(pipe.scheduler.config,
     clip_sample=False), as dd samples DDIM (their pipelines default to other schedulers).
     """
-    import numpy as np
     import torch
     from PIL import Image
 
@@ -105,11 +109,20 @@ def generate(
         read_prompts,
         to_uint8,
     )
-    from dd.errors import DDError
+    from dd.errors import UsageError
     from dd.plugins import load_backbone, load_detector
     from dd.runtime.config import load_preset, passed_flags
     from dd.runtime.device import resolve_device, resolve_dtype
-    from dd.runtime.io import atomic_write_text, mark_run_folder, output_dir, save_image_atomic
+    from dd.runtime.io import (
+        Journal,
+        absolute_path,
+        atomic_write_json,
+        atomic_write_text,
+        check_output_folder,
+        mark_run_folder,
+        save_image_atomic,
+        undo_if_nothing_written,
+    )
     from dd.runtime.progress import progress_bar
     from dd.scores import map_scores
 
@@ -132,87 +145,114 @@ def generate(
         settings.update({k: preset[k] for k in PRESET_KEYS if k in preset and k not in given})
     for key in ("backbone", "model"):
         if not settings[key]:
-            raise DDError(f"--{key} is required", hint=f"pass --{key} or a --config that sets it")
-    if out.exists() and not out.is_dir():
-        output_dir(out)  # the one-line "is a file" error
-    if not overwrite and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        raise DDError(
-            f"--out {out} is not empty",
-            hint="choose a new folder, or pass --overwrite to replace same-named images",
-        )
+            raise UsageError(
+                f"--{key} is required", hint=f"pass --{key} or a --config that sets it"
+            )
     if prompts is None:
-        raise DDError("--prompts is required", hint="a .txt file with one prompt per line")
+        raise UsageError("--prompts is required", hint="a .txt file with one prompt per line")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    check_output_folder(out, "generate", overwrite=overwrite)
+    if lora:
+        from dd.backbones import check_lora_source
+
+        check_lora_source(lora, "--lora")
     prompt_list = read_prompts(prompts)
     seed_list = parse_seeds(seeds)
+    record = {
+        **{k: absolute_path(v) for k, v in settings.items()},
+        "lora": absolute_path(lora),
+        "prompts": prompt_list,
+        "seeds": seed_list,
+        "detect": detect,
+    }
+    if not detect:
+        for k in ("detector", "detector_weights", "detector_options"):
+            record.pop(k)
+    _claim(out, record, resume=resume, overwrite=overwrite)
 
     err = Console(stderr=True)
     if config is not None:
         err.print(f"preset {source}", highlight=False)
     dev, dt = resolve_device(device), resolve_dtype(settings["dtype"])
-    bb = load_backbone(
-        settings["backbone"],
-        settings["model"],
-        device=dev,
-        dtype=dt,
-        options=settings["backbone_options"],
-    )
-    if lora:
-        bb.load_lora(lora, trainable=False)
-    det = None
-    if detect:
-        det = load_detector(
-            settings["detector"],
-            settings["detector_weights"],
-            settings["detector_options"],
-            str(dev),
-            settings["dtype"],
+    with undo_if_nothing_written(out):
+        bb = load_backbone(
+            settings["backbone"],
+            settings["model"],
+            device=dev,
+            dtype=dt,
+            options=settings["backbone_options"],
         )
-        if det.untrained:
-            err.print(
-                f"[bold yellow]Warning: the {settings['detector']!r} detector is UNTRAINED "
-                "(random weights): its scores mean nothing.[/bold yellow] Pass --weights.",
-                highlight=False,
+        if lora:
+            bb.load_lora(lora, trainable=False)
+        det = None
+        if detect:
+            det = load_detector(
+                settings["detector"],
+                settings["detector_weights"],
+                settings["detector_options"],
+                str(dev),
+                settings["dtype"],
             )
-    size = settings["resolution"] or int(bb.default_resolution)
-    bb.check_size(size, size)
-    n_steps = settings["steps"] or int(bb.default_steps)
-    pairs = [(pi, s) for pi in range(len(prompt_list)) for s in seed_list]
-    mark_run_folder(out, "generate")
-    records: list[dict[str, Any]] = []
-    cells: dict[tuple[int, int], tuple[Any, str]] = {}
-    with progress_bar("generate", console=err) as progress:
-        task = progress.add_task("generate", total=len(pairs))
-        for start, images in generate_batches(
-            bb,
-            [prompt_list[pi] for pi, _ in pairs],
-            [s for _, s in pairs],
-            height=size,
-            width=size,
-            steps=n_steps,
-            guidance=settings["guidance"],
-            batch_size=batch_size,
-        ):
-            probs = None
-            if det is not None:
-                with torch.no_grad():
-                    probs = det(images).float().cpu().numpy()
-            u8 = to_uint8(images)
-            for j in range(images.shape[0]):
-                pi, s = pairs[start + j]
-                name = f"{pi:04d}-seed{s}.png"
-                save_image_atomic(Image.fromarray(u8[j]), out / name)
-                rec: dict[str, Any] = {"prompt_index": pi, "prompt": prompt_list[pi], "seed": s}
-                rec["image"] = name
-                caption = f"seed {s}"
-                if probs is not None:
-                    sc = map_scores(probs[j, 0])
-                    rec.update({k: sc[k] for k in ("mean", "max", "weighted", "artifact_ratio")})
-                    caption = f"s{s} mean {sc['mean']:.3f} max {sc['max']:.3f}"
-                records.append(rec)
-                thumb = Image.fromarray(u8[j])
-                thumb.thumbnail((GRID_CELL, GRID_CELL))  # the grid needs no more
-                cells[(pi, s)] = (np.asarray(thumb), caption)
-            progress.update(task, completed=start + images.shape[0])
+            if det.untrained:
+                err.print(
+                    f"[bold yellow]Warning: the {settings['detector']!r} detector is UNTRAINED "
+                    "(random weights): its scores mean nothing.[/bold yellow] Pass --weights.",
+                    highlight=False,
+                )
+        size = settings["resolution"] or int(bb.default_resolution)
+        bb.check_size(size, size)
+        n_steps = settings["steps"] or int(bb.default_steps)
+        pairs = [(pi, s) for pi in range(len(prompt_list)) for s in seed_list]
+        mark_run_folder(out, "generate", not_inputs=("grid.png",))
+        atomic_write_json(out / SETTINGS, record)
+        journal = Journal(out / JOURNAL, fresh=overwrite)
+        written = {(r["prompt_index"], r["seed"]): r for r in journal.records}
+        todo = [pair for pair in pairs if pair not in written]
+        if written:
+            err.print(
+                f"resuming: {len(pairs) - len(todo)} image(s) already written", highlight=False
+            )
+        cells: dict[tuple[int, int], tuple[Any, str]] = {}
+        for key, rec in written.items():
+            with Image.open(out / rec["image"]) as im:
+                cells[key] = (_thumb(im.convert("RGB")), _caption(rec))
+        try:
+            with progress_bar("generate", console=err) as progress:
+                task = progress.add_task("generate", total=len(pairs), completed=len(written))
+                for start, images in generate_batches(
+                    bb,
+                    [prompt_list[pi] for pi, _ in todo],
+                    [s for _, s in todo],
+                    height=size,
+                    width=size,
+                    steps=n_steps,
+                    guidance=settings["guidance"],
+                    batch_size=batch_size,
+                ):
+                    probs = None
+                    if det is not None:
+                        with torch.no_grad():
+                            probs = det(images).float().cpu().numpy()
+                    u8 = to_uint8(images)
+                    for j in range(images.shape[0]):
+                        pi, s = todo[start + j]
+                        name = f"{pi:04d}-seed{s}.png"
+                        save_image_atomic(Image.fromarray(u8[j]), out / name)
+                        rec = {"prompt_index": pi, "prompt": prompt_list[pi], "seed": s}
+                        rec["image"] = name
+                        if probs is not None:
+                            sc = map_scores(probs[j, 0])
+                            rec.update(
+                                {k: sc[k] for k in ("mean", "max", "weighted", "artifact_ratio")}
+                            )
+                        journal.append(rec)
+                        written[(pi, s)] = rec
+                        cells[(pi, s)] = (_thumb(Image.fromarray(u8[j])), _caption(rec))
+                    progress.update(task, completed=len(written))
+        finally:
+            journal.close()
+    records = [written[pair] for pair in pairs]
 
     rows = [[cells[(pi, s)] for s in seed_list] for pi in range(len(prompt_list))]
     titles = [f"{pi}: {p}" for pi, p in enumerate(prompt_list)]
@@ -227,3 +267,56 @@ def generate(
         mx = sum(r["max"] for r in records) / len(records)
         msg += f"; artifact confidence mean {mean:.4f}, max {mx:.4f}"
     Console().print(f"{msg}. Output: {out}", highlight=False)
+
+
+SETTINGS = ".dd/generate.json"
+JOURNAL = ".dd/generate-journal.jsonl"
+
+
+def _thumb(image: Any) -> Any:
+    import numpy as np
+
+    thumb = image.copy()
+    thumb.thumbnail((GRID_CELL, GRID_CELL))  # the grid needs no more
+    return np.asarray(thumb)
+
+
+def _caption(rec: dict[str, Any]) -> str:
+    if "mean" in rec:
+        return f"s{rec['seed']} mean {rec['mean']:.3f} max {rec['max']:.3f}"
+    return f"seed {rec['seed']}"
+
+
+def _claim(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+    """Checks a ``dd generate`` run already in ``out`` before any model loads: it is
+    continued with ``--resume`` (same settings), replaced with ``--overwrite``, else refused.
+    True when there is a run to continue."""
+    from dd.errors import DDError
+    from dd.runtime.io import run_command
+
+    path = out / SETTINGS
+    if not overwrite and not path.is_file() and run_command(out) == "generate":
+        raise DDError(
+            f"{out} holds a dd generate run of an earlier dd version",
+            hint="pass --overwrite to replace it, or pick a new --out",
+        )
+    if not path.is_file() or overwrite:
+        if resume:
+            raise DDError(f"--resume: {out} holds no dd generate run", hint="drop --resume")
+        return False
+    if not resume:
+        raise DDError(
+            f"{out} already holds a dd generate run",
+            hint="pass --resume to continue it, --overwrite to replace it, or pick a new --out",
+        )
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        raise DDError(f"{path} is damaged; cannot resume", hint="pass --overwrite") from None
+    diff = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
+    if diff:
+        raise DDError(
+            f"--resume with other settings than the run in {out}: {', '.join(diff)} differ",
+            hint="resume with the original options, or pass --overwrite",
+        )
+    return True

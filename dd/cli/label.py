@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -85,6 +85,9 @@ def mine(
     device: Device = "auto",
     dtype: Dtype = "fp32",
     resume: Annotated[bool, typer.Option(help="Reuse detector results already in --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the queue in --out (never people's decisions).")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Run the detector over POOL, flag biased categories, and queue the hard cases.
@@ -93,7 +96,7 @@ def mine(
     prompt (`prompt` field or a sidecar .txt). Writes OUT/queue.jsonl (with the detector's
     map per item) for `dd label serve` and prints the per-category table.
     """
-    from dd.label.mine import MineConfig, load_rules, run_mine
+    from dd.label.mine import MineConfig, check_mine_out, load_rules, run_mine
     from dd.runtime.progress import progress_bar
 
     err = Console(stderr=True)
@@ -107,6 +110,7 @@ def mine(
         force_flag=tuple(flag or ()),
     )
     cfg.check()
+    check_mine_out(out, resume=resume, overwrite=overwrite)
     rules = load_rules(categories)
     det = _detector(detector, weights, option, device, dtype, err)
     with progress_bar("mine", console=err) as progress:
@@ -120,6 +124,7 @@ def mine(
             batch_size=batch_size,
             workers=workers,
             resume=resume,
+            overwrite=overwrite,
             on_progress=lambda d, t: progress.update(task, completed=d, total=t),
         )
     for f in res.failures:
@@ -238,6 +243,10 @@ def pseudo(
     device: Device = "auto",
     dtype: Dtype = "fp32",
     resume: Annotated[bool, typer.Option(help="Continue a run in --out.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Start this rank's labels in --out afresh (or use a non-empty folder)."),
+    ] = False,
     categories: Annotated[
         Path | None,
         typer.Option(help="Keyword rules (TOML/JSON: category = [keywords]) for prompts."),
@@ -262,6 +271,7 @@ def pseudo(
         batch_size=batch_size,
         workers=workers,
         resume=resume,
+        overwrite=overwrite,
         shrink_threshold=shrink_threshold,
         shrink_scale=parse_pair(shrink_scale, "--shrink-scale"),
         floor=floor,
@@ -289,7 +299,15 @@ def pseudo(
         err.print(f"[yellow]skipped[/yellow] {f['reason']}", highlight=False)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=2))
-        return
+    else:
+        _print_pseudo(res, tag)
+    if res.failed:
+        from dd.errors import EXIT_SOME_INPUTS_FAILED
+
+        raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
+
+
+def _print_pseudo(res: Any, tag: str) -> None:
     Console().print(
         f"{tag}: {res.processed} images labelled in {res.seconds:.1f}s "
         f"({res.images_per_second:.2f} images/s), {res.shrink} marked for shrink-and-pad, "
@@ -328,11 +346,17 @@ def import_(
     copy: Annotated[
         bool, typer.Option("--copy", help="Copy images instead of hard-linking them.")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Write into a non-empty --out that holds no dataset (its files stay)."),
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Import masks into the dataset format (re-running replaces, never duplicates)."""
     from dd.label.formats import import_any
+    from dd.runtime.io import check_dataset_folder
 
+    check_dataset_folder(out, "label import", overwrite=overwrite)
     report = import_any(fmt, sources, out, images=images, copy=copy, source=source, labels=label)
     data = report.to_json()
     if as_json:
@@ -367,7 +391,7 @@ def export(
     as_json: AsJson = False,
 ) -> None:
     """Export a queue as Label Studio tasks with predictions, or masks as COCO RLE."""
-    from dd.errors import DDError
+    from dd.errors import DDError, UsageError
     from dd.label.formats import export_coco, export_label_studio
 
     if fmt == "label-studio":
@@ -380,7 +404,7 @@ def export(
         )
     elif fmt == "coco":
         if rle not in ("string", "list"):
-            raise DDError(f"--rle must be 'string' or 'list', got {rle!r}")
+            raise UsageError(f"--rle must be 'string' or 'list', got {rle!r}")
         info = export_coco(src, out, threshold=threshold, compressed=rle == "string")
         msg = f"{info['images']} images, {info['annotations']} RLE masks in {out}"
     else:

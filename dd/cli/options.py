@@ -56,6 +56,23 @@ WarmupSteps = Annotated[int, typer.Option(min=0, help="Linear warmup steps.")]
 SaveEvery = Annotated[int, typer.Option(min=1, help="Checkpoint every N steps.")]
 LogEvery = Annotated[int, typer.Option(min=1, help="Log the loss every N steps.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        help="Replace the run in --out (its checkpoints, metrics and model) with a new one."
+    ),
+]
+
+
+def interrupt_hint(text: str) -> Any:
+    """Declares what Ctrl-C tells the user of a command without ``--resume`` (one that
+    continues by itself when rerun, say); commands with ``--resume`` need none."""
+
+    def mark(fn: Any) -> Any:
+        fn.interrupt_hint = text
+        return fn
+
+    return mark
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -107,12 +124,39 @@ def config_from_flags(
     """``cls`` from the preset or TOML file ``config`` (if any), overridden by the flags
     of ``values`` the user typed; ``renamed`` maps a config field to its click parameter
     name where they differ. Returns the config and the preset's path (None without one)."""
-    from dd.runtime.config import load_preset, passed_flags, resolve
+    from dd.runtime.config import (
+        find_preset,
+        load_preset,
+        load_toml,
+        passed_flags,
+        preset_keys_for_others,
+        resolve,
+    )
 
     given = passed_flags(ctx, {renamed.get(k, k): v for k, v in values.items()})
     flags = {k: v for k, v in values.items() if renamed.get(k, k) in given}
-    preset, source = ({}, None) if config is None else load_preset(config, cls)
+    if config is None:
+        return resolve(cls, flags=flags), None
+    others = [c for c in preset_classes() if c is not cls]
+    preset, source = load_preset(config, cls, others=others)
+    skipped = preset_keys_for_others(load_toml(find_preset(config)), cls, others)
+    if skipped:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"preset {source}: {', '.join(skipped)} are other commands' settings (not used here)",
+            highlight=False,
+        )
     return resolve(cls, preset=preset, flags=flags), source
+
+
+def preset_classes() -> list[type]:
+    """The settings classes of the commands that read presets (``--config``): a shipped
+    preset serves each of them."""
+    from dd.engines.dreambooth import DreamBoothConfig
+    from dd.engines.treat import TreatConfig
+
+    return [TreatConfig, DreamBoothConfig]
 
 
 # -- commands built from a config dataclass (one declaration per setting) --------------------

@@ -11,21 +11,17 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
 from dd.cli import options as opt
+from dd.cli.groups import DefaultCommandGroup
 
 DEFAULT_COMMAND = "run"
 
 
-class RefineGroup(TyperGroup):
+class RefineGroup(DefaultCommandGroup):
     """A group whose default command is ``run``: ``dd refine a.png`` = ``dd refine run a.png``."""
 
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-        help_names = set(ctx.help_option_names or ["--help"])
-        if args and args[0] not in self.commands and args[0] not in help_names:
-            args = [DEFAULT_COMMAND, *args]
-        return super().parse_args(ctx, args)
+    default_command = DEFAULT_COMMAND
 
 
 app = typer.Typer(
@@ -129,6 +125,10 @@ def run(
     device: opt.Device = "auto",
     dtype: opt.Dtype = "fp32",
     resume: Annotated[bool, typer.Option(help="Skip images already refined in --out.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Replace the refine run in --out (or write into a non-empty folder)."),
+    ] = False,
 ) -> None:
     """Refine images: noise them part-way and redo the late steps (seed 002, SDEdit).
 
@@ -165,6 +165,7 @@ def run(
         device=device,
         dtype=dtype,
         resume=resume,
+        overwrite=overwrite,
     )
     result = refine(cfg, console=Console(stderr=True))
     s = result.summary
@@ -181,7 +182,9 @@ def run(
         where = "" if f["error"].startswith(f["image"]) else f"{f['image']}: "
         console.print(f"failed: {where}{f['error']}", highlight=False)
     if result.failures:
-        raise typer.Exit(2)
+        from dd.errors import EXIT_SOME_INPUTS_FAILED
+
+        raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
 
 
 @app.command("train")
@@ -236,6 +239,7 @@ def train(
         int | None, typer.Option(min=1, help="Stop (with a checkpoint) here; --resume later.")
     ] = None,
     resume: opt.Resume = False,
+    overwrite: opt.Overwrite = False,
 ) -> None:
     """Train a model on a late-step range only (seed 002).
 

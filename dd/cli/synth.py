@@ -9,7 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dd.cli.options import interrupt_hint
 
+
+@interrupt_hint("samples already written are kept; the same command continues the dataset")
 def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write.")],
     count: Annotated[int, typer.Option(min=1, help="Number of samples.")] = 200,

@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dd.cli.options import DetectorOptions, LogEvery, SaveEvery, WeightDecay, parse_pair
+from dd.cli.options import (
+    DetectorOptions,
+    LogEvery,
+    Overwrite,
+    SaveEvery,
+    WeightDecay,
+    parse_pair,
+)
 
 
 def train_detector(
@@ -146,6 +153,7 @@ def train_detector(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
     ] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train an artifact detector (SegFormer by default; DiffDoctor's loss, balance, augmentation).
 
@@ -206,6 +214,7 @@ def train_detector(
         log_every=log_every,
         stop_at=stop_at,
         resume=resume,
+        overwrite=overwrite,
     )
     result = run(cfg, console=Console(stderr=True))
     if not result.main:

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dd.errors import DDError
-from dd.runtime.io import is_run_folder
+from dd.runtime.io import is_run_folder, not_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -402,21 +402,25 @@ def _expand_path(
 
 
 def _walk_images(folder: Path, skip: tuple[str, ...] = ()) -> Iterable[Path]:
-    """Image files under ``folder``, recursively, skipping hidden names, excluded folders and
-    dd run folders below ``folder``, in sorted tree order."""
+    """Image files under ``folder``, recursively, skipping hidden names, excluded folders,
+    dd run folders below ``folder`` and what a dd folder declares is not input (a run's
+    grid, overlays and maps, a dataset's masks: :func:`dd.runtime.io.not_inputs`), in sorted
+    tree order."""
     out: list[tuple[tuple[str, ...], Path]] = []
     for root, dirs, files in os.walk(folder):
+        derived = not_inputs(root)
         dirs[:] = [
             d
             for d in dirs
             if not d.startswith(".")
+            and d not in derived
             and not is_run_folder(Path(root, d))
             and os.path.realpath(Path(root, d)) not in skip
         ]
         rel = Path(root).relative_to(folder).parts
         for name in files:
             p = Path(root, name)
-            if not name.startswith(".") and _is_image(p) and p.is_file():
+            if not name.startswith(".") and name not in derived and _is_image(p) and p.is_file():
                 out.append(((*rel, name), p))
     out.sort(key=lambda t: t[0])
     return [p for _, p in out]

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import Sampler
 
 from dd.data.datasets import Sample
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 
 __all__ = [
     "NONE",
@@ -88,18 +88,18 @@ def parse_balance(spec: str | None) -> dict[str, Ratio]:
         key = key.strip().lower()
         m = _RATIO.match(value)
         if not sep or not key or m is None:
-            raise DDError(
+            raise UsageError(
                 f"bad --balance entry {part.strip()!r}",
                 hint='write CATEGORY=POS:NEG pairs, e.g. "hand=1:1,face=1:2,*=1:1"',
             )
         ratio = Ratio(float(m[1]), float(m[2]))
         if ratio.pos <= 0:
-            raise DDError(
+            raise UsageError(
                 f"bad --balance entry {part.strip()!r}: the positive part must be above 0",
                 hint="to leave out a category's positives, filter the dataset instead",
             )
         if key in out:
-            raise DDError(f"--balance names category {key!r} twice")
+            raise UsageError(f"--balance names category {key!r} twice")
         out[key] = ratio
     return out
 

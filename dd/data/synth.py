@@ -60,9 +60,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from dd.data.datasets import MANIFEST, Sample, save_mask, write_manifest
-from dd.data.images import collect_inputs, load_image
+from dd.data.images import collect_inputs, image_size, load_image
 from dd.errors import DDError
-from dd.runtime.io import save_image_atomic
+from dd.runtime.io import save_image_atomic, undo_if_nothing_written
 
 __all__ = [
     "KINDS",
@@ -880,6 +880,13 @@ def _user_photos(photos_dir: Path) -> list[tuple[str, str, str]]:
     items, _ = collect_inputs([str(photos_dir)])
     if not items:
         raise DDError(f"no images in {photos_dir}", hint="--photos takes a folder of images")
+    # Every photo is opened (its header) before --out is touched: a corrupt one is named
+    # now, not after a partial dataset was written with settings that include it.
+    for it in items:
+        try:
+            image_size(it.path)
+        except DDError as e:
+            raise DDError(e.message, hint=f"remove or replace it in {photos_dir}") from None
     return [("photos", str(it.path), it.path.relative_to(photos_dir).as_posix()) for it in items]
 
 
@@ -1088,7 +1095,20 @@ def synthesize(
     fp = _fingerprint(plan_args)
     plan = _Plan(str(out), (h, w), seed, ks, ratio, (lo, hi), tuple(photos), fp)
 
-    _claim_out(plan, count, overwrite)
+    with undo_if_nothing_written(out):
+        _claim_out(plan, count, overwrite)
+        return _synthesize(plan, count, photos, start, progress, workers)
+
+
+def _synthesize(
+    plan: _Plan,
+    count: int,
+    photos: list[tuple[str, str, str]],
+    start: float,
+    progress: bool,
+    workers: int,
+) -> SynthReport:
+    out = Path(plan.out)
     records: list[dict[str, Any] | None] = [_existing(plan, i) for i in range(count)]
     todo = [i for i, r in enumerate(records) if r is None]
     resumed = count - len(todo)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from dd.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, load_image
 from dd.detectors import Detector
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.inference import detect_batches, resize_for
 from dd.report.viz import overlay, to_uint8_map
 from dd.runtime.io import (
@@ -151,14 +151,14 @@ def run_detect(
 ) -> DetectResult:
     """Detect artifacts in ``items``; ``failures`` are earlier ones (e.g. missing paths)."""
     if cfg.batch_size < 1:
-        raise DDError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+        raise UsageError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     info_path = cfg.out / RUN_INFO
     check_out(cfg)
     output_dir(cfg.out)
     if info_path.exists() and cfg.overwrite and not cfg.resume:
         for sub in ("maps", "overlays"):  # the earlier run's pictures, not the user's
             shutil.rmtree(cfg.out / sub, ignore_errors=True)
-    mark_run_folder(cfg.out, "detect")
+    mark_run_folder(cfg.out, "detect", not_inputs=("maps", "overlays"))
     _remove_stale_temporaries(cfg.out)
     run_info = {"detector": detector.describe()}
     if cfg.resume and info_path.exists():

@@ -66,7 +66,7 @@ import torch
 
 from dd.backbones import Conditioning
 from dd.data.images import load_training_image
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.runtime.checkpoint import (
     LORA_FILE,
     load_lora_checkpoint,
@@ -95,7 +95,7 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
-RESUMABLE_CHANGES = frozenset({"resume", "stop_at"})
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at"})
 #: Random streams (with the run seed and an index they give every draw's seed).
 _S_ORDER, _S_NOISE, _S_FLIP, _S_CLASS_ORDER, _S_CLASS_GEN, _S_VAE, _S_EVAL = range(1, 8)
 OOM_HINT = (
@@ -197,6 +197,9 @@ class DreamBoothConfig:
     log_every: int = setting(1, min=1, help="Log the loss every N steps.")
     stop_at: int | None = setting(None, min=1, help="Stop (with a checkpoint) at this step.")
     resume: bool = setting(False, help="Continue the run in --out.")
+    overwrite: bool = setting(
+        False, help="Replace the run in --out (its checkpoints, metrics and LoRA) with a new one."
+    )
 
     def resolved(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,7 +238,9 @@ def flow_sigmas(
     ``generator``. ``logit_normal``: ``sigmoid(N(mean, std))``; ``uniform``; ``mode``:
     ``1 - u - scale * (cos(pi u / 2)^2 - 1 + u)``. Then the scheduler's static shift."""
     if weighting not in WEIGHTINGS:
-        raise DDError(f"unknown --weighting {weighting!r}", hint=f"one of {', '.join(WEIGHTINGS)}")
+        raise UsageError(
+            f"unknown --weighting {weighting!r}", hint=f"one of {', '.join(WEIGHTINGS)}"
+        )
     if weighting == "logit_normal":
         if u is None:
             z = torch.randn(batch, generator=generator)
@@ -322,9 +327,9 @@ class _DreamBooth:
         for key in ("backbone", "model", "instance_dir", "instance_prompt", "out"):
             if not getattr(c, key):
                 flag = "--" + key.replace("_", "-")
-                raise DDError(f"{flag} is required", hint=f"pass {flag}")
+                raise UsageError(f"{flag} is required", hint=f"pass {flag}")
         if c.prior_preservation and not c.class_prompt:
-            raise DDError(
+            raise UsageError(
                 "--prior-preservation needs --class-prompt",
                 hint='e.g. --class-prompt "a photo of a man"',
             )
@@ -381,7 +386,14 @@ class _DreamBooth:
 
     def _prepare_out(self) -> Path | None:
         files = ("checkpoints", "metrics.jsonl", LORA_FILE)
-        return prepare_run_folder(self.out, self.cfg.resume, "dreambooth", files)
+        return prepare_run_folder(
+            self.out,
+            self.cfg.resume,
+            "dreambooth",
+            files,
+            overwrite=self.cfg.overwrite,
+            allowed=("class_images",),  # prepared class images are reused
+        )
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> DreamBoothResult:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 
 __all__ = [
     "EvalGenConfig",
@@ -491,14 +491,14 @@ def _check(cfg: EvalGenConfig) -> None:
     for key in ("backbone", "model", "prompts", "out"):
         if not getattr(cfg, key):
             flag = "--" + key.replace("_", "-")
-            raise DDError(f"{flag} is required", hint=f"pass {flag}")
+            raise UsageError(f"{flag} is required", hint=f"pass {flag}")
     for lora in cfg.loras:
         if not Path(lora).exists():
             raise DDError(f"--lora not found: {lora}")
     if cfg.batch_size < 1:
-        raise DDError("--batch-size must be at least 1")
+        raise UsageError("--batch-size must be at least 1")
     if not cfg.seeds:
-        raise DDError("--seeds must name at least one seed")
+        raise UsageError("--seeds must name at least one seed")
 
 
 def eval_gen(
@@ -522,6 +522,9 @@ def eval_gen(
     from dd.scores import ARTIFACT_THRESHOLD, map_scores
 
     _check(cfg)
+    from dd.runtime.io import check_output_folder
+
+    check_output_folder(cfg.out, "eval gen", overwrite=cfg.overwrite)  # type: ignore[arg-type]
     prompts = read_prompts(cfg.prompts)  # type: ignore[arg-type]
     refs, pairs = read_refs(cfg.refs) if cfg.refs else ([], {})
     out = Path(cfg.out)  # type: ignore[arg-type]
@@ -555,7 +558,7 @@ def eval_gen(
     items = [(pi, s) for pi in range(len(prompts)) for s in cfg.seeds]
     from dd.runtime.io import mark_run_folder
 
-    mark_run_folder(out, "eval gen")
+    mark_run_folder(out, "eval gen", not_inputs=("grids",))
     bb = None
     size = cfg.resolution
     with progress_or_quiet("[bold]{task.description}", console=console) as progress:

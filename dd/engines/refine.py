@@ -57,14 +57,16 @@ import torch
 import torch.nn.functional as F
 
 from dd.backbones import FLOW, Backbone, Schedule, flow_schedule
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.runtime.checkpoint import LORA_FILE
 from dd.runtime.io import (
     Journal,
     absolutize,
     atomic_write_json,
     atomic_write_text,
+    mark_run_folder,
     save_image_atomic,
+    undo_if_nothing_written,
 )
 from dd.runtime.progress import progress_bar
 
@@ -89,7 +91,7 @@ CSV_FIELDS = [
     "status",
 ]
 #: Config fields a resumed run may change.
-RESUMABLE = frozenset({"resume", "inputs", "batch_size", "device"})
+RESUMABLE = frozenset({"resume", "overwrite", "inputs", "batch_size", "device"})
 
 
 # ------------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ def parse_segment(text: str, total: int = 1000) -> Segment:
             )
         a, b = (int(x) for x in info["late_steps"])
     if not path:
-        raise DDError(f"--segment {text!r} names no model", hint="write A-B=PATH")
+        raise UsageError(f"--segment {text!r} names no model", hint="write A-B=PATH")
     if not Path(path).expanduser().exists():
         raise DDError(f"segment model not found: {path}", hint="check the path after '='")
     return Segment(a, b, path)
@@ -305,7 +307,7 @@ def build_plan(
     """The schedule for chained late-step ``segments`` (see the module docstring)."""
     total = bb.num_train_timesteps
     if steps < 1:
-        raise DDError(f"--steps must be at least 1, got {steps}")
+        raise UsageError(f"--steps must be at least 1, got {steps}")
     if segments[-1].end != total:
         raise DDError(f"the last segment must end at step {total}")
     counts = _segment_counts(segments, steps, total)
@@ -344,7 +346,7 @@ def strength_plan(bb: Backbone, strength: float, steps: int, height: int, width:
     """diffusers' img2img ``strength``: the last ``int(steps * strength)`` steps of the
     backbone's ``steps``-step schedule."""
     if not 0 < strength <= 1:
-        raise DDError(f"--strength must be in (0, 1], got {strength}")
+        raise UsageError(f"--strength must be in (0, 1], got {strength}")
     full = bb.make_schedule(steps, height, width)
     n = len(full)
     init = min(int(n * strength), n)
@@ -575,6 +577,7 @@ class RefineConfig:
     device: str = "auto"
     dtype: str = "fp32"
     resume: bool = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -641,6 +644,7 @@ class _Refiner:
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self.console = console
         self.out = Path(cfg.out)
+        self.replace = False
         self.plans: dict[tuple[int, int], RefinePlan] = {}
         self.printed_plan: list[str] = []
 
@@ -662,21 +666,21 @@ class _Refiner:
                 hint="e.g. --late-steps 500-750 noises to t = 500 and denoises from there",
             )
         if c.strength is not None and not 0 < c.strength <= 1:
-            raise DDError(f"--strength must be in (0, 1], got {c.strength}")
+            raise UsageError(f"--strength must be in (0, 1], got {c.strength}")
         if not 0 <= c.threshold <= 1:
-            raise DDError(f"--threshold must be in [0, 1], got {c.threshold}")
+            raise UsageError(f"--threshold must be in [0, 1], got {c.threshold}")
         if c.clean_threshold is not None and not 0 < c.clean_threshold <= 1:
-            raise DDError(f"--clean-threshold must be in (0, 1], got {c.clean_threshold}")
+            raise UsageError(f"--clean-threshold must be in (0, 1], got {c.clean_threshold}")
         for name, v in (("dilate", c.dilate), ("feather", c.feather)):
             if v < 0:
-                raise DDError(f"--{name} must be 0 or more, got {v}")
+                raise UsageError(f"--{name} must be 0 or more, got {v}")
         for name, v in (
             ("batch-size", c.batch_size),
             ("until-clean", c.until_clean),
             ("steps", c.steps),
         ):
             if v is not None and v < 1:
-                raise DDError(f"--{name} must be at least 1, got {v}")
+                raise UsageError(f"--{name} must be at least 1, got {v}")
         if c.mask is not None and c.mask != "auto" and not Path(c.mask).expanduser().exists():
             raise DDError(f"mask not found: {c.mask}", hint="pass --mask auto, a PNG or a folder")
         if not c.inputs:
@@ -694,21 +698,31 @@ class _Refiner:
             if not c.model:
                 c.model = info.get("init") if info.get("kind") == "lora" else path
         if not c.backbone:
-            raise DDError("--backbone is required", hint="e.g. --backbone sd15 (see `dd plugins`)")
+            raise UsageError(
+                "--backbone is required", hint="e.g. --backbone sd15 (see `dd plugins`)"
+            )
         if not c.model:
-            raise DDError("--model is required", hint="a diffusers folder, file or hub id")
+            raise UsageError("--model is required", hint="a diffusers folder, file or hub id")
 
     def _check_out(self) -> dict[str, Any]:
         """Refuses to overwrite a run (or to resume with other settings) before anything is
         loaded; returns the settings to record. Nothing is written here."""
+        from dd.runtime.io import check_output_folder
+
         c = self.cfg
+        if c.resume and c.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+        check_output_folder(self.out, "refine", overwrite=c.overwrite)
         info = self.out / RUN_INFO
         now = {k: v for k, v in asdict(c).items() if k not in RESUMABLE}
-        if info.is_file():
+        if info.is_file() and c.overwrite:
+            self.replace = True  # the old run's settings and journal go when this one starts
+        elif info.is_file():
             if not c.resume:
                 raise DDError(
                     f"{self.out} already holds a refine run",
-                    hint="pass --resume to continue it, or choose a new --out folder",
+                    hint="pass --resume to continue it, --overwrite to replace it, "
+                    "or choose a new --out folder",
                 )
             try:
                 before = json.loads(info.read_text())
@@ -791,7 +805,17 @@ class _Refiner:
 
         # Only now, with every input, model and detector loaded, does --out get written:
         # bad input leaves no run folder behind that a corrected rerun would trip over.
-        self.out.mkdir(parents=True, exist_ok=True)
+        with undo_if_nothing_written(self.out, bookkeeping=("plan.txt",)):
+            return self._run_images(items, failures, settings)
+
+    def _run_images(
+        self, items: list[Any], failures: list[dict[str, str]], settings: dict[str, Any]
+    ) -> RefineResult:
+        c = self.cfg
+        if self.replace:
+            for name in (RUN_INFO, JOURNAL, "plan.txt"):
+                (self.out / name).unlink(missing_ok=True)
+        mark_run_folder(self.out, "refine", not_inputs=("compare", "masks"))
         atomic_write_json(self.out / RUN_INFO, settings)
         journal = Journal(self.out / JOURNAL)
         done = {r["key"]: r for r in journal.records if "key" in r}

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.runtime.checkpoint import (
     TRAINABLE_FILE,
     load_optimizer_state,
@@ -74,7 +74,7 @@ from dd.runtime.progress import progress_bar
 
 PRECISIONS = ("no", "bf16", "fp16")
 #: Fields a resumed run may change.
-RESUMABLE = frozenset({"resume", "stop_at"})
+RESUMABLE = frozenset({"resume", "overwrite", "stop_at"})
 
 
 @dataclass
@@ -106,6 +106,7 @@ class RefineTrainConfig:
     log_every: int = 10
     stop_at: int | None = None
     resume: bool = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -244,7 +245,7 @@ class _Trainer:
                     "its autoencoder and UNet layout; for sd15 the LoRA's base)",
                     "late_steps": "e.g. --late-steps 500-750 (trains t 250..500)",
                 }.get(key, f"pass {flag}")
-                raise DDError(f"{flag} is required", hint=hint)
+                raise UsageError(f"{flag} is required", hint=hint)
         mode = self._training_mode()
         if mode is None:
             from dd.plugins import get_host
@@ -264,11 +265,11 @@ class _Trainer:
                 hint=f"one of {', '.join(PRECISIONS)}",
             )
         if c.lr_schedule not in ("constant", "cosine"):
-            raise DDError(f"unknown --lr-schedule {c.lr_schedule!r}", hint="constant or cosine")
+            raise UsageError(f"unknown --lr-schedule {c.lr_schedule!r}", hint="constant or cosine")
         if not 0 <= c.ema_decay < 1:
-            raise DDError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
+            raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
         if c.lr <= 0:
-            raise DDError("--lr must be above 0")
+            raise UsageError("--lr must be above 0")
         if c.from_scratch and mode != "full":
             raise DDError(
                 "--from-scratch re-initialises a fully fine-tuned denoiser",
@@ -276,10 +277,10 @@ class _Trainer:
             )
         for name in ("train_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(c, name) < 1:
-                raise DDError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         on_cpu = c.device == "cpu" or not torch.cuda.is_available()
         if c.mixed_precision == "fp16" and on_cpu:
-            raise DDError("--mixed-precision fp16 needs a GPU", hint="use bf16 or no on the CPU")
+            raise UsageError("--mixed-precision fp16 needs a GPU", hint="use bf16 or no on the CPU")
         train_timestep_range(c.late_steps or "")
 
     def _training_mode(self) -> str | None:
@@ -374,7 +375,9 @@ class _Trainer:
 
     def _prepare_out(self) -> Path | None:
         files = ("checkpoints", "metrics.jsonl")
-        return prepare_run_folder(self.out, self.cfg.resume, "refine train", files)
+        return prepare_run_folder(
+            self.out, self.cfg.resume, "refine train", files, overwrite=self.cfg.overwrite
+        )
 
     # -- data ------------------------------------------------------------------------------
     def _image(self, index: int) -> torch.Tensor:

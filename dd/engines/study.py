@@ -84,16 +84,34 @@ def create_study(
     name_b: str | None = None,
     seed: int = 0,
     prompts: dict[str, str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Pair the images of two folders by stem into a new study folder ``out``."""
+    """Pair the images of two folders by stem into a new study folder ``out``.
+
+    An existing study is replaced only with ``overwrite`` and only while it has no votes
+    (people's work is never replaced); a folder of anything else needs ``overwrite``."""
     from dd.engines.dreambooth import list_images
+    from dd.runtime.io import check_output_folder, mark_run_folder
 
     a, b, out = Path(dir_a), Path(dir_b), Path(out)
     for d in (a, b):
         if not d.is_dir():
             raise DDError(f"image folder not found: {d}")
     if (out / "study.json").exists():
-        raise DDError(f"{out} already holds a study", hint="choose a new --out folder")
+        votes = [p for p in (out / "votes").glob("*.jsonl") if p.stat().st_size]
+        if votes:
+            raise DDError(
+                f"{out} holds a study with votes ({len(votes)} participant(s))",
+                hint="votes are people's work: choose a new --out folder",
+            )
+        if not overwrite:
+            raise DDError(
+                f"{out} already holds a study",
+                hint="choose a new --out folder, or pass --overwrite (it has no votes yet)",
+            )
+        shutil.rmtree(out / "images", ignore_errors=True)
+    else:
+        check_output_folder(out, "eval study create", overwrite=overwrite)
     ims_a, all_a = _generated(a, list_images(a))
     ims_b, all_b = _generated(b, list_images(b))
     stems = sorted(set(ims_a) & set(ims_b))
@@ -134,6 +152,7 @@ def create_study(
             "b": sorted(all_b - set(stems)),
         },
     }
+    mark_run_folder(out, "eval study create")
     atomic_write_json(out / "study.json", study)
     (out / "votes").mkdir(exist_ok=True)
     return study

@@ -72,7 +72,7 @@ from dd.data.sampler import (
     parse_balance,
     rows_to_json,
 )
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.metrics import METRIC_KEYS
 from dd.runtime.checkpoint import (
     check_same_settings,
@@ -111,7 +111,7 @@ HIGHER_IS_BETTER = frozenset({"cc", "iou", "f1", "pixel_auroc", "image_auroc"})
 LOWER_IS_BETTER = frozenset({"mse", "mse_clean", "kl_fn", "kl_fp"})
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # Config fields a resumed run may change: they do not affect the results.
-_RESUMABLE_CHANGES = frozenset({"resume", "stop_at", "workers"})
+_RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "workers"})
 
 
 @dataclass
@@ -166,6 +166,7 @@ class TrainConfig:
     log_every: int = 10
     stop_at: int | None = None
     resume: bool = False
+    overwrite: bool = False
 
     def resolved(self) -> dict[str, Any]:
         d = asdict(self)
@@ -380,12 +381,12 @@ class _Trainer:
         if not c.datasets:
             raise DDError("no training dataset given", hint="dd train-detector DATASET --out RUN")
         if c.precision not in PRECISIONS:
-            raise DDError(f"unknown precision {c.precision!r}", hint="use fp32, bf16 or fp16")
+            raise UsageError(f"unknown precision {c.precision!r}", hint="use fp32, bf16 or fp16")
         if c.loss not in LOSSES:
-            raise DDError(f"unknown --loss {c.loss!r}", hint="use mse (the paper's) or bce")
+            raise UsageError(f"unknown --loss {c.loss!r}", hint="use mse (the paper's) or bce")
         if c.select_metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
             names = ", ".join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))
-            raise DDError(f"unknown --select-metric {c.select_metric!r}", hint=f"one of {names}")
+            raise UsageError(f"unknown --select-metric {c.select_metric!r}", hint=f"one of {names}")
         checks = [
             (c.steps >= 1, "--steps must be at least 1"),
             (c.batch_size >= 1, "--batch-size must be at least 1"),
@@ -405,9 +406,9 @@ class _Trainer:
         ]
         for ok, msg in checks:
             if not ok:
-                raise DDError(msg)
+                raise UsageError(msg)
         if c.val and c.val_fraction is not None:
-            raise DDError(
+            raise UsageError(
                 "--val and --val-fraction both given",
                 hint="validate on --val datasets or on a held-out fraction, not both",
             )
@@ -417,7 +418,7 @@ class _Trainer:
             except ValueError:
                 ok = False
             if not ok:
-                raise DDError(
+                raise UsageError(
                     f"bad --shrink-pad-fill {c.shrink_fill!r}",
                     hint="a value in [0, 1] (0 = black) or 'reflect'",
                 )
@@ -574,7 +575,15 @@ class _Trainer:
         cfg = self.cfg
         saved = self.out / "train_config.json"
         files = ("checkpoints", "metrics.jsonl", "model")
-        last = prepare_run_folder(self.out, cfg.resume, "training", files, log=self.log)
+        last = prepare_run_folder(
+            self.out,
+            cfg.resume,
+            "training",
+            files,
+            log=self.log,
+            overwrite=cfg.overwrite,
+            command="train-detector",
+        )
         if last is not None:
             try:
                 before = json.loads(saved.read_text())
@@ -992,8 +1001,13 @@ def train_detector(cfg: TrainConfig, *, console: Any | None = None) -> TrainResu
     if single:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+    from dd.runtime.io import undo_if_nothing_written
+
     try:
-        return _Trainer(cfg, console).run()
+        # A run that fails before its first checkpoint or metric (a detector that does not
+        # load, data too small for a batch) leaves no folder to block the corrected rerun.
+        with undo_if_nothing_written(cfg.out, bookkeeping=("train_config.json",)):
+            return _Trainer(cfg, console).run()
     finally:
         if single:
             AcceleratorState._reset_state(reset_partial_state=True)

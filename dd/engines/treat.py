@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from dd.data.images import load_training_image
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.runtime.checkpoint import (
     LORA_FILE,
     load_lora_checkpoint,
@@ -104,7 +104,7 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
-RESUMABLE_CHANGES = frozenset({"resume", "stop_at"})
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at"})
 #: ``metrics.jsonl`` fields that differ between runs with identical results.
 TIMING_FIELDS = frozenset({"step_time_s", "eval_time_s"})
 OOM_HINT = (
@@ -223,6 +223,9 @@ class TreatConfig:
         None, min=1, help="Stop (with a checkpoint) at this step; --resume later."
     )
     resume: bool = setting(False, help="Continue the run in --out from its checkpoint.")
+    overwrite: bool = setting(
+        False, help="Replace the run in --out (its checkpoints, metrics and LoRA) with a new one."
+    )
 
     def resolved(self) -> dict[str, Any]:
         return asdict(self)
@@ -611,7 +614,13 @@ class _Treater:
         for key in ("backbone", "model", "prompts", "eval_prompts", "out"):
             if not getattr(c, key):
                 flag = "--" + key.replace("_", "-")
-                raise DDError(f"{flag} is required", hint=f"pass {flag} or set {key} in --config")
+                raise UsageError(
+                    f"{flag} is required", hint=f"pass {flag} or set {key} in --config"
+                )
+        if c.init_lora:
+            from dd.backbones import check_lora_source
+
+            check_lora_source(c.init_lora, "--init-lora")
         choices = [
             ("reduction", c.reduction, REDUCTIONS),
             ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
@@ -663,7 +672,9 @@ class _Treater:
     def _prepare_out(self) -> Path | None:
         """The checkpoint to resume from (None: a new run); refuses to overwrite a run."""
         files = ("checkpoints", "metrics.jsonl", LORA_FILE)
-        return prepare_run_folder(self.out, self.cfg.resume, "treat", files, log=self.log)
+        return prepare_run_folder(
+            self.out, self.cfg.resume, "treat", files, log=self.log, overwrite=self.cfg.overwrite
+        )
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> TreatResult:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dd.data.images import IMAGE_SUFFIXES, image_size
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.label.rle import coco_decode, coco_encode, ls_decode_mask, ls_encode_mask
 from dd.runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -527,7 +527,7 @@ def import_any(
         from dd.data.richhf import import_richhf
 
         if images is None:
-            raise DDError("--images is needed for RichHF (the Pick-a-Pic images folder)")
+            raise UsageError("--images is needed for RichHF (the Pick-a-Pic images folder)")
         return import_richhf(sources, images, out, copy=copy)
     if len(sources) != 1:
         raise DDError(f"the {fmt} importer takes one source, got {len(sources)}")
@@ -535,7 +535,9 @@ def import_any(
     if fmt == "queue":
         return import_queue(src, out, copy=copy)
     if fmt in ("png", "coco", "cvat") and images is None:
-        raise DDError(f"--images is needed for the {fmt} format (the images the masks belong to)")
+        raise UsageError(
+            f"--images is needed for the {fmt} format (the images the masks belong to)"
+        )
     if fmt == "png":
         return import_png(src, images, out, copy=copy, source=source)
     if fmt == "coco":

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from dd.errors import DDError
+from dd.errors import EXIT_SOME_INPUTS_FAILED, DDError, UsageError
 
 OTHER = "other"
 
@@ -146,11 +146,11 @@ class MineConfig:
     def check(self) -> None:
         lo, hi = self.band
         if self.budget < 1:
-            raise DDError(f"--budget must be at least 1, got {self.budget}")
+            raise UsageError(f"--budget must be at least 1, got {self.budget}")
         if not (0.0 <= lo <= hi <= 1.0):
-            raise DDError(f"--band must be LO,HI with 0 <= LO <= HI <= 1, got {lo},{hi}")
+            raise UsageError(f"--band must be LO,HI with 0 <= LO <= HI <= 1, got {lo},{hi}")
         if not 0.0 <= self.high <= 1.0:
-            raise DDError(f"--high must be in [0, 1], got {self.high}")
+            raise UsageError(f"--high must be in [0, 1], got {self.high}")
 
 
 def category_stats(records: list[dict[str, Any]], cfg: MineConfig) -> list[dict[str, Any]]:
@@ -239,6 +239,31 @@ class MineResult:
     queue: Path | None = None
 
 
+def check_mine_out(out: Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """The rules for ``--out`` of ``dd label mine``, checked before the detector loads: a
+    folder of other results is refused unless ``overwrite``; an existing queue is re-mined
+    only with ``resume`` (its detector results reused) or ``overwrite``; people's decisions
+    are never replaced (only ``resume`` keeps them and re-mines)."""
+    from dd.label.queue import DECISIONS
+    from dd.runtime.io import check_output_folder
+
+    out = Path(out)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    check_output_folder(out, "label mine", overwrite=overwrite)
+    if (out / DECISIONS).exists() and not resume:
+        raise DDError(
+            f"{out} already holds labelling decisions ({DECISIONS})",
+            hint="use --resume to re-mine into it (decisions are kept), or a new --out",
+        )
+    if (out / "queue.jsonl").exists() and not (resume or overwrite):
+        raise DDError(
+            f"{out} already holds a labelling queue",
+            hint="use --resume to re-mine it (reusing the detector results), --overwrite to "
+            "replace it, or a new --out",
+        )
+
+
 def run_mine(
     specs: list[str],
     detector: Any,
@@ -249,26 +274,24 @@ def run_mine(
     batch_size: int = 8,
     workers: int = 4,
     resume: bool = False,
+    overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> MineResult:
-    """Run the detector over the pool and write the labelling queue to ``out``."""
+    """Run the detector over the pool and write the labelling queue to ``out`` (see
+    :func:`check_mine_out` for an existing one)."""
     from dd.data.images import collect_inputs
     from dd.engines.detect import DetectConfig, run_detect
-    from dd.label.queue import DECISIONS, write_queue
+    from dd.label.queue import write_queue
     from dd.web import now_iso
 
     cfg.check()
     out = Path(out)
-    if (out / DECISIONS).exists() and not resume:
-        raise DDError(
-            f"{out} already holds labelling decisions ({DECISIONS})",
-            hint="use --resume to re-mine into it (decisions are kept), or a new --out",
-        )
+    check_mine_out(out, resume=resume, overwrite=overwrite)
     rules = rules or load_rules(None)
     items, failures = collect_inputs(specs, exclude=[out])
     if not items:
         reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(specs)
-        raise DDError(f"no images in the pool ({reasons})", exit_code=2)
+        raise DDError(f"no images in the pool ({reasons})", exit_code=EXIT_SOME_INPUTS_FAILED)
     from dd.runtime.io import mark_run_folder
 
     mark_run_folder(out, "label mine")

@@ -41,8 +41,15 @@ import numpy as np
 from PIL import Image
 
 from dd.data.images import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, InputItem
-from dd.errors import DDError
-from dd.runtime.io import atomic_open, atomic_write_json, mark_run_folder, save_image_atomic
+from dd.errors import DDError, UsageError
+from dd.runtime.io import (
+    atomic_open,
+    atomic_write_json,
+    mark_run_folder,
+    not_inputs,
+    save_image_atomic,
+    undo_if_nothing_written,
+)
 
 SHARDS = "pseudo"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -54,6 +61,8 @@ class PseudoConfig:
     batch_size: int = 16
     workers: int = 4
     resume: bool = False
+    #: Start this rank's shard afresh (and drop the merged manifest); with --resume: no.
+    overwrite: bool = False
     shrink_threshold: float = 0.3
     shrink_scale: tuple[float, float] = (0.3, 0.7)
     floor: float = 0.0
@@ -66,15 +75,15 @@ class PseudoConfig:
     def check(self) -> None:
         lo, hi = self.shrink_scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise DDError(f"--shrink-scale must be LO,HI with 0 < LO <= HI <= 1, got {lo},{hi}")
+            raise UsageError(f"--shrink-scale must be LO,HI with 0 < LO <= HI <= 1, got {lo},{hi}")
         if not 0.0 <= self.shrink_threshold <= 1.0:
-            raise DDError(f"--shrink-threshold must be in [0, 1], got {self.shrink_threshold}")
+            raise UsageError(f"--shrink-threshold must be in [0, 1], got {self.shrink_threshold}")
         if not 0.0 <= self.floor < 1.0:
-            raise DDError(f"--floor must be in [0, 1), got {self.floor}")
+            raise UsageError(f"--floor must be in [0, 1), got {self.floor}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise DDError(f"bad rank {self.rank} of world size {self.world_size}")
         if self.batch_size < 1:
-            raise DDError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -100,8 +109,9 @@ def _walk(folder: Path) -> Iterator[Path]:
         except OSError:
             continue
         subdirs = []
+        derived = not_inputs(d)  # a run's pictures, a dataset's masks
         for e in entries:
-            if e.name.startswith("."):
+            if e.name.startswith(".") or e.name in derived:
                 continue
             if e.is_dir(follow_symlinks=False):
                 subdirs.append(Path(e.path))
@@ -307,6 +317,28 @@ def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, An
     return rec
 
 
+def _check_some_labelled(res: PseudoResult, specs: list[str]) -> None:
+    """An error (exit code 4, like ``dd label mine``) when the pool had no image for any
+    rank, or when every image of this rank failed to load: success means labels."""
+    from dd.errors import EXIT_SOME_INPUTS_FAILED
+
+    seen = res.processed + res.skipped_done + res.skipped_excluded + res.other_ranks
+    if seen:
+        return
+    if res.failed:
+        first = "; ".join(f["reason"] for f in (res.failures or [])[:3])
+        raise DDError(
+            f"every image of the pool failed to load ({res.failed}: {first})",
+            hint="check the images; nothing was labelled",
+            exit_code=EXIT_SOME_INPUTS_FAILED,
+        )
+    raise DDError(
+        f"no images in the pool ({', '.join(specs)})",
+        hint="pass folders, images or .txt/.jsonl manifests of images",
+        exit_code=EXIT_SOME_INPUTS_FAILED,
+    )
+
+
 def run_pseudo(
     specs: list[str],
     detector: Any,
@@ -318,8 +350,9 @@ def run_pseudo(
 ) -> PseudoResult:
     """Pseudo-label this rank's share of the pool; see the module docstring.
 
-    ``stop_after`` (tests) raises ``KeyboardInterrupt`` once that many images are written,
-    like a kill between two batches.
+    ``stop_after`` (tests) raises ``KeyboardInterrupt`` once exactly that many records are
+    in the shard, like a kill between two writes (deterministic: it does not depend on how
+    the writer threads were scheduled).
     """
     from dd.engines.detect import load_input
     from dd.inference import detect_batches
@@ -337,11 +370,21 @@ def run_pseudo(
     info_path = shard_dir / "run.json"
     # Each rank checks only its own shard: other ranks of this run may have created theirs.
     from dd.data.datasets import MANIFEST
+    from dd.runtime.io import check_output_folder
 
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    check_output_folder(out, "label pseudo", overwrite=cfg.overwrite)
+    if cfg.overwrite:  # this rank's labels only: other ranks of the run handle their own
+        shard.unlink(missing_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        if cfg.rank == 0:
+            info_path.unlink(missing_ok=True)
     if not cfg.resume and (shard.exists() or (out / MANIFEST).exists()):
         raise DDError(
             f"{out} already holds pseudo-labels",
-            hint="add --resume to continue that run, or pick a new --out",
+            hint="add --resume to continue that run, --overwrite to label afresh, or pick a "
+            "new --out",
         )
     if cfg.resume and info_path.exists():
         try:
@@ -353,82 +396,90 @@ def run_pseudo(
                 f"{out} was labelled with other settings or another detector ({prev})",
                 hint="resume with the same --weights and options, or pick a new --out",
             )
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    mark_run_folder(out, "label pseudo")
-    if cfg.rank == 0 and not (cfg.resume and info_path.exists()):
-        atomic_write_json(info_path, run_info)
-    with contextlib.suppress(FileNotFoundError):
-        (shard_dir / f"done-r{cfg.rank:05d}-of-{cfg.world_size:05d}.json").unlink()
-    _repair(shard)
-    done = done_images(out) if cfg.resume else set()
-    skip = excluded_images(exclude or [])
-    res = PseudoResult(failures=[])
+    with undo_if_nothing_written(out, bookkeeping=(f"{SHARDS}/run.json",)):
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_folder(out, "label pseudo", not_inputs=("masks",))
+        if cfg.rank == 0 and not (cfg.resume and info_path.exists()):
+            atomic_write_json(info_path, run_info)
+        with contextlib.suppress(FileNotFoundError):
+            (shard_dir / f"done-r{cfg.rank:05d}-of-{cfg.world_size:05d}.json").unlink()
+        _repair(shard)
+        done = done_images(out) if cfg.resume else set()
+        skip = excluded_images(exclude or [])
+        res = PseudoResult(failures=[])
 
-    def mine() -> Iterator[InputItem]:
-        for path, meta in stream_inputs(specs):
-            h = path_hash(path)
-            if owner(h, cfg.world_size) != cfg.rank:
-                res.other_ranks += 1
-                continue
-            s = str(path)
-            if s in done:
-                res.skipped_done += 1
-                continue
-            if s in skip or os.path.realpath(s) in skip:
-                res.skipped_excluded += 1
-                continue
-            yield InputItem(path, mask_rel(path, h), meta)
+        def mine() -> Iterator[InputItem]:
+            for path, meta in stream_inputs(specs):
+                h = path_hash(path)
+                if owner(h, cfg.world_size) != cfg.rank:
+                    res.other_ranks += 1
+                    continue
+                s = str(path)
+                if s in done:
+                    res.skipped_done += 1
+                    continue
+                if s in skip or os.path.realpath(s) in skip:
+                    res.skipped_excluded += 1
+                    continue
+                yield InputItem(path, mask_rel(path, h), meta)
 
-    t0 = time.perf_counter()
-    f = open(shard, "ab")  # noqa: SIM115 - closed below
-    try:
-        with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer:
-            pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
+        t0 = time.perf_counter()
+        f = open(shard, "ab")  # noqa: SIM115 - closed below
+        try:
+            with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer:
+                pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
 
-            def drain(block: bool) -> None:
-                lines = []
-                while pending and (block or pending[0].done()):
-                    rec = pending.popleft().result()
-                    lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
-                    res.processed += 1
-                    res.shrink += "shrink_pad" in rec
-                if lines:
-                    f.write(b"".join(lines))
-                    f.flush()
-                    os.fsync(f.fileno())
-                    res.seconds = time.perf_counter() - t0
-                    if on_progress:
-                        on_progress(res)
-                    if stop_after is not None and res.processed >= stop_after:
+                def drain(block: bool) -> None:
+                    lines = []
+                    stop = False
+                    while pending and (block or pending[0].done()):
+                        rec = pending.popleft().result()
+                        lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
+                        res.processed += 1
+                        res.shrink += "shrink_pad" in rec
+                        # The test hook stops at exactly ``stop_after`` records, however the
+                        # writer threads were scheduled.
+                        if stop_after is not None and res.processed >= stop_after:
+                            stop = True
+                            break
+                    if lines:
+                        f.write(b"".join(lines))
+                        f.flush()
+                        os.fsync(f.fileno())
+                        res.seconds = time.perf_counter() - t0
+                        if on_progress:
+                            on_progress(res)
+                    if stop:
                         raise KeyboardInterrupt
 
-            results = detect_batches(
-                detector,
-                mine(),
-                lambda it: load_input(it, detector, cfg.max_pixels),
-                batch_size=cfg.batch_size,
-                workers=cfg.workers,
-            )
-            for loaded, prob in results:
-                if prob is None:
-                    res.failed += 1
-                    res.failures.append({"path": str(loaded.item.path), "reason": loaded.error})
-                    continue
-                pending.append(writer.submit(_write, cfg, loaded.item, prob.cpu().numpy()))
-                drain(block=False)
-            drain(block=True)
-    finally:
-        f.close()
-    res.seconds = time.perf_counter() - t0
-    if res.failures:
-        from dd.runtime.io import atomic_write_text
+                results = detect_batches(
+                    detector,
+                    mine(),
+                    lambda it: load_input(it, detector, cfg.max_pixels),
+                    batch_size=cfg.batch_size,
+                    workers=cfg.workers,
+                )
+                for loaded, prob in results:
+                    if prob is None:
+                        res.failed += 1
+                        res.failures.append({"path": str(loaded.item.path), "reason": loaded.error})
+                        continue
+                    pending.append(writer.submit(_write, cfg, loaded.item, prob.cpu().numpy()))
+                    drain(block=False)
+                drain(block=True)
+        finally:
+            f.close()
+        res.seconds = time.perf_counter() - t0
+        _check_some_labelled(res, specs)
+        if res.failures:
+            from dd.runtime.io import atomic_write_text
 
-        atomic_write_text(
-            shard_dir / f"failed-r{cfg.rank:05d}.jsonl",
-            "".join(json.dumps(x, sort_keys=True) + "\n" for x in res.failures),
+            atomic_write_text(
+                shard_dir / f"failed-r{cfg.rank:05d}.jsonl",
+                "".join(json.dumps(x, sort_keys=True) + "\n" for x in res.failures),
+            )
+        atomic_write_json(
+            shard_dir / f"done-r{cfg.rank:05d}-of-{cfg.world_size:05d}.json", res.to_json()
         )
-    atomic_write_json(
-        shard_dir / f"done-r{cfg.rank:05d}-of-{cfg.world_size:05d}.json", res.to_json()
-    )
     res.manifest = merge_shards(out, cfg.world_size)
     return res

@@ -145,20 +145,45 @@ def prepare_run_folder(
     what: str,
     files: Sequence[str],
     log: Callable[[str], None] | None = None,
+    *,
+    overwrite: bool = False,
+    command: str | None = None,
+    allowed: tuple[str, ...] = (),
 ) -> Path | None:
     """The checkpoint ``out/checkpoints/last`` to resume from (None: a new run).
 
     Refuses to start a new ``what`` run in a folder that already holds one of ``files``
-    unless ``resume``; ``log``, if given, is told when ``resume`` finds such a folder but
-    no checkpoint (the run then starts from step 0).
+    unless ``resume`` or ``overwrite`` (which deletes that run's ``files``, ``best/``,
+    ``config.toml`` and dd's record, so nothing of it can be resumed or mistaken for the new
+    run's); a folder holding another command's results or files dd did not write is refused
+    unless ``overwrite`` (:func:`dd.runtime.io.check_output_folder`, ``command`` defaults to
+    ``what``; ``allowed`` entries are the command's own inputs). ``log``, if given, is told
+    when ``resume`` finds such a folder but no checkpoint (the run then starts from step 0).
     """
+    from dd.errors import UsageError
+    from dd.runtime.io import RUN_MARKER, check_output_folder
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    if not any((out / p).exists() for p in files):  # not this kind of run: the general rule
+        check_output_folder(out, command or what, overwrite=overwrite, allowed=allowed)
+    if overwrite:
+        # Every process of a multi-GPU run gets here: a file another one removed is fine.
+        for name in (*files, "best", "config.toml", RUN_MARKER):
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return None
     last = find_checkpoint(out / "checkpoints" / "last") if resume else None
     if last is None:
         taken = [p for p in files if (out / p).exists()]
         if taken and not resume:
             raise DDError(
                 f"{out} already holds a {what} run",
-                hint="pass --resume to continue it, or choose a new --out folder",
+                hint="pass --resume to continue it, --overwrite to replace it, "
+                "or choose a new --out folder",
             )
         if taken and log is not None:
             log(f"[yellow]no checkpoint in {out}; starting from step 0[/yellow]")
@@ -218,7 +243,7 @@ def save_run_config(
             f"dd {command}: resolved configuration of the run in {out}",
             "Read it back with --config; (unset) lines take the defaults.",
         ]
-        mark_run_folder(out, command)  # created once the models have loaded
+        mark_run_folder(out, command, not_inputs=("curves.png",))  # once the models loaded
         save_config(out / "config.toml", resolved, header=header)
 
 

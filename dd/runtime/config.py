@@ -25,11 +25,11 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.runtime.io import atomic_write_text
 
 if sys.version_info >= (3, 11):
@@ -133,10 +133,28 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise DDError(f"{path}: invalid TOML: {e}", hint="check the syntax at that line") from None
 
 
-def load_preset(name_or_path: str | Path, cls: type) -> tuple[dict[str, Any], Path]:
-    """Find, parse and validate a preset against the dataclass ``cls``."""
+def load_preset(
+    name_or_path: str | Path, cls: type, *, others: Sequence[type] = ()
+) -> tuple[dict[str, Any], Path]:
+    """Find, parse and validate a preset against the dataclass ``cls``.
+
+    A preset is one flat file for a model family that several commands read (``dd treat``,
+    ``dd dreambooth``, ``dd generate``): with ``others`` (the settings classes of those
+    other commands), a key that ``cls`` lacks but one of ``others`` has is left out instead
+    of refused (:func:`preset_keys_for_others` lists them); a key no class knows is still
+    an error (a typo)."""
     path = find_preset(name_or_path)
-    return validate(load_toml(path), cls, source=str(path)), path
+    data = load_toml(path)
+    theirs = preset_keys_for_others(data, cls, others)
+    mine = {k: v for k, v in data.items() if k not in theirs}
+    return validate(mine, cls, source=str(path)), path
+
+
+def preset_keys_for_others(data: Mapping[str, Any], cls: type, others: Sequence[type]) -> list[str]:
+    """The keys of preset ``data`` that ``cls`` does not have but one of ``others`` does."""
+    mine = {f.name for f in dataclasses.fields(cls)}
+    theirs = {f.name for o in others for f in dataclasses.fields(o)}
+    return sorted(k for k in data if k not in mine and k in theirs)
 
 
 # --------------------------------------------------------------------------------- validating
@@ -337,13 +355,13 @@ def check_settings(
     for name, value, allowed in choices:
         allowed = tuple(allowed)
         if value not in allowed:
-            raise DDError(f"unknown --{name} {value!r}", hint=f"one of {', '.join(allowed)}")
+            raise UsageError(f"unknown --{name} {value!r}", hint=f"one of {', '.join(allowed)}")
     for name, number in (positive or {}).items():
         if number is not None and number < 1:
-            raise DDError(f"--{name} must be at least 1, got {number}")
+            raise UsageError(f"--{name} must be at least 1, got {number}")
     for ok, msg in checks:
         if not ok:
-            raise DDError(msg)
+            raise UsageError(msg)
 
 
 # ------------------------------------------------------------------------------- declaring

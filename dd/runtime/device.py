@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,7 +25,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise DDError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DDError(
@@ -45,7 +45,7 @@ def resolve_dtype(name: str = "fp32") -> torch.dtype:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise DDError(f"unknown dtype {name!r}", hint="use fp32, bf16 or fp16") from None
+        raise UsageError(f"unknown dtype {name!r}", hint="use fp32, bf16 or fp16") from None
 
 
 def check_training_device(device: str, dtype: str) -> None:

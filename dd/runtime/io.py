@@ -124,15 +124,153 @@ def output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     return path
 
 
-def mark_run_folder(path: str | os.PathLike, command: str) -> Path:
-    """Create the output folder ``path`` and mark it as written by ``dd COMMAND``."""
+def mark_run_folder(
+    path: str | os.PathLike, command: str, not_inputs: tuple[str, ...] = ()
+) -> Path:
+    """Create the output folder ``path`` and mark it as written by ``dd COMMAND``.
+
+    ``not_inputs`` names the entries of the folder (files or subfolders) that are pictures
+    about the results, not results a later command should take as input images (a grid,
+    overlays, maps, masks): a folder named as input skips them (see
+    :func:`dd.data.images.collect_inputs`)."""
     from dd import __version__
 
     path = output_dir(path)
     marker = path / RUN_MARKER / "run.json"
-    if not marker.exists():
-        atomic_write_json(marker, {"command": command, "dd_version": __version__})
+    record = {"command": command, "dd_version": __version__}
+    if not_inputs:
+        record["not_inputs"] = sorted(not_inputs)
+    try:
+        same = json.loads(marker.read_text()).get("not_inputs", []) == record.get("not_inputs", [])
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not marker.exists() or not same:
+        atomic_write_json(marker, record)
     return path
+
+
+def not_inputs(folder: str | os.PathLike) -> set[str]:
+    """Names of the entries of ``folder`` that are not input images: what its dd command
+    declared (:func:`mark_run_folder`), and ``masks`` of a dataset (``manifest.jsonl`` beside
+    ``masks/``)."""
+    folder = Path(folder)
+    names: set[str] = set()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        names.update(json.loads((folder / RUN_MARKER / "run.json").read_text())["not_inputs"])
+    if (folder / "manifest.jsonl").is_file() and (folder / "masks").is_dir():
+        names.add("masks")
+    return names
+
+
+def run_command(path: str | os.PathLike) -> str | None:
+    """The ``dd`` command whose results folder ``path`` is (its marker), or None."""
+    try:
+        return json.loads((Path(path) / RUN_MARKER / "run.json").read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_output_folder(
+    path: str | os.PathLike,
+    command: str,
+    *,
+    overwrite: bool = False,
+    what: str = "--out",
+    allowed: tuple[str, ...] = (),
+) -> None:
+    """The one rule for an existing output folder, checked before anything is loaded or
+    written: new or empty is fine; one holding another command's run, or files no dd
+    command wrote, is refused unless ``overwrite``. A folder holding a ``dd COMMAND`` run is
+    left to the command (resume it, or refuse it with its own words). ``allowed`` names
+    entries the command itself reads there (DreamBooth's ``class_images``)."""
+    from dd.errors import DDError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DDError(
+            f"{what} {path} is a file, not a folder",
+            hint="name a new or existing folder for the results",
+        )
+    if overwrite or not path.is_dir():
+        return
+    kind = run_command(path)
+    if kind == command:
+        return
+    entries = [p.name for p in path.iterdir() if p.name != RUN_MARKER and p.name not in allowed]
+    if kind is not None:
+        raise DDError(
+            f"{what} {path} holds the results of `dd {kind}`",
+            hint=f"choose a new folder for `dd {command}`, or pass --overwrite to write into it",
+        )
+    if entries:
+        raise DDError(
+            f"{what} {path} is not empty ({len(entries)} entries dd {command} did not write)",
+            hint="choose a new or empty folder, or pass --overwrite to write into it",
+        )
+
+
+#: What a dataset folder holds (dd.data.datasets); importers merge into such a folder.
+DATASET_ENTRIES = frozenset({"images", "masks", "manifest.jsonl", "missing.txt", RUN_MARKER})
+
+
+def check_dataset_folder(
+    path: str | os.PathLike, command: str, *, overwrite: bool = False, what: str = "--out"
+) -> None:
+    """The rule for an importer's output: a new folder, or one holding a dataset (its
+    samples are kept and merged with the new ones); a folder holding anything else is
+    refused unless ``overwrite`` (see :func:`check_output_folder`)."""
+    path = Path(path)
+    if (
+        path.is_dir()
+        and all(p.name in DATASET_ENTRIES for p in path.iterdir())
+        and run_command(path) in (None, command)
+    ):
+        return
+    check_output_folder(path, command, overwrite=overwrite, what=what)
+
+
+def _tree(folder: Path) -> set[Path]:
+    return set(folder.rglob("*")) if folder.is_dir() else set()
+
+
+@contextlib.contextmanager
+def undo_if_nothing_written(
+    folder: str | os.PathLike, bookkeeping: tuple[str, ...] = ()
+) -> Iterator[None]:
+    """Runs the body; if it fails (an error or Ctrl-C) before writing any result into
+    ``folder``, removes what it wrote there (its marker, settings, empty journal,
+    ``bookkeeping`` files given by name relative to ``folder``) and the folder itself if the
+    body created it. So a run that fails on its inputs leaves nothing that blocks the
+    corrected rerun. Results are new non-empty files outside ``.dd/`` other than
+    ``bookkeeping``;
+    once one exists, everything stays (``--resume`` continues from it)."""
+    folder = Path(folder)
+    existed = folder.exists()
+    before = _tree(folder)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            new = _tree(folder) - before
+            results = [
+                p
+                for p in new
+                if not p.is_dir()
+                and p.stat().st_size > 0  # an empty journal or shard holds no result
+                and p.relative_to(folder).parts[0] != RUN_MARKER
+                and p.relative_to(folder).as_posix() not in bookkeeping
+                and not p.name.endswith(".tmp")
+            ]
+            if not results:
+                for p in new:
+                    if not p.is_dir():
+                        p.unlink()
+                for d in sorted((d for d in new if d.is_dir()), key=lambda d: -len(d.parts)):
+                    if not any(d.iterdir()):
+                        d.rmdir()
+                if not existed and not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
