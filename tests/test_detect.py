@@ -161,7 +161,7 @@ def test_resume_after_interrupt_has_no_duplicates(tmp_path):
         )
     assert not (out / "report.jsonl").exists()
     journal = (out / JOURNAL).read_text().splitlines()
-    assert 1 <= len(journal) < 7
+    assert len(journal) == 3  # the interrupt lands after the third record, deterministically
     # A torn last line, as a kill in the middle of a write would leave.
     with open(out / JOURNAL, "a") as f:
         f.write('{"key": "img06", "ma')

@@ -110,8 +110,7 @@ def test_every_command_that_writes_a_results_folder_has_overwrite():
     }
     assert expected <= writers
     leaves = {" ".join(p): c for p, c in _leaves()}
-    # label export writes one file (refusing an existing one); every other writer has it
-    for name in writers - {"label export"}:
+    for name in writers:
         names = {p.name for p in leaves[name].params}
         assert "overwrite" in names, f"dd {name} writes --out but has no --overwrite"
 
@@ -155,6 +154,22 @@ def test_eval_detector_refuses_to_replace_metrics_and_checks_out_first(tmp_path,
     code, text = _run(capsys, ["eval-detector", ds, "--out", tmp_path / "file", *DET])
     assert code == 1 and "is a file, not a folder" in text
     assert "eval" not in text.split("Error:")[0]  # no progress bar ran
+
+
+def test_label_export_does_not_replace_a_file_silently(tmp_path, capsys):
+    from dd.data.synth import synthesize
+
+    ds = tmp_path / "ds"
+    synthesize(ds, 3, size=64, use_skimage=False, progress=False)
+    out = tmp_path / "coco.json"
+    out.write_text("mine")
+    args = ["label", "export", ds, "--format", "coco", "--out", out]
+    code, text = _run(capsys, args)
+    assert code == 1 and "already exists" in text and "--overwrite" in text
+    assert out.read_text() == "mine"
+    code, text = _run(capsys, [*args, "--overwrite"])
+    assert code == 0, text
+    assert json.loads(out.read_text())["images"]
 
 
 def test_label_mine_does_not_re_mine_an_existing_queue_silently(tmp_path, capsys):

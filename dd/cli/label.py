@@ -388,11 +388,25 @@ def export(
         Path | None,
         typer.Option(help="Label Studio: image paths are made relative to this folder."),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing --out file (and its label config).")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Export a queue as Label Studio tasks with predictions, or masks as COCO RLE."""
     from dd.errors import DDError, UsageError
     from dd.label.formats import export_coco, export_label_studio
+
+    if fmt not in ("label-studio", "coco"):
+        raise UsageError(f"unknown export format {fmt!r}", hint="use label-studio or coco")
+    if fmt == "coco" and rle not in ("string", "list"):
+        raise UsageError(f"--rle must be 'string' or 'list', got {rle!r}")
+    if out.is_dir():
+        raise DDError(f"--out {out} is a folder", hint="name the JSON file to write")
+    if out.exists() and not overwrite:
+        raise DDError(
+            f"--out {out} already exists", hint="pass --overwrite to replace it, or pick a new name"
+        )
 
     if fmt == "label-studio":
         info = export_label_studio(
@@ -402,13 +416,9 @@ def export(
             f"{info['tasks']} Label Studio tasks with predictions in {out}; labelling "
             f"interface: {info['config']}"
         )
-    elif fmt == "coco":
-        if rle not in ("string", "list"):
-            raise UsageError(f"--rle must be 'string' or 'list', got {rle!r}")
+    else:  # coco
         info = export_coco(src, out, threshold=threshold, compressed=rle == "string")
         msg = f"{info['images']} images, {info['annotations']} RLE masks in {out}"
-    else:
-        raise DDError(f"unknown export format {fmt!r}", hint="use label-studio or coco")
     if as_json:
         typer.echo(json.dumps(info, indent=2))
     else:
