@@ -374,7 +374,9 @@ def run_pseudo(
 
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
-    check_output_folder(out, "label pseudo", overwrite=cfg.overwrite)
+    # Other ranks of this run create its entries (shards, masks) at any moment.
+    own = (SHARDS, "masks", MANIFEST)
+    check_output_folder(out, "label pseudo", overwrite=cfg.overwrite, allowed=own)
     if cfg.overwrite:  # this rank's labels only: other ranks of the run handle their own
         shard.unlink(missing_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)
