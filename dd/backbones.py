@@ -184,6 +184,7 @@ class Backbone(abc.ABC):
         self.gradient_checkpointing = False
         self.vae_checkpointing = False
         self._prompt_cache: dict[str, Conditioning] = {}
+        self.quantized = "none"  # see quantize()
         for module in self.frozen_modules():
             module.requires_grad_(False)
 
@@ -699,12 +700,39 @@ class Backbone(abc.ABC):
             self.lora_parameters()
 
     # ------------------------------------------------------------------ misc
+    def quantize(self, mode: str) -> dict[str, int]:
+        """Quantise the frozen denoiser's linear weights to ``mode`` (``int8``, ``fp8``,
+        ``nf4``; see :mod:`dd.quantize`) before a LoRA is attached; returns its parameter
+        bytes ``before`` and ``after``. Afterwards :meth:`to` moves it between devices but
+        never casts it."""
+        from dd.quantize import parameter_bytes, quantize_module
+
+        if mode == "none":
+            return {}
+        if any("lora_" in n for n, _ in self.denoiser.named_parameters()):
+            raise DDError(
+                "quantise the denoiser before a LoRA is attached",
+                hint="call quantize() right after loading",
+            )
+        before = parameter_bytes(self.denoiser)
+        quantize_module(self.denoiser, mode)
+        self.quantized = mode
+        return {"before": before, "after": parameter_bytes(self.denoiser)}
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Backbone:
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
-        self.pipe.to(self.device, self.dtype)
+        if self.quantized == "none":
+            self.pipe.to(self.device, self.dtype)
+            return self
+        # A quantised denoiser moves but is never cast (quanto and bitsandbytes refuse it).
+        for module in self.pipe.components.values():
+            if module is self.denoiser:
+                module.to(self.device)
+            elif isinstance(module, torch.nn.Module):
+                module.to(self.device, self.dtype)
         return self
 
     def describe(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import typer
 
 from dd.cli import options as opt
 from dd.cli.groups import DefaultCommandGroup
+from dd.quantize import OPTIMIZER_HELP, QUANTIZE_HELP
 
 DEFAULT_COMMAND = "run"
 
@@ -229,6 +230,8 @@ def train(
     lora_alpha: Annotated[float | None, typer.Option(help="sd15: LoRA alpha (default rank).")] = (
         None
     ),
+    quantize: Annotated[str, typer.Option(help="sd15: " + QUANTIZE_HELP)] = "none",
+    optimizer: Annotated[str, typer.Option(help=OPTIMIZER_HELP)] = "adamw",
     device: opt.TrainDevice = "auto",
     seed: Annotated[int, typer.Option(help="Seed of data order, noise and timesteps.")] = 0,
     eval_every: Annotated[int, typer.Option(min=1, help="Range loss every N steps.")] = 100,

@@ -67,6 +67,15 @@ import torch
 from dd.backbones import Conditioning
 from dd.data.images import load_training_image
 from dd.errors import DDError, UsageError
+from dd.quantize import (
+    OPTIMIZER_HELP,
+    OPTIMIZERS,
+    QUANTIZE_HELP,
+    QUANTIZE_MODES,
+    check_available,
+    make_optimizer,
+    quantize_backbone,
+)
 from dd.runtime.checkpoint import (
     LORA_FILE,
     load_lora_checkpoint,
@@ -179,6 +188,8 @@ class DreamBoothConfig:
     gradient_checkpointing: bool = setting(
         False, help="Recompute the denoiser's blocks in backward (less memory)."
     )
+    quantize: str = setting("none", help=QUANTIZE_HELP)
+    optimizer: str = setting("adamw", help=OPTIMIZER_HELP)
     offload_text_encoders: bool = setting(
         True, help="Move text encoders to the CPU after encoding the prompts."
     )
@@ -334,6 +345,8 @@ class _DreamBooth:
                 hint='e.g. --class-prompt "a photo of a man"',
             )
         choices = [
+            ("quantize", c.quantize, QUANTIZE_MODES),
+            ("optimizer", c.optimizer, OPTIMIZERS),
             ("weighting", c.weighting, WEIGHTINGS),
             ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
             ("dtype", c.dtype, tuple(PRECISIONS)),
@@ -366,6 +379,7 @@ class _DreamBooth:
             (len(set(c.validation_seeds)) == len(c.validation_seeds), "validation seeds repeat"),
         ]
         check_settings(choices, positive, checks)
+        check_available(c.quantize, c.optimizer)
         check_training_device(c.device, c.dtype)
         inst = Path(c.instance_dir)  # type: ignore[arg-type]
         if not inst.is_dir():
@@ -410,6 +424,7 @@ class _DreamBooth:
         bb = load_backbone(
             cfg.backbone, cfg.model, device=acc.device, dtype=dtype, options=cfg.backbone_options
         )
+        quantize_backbone(bb, cfg.quantize, self.log)  # class images come from it too
         self.bb = bb
         cfg.resolution = cfg.resolution or int(bb.default_resolution)
         bb.check_size(cfg.resolution, cfg.resolution)
@@ -465,7 +480,7 @@ class _DreamBooth:
             bb, height=cfg.resolution, width=cfg.resolution, guidance=self.train_guidance
         )
         objective.train(cfg.lora_dropout > 0)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
         )

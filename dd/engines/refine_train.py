@@ -48,6 +48,13 @@ import torch
 import torch.nn.functional as F
 
 from dd.errors import DDError, UsageError
+from dd.quantize import (
+    OPTIMIZERS,
+    QUANTIZE_MODES,
+    check_available,
+    make_optimizer,
+    quantize_backbone,
+)
 from dd.runtime.checkpoint import (
     TRAINABLE_FILE,
     load_optimizer_state,
@@ -62,6 +69,7 @@ from dd.runtime.checkpoint import (
     trainable_weights,
     write_trainer_state,
 )
+from dd.runtime.config import check_settings
 from dd.runtime.device import make_accelerator, run_accelerated
 from dd.runtime.io import (
     Journal,
@@ -98,6 +106,8 @@ class RefineTrainConfig:
     mixed_precision: str = "no"
     lora_rank: int = 16
     lora_alpha: float | None = None
+    quantize: str = "none"
+    optimizer: str = "adamw"
     device: str = "auto"
     seed: int = 0
     eval_every: int = 100
@@ -270,6 +280,16 @@ class _Trainer:
             raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
         if c.lr <= 0:
             raise UsageError("--lr must be above 0")
+        check_settings(
+            [("quantize", c.quantize, QUANTIZE_MODES), ("optimizer", c.optimizer, OPTIMIZERS)]
+        )
+        if c.quantize != "none" and mode == "full":
+            raise DDError(
+                f"--quantize {c.quantize} quantises a frozen denoiser under a LoRA, but "
+                f"--backbone {c.backbone} trains the whole denoiser",
+                hint="drop --quantize, or train a LoRA backbone (e.g. --backbone sd15)",
+            )
+        check_available(c.quantize, c.optimizer)
         if c.from_scratch and mode != "full":
             raise DDError(
                 "--from-scratch re-initialises a fully fine-tuned denoiser",
@@ -319,6 +339,7 @@ class _Trainer:
             bb.denoiser.requires_grad_(True)
         else:
             self.kind = "lora"
+            quantize_backbone(bb, cfg.quantize, self.log)
             bb.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, init="gaussian")
         bb.denoiser.train()
         self.names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
@@ -331,7 +352,9 @@ class _Trainer:
                 self.params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3
             )
         objective = RangeObjective(bb, self.lo, self.hi)
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(
+            cfg.optimizer, self.params, lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
         )

@@ -67,6 +67,15 @@ import torch
 
 from dd.data.images import load_training_image
 from dd.errors import DDError, UsageError
+from dd.quantize import (
+    OPTIMIZER_HELP,
+    OPTIMIZERS,
+    QUANTIZE_HELP,
+    QUANTIZE_MODES,
+    check_available,
+    make_optimizer,
+    quantize_backbone,
+)
 from dd.runtime.checkpoint import (
     LORA_FILE,
     load_lora_checkpoint,
@@ -193,6 +202,8 @@ class TreatConfig:
     gradient_checkpointing: bool = setting(
         False, help="Recompute sampling steps, denoiser blocks, VAE and detector in backward."
     )
+    quantize: str = setting("none", help=QUANTIZE_HELP)
+    optimizer: str = setting("adamw", help=OPTIMIZER_HELP)
     reg_data: str | None = setting(
         None, help="Folder of real (image, prompt) pairs for the diffusion-loss regulariser."
     )
@@ -622,6 +633,8 @@ class _Treater:
 
             check_lora_source(c.init_lora, "--init-lora")
         choices = [
+            ("quantize", c.quantize, QUANTIZE_MODES),
+            ("optimizer", c.optimizer, OPTIMIZERS),
             ("reduction", c.reduction, REDUCTIONS),
             ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
             ("dtype", c.dtype, tuple(PRECISIONS)),
@@ -658,6 +671,7 @@ class _Treater:
             (len(set(c.eval_seeds)) == len(c.eval_seeds), "--eval-seeds repeat a seed"),
         ]
         check_settings(choices, positive, checks)
+        check_available(c.quantize, c.optimizer)
         check_training_device(c.device, c.dtype)
 
     def _accelerator(self) -> Any:
@@ -696,6 +710,7 @@ class _Treater:
         bb = load_backbone(
             cfg.backbone, cfg.model, device=acc.device, dtype=dtype, options=cfg.backbone_options
         )
+        quantize_backbone(bb, cfg.quantize, self.log)
         det = load_detector(
             cfg.detector,
             cfg.detector_weights,
@@ -775,7 +790,7 @@ class _Treater:
             reg_weight=cfg.reg_weight,
         )
         objective.eval()  # no dropout: the step is a pure function of its seeds
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_factor(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
         )
