@@ -1251,3 +1251,102 @@ def detect_panels(result: dict[str, Any]) -> list[Panel]:
     for r in result["rows"]:
         series.setdefault(r["approach"], []).append((r["round"], r["images_per_s"]))
     return [Panel("detect throughput", "round", "images/s", series)]
+
+
+# ------------------------------------------------------------------------------------------
+# dd bench quantize: the frozen denoiser's parameter memory per --quantize mode
+# ------------------------------------------------------------------------------------------
+#: The mid-size FLUX transformer of ``dd bench quantize``: FLUX.1-dev's config (block
+#: structure, joint width 4096) with fewer, narrower blocks (width 1024, 2 double + 4 single:
+#: about 0.2B parameters, quantised in seconds on a CPU). Its linear layers hold the same
+#: share of the parameters as at full size, which is what the ratios depend on.
+QUANT_BENCH_FLUX: dict[str, Any] = {
+    **FLUX_DEV_TRANSFORMER,
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "num_attention_heads": 8,
+}
+#: Targets of issue "Treat fits the GPUs users have": at most this fraction of bf16.
+QUANT_TARGETS = {"int8": 0.55, "fp8": 0.55, "nf4": 0.30}
+_QUANT_LIBRARIES = {"none": "-", "int8": "optimum-quanto", "fp8": "optimum-quanto",
+                    "nf4": "bitsandbytes"}  # fmt: skip
+
+
+def bench_quantize(
+    modes: Sequence[str],
+    *,
+    config: dict[str, Any] | None = None,
+    seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Build the transformer of ``config`` (default :data:`QUANT_BENCH_FLUX`) in bf16, as
+    users load it, and quantise a fresh copy per mode; each row has its parameter bytes
+    (:func:`dd.quantize.parameter_bytes`), the ratio to bf16 and the seconds it took."""
+    import copy
+
+    from diffusers import FluxTransformer2DModel
+
+    from dd.quantize import check_available, parameter_bytes, quantize_module
+
+    for mode in modes:
+        check_available(mode)
+    cfg = {**QUANT_BENCH_FLUX, **(config or {})}
+    torch.manual_seed(seed)
+    with _default_dtype(torch.bfloat16):  # built in bf16, as from_pretrained(torch_dtype=...)
+        base = FluxTransformer2DModel(**cfg).eval()
+    base.requires_grad_(False)
+    n_params = sum(p.numel() for p in base.parameters())
+    bf16 = parameter_bytes(base)
+    rows = []
+    for i, mode in enumerate(modes):
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        quantize_module(model, mode)
+        seconds = time.perf_counter() - t0
+        size = parameter_bytes(model)
+        rows.append(
+            {
+                "mode": mode,
+                "library": _QUANT_LIBRARIES.get(mode, "?"),
+                "bytes": size,
+                "ratio_to_bf16": size / bf16,
+                "seconds": seconds,
+            }
+        )
+        del model
+        if on_progress:
+            on_progress(i + 1, len(modes))
+    targets = [
+        _target(
+            f"{r['mode']} parameter memory vs bf16",
+            round(r["ratio_to_bf16"], 3),
+            QUANT_TARGETS[r["mode"]],
+            at_most=True,
+        )  # fmt: skip
+        for r in rows
+        if r["mode"] in QUANT_TARGETS
+    ]
+    return {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "parameters": n_params,
+        "bf16_bytes": bf16,
+        "rows": rows,
+        "targets": targets,
+        "machine": _run_info(torch.device("cpu")),
+    }
+
+
+def quantize_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Frozen FLUX-structured transformer, {result['parameters'] / 1e6:.0f}M parameters "
+        f"({result['bf16_bytes'] / 2**20:.0f} MiB in bf16):",
+        "",
+        "| --quantize | library | parameter memory | vs bf16 | quantise time |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['mode']} | {r['library']} | {r['bytes'] / 2**20:.1f} MiB | "
+            f"{r['ratio_to_bf16']:.3f}x | {r['seconds']:.2f} s |"
+        )
+    return "\n".join(lines) + "\n"

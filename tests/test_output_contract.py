@@ -363,7 +363,15 @@ def test_pseudo_labelling_a_dataset_folder_skips_its_masks(tmp_path):
 # ------------------------------------------------------------------------------------------
 # Presets and help
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["flux-schnell", "flux-dev", "sd15", "sd3", "sdxl"])
+def _presets() -> list[str]:
+    from dd.runtime.config import list_presets
+
+    names = list_presets()
+    assert {"flux-schnell", "flux-dev", "flux-dev-24gb", "sd15", "sd3", "sdxl"} <= set(names)
+    return names
+
+
+@pytest.mark.parametrize("preset", _presets())
 @pytest.mark.parametrize(
     ("command", "missing"),
     [

@@ -219,3 +219,27 @@ def test_dreambooth_and_refine_train_run_quantised(tmp_path, tmp_path_factory, c
     assert res.exit_code == 0, res.output
     assert "--quantize int8" in res.output
     assert json.loads((tmp_path / "rt" / "refine.json").read_text())["step"] == 2
+
+
+def test_bench_quantize_meets_the_memory_targets(cli, tmp_path):
+    out = tmp_path / "bq.json"
+    res = cli("bench", "quantize", "--num-layers", "1", "--num-single-layers", "1",
+              "--heads", "2", "--json", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    ratios = {r["mode"]: r["ratio_to_bf16"] for r in result["rows"]}
+    assert ratios["none"] == 1.0
+    assert ratios["int8"] <= 0.55 and ratios["fp8"] <= 0.55 and ratios["nf4"] <= 0.30
+    assert all(t["met"] for t in result["targets"])
+    res = cli("bench", "quantize", "--modes", "int3")
+    assert res.exit_code == 2 and "unknown --modes" in res.output
+
+
+def test_the_24gb_preset_sets_the_memory_options():
+    from dd.engines.treat import TreatConfig
+    from dd.runtime.config import load_preset
+
+    preset, _ = load_preset("flux-dev-24gb", TreatConfig)
+    assert preset["quantize"] == "nf4" and preset["optimizer"] == "adamw8bit"
+    assert preset["gradient_checkpointing"] is True and preset["grad_steps"] == 1
+    assert preset["dtype"] == "bf16"

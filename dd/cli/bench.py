@@ -388,3 +388,44 @@ def detect(
         plot=plot,
         markdown=markdown,
     )
+
+
+@app.command("quantize")
+def quantize(
+    modes: Annotated[
+        str, typer.Option(help="Comma-separated --quantize modes to measure.")
+    ] = "none,int8,fp8,nf4",
+    num_layers: Annotated[
+        int, typer.Option(min=1, help="Double blocks of the FLUX-structured transformer.")
+    ] = 2,
+    num_single_layers: Annotated[int, typer.Option(min=1, help="Its single blocks.")] = 4,
+    heads: Annotated[
+        int, typer.Option(min=1, help="Attention heads of width 128 (FLUX.1: 24).")
+    ] = 8,
+    json_out: JsonOpt = None,
+    markdown: MarkdownOpt = False,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Parameter memory of a frozen FLUX-structured transformer per --quantize mode.
+
+    The transformer has FLUX.1-dev's config with fewer, narrower blocks (the defaults: about
+    0.2B parameters); it is built in bf16 and quantised as `dd treat --quantize` does. The
+    ratios to bf16 are what a 24/48/80 GB card budget needs (docs/performance.md).
+    """
+    from dd.bench import bench_quantize, quantize_markdown
+    from dd.errors import UsageError
+    from dd.quantize import QUANTIZE_MODES
+
+    _setup_threads(threads)
+    names = _names(modes)
+    bad = [m for m in names if m not in QUANTIZE_MODES]
+    if bad or not names:
+        raise UsageError(
+            f"unknown --modes {','.join(bad) or modes!r}", hint=f"from {', '.join(QUANTIZE_MODES)}"
+        )
+    config = {"num_layers": num_layers, "num_single_layers": num_single_layers,
+              "num_attention_heads": heads}  # fmt: skip
+    with _progress("quantize") as progress:
+        result = bench_quantize(names, config=config, on_progress=progress)
+    _report(result, quantize_markdown(result), [], json_out=json_out, plot=None,
+            markdown=markdown)  # fmt: skip
