@@ -1299,8 +1299,15 @@ class _Treater:
             "## Treating",
             f"- {st['step']} of {cfg.train_steps} optimizer steps; stopped: {reason}",
             f"- LoRA rank {rank}, alpha {alpha}, targets {', '.join(map(str, targets)) or '-'}"
-            + (f", initialised from `{cfg.init_lora}`" if cfg.init_lora else ""),
-            f"- AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} "
+            + (f", initialised from `{cfg.init_lora}`" if cfg.init_lora else "")
+            + (
+                f"; trained over a base quantised to {cfg.quantize} (the LoRA loads into the "
+                "unquantised model)"
+                if cfg.quantize != "none"
+                else ""
+            ),
+            f"- {'AdamW8bit' if cfg.optimizer == 'adamw8bit' else 'AdamW'} lr {cfg.lr:g}, "
+            f"weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} "
             f"schedule, warmup {cfg.warmup_steps}, clip {cfg.clip_grad:g}, batch "
             f"{cfg.batch_size} x {self.world} process(es) x {cfg.grad_accum} accumulation",
             f"- Sampling: {cfg.resolution}x{cfg.resolution}, {cfg.steps} steps, guidance "
