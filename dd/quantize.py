@@ -159,9 +159,16 @@ def quantize_backbone(bb: Any, mode: str, log: Any | None = None) -> None:
     if log is not None:
         log(
             f"--quantize {mode}: the frozen {type(bb.denoiser).__name__} holds "
-            f"{mem['after'] / 2**20:.1f} MiB of parameters ({mem['after'] / mem['before']:.2f}x "
-            f"the {mem['before'] / 2**20:.1f} MiB it was loaded with)"
+            f"{_size(mem['after'])} of parameters ({mem['after'] / mem['before']:.2f}x "
+            f"the {_size(mem['before'])} it was loaded with)"
         )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 def make_optimizer(
