@@ -39,6 +39,15 @@ def dd_register_backbones(register: Callable[..., Any]) -> None:
 
 
 @hookspec
+def dd_register_scorers(register: Callable[..., Any]) -> None:
+    """Register quality scorers (what guards ``dd treat``'s ``best/`` against collapse).
+
+    Call ``register(scorer_class, name=None, aliases=())`` once per scorer. The class must
+    subclass :class:`dd.scorers.QualityScorer`; ``name`` defaults to its ``name`` attribute.
+    """
+
+
+@hookspec
 def dd_register_commands(app: Any) -> None:
     """Add commands to the ``dd`` command line.
 

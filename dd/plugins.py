@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 
 from dd import hookspecs
-from dd.errors import DDError
+from dd.errors import DDError, UsageError
 from dd.registry import Registry
 
 GROUP = "dd"
@@ -54,6 +54,7 @@ class PluginHost:
     def __init__(self, *, load_entrypoints: bool = True):
         from dd.backbones import Backbone
         from dd.detectors import Detector
+        from dd.scorers import QualityScorer
 
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
@@ -61,6 +62,7 @@ class PluginHost:
         self.failed: dict[str, str] = {}
         self.detectors: Registry = Registry("detector", Detector)
         self.backbones: Registry = Registry("backbone", Backbone)
+        self.scorers: Registry = Registry("quality scorer", QualityScorer)
         self._filled = False
         if load_entrypoints:
             self._load_entrypoints()
@@ -131,15 +133,18 @@ class PluginHost:
             return
         from dd.backbones import Backbone
         from dd.detectors import Detector
+        from dd.scorers import QualityScorer
 
         self.detectors = Registry("detector", Detector)
         self.backbones = Registry("backbone", Backbone)
+        self.scorers = Registry("quality scorer", QualityScorer)
         for rec in self.records.values():
-            rec.registered.pop("detectors", None)
-            rec.registered.pop("backbones", None)
+            for key in ("detectors", "backbones", "scorers"):
+                rec.registered.pop(key, None)
         for hook_name, registry, key in (
             ("dd_register_detectors", self.detectors, "detectors"),
             ("dd_register_backbones", self.backbones, "backbones"),
+            ("dd_register_scorers", self.scorers, "scorers"),
         ):
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 rec = self.records[impl.plugin_name]
@@ -245,3 +250,30 @@ def load_backbone(name: str, model: str, *, device: Any, dtype: Any, options: di
     cls = get_host().backbones.get(name)
     opts = check_options("backbone", name, cls.from_pretrained, options)
     return cls.from_pretrained(str(model), device=device, dtype=dtype, **opts)
+
+
+def load_quality_guard(
+    specs: list[str] | None, *, device: str = "cpu", weights: dict[str, Any] | None = None
+) -> Any:
+    """The :class:`dd.scorers.QualityGuard` of ``--quality`` specs (None when there are
+    none), its scorers looked up in the plugin registry; an unknown name is one line
+    listing the registered ones."""
+    from dd.scorers import QualityGuard, parse_quality
+
+    parsed = parse_quality(specs)
+    if not parsed:
+        return None
+    host = get_host()
+    host.fill()
+    scorers = []
+    for name, tol in parsed:
+        try:
+            cls = host.scorers.get(name)
+        except DDError:
+            known = ", ".join(sorted(host.scorers.names())) or "none"
+            raise UsageError(
+                f"unknown quality scorer {name!r}", hint=f"registered: {known}"
+            ) from None
+        scorer = cls((weights or {}).get(name), device)
+        scorers.append((scorer, cls.default_tolerance if tol is None else tol))
+    return QualityGuard(scorers)

@@ -23,10 +23,15 @@ over images of each image's mean and max artifact confidence (paper Table 2), wr
 before/after grid and a line of ``metrics.jsonl``. ``drift`` is the mean absolute pixel
 difference (in [0, 1] units, on the 8-bit images) between an eval image and the untreated
 model's image at the same prompt and seed, averaged over the eval images; ``psnr`` of the
-same pairs is logged too. The best LoRA by eval mean confidence (among evals whose drift is
-within ``max_drift``) is kept in ``OUT/best/``. Training stops early after ``patience``
-evals without improvement, or when drift exceeds ``max_drift``: collapse (smooth, washed
-out images that fool the detector) is this method's known failure.
+same pairs is logged too. With ``--quality`` (the presets: ``detail`` and ``drift``), each
+quality scorer (:mod:`dd.scorers`) measures the eval images and the untreated model's at
+the same seeds (``quality`` and ``base_quality`` in the eval row). The best LoRA by eval mean
+confidence among evals within every scorer's tolerance (and ``max_drift``) is kept in
+``OUT/best/``; the run's README says which rule chose it and why each other eval was
+rejected. Training stops early after ``patience`` evals without improvement, after
+``patience`` (default 1) evals in a row out of quality tolerance, or when drift exceeds
+``max_drift``: collapse (smooth, washed out images that fool the detector) is this method's
+known failure.
 
 Run folder::
 
@@ -220,6 +225,14 @@ class TreatConfig:
     )
     eval_batch_size: int = setting(4, min=1, help="Images per eval batch.")
     patience: int | None = setting(None, min=1, help="Stop after P evals without a better mean.")
+    quality: list[str] | None = setting(
+        None,
+        text="list",
+        help="Quality scorers that guard best/ against collapse, comma-separated NAME or "
+        "NAME=TOLERANCE (built-ins: detail, drift; `dd plugins` lists more): an eval out of "
+        "tolerance of the untreated model cannot become best/, and --patience (default 1) "
+        "such evals in a row stop the run.",
+    )
     max_drift: float | None = setting(
         None,
         help="Stop when eval images drift more than this from the untreated model's at the "
@@ -609,6 +622,9 @@ class _Treater:
         # a copy (filled in with the backbone's defaults below), inputs by absolute path
         self.cfg = absolutize(cfg)
         self._check_config()
+        from dd.plugins import load_quality_guard
+
+        self.guard = load_quality_guard(self.cfg.quality)  # unknown names fail before loading
         assert cfg.out is not None
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
@@ -1122,7 +1138,19 @@ class _Treater:
         }
         reason = ""
         drift_ok = cfg.max_drift is None or drift <= cfg.max_drift
-        improved = drift_ok and (st["best"] is None or rec["mean"] < st["best"])
+        rejected = [] if drift_ok else [f"drift {drift:.4g} above --max-drift {cfg.max_drift}"]
+        if self.guard is not None:
+            eval_prompts = [self.eval_prompts[p] for p, _ in self.eval_items]
+            rec["quality"] = self.guard.measure(images_u8, self.base_images, eval_prompts)
+            if step == 0 or "base_quality" not in st:
+                base_u8 = self.base_images
+                st["base_quality"] = self.guard.measure(base_u8, base_u8, eval_prompts)
+            rec["base_quality"] = dict(st["base_quality"])
+            rejected += self.guard.check(rec["quality"], rec["base_quality"])
+            st["bad_quality"] = st.get("bad_quality", 0) + 1 if rejected else 0
+        if rejected:
+            rec["rejected"] = rejected
+        improved = not rejected and (st["best"] is None or rec["mean"] < st["best"])
         if improved:
             st["best"], st["best_step"], st["bad_evals"] = rec["mean"], step, 0
             self._save_best(rec)
@@ -1137,6 +1165,11 @@ class _Treater:
                 f"drift guard: eval images moved {drift:.4f} from the untreated model's "
                 f"(--max-drift {cfg.max_drift}); collapse suspected"
             )
+        elif self.guard is not None and st.get("bad_quality", 0) >= (cfg.patience or 1):
+            reason = (
+                f"quality guard: {st['bad_quality']} eval(s) in a row out of tolerance "
+                f"({'; '.join(rejected)}); collapse suspected"
+            )
         elif cfg.patience is not None and st["bad_evals"] >= cfg.patience:
             reason = (
                 f"eval mean confidence did not improve in {cfg.patience} evaluations "
@@ -1149,9 +1182,14 @@ class _Treater:
             if self.tb is not None:
                 for k in ("mean", "max", "weighted", "drift", "psnr"):
                     self.tb.add_scalar(f"eval/{k}", rec[k], step)
+                for k, v in rec.get("quality", {}).items():
+                    self.tb.add_scalar(f"quality/{k}", v, step)
+        quality = "".join(f" {k} {v:.4g}" for k, v in rec.get("quality", {}).items())
         self.log(
             f"step {step}: eval mean {rec['mean']:.5f} max {rec['max']:.5f} drift {drift:.4f}"
+            + quality
             + (" (best)" if improved else f" (best {st['best_step']})")
+            + (f" [rejected: {'; '.join(rejected)}]" if rejected else "")
         )
         return reason
 
@@ -1276,6 +1314,36 @@ class _Treater:
             self.log(f"--init-lora {cfg.init_lora} has rank {rank}: training rank {rank}")
         cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
 
+    def _best_rule(self, evals: list[dict[str, Any]], best: dict[str, Any] | None) -> list[str]:
+        """The rule that chose ``best/`` and why each rejected eval was rejected."""
+        cfg = self.cfg
+        guards = self.guard.describe() if self.guard is not None else []
+        if cfg.max_drift is not None:
+            guards.append(f"drift at most --max-drift {cfg.max_drift:g}")
+        if guards:
+            lines = [
+                "`best/` holds the eval with the lowest mean artifact confidence among the evals "
+                "whose image quality stayed within tolerance of the untreated model's at the "
+                "same prompts and seeds (collapse also lowers the confidence: DiffDoctor, "
+                "Sec. 4.2):",
+                "",
+                *[f"- {g}" for g in guards],
+            ]
+        else:
+            lines = [
+                "`best/` holds the eval with the lowest mean artifact confidence. No quality "
+                "guard was on (`--quality`, `--max-drift`): a run that collapses (smooth, "
+                "washed-out images also score low) can make its collapsed step `best/`; "
+                "look at the grids in `eval/`.",
+            ]
+        rejected = [r for r in evals if r.get("rejected")]
+        if rejected:
+            lines += ["", "Rejected evals:", ""]
+            lines += [f"- step {r['step']}: {'; '.join(r['rejected'])}" for r in rejected]
+        if best is not None:
+            lines += ["", f"Chosen: step {best['step']} (mean {best['mean']:.5f})."]
+        return lines
+
     def _model_card(
         self, evals: list[dict[str, Any]], best: dict[str, Any] | None, reason: str
     ) -> str:
@@ -1342,6 +1410,7 @@ class _Treater:
             lines.append(
                 f"| {name} | {r['step']} | {r['mean']:.5f} | {r['max']:.5f} | {r['drift']:.4f} |"
             )
+        lines += ["", "## How `best/` was chosen", *self._best_rule(evals, best)]
         lines += [
             "",
             "## Use",
@@ -1382,6 +1451,13 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
               {"mean": pts("eval", "mean"), "max": pts("eval", "max")}, colours=colours),
         Panel("eval drift", "step", "drift", {"drift": pts("eval", "drift")}, colours=colours),
     ]  # fmt: skip
+    evals = [r for r in records if r.get("type") == "eval" and "quality" in r]
+    for name in evals[0]["quality"] if evals else []:  # one panel per quality scorer
+        series = {
+            name: [(r["step"], r["quality"][name]) for r in evals],
+            "untreated": [(r["step"], r["base_quality"][name]) for r in evals],
+        }
+        panels.append(Panel(f"quality: {name}", "step", name, series))
     plot_panels(panels, path, size=(420, 280))
 
 

@@ -1,0 +1,73 @@
+"""Built-in quality scorers that need no weights: ``detail`` and ``drift``.
+
+Both compare a treat evaluation's images with the untreated model's at the same prompts and
+seeds (see :mod:`dd.scorers`). Collapse, as DiffDoctor (Sec. 4.2) describes it, is
+over-smoothing: ``detail`` falls. ``drift`` catches the other failure, images that moved far
+from what the model drew (a different picture rather than a repaired one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dd.hookspecs import hookimpl
+from dd.scorers import QualityScorer
+
+
+def _luma(images: np.ndarray) -> np.ndarray:
+    x = images.astype(np.float32) / 255.0
+    return 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+
+
+def laplacian_energy(images: np.ndarray) -> np.ndarray:
+    """Per image: the mean squared 4-neighbour Laplacian of the luminance in [0, 1] (the
+    high-frequency energy; 0 for a flat image)."""
+    y = _luma(images)
+    lap = (
+        -4 * y[:, 1:-1, 1:-1] + y[:, :-2, 1:-1] + y[:, 2:, 1:-1] + y[:, 1:-1, :-2] + y[:, 1:-1, 2:]
+    )
+    return (lap**2).reshape(len(y), -1).mean(1)
+
+
+class DetailScorer(QualityScorer):
+    """High-frequency energy of the eval images (mean squared Laplacian of luminance),
+    averaged over images; within tolerance while at least ``(1 - t)`` x the untreated
+    model's."""
+
+    name = "detail"
+    description = (
+        "High-frequency energy (Laplacian) of the eval images: falls when images over-smooth."
+    )
+    higher_is_better = True
+    default_tolerance = 0.3
+    tolerance_text = "at least (1 - t) x the untreated value"
+
+    def score(self, images: np.ndarray, base: np.ndarray, prompts: list[str]) -> float:
+        return float(laplacian_energy(images).mean())
+
+
+class DriftScorer(QualityScorer):
+    """Mean absolute pixel difference (in [0, 1]) between the eval images and the untreated
+    model's at the same seeds; within tolerance while at most ``t`` (0 untreated)."""
+
+    name = "drift"
+    description = "Mean |pixel difference| from the untreated model's images at the same seeds."
+    higher_is_better = False
+    default_tolerance = 0.15
+    tolerance_text = "at most t (mean |difference| of pixels in [0, 1])"
+
+    def score(self, images: np.ndarray, base: np.ndarray, prompts: list[str]) -> float:
+        diff = np.abs(images.astype(np.float32) - base.astype(np.float32)) / 255.0
+        return float(diff.mean())
+
+    def within(self, value: float, base_value: float, tolerance: float) -> bool:
+        return value <= base_value + tolerance  # absolute: the untreated value is 0
+
+    def limit(self, base_value: float, tolerance: float) -> float:
+        return base_value + tolerance
+
+
+@hookimpl
+def dd_register_scorers(register) -> None:
+    register(DetailScorer)
+    register(DriftScorer)
