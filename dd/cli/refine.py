@@ -15,6 +15,7 @@ import typer
 from dd.cli import options as opt
 from dd.cli.groups import DefaultCommandGroup
 from dd.quantize import OPTIMIZER_HELP, QUANTIZE_HELP
+from dd.runtime.tracking import REPORT_TO_HELP
 
 DEFAULT_COMMAND = "run"
 
@@ -232,6 +233,7 @@ def train(
     ),
     quantize: Annotated[str, typer.Option(help="sd15: " + QUANTIZE_HELP)] = "none",
     optimizer: Annotated[str, typer.Option(help=OPTIMIZER_HELP)] = "adamw",
+    report_to: Annotated[str, typer.Option(help=REPORT_TO_HELP)] = "none",
     device: opt.TrainDevice = "auto",
     seed: Annotated[int, typer.Option(help="Seed of data order, noise and timesteps.")] = 0,
     eval_every: Annotated[int, typer.Option(min=1, help="Range loss every N steps.")] = 100,

@@ -16,6 +16,7 @@ from dd.cli.options import (
     WeightDecay,
     parse_pair,
 )
+from dd.runtime.tracking import REPORT_TO_HELP
 
 
 def train_detector(
@@ -154,6 +155,7 @@ def train_detector(
         bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
     ] = False,
     overwrite: Overwrite = False,
+    report_to: Annotated[str, typer.Option(help=REPORT_TO_HELP)] = "none",
 ) -> None:
     """Train an artifact detector (SegFormer by default; DiffDoctor's loss, balance, augmentation).
 
@@ -215,6 +217,7 @@ def train_detector(
         stop_at=stop_at,
         resume=resume,
         overwrite=overwrite,
+        report_to=report_to,
     )
     result = run(cfg, console=Console(stderr=True))
     if not result.main:

@@ -89,6 +89,7 @@ from dd.runtime.config import check_settings, setting
 from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
 from dd.runtime.io import Journal, absolutize, atomic_write_text
 from dd.runtime.progress import progress_bar
+from dd.runtime.tracking import REPORT_TO_HELP, RunTracker, check_report_to
 
 __all__ = [
     "WEIGHTINGS",
@@ -104,7 +105,7 @@ PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at"})
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "report_to"})
 #: Random streams (with the run seed and an index they give every draw's seed).
 _S_ORDER, _S_NOISE, _S_FLIP, _S_CLASS_ORDER, _S_CLASS_GEN, _S_VAE, _S_EVAL = range(1, 8)
 OOM_HINT = (
@@ -188,6 +189,7 @@ class DreamBoothConfig:
     gradient_checkpointing: bool = setting(
         False, help="Recompute the denoiser's blocks in backward (less memory)."
     )
+    report_to: str = setting("none", help=REPORT_TO_HELP)
     quantize: str = setting("none", help=QUANTIZE_HELP)
     optimizer: str = setting("adamw", help=OPTIMIZER_HELP)
     offload_text_encoders: bool = setting(
@@ -380,6 +382,7 @@ class _DreamBooth:
         ]
         check_settings(choices, positive, checks)
         check_available(c.quantize, c.optimizer)
+        check_report_to(c.report_to)
         check_training_device(c.device, c.dtype)
         inst = Path(c.instance_dir)  # type: ignore[arg-type]
         if not inst.is_dir():
@@ -498,6 +501,11 @@ class _DreamBooth:
         )
         self.state = state
         self.journal = self._open_journal(state["step"], fresh=last is None) if self.main else None
+        self.tracker = RunTracker(
+            cfg.report_to, self.out, "dd-dreambooth", step=state["step"], main=self.main
+        )
+        if self.journal is not None:
+            self.journal.on_append = self.tracker.record
         self.log(
             f"dreambooth {cfg.backbone}: LoRA of {n_params:,} parameters, "
             f"{len(self.instance_latents)} instance image(s)"
@@ -511,6 +519,7 @@ class _DreamBooth:
         finally:
             if self.journal is not None:
                 self.journal.close()
+            self.tracker.close()
         acc.wait_for_everyone()
         return result
 
@@ -851,6 +860,7 @@ class _DreamBooth:
             cells = [(img, f"seed {s}") for s, img in zip(cfg.validation_seeds, u8, strict=True)]
             grid = image_grid([cells], row_titles=[f"step {step}"])
             save_image_atomic(grid, folder / f"step-{step:06d}.png")
+            self.tracker.image("validation/grid", np.asarray(grid.convert("RGB")), step)
         rec = {
             "type": "validation",
             "step": step,

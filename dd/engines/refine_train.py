@@ -79,10 +79,11 @@ from dd.runtime.io import (
     mark_run_folder,
 )
 from dd.runtime.progress import progress_bar
+from dd.runtime.tracking import RunTracker, check_report_to
 
 PRECISIONS = ("no", "bf16", "fp16")
 #: Fields a resumed run may change.
-RESUMABLE = frozenset({"resume", "overwrite", "stop_at"})
+RESUMABLE = frozenset({"resume", "overwrite", "stop_at", "report_to"})
 
 
 @dataclass
@@ -108,6 +109,7 @@ class RefineTrainConfig:
     lora_alpha: float | None = None
     quantize: str = "none"
     optimizer: str = "adamw"
+    report_to: str = "none"
     device: str = "auto"
     seed: int = 0
     eval_every: int = 100
@@ -290,6 +292,7 @@ class _Trainer:
                 hint="drop --quantize, or train a LoRA backbone (e.g. --backbone sd15)",
             )
         check_available(c.quantize, c.optimizer)
+        check_report_to(c.report_to)
         if c.from_scratch and mode != "full":
             raise DDError(
                 "--from-scratch re-initialises a fully fine-tuned denoiser",
@@ -373,6 +376,11 @@ class _Trainer:
         self.journal = (
             Journal(self.out / "metrics.jsonl", fresh=last is None) if self.main else None
         )
+        self.tracker = RunTracker(
+            cfg.report_to, self.out, "dd-refine-train", step=self.state["step"], main=self.main
+        )
+        if self.journal is not None:
+            self.journal.on_append = self.tracker.record
         n_params = sum(p.numel() for p in self.params)
         self.log(
             f"training {self.kind} ({n_params:,} parameters) on t in [{self.lo}, {self.hi}] "
@@ -385,6 +393,7 @@ class _Trainer:
         finally:
             if self.journal is not None:
                 self.journal.close()
+            self.tracker.close()
         acc.wait_for_everyone()
         st = self.state
         return RefineTrainResult(

@@ -93,6 +93,7 @@ from dd.runtime.io import (
     mark_run_folder,
 )
 from dd.runtime.progress import progress_bar
+from dd.runtime.tracking import RunTracker, check_report_to
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -111,7 +112,7 @@ HIGHER_IS_BETTER = frozenset({"cc", "iou", "f1", "pixel_auroc", "image_auroc"})
 LOWER_IS_BETTER = frozenset({"mse", "mse_clean", "kl_fn", "kl_fp"})
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # Config fields a resumed run may change: they do not affect the results.
-_RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "workers"})
+_RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "workers", "report_to"})
 
 
 @dataclass
@@ -167,6 +168,7 @@ class TrainConfig:
     stop_at: int | None = None
     resume: bool = False
     overwrite: bool = False
+    report_to: str = "none"
 
     def resolved(self) -> dict[str, Any]:
         d = asdict(self)
@@ -377,6 +379,7 @@ class _Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_config(self) -> None:
+        check_report_to(self.cfg.report_to)
         c = self.cfg
         if not c.datasets:
             raise DDError("no training dataset given", hint="dd train-detector DATASET --out RUN")
@@ -553,6 +556,11 @@ class _Trainer:
             dataset.dynamic = {i: ShrinkSpec(*cfg.shrink_scale) for i in state["dynamic"]}
 
         journal = self._open_journal(state["step"]) if self.main else None
+        tracker = RunTracker(
+            cfg.report_to, self.out, "dd-train-detector", step=state["step"], main=self.main
+        )
+        if journal is not None:
+            journal.on_append = tracker.record
         self.detector, self.wrapped, self.optimizer = detector, wrapped, optimizer
         self.scheduler, self.dataset, self.val = scheduler, dataset, val
         self.sampler, self.loader, self.state, self.journal = sampler, loader, state, journal
@@ -566,6 +574,7 @@ class _Trainer:
         finally:
             if journal is not None:
                 journal.close()
+            tracker.close()
         acc.wait_for_everyone()
         return result
 

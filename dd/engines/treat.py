@@ -45,7 +45,7 @@ Run folder::
     OUT/eval/base/*.png, eval/step-N.png   untreated eval images; before/after grids
     OUT/metrics.jsonl, curves.png          train / eval / stop records and their plot
     OUT/config.toml, README.md             the resolved configuration; a model card
-    OUT/tensorboard/                       when the ``tensorboard`` package is installed
+    OUT/tensorboard/                       with ``--report-to tensorboard``
 
 Checkpoints are written to a temporary folder and renamed into place; ``torch.load`` is only
 called with ``weights_only=True``. ``resume`` restores LoRA, optimizer, scheduler, RNG states
@@ -56,7 +56,6 @@ step's position, a resumed run gives the same weights and metrics as an uninterr
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -95,6 +94,7 @@ from dd.runtime.config import check_settings, setting
 from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
 from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import progress_bar
+from dd.runtime.tracking import REPORT_TO_HELP, RunTracker, check_report_to
 
 __all__ = [
     "REDUCTIONS",
@@ -118,7 +118,7 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at"})
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "report_to"})
 #: ``metrics.jsonl`` fields that differ between runs with identical results.
 TIMING_FIELDS = frozenset({"step_time_s", "eval_time_s"})
 OOM_HINT = (
@@ -225,6 +225,7 @@ class TreatConfig:
     )
     eval_batch_size: int = setting(4, min=1, help="Images per eval batch.")
     patience: int | None = setting(None, min=1, help="Stop after P evals without a better mean.")
+    report_to: str = setting("none", help=REPORT_TO_HELP)
     quality: list[str] | None = setting(
         None,
         text="list",
@@ -688,6 +689,7 @@ class _Treater:
         ]
         check_settings(choices, positive, checks)
         check_available(c.quantize, c.optimizer)
+        check_report_to(c.report_to)
         check_training_device(c.device, c.dtype)
 
     def _accelerator(self) -> Any:
@@ -833,7 +835,11 @@ class _Treater:
         self.eval_items = [(i, s) for i in range(len(eval_prompts)) for s in cfg.eval_seeds]
         self.base_images: np.ndarray | None = None
         self.journal = self._open_journal(state["step"], fresh=last is None) if self.main else None
-        self.tb = self._tensorboard(state["step"]) if self.main else None
+        self.tracker = RunTracker(
+            cfg.report_to, self.out, "dd-treat", step=state["step"], main=self.main
+        )
+        if self.journal is not None:
+            self.journal.on_append = self.tracker.record
         self.log(
             f"treating {cfg.backbone} with a LoRA of {n_params:,} parameters on "
             f"{len(prompts)} prompts; {self.world} process(es), batch {cfg.batch_size} x "
@@ -848,8 +854,7 @@ class _Treater:
         finally:
             if self.journal is not None:
                 self.journal.close()
-            if self.tb is not None:
-                self.tb.close()
+            self.tracker.close()
         acc.wait_for_everyone()
         return result
 
@@ -863,13 +868,6 @@ class _Treater:
             atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
             journal = Journal(path)
         return journal
-
-    def _tensorboard(self, step: int) -> Any:
-        if importlib.util.find_spec("tensorboard") is None:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.out / "tensorboard"), purge_step=step or None)
 
     def _load_checkpoint(
         self, last: Path, params: list[torch.nn.Parameter], scheduler: Any, state: dict
@@ -1060,12 +1058,7 @@ class _Treater:
             "step_time_s": seconds / n,
         }
         if self.journal is not None:
-            self.journal.append(rec)
-        if self.tb is not None:
-            self.tb.add_scalar("train/loss", rec["loss"], st["step"])
-            if rec["reg_loss"] is not None:
-                self.tb.add_scalar("train/reg_loss", rec["reg_loss"], st["step"])
-            self.tb.add_scalar("train/lr", rec["lr"], st["step"])
+            self.journal.append(rec)  # and to the tracker
 
     # -- evaluation ---------------------------------------------------------------------------
     def _evaluate(self) -> str:
@@ -1177,13 +1170,8 @@ class _Treater:
             )
         if self.main:
             assert self.journal is not None
-            self.journal.append(rec)
+            self.journal.append(rec)  # and to the tracker
             self._write_grid(step, images_u8, scores)
-            if self.tb is not None:
-                for k in ("mean", "max", "weighted", "drift", "psnr"):
-                    self.tb.add_scalar(f"eval/{k}", rec[k], step)
-                for k, v in rec.get("quality", {}).items():
-                    self.tb.add_scalar(f"quality/{k}", v, step)
         quality = "".join(f" {k} {v:.4g}" for k, v in rec.get("quality", {}).items())
         self.log(
             f"step {step}: eval mean {rec['mean']:.5f} max {rec['max']:.5f} drift {drift:.4f}"
@@ -1227,6 +1215,7 @@ class _Treater:
         cols = ["untreated"] if step == 0 else ["untreated", f"step {step}"]
         grid = image_grid(rows, row_titles=titles, col_titles=cols)
         save_image_atomic(grid, self.out / "eval" / f"step-{step:06d}.png")
+        self.tracker.image("eval/grid", np.asarray(grid.convert("RGB")), step)
 
     def _save_best(self, rec: dict[str, Any]) -> None:
         self.acc.wait_for_everyone()

@@ -65,6 +65,8 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.records: list[dict[str, Any]] = []
+        #: Called with each appended record once it is on disk (a run's tracker).
+        self.on_append: Any = None
         if fresh and self.path.exists():
             self.path.unlink()
         if self.path.exists():
@@ -86,6 +88,8 @@ class Journal:
         self._f.flush()
         os.fsync(self._f.fileno())
         self.records.append(record)
+        if self.on_append is not None:
+            self.on_append(record)
 
     def close(self) -> None:
         self._f.close()
