@@ -261,6 +261,12 @@ def load_quality_guard(
     from dd.scorers import QualityGuard, parse_quality
 
     parsed = parse_quality(specs)
+    stray = sorted(set(weights or {}) - {name for name, _ in parsed})
+    if stray:
+        raise UsageError(
+            f"--quality-weights names {', '.join(stray)}, which --quality does not turn on",
+            hint=f"add --quality {stray[0]}, or drop its weights",
+        )
     if not parsed:
         return None
     host = get_host()

@@ -131,7 +131,8 @@ def test_cli_defaults_are_the_config_defaults():
         value = getattr(defaults, name)
         if name == "eval_seeds":
             assert param.default == ",".join(map(str, value))
-        elif name in ("backbone_options", "detector_options", "lora_targets", "quality"):
+        elif name in ("backbone_options", "detector_options", "lora_targets", "quality",
+                      "quality_weights"):  # fmt: skip
             assert param.default in (None, []) and not value
         else:
             assert param.default == value, name

@@ -285,56 +285,21 @@ def test_each_model_folder_records_prompt_and_seed(run):
 
 
 def test_clip_score_from_local_weights(run, tmp_path):
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTextConfig,
-        CLIPVisionConfig,
-    )
+    from transformers import CLIPModel, CLIPProcessor
 
-    from dd.engines.eval_gen import _ClipScorer, clip_scores, pick_scores
-    from dd.testing.tiny import load_clip_tokenizer
+    from dd.image_scores import ClipModel, clip_scores, pick_scores
+    from dd.testing.tiny import build_tiny_clip
 
-    torch.manual_seed(0)
-    tok = load_clip_tokenizer()
-    text = CLIPTextConfig(
-        vocab_size=len(tok),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        projection_dim=8,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=8,
-    )
-    config = CLIPConfig(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8
-    )
-    model = CLIPModel(config).eval()
-    folder = tmp_path / "clip"
-    model.save_pretrained(folder)
-    size = {"shortest_edge": 32}
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size=size, crop_size=32), tokenizer=tok)
-    proc.save_pretrained(folder)
+    folder = build_tiny_clip(tmp_path / "clip")
+    model = CLIPModel.from_pretrained(str(folder)).eval()
+    proc = CLIPProcessor.from_pretrained(str(folder))
 
     d, *_ = run
     ims = np.stack(
         [np.asarray(Image.open(p)) for p in sorted((d / "out/images/base").glob("*.png"))]
     )
     prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
-    scorer = _ClipScorer(str(folder), torch.device("cpu"), what="CLIP score")
+    scorer = ClipModel(str(folder), torch.device("cpu"), what="CLIP score")
     got = clip_scores(scorer, ims, prompts)
     inputs = proc(text=prompts, images=list(ims), return_tensors="pt", padding="max_length")
     with torch.no_grad():
@@ -349,7 +314,7 @@ def test_clip_score_from_local_weights(run, tmp_path):
         [scale * float(c) for c in cos], abs=1e-4
     )
     with pytest.raises(DDError, match="needs local weights"):
-        _ClipScorer(str(tmp_path / "nothing"), torch.device("cpu"), what="CLIP score")
+        ClipModel(str(tmp_path / "nothing"), torch.device("cpu"), what="CLIP score")
 
 
 def test_cli_errors(cli, tiny_sd3, tmp_path, monkeypatch):

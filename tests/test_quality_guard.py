@@ -182,3 +182,28 @@ def test_presets_turn_the_guard_on():
     for name in list_presets():
         preset, _ = load_preset(name, TreatConfig)
         assert preset.get("quality") == ["detail", "drift"], name
+
+
+def test_clip_scorer_with_local_weights_guards_a_run(tiny_flux, prompt_files, tmp_path):  # noqa: F811
+    from test_treat import fit_redness_detector
+
+    from dd.testing.tiny import build_tiny_clip
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    det = fit_redness_detector(tmp_path / "det")
+    out = tmp_path / "run"
+    cfg = base_config(tiny_flux, det, prompt_files, out, quality=["clip", "detail"],
+                      quality_weights={"clip": str(clip)}, train_steps=2, eval_every=2,
+                      eval_seeds=[0])  # fmt: skip
+    treat(cfg)
+    evals = [r for r in records(out) if r["type"] == "eval"]
+    assert [set(r["quality"]) for r in evals] == [{"clip", "detail"}] * 2
+    assert all(r["base_quality"]["clip"] == evals[0]["quality"]["clip"] for r in evals)
+    assert 0 <= evals[-1]["quality"]["clip"] <= 100
+    # a scorer with weights needs them; weights need their scorer
+    with pytest.raises(DDError, match="--quality-weights clip=FOLDER"):
+        treat(base_config(tiny_flux, det, prompt_files, tmp_path / "r2", quality=["clip"]))
+    with pytest.raises(DDError, match="which --quality does not turn on"):
+        treat(base_config(tiny_flux, det, prompt_files, tmp_path / "r3",
+                          quality_weights={"pickscore": str(clip)}))  # fmt: skip
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()

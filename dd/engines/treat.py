@@ -234,6 +234,12 @@ class TreatConfig:
         "tolerance of the untreated model cannot become best/, and --patience (default 1) "
         "such evals in a row stop the run.",
     )
+    quality_weights: dict[str, Any] = setting(
+        factory=dict,
+        text="options",
+        help="Local weights of a quality scorer that needs them: NAME=PATH, repeatable "
+        "(clip and pickscore: a CLIPModel folder; imagereward: a folder with ImageReward.pt).",
+    )
     max_drift: float | None = setting(
         None,
         help="Stop when eval images drift more than this from the untreated model's at the "
@@ -625,11 +631,14 @@ class _Treater:
         self._check_config()
         from dd.plugins import load_quality_guard
 
-        self.guard = load_quality_guard(self.cfg.quality)  # unknown names fail before loading
         assert cfg.out is not None
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.acc = self._accelerator()
+        # unknown names and missing weights fail here, before the diffusion model loads
+        self.guard = load_quality_guard(
+            self.cfg.quality, device=str(self.acc.device), weights=self.cfg.quality_weights
+        )
         self.main = self.acc.is_main_process
         self.console = console if self.main else None
         self.rank, self.world = self.acc.process_index, self.acc.num_processes

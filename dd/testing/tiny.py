@@ -798,3 +798,50 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """A tiny ``CLIPModel`` with its processor (the real classes, 32 px images), saved with
+    ``save_pretrained`` to ``folder``: the local weights of the CLIP-score and PickScore
+    columns and quality scorers in tests."""
+    import torch
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    tok = load_clip_tokenizer()
+    text = CLIPTextConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        projection_dim=8,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=8,
+    )
+    config = CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8
+    )
+    folder = Path(folder)
+    CLIPModel(config).eval().save_pretrained(folder)
+    size = {"shortest_edge": 32}
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size=size, crop_size=32), tokenizer=tok)
+    proc.save_pretrained(folder)
+    return folder

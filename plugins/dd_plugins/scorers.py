@@ -1,4 +1,5 @@
-"""Built-in quality scorers that need no weights: ``detail`` and ``drift``.
+"""Built-in quality scorers: ``detail`` and ``drift`` (no weights), ``clip``, ``pickscore``
+and ``imagereward`` (local weights through ``--quality-weights NAME=PATH``).
 
 Both compare a treat evaluation's images with the untreated model's at the same prompts and
 seeds (see :mod:`dd.scorers`). Collapse, as DiffDoctor (Sec. 4.2) describes it, is
@@ -9,7 +10,9 @@ from what the model drew (a different picture rather than a repaired one).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from dd.errors import UsageError
 from dd.hookspecs import hookimpl
 from dd.scorers import QualityScorer
 
@@ -67,7 +70,90 @@ class DriftScorer(QualityScorer):
         return base_value + tolerance
 
 
+# ------------------------------------------------------------------------------------------
+# Scorers with local weights (the models of `dd eval gen`'s columns: dd.image_scores)
+# ------------------------------------------------------------------------------------------
+class _ModelScorer(QualityScorer):
+    """A scorer whose model loads from ``--quality-weights NAME=PATH`` (dd downloads
+    nothing); relative tolerance: at most ``t`` x the untreated value worse."""
+
+    higher_is_better = True
+    default_tolerance = 0.1
+    tolerance_text = "at least (1 - t) x the untreated value"
+
+    def __init__(self, weights: str | None = None, device: str = "cpu"):
+        super().__init__(weights, device)
+        if not weights:
+            raise UsageError(
+                f"--quality {self.name} needs its model's local weights",
+                hint=f"pass --quality-weights {self.name}=FOLDER",
+            )
+        self.model = self.load_model(str(weights))
+
+    def load_model(self, weights: str):  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+
+class ClipScorer(_ModelScorer):
+    """CLIP score of the eval images against their prompts (100 x max(cos, 0), as
+    torchmetrics), averaged; a local transformers CLIPModel folder."""
+
+    name = "clip"
+    description = "CLIP score of the eval images against their prompts (local CLIPModel)."
+
+    def load_model(self, weights: str):
+        from dd.image_scores import ClipModel
+
+        return ClipModel(weights, torch.device(self.device), what="CLIP score")
+
+    def score(self, images: np.ndarray, base: np.ndarray, prompts: list[str]) -> float:
+        from dd.image_scores import clip_scores
+
+        return float(np.mean(clip_scores(self.model, images, prompts)))
+
+
+class PickScoreScorer(ClipScorer):
+    """PickScore (the PickScore CLIP model's scaled cosine), averaged over the eval images."""
+
+    name = "pickscore"
+    description = "PickScore of the eval images (a local PickScore CLIPModel folder)."
+
+    def load_model(self, weights: str):
+        from dd.image_scores import ClipModel
+
+        return ClipModel(weights, torch.device(self.device), what="PickScore")
+
+    def score(self, images: np.ndarray, base: np.ndarray, prompts: list[str]) -> float:
+        from dd.image_scores import pick_scores
+
+        return float(np.mean(pick_scores(self.model, images, prompts)))
+
+
+class ImageRewardScorer(_ModelScorer):
+    """ImageReward (the image-reward package, local ImageReward.pt), averaged. Its scores
+    are centred near 0, so the tolerance is absolute: at least untreated - t."""
+
+    name = "imagereward"
+    description = "ImageReward of the eval images (image-reward package, local weights)."
+    default_tolerance = 0.2
+    tolerance_text = "at least the untreated value - t"
+
+    def load_model(self, weights: str):
+        from dd.image_scores import ImageRewardModel
+
+        return ImageRewardModel(weights, torch.device(self.device))
+
+    def score(self, images: np.ndarray, base: np.ndarray, prompts: list[str]) -> float:
+        return float(np.mean(self.model.scores(images, prompts)))
+
+    def within(self, value: float, base_value: float, tolerance: float) -> bool:
+        return value >= base_value - tolerance
+
+    def limit(self, base_value: float, tolerance: float) -> float:
+        return base_value - tolerance
+
+
 @hookimpl
 def dd_register_scorers(register) -> None:
-    register(DetailScorer)
-    register(DriftScorer)
+    for cls in (DetailScorer, DriftScorer, ClipScorer, PickScoreScorer, ImageRewardScorer):
+        register(cls)
