@@ -51,7 +51,10 @@ class RunTracker:
         if kind == "none" or not main:
             return
         check_report_to(kind)
+        from accelerate import PartialState
         from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+        PartialState()  # the trackers log through accelerate, which needs its state
 
         if kind == "tensorboard":
             # A resumed run drops what the killed one logged after its checkpoint.
