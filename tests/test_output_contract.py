@@ -156,6 +156,19 @@ def test_eval_detector_refuses_to_replace_metrics_and_checks_out_first(tmp_path,
     assert "eval" not in text.split("Error:")[0]  # no progress bar ran
 
 
+def test_detect_refuses_a_folder_of_other_files(tmp_path, capsys):
+    imgs = _images(tmp_path / "in")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, text = _run(capsys, ["detect", imgs, "--out", mine, *DET])
+    assert code == 1 and "is not empty" in text and "--overwrite" in text, text
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    code, text = _run(capsys, ["detect", imgs, "--out", mine, *DET, "--overwrite"])
+    assert code == 0, text
+    assert (mine / "notes.txt").read_text() == "keep me"  # --overwrite replaces dd's files only
+
+
 def test_label_export_does_not_replace_a_file_silently(tmp_path, capsys):
     from dd.data.synth import synthesize
 

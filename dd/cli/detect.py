@@ -56,7 +56,7 @@ def detect(
     """Find artifacts in images: per image a map, an overlay, and how sure and where.
 
     Writes maps/ and overlays/ PNGs, report.jsonl, report.csv and index.html to --out.
-    Exit codes: 0 all done; 2 some inputs failed; 3 --fail-above tripped (takes precedence).
+    Exit codes: 0 all done; 4 some inputs failed; 3 --fail-above tripped (takes precedence).
     """
     from dd.cli.options import parse_options
     from dd.data.images import collect_inputs

@@ -34,6 +34,7 @@ from dd.runtime.io import (
     Journal,
     atomic_write_json,
     atomic_write_text,
+    check_output_folder,
     mark_run_folder,
     output_dir,
     save_image_atomic,
@@ -134,6 +135,7 @@ def check_out(cfg: DetectConfig) -> None:
     fails to load its detector leaves no folder behind."""
     if cfg.out.exists() and not cfg.out.is_dir():
         output_dir(cfg.out)  # the one-line "is a file" error
+    check_output_folder(cfg.out, "detect", overwrite=cfg.overwrite)
     if (cfg.out / RUN_INFO).exists() and not (cfg.resume or cfg.overwrite):
         raise DDError(
             f"{cfg.out} already holds a detect run",
