@@ -233,12 +233,12 @@ def load_detector(
     (``"auto"``/``"fp32"`` strings or torch objects); ``options`` are checked against the
     types its ``load`` declares before it is called (:mod:`dd.plugin_options`)."""
     from dd.plugin_options import check_options
-    from dd.runtime.device import resolve_device, resolve_dtype
+    from dd.runtime.device import resolve_device, resolve_inference_dtype
 
     cls = get_host().detectors.get(name)
     opts = check_options("detector", name, cls.load, options)
     dev = resolve_device(device) if isinstance(device, str) else device
-    dt = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    dt = resolve_inference_dtype(dtype, dev) if isinstance(dtype, str) else dtype
     return cls.load(weights, device=dev, dtype=dt, **opts)
 
 

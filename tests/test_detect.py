@@ -52,14 +52,15 @@ def test_detect_folder_writes_maps_overlays_and_reports(tmp_path, cli):
     assert [r["key"] for r in recs] == [f"img{i:02d}" for i in range(4)] + ["sub/gray"]
     for r, src in zip(recs, [*imgs, tmp_path / "in" / "sub" / "gray.png"], strict=True):
         w, h = Image.open(src).size
+        # by default: the map at the detector's working size (64 here, aspect kept) and a
+        # JPEG overlay thumbnail (these images are under its 256 px)
         m = Image.open(out / r["map"])
-        assert m.mode == "L" and m.size == (w, h)
+        scale = min(1.0, 64 / max(w, h))
+        assert m.mode == "L" and m.size == (max(1, round(w * scale)), max(1, round(h * scale)))
+        assert r["overlay"].endswith(".jpg")
         ov = Image.open(out / r["overlay"])
-        assert ov.mode == "RGB" and ov.size == (w, h)
-        arr = np.asarray(m, np.float32) / 255
-        assert r["max"] == pytest.approx(arr.max(), abs=1 / 255)
-        assert r["mean"] == pytest.approx(arr.mean(), abs=1 / 255)
-        assert (r["width"], r["height"]) == (w, h)
+        assert ov.format == "JPEG" and ov.mode == "RGB" and ov.size == (w, h)
+        assert (r["width"], r["height"]) == (w, h)  # the scores are the full-size map's
         assert 0 <= r["peak"][0] < w and 0 <= r["peak"][1] < h
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [r["key"] for r in rows] == [r["key"] for r in recs]
@@ -72,12 +73,53 @@ def test_detect_folder_writes_maps_overlays_and_reports(tmp_path, cli):
     assert json.loads((out / "summary.json").read_text())["images"] == 5
 
 
+def test_full_size_outputs_are_one_flag_away(tmp_path, cli):
+    imgs = _images(tmp_path / "in", 3, seed=2)
+    Image.fromarray(np.full((90, 120, 3), 200, np.uint8)).save(tmp_path / "in" / "big.png")
+    out = tmp_path / "full"
+    full = ["--full-size-outputs", "--dtype", "fp32"]
+    res = cli("detect", tmp_path / "in", "--out", out, *TINY, *full)
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    for r, src in zip(recs, [tmp_path / "in" / "big.png", *imgs], strict=True):
+        w, h = Image.open(src).size
+        m = Image.open(out / r["map"])
+        assert m.mode == "L" and m.size == (w, h)
+        ov = Image.open(out / r["overlay"])
+        assert r["overlay"].endswith(".png") and ov.mode == "RGB" and ov.size == (w, h)
+        arr = np.asarray(m, np.float32) / 255
+        assert r["max"] == pytest.approx(arr.max(), abs=1 / 255)
+        assert r["mean"] == pytest.approx(arr.mean(), abs=1 / 255)
+    # the default run's scores are the same (they come from the full-size map either way)
+    res = cli("detect", tmp_path / "in", "--out", tmp_path / "small", *TINY, "--dtype", "fp32")
+    assert res.exit_code == 0, res.output
+    small = [json.loads(x) for x in (tmp_path / "small" / "report.jsonl").read_text().splitlines()]
+    assert Image.open(tmp_path / "small" / small[0]["map"]).size == (64, 48)  # 120x90 -> 64
+    for a, b in zip(recs, small, strict=True):
+        assert a["max"] == pytest.approx(b["max"], abs=1e-6) and a["peak"] == b["peak"]
+    # resuming with the other outputs would mix them: refused
+    res = cli("detect", tmp_path / "in", "--out", out, *TINY, "--dtype", "fp32", "--resume")
+    assert res.exit_code == 1 and "--full-size-outputs" in res.output
+
+
+def test_dtype_auto_is_bf16_only_where_it_is_native(monkeypatch):
+    import dd.runtime.device as device
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "fast_bf16", lambda d: True)
+    assert device.resolve_inference_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(device, "fast_bf16", lambda d: False)
+    assert device.resolve_inference_dtype("auto", cpu) == torch.float32
+    assert device.resolve_inference_dtype("fp32", cpu) == torch.float32
+
+
 def test_maps_match_the_differentiable_forward(tmp_path):
     """The batched loader path gives the same map as Detector.forward on the image."""
     _images(tmp_path / "in", 3, seed=1)
     det = _tiny_detector()
     items, _ = collect_inputs([str(tmp_path / "in")])
-    res = run_detect(items, det, DetectConfig(out=tmp_path / "out", batch_size=2))
+    cfg = DetectConfig(out=tmp_path / "out", batch_size=2, full_size_outputs=True)
+    res = run_detect(items, det, cfg)
     for r, it in zip(res.records, items, strict=True):
         x = torch.from_numpy(load_image(it.path)).permute(2, 0, 1).float()[None] / 255
         with torch.no_grad():

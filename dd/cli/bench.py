@@ -339,6 +339,12 @@ def detect(
     overlays: Annotated[
         bool, typer.Option(help="dd detect writes overlays (--no-overlays: maps and reports).")
     ] = True,
+    full_size_outputs: Annotated[
+        bool, typer.Option(help="dd detect writes full-size PNG maps and overlays.")
+    ] = False,
+    dtype: Annotated[
+        str, typer.Option(help="dd detect's dtype: auto (its default), fp32 or bf16.")
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the images and random weights.")] = 0,
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = None,
@@ -349,7 +355,8 @@ def detect(
 
     The released loop (DiffDoctor's demo): one image per forward in fp32, cv2 read and resize,
     the SegFormer image processor, model, upsample, sigmoid, heat-map overlay, cv2 write.
-    dd detect: threaded decoding, batches, maps + overlays at full size, reports.
+    dd detect as a user runs it by default: threaded decoding, batches, --dtype auto (bf16 where
+    the device has native bf16), working-size maps, overlay thumbnails, reports.
     """
     import torch
 
@@ -377,6 +384,8 @@ def detect(
             batch_size=batch_size,
             workers=workers,
             overlays=overlays,
+            full_size_outputs=full_size_outputs,
+            dtype=dtype,
             seed=seed,
             on_progress=progress,
         )

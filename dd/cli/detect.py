@@ -16,7 +16,6 @@ from dd.cli.options import (
     DetectorOptions,
     DetectorWeights,
     Device,
-    Dtype,
 )
 from dd.errors import EXIT_GATE, EXIT_SOME_INPUTS_FAILED
 from dd.runtime.progress import progress_bar
@@ -34,7 +33,12 @@ def detect(
     batch_size: BatchSize = 8,
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding and writing.")] = 4,
     device: Device = "auto",
-    dtype: Dtype = "fp32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="auto (bf16 on GPUs and CPUs with native bf16, else fp32), fp32, bf16 or fp16."
+        ),
+    ] = "auto",
     fail_above: Annotated[
         float | None,
         typer.Option(help="Exit 3 if any image's max confidence exceeds this (quality gate)."),
@@ -44,8 +48,15 @@ def detect(
         bool, typer.Option(help="Replace the results of an earlier run in --out.")
     ] = False,
     overlays: Annotated[
-        bool, typer.Option(help="Write heat-map overlay PNGs (the slowest output to encode).")
+        bool, typer.Option(help="Write heat-map overlays (JPEG thumbnails for the contact sheet).")
     ] = True,
+    full_size_outputs: Annotated[
+        bool,
+        typer.Option(
+            help="Maps and overlays as PNGs at each image's size (default: maps at the "
+            "detector's working size, overlay thumbnails; several times faster)."
+        ),
+    ] = False,
     max_pixels: Annotated[
         int, typer.Option(help="Refuse images with more pixels (decompression-bomb guard).")
     ] = 178_956_970,
@@ -55,7 +66,10 @@ def detect(
 ) -> None:
     """Find artifacts in images: per image a map, an overlay, and how sure and where.
 
-    Writes maps/ and overlays/ PNGs, report.jsonl, report.csv and index.html to --out.
+    Writes report.jsonl, report.csv, summary.json, index.html (a contact sheet), maps/ (8-bit
+    PNGs at the detector's working size) and overlays/ (JPEG thumbnails) to --out;
+    --full-size-outputs writes both as PNGs at each image's size. Scores always come from the
+    full-size map.
     Exit codes: 0 all done; 4 some inputs failed; 3 --fail-above tripped (takes precedence).
     """
     from dd.cli.options import parse_options
@@ -80,6 +94,7 @@ def detect(
         overwrite=overwrite,
         max_pixels=max_pixels,
         save_overlays=overlays,
+        full_size_outputs=full_size_outputs,
     )
     check_out(cfg)  # before the detector loads
     det = load_detector(detector, weights, parse_options(option), device, dtype)

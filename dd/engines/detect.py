@@ -4,6 +4,13 @@ Images are decoded and resized to the detector's working size in loader threads 
 model runs on full batches. Every output file is written atomically; each finished image is
 recorded in a journal (``.dd/detect-journal.jsonl``) so ``resume=True`` skips it. The final
 reports are rebuilt from the journal, so they are complete and free of duplicates.
+
+Outputs per image, by default what a user scoring many images needs (the scores are always
+computed on the map at the image's full size): ``maps/KEY.png``, the 8-bit map at the
+detector's working resolution (its longer side, aspect kept), and ``overlays/KEY.jpg``, a
+heat-map thumbnail (longer side :data:`THUMB_SIDE`) for the contact sheet. With
+``full_size_outputs`` both are PNGs at the image's size (a full-size PNG encode costs more
+than the model's forward pass at 1024²: docs/performance.md, "Detect throughput").
 """
 
 from __future__ import annotations
@@ -71,6 +78,12 @@ class DetectConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     save_maps: bool = True
     save_overlays: bool = True
+    #: Maps and overlays as PNGs at each image's size (default: working-size maps, thumbnails).
+    full_size_outputs: bool = False
+
+
+#: The longer side of an overlay thumbnail (the contact sheet shows them at 240 px).
+THUMB_SIDE = 256
 
 
 @dataclass
@@ -108,21 +121,41 @@ def load_input(item: InputItem, detector: Detector, max_pixels: int) -> Loaded:
     return Loaded(item, image=img, tensor=resize_for(detector, img))
 
 
-def _write_outputs(cfg: DetectConfig, loaded: Loaded, prob: np.ndarray) -> dict[str, Any]:
+def _fit(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """``(w, h)`` of an ``(h, w)`` image scaled so its longer side is at most ``side``."""
+    h, w = size
+    scale = min(1.0, side / max(h, w))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _write_outputs(
+    cfg: DetectConfig, loaded: Loaded, prob: np.ndarray, map_side: int
+) -> dict[str, Any]:
     item = loaded.item
     rec: dict[str, Any] = {"key": item.key, "image": str(item.path)}
     rec.update(map_scores(prob))
+    full = cfg.full_size_outputs
+    u8 = to_uint8_map(prob)
     if cfg.save_maps:
         rel = f"maps/{item.key}.png"
-        save_image_atomic(
-            Image.fromarray(to_uint8_map(prob), mode="L"), cfg.out / rel, compress_level=1
-        )
+        m = Image.fromarray(u8, mode="L")
+        if not full and max(u8.shape) > map_side:
+            m = m.resize(_fit(u8.shape, map_side), Image.BILINEAR, reducing_gap=2.0)
+        save_image_atomic(m, cfg.out / rel, compress_level=1)
         rec["map"] = rel
     if cfg.save_overlays:
-        rel = f"overlays/{item.key}.png"
-        save_image_atomic(
-            Image.fromarray(overlay(loaded.image, prob)), cfg.out / rel, compress_level=1
-        )
+        if full:
+            rel = f"overlays/{item.key}.png"
+            save_image_atomic(
+                Image.fromarray(overlay(loaded.image, prob)), cfg.out / rel, compress_level=1
+            )
+        else:
+            rel = f"overlays/{item.key}.jpg"
+            size = _fit(u8.shape, THUMB_SIDE)
+            img = Image.fromarray(loaded.image).resize(size, Image.BILINEAR, reducing_gap=2.0)
+            small = np.asarray(Image.fromarray(u8, mode="L").resize(size, Image.BILINEAR))
+            thumb = overlay(np.asarray(img), small.astype(np.float32) / 255.0)
+            save_image_atomic(Image.fromarray(thumb), cfg.out / rel, quality=85)
         rec["overlay"] = rel
     if item.meta:
         rec["meta"] = item.meta
@@ -162,12 +195,18 @@ def run_detect(
             shutil.rmtree(cfg.out / sub, ignore_errors=True)
     mark_run_folder(cfg.out, "detect", not_inputs=("maps", "overlays"))
     _remove_stale_temporaries(cfg.out)
-    run_info = {"detector": detector.describe()}
+    run_info = {"detector": detector.describe(), "full_size_outputs": cfg.full_size_outputs}
     if cfg.resume and info_path.exists():
         try:
             prev = json.loads(info_path.read_text())
         except ValueError:
             prev = None
+        prev_full = bool(prev.get("full_size_outputs", True)) if prev is not None else None
+        if prev is not None and prev_full != cfg.full_size_outputs:
+            raise DDError(
+                f"{cfg.out} holds a run with{'' if prev_full else 'out'} --full-size-outputs",
+                hint="resume with the same outputs, or use a new --out folder",
+            )
         if prev is not None and prev.get("detector") != run_info["detector"]:
             raise DDError(
                 f"{cfg.out} holds results of another detector ({prev.get('detector')}), "
@@ -222,7 +261,8 @@ def run_detect(
                 if on_progress:
                     on_progress(finished, total)
                 continue
-            writes.append(writer.submit(_write_outputs, cfg, loaded, prob.cpu().numpy()))
+            side = max(detector.working_size(*loaded.size))
+            writes.append(writer.submit(_write_outputs, cfg, loaded, prob.cpu().numpy(), side))
             drain(block=False)
         drain(block=True)
 

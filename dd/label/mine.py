@@ -308,6 +308,7 @@ def run_mine(
             resume=resume,
             overwrite=True,  # decisions are guarded above; the detector pass is derived
             save_overlays=False,
+            full_size_outputs=True,  # the labelling page paints over the image's own size
         ),
         failures=failures,
         on_progress=on_progress,

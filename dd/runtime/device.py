@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +47,28 @@ def resolve_dtype(name: str = "fp32") -> torch.dtype:
         return DTYPES[name.lower()]
     except KeyError:
         raise UsageError(f"unknown dtype {name!r}", hint="use fp32, bf16 or fp16") from None
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """True where bf16 inference is fast and native: a CUDA GPU that supports bf16, or a
+    CPU with AMX-BF16 or AVX512-BF16 (there oneDNN runs bf16 convolutions and matmuls
+    about twice as fast as fp32: docs/performance.md, "Detect throughput")."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 where :func:`fast_bf16`, else fp32; otherwise :func:`resolve_dtype`."""
+    if (name or "").lower() == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    return resolve_dtype(name)
 
 
 def check_training_device(device: str, dtype: str) -> None:
