@@ -373,23 +373,66 @@ class Backbone(abc.ABC):
         """One denoising step ``index`` of ``schedule`` (pure: safe to checkpoint)."""
         t = schedule.timesteps[index].expand(latents.shape[0]).to(latents.device)
         out = self.predict(latents, t, cond, guidance, height, width)
+        return self.update(latents, out, index, schedule)
+
+    def update(
+        self, latents: torch.Tensor, out: torch.Tensor, index: int, schedule: Schedule
+    ) -> torch.Tensor:
+        """The latents after step ``index`` given the model output ``out`` at it."""
         if self.prediction_type == FLOW:
             assert schedule.sigmas is not None
             dt = (schedule.sigmas[index + 1] - schedule.sigmas[index]).to(latents.dtype)
             return (latents.float() + dt.float() * out.float()).to(latents.dtype)
         assert schedule.alphas is not None
-        a_t = schedule.alphas[index].to(latents.device, torch.float32)
         a_prev = schedule.alphas[index + 1].to(latents.device, torch.float32)
-        x, o = latents.float(), out.float()
-        if self.prediction_type == EPSILON:
-            eps = o
-            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        elif self.prediction_type == V_PREDICTION:
-            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * o
-            eps = a_t.sqrt() * o + (1 - a_t).sqrt() * x
-        else:  # pragma: no cover - guarded at load time
-            raise DDError(f"unknown prediction type {self.prediction_type!r}")
+        x0, eps = self.clean_estimate(latents, out, index, schedule)
         return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(latents.dtype)
+
+    def clean_estimate(
+        self, latents: torch.Tensor, out: torch.Tensor, index: int, schedule: Schedule
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, noise)`` estimated from the model output ``out`` at step ``index`` (float32):
+        flow ``x0 = x_t - sigma v``, ``noise = x_t + (1 - sigma) v``; epsilon and
+        v-prediction by the DDIM formulas. Differentiable (detector guidance uses it)."""
+        x, o = latents.float(), out.float()
+        if self.prediction_type == FLOW:
+            assert schedule.sigmas is not None
+            sigma = schedule.sigmas[index].to(x.device, torch.float32)
+            return x - sigma * o, x + (1 - sigma) * o
+        assert schedule.alphas is not None
+        a_t = schedule.alphas[index].to(x.device, torch.float32)
+        if self.prediction_type == EPSILON:
+            return (x - (1 - a_t).sqrt() * o) / a_t.sqrt(), o
+        if self.prediction_type == V_PREDICTION:
+            return a_t.sqrt() * x - (1 - a_t).sqrt() * o, a_t.sqrt() * o + (1 - a_t).sqrt() * x
+        raise DDError(f"unknown prediction type {self.prediction_type!r}")  # pragma: no cover
+
+    def guided_step(
+        self,
+        latents: torch.Tensor,
+        index: int,
+        schedule: Schedule,
+        cond: Conditioning,
+        guidance: float | None,
+        height: int,
+        width: int,
+        guide: Any,
+    ) -> torch.Tensor:
+        """Step ``index`` with detector guidance (see :mod:`dd.guidance`): the ordinary step,
+        then a push down the gradient of the artifact confidence of the clean image
+        estimated at this step. The model's prediction is held fixed (no backward pass
+        through the denoiser: only through the VAE decode and the detector)."""
+        t = schedule.timesteps[index].expand(latents.shape[0]).to(latents.device)
+        with torch.no_grad():
+            out = self.predict(latents, t, cond, guidance, height, width)
+            nxt = self.update(latents, out, index, schedule)
+        with torch.enable_grad():
+            x = latents.detach().float().requires_grad_(True)
+            x0, _ = self.clean_estimate(x, out.detach(), index, schedule)
+            images = self.decode_maybe_checkpointed(x0.to(latents.dtype), height, width)
+            loss = guide.loss_of(images.float().clamp(0, 1)).sum()
+            (grad,) = torch.autograd.grad(loss, x)
+        return (nxt.float() - guide.shift(grad, index, len(schedule))).to(latents.dtype)
 
     def denoise(
         self,
@@ -404,9 +447,11 @@ class Backbone(abc.ABC):
         start: int = 0,
         end: int | None = None,
         on_step: StepCallback | None = None,
+        guide: Any | None = None,
     ) -> torch.Tensor:
         """Run steps ``start .. end-1`` of ``schedule``; only the last ``grad_steps`` of the
-        *whole* schedule track gradients (when grad mode is on)."""
+        *whole* schedule track gradients (when grad mode is on). With ``guide``
+        (:class:`dd.guidance.Guide`) its active steps move the latents first."""
         n = len(schedule)
         end = n if end is None else end
         if not 0 <= start <= end <= n:
@@ -419,7 +464,11 @@ class Backbone(abc.ABC):
         first_tracked = n - grad_steps
         for i in range(start, end):
             tracked = torch.is_grad_enabled() and i >= first_tracked
-            if not tracked:
+            if guide is not None and guide.active(i, n) and not tracked:
+                latents = self.guided_step(
+                    latents, i, schedule, cond, guidance, height, width, guide
+                )
+            elif not tracked:
                 with torch.no_grad():
                     latents = self.step(latents, i, schedule, cond, guidance, height, width)
             elif self.gradient_checkpointing:
@@ -452,9 +501,11 @@ class Backbone(abc.ABC):
         latents: torch.Tensor | None = None,
         grad_steps: int = 0,
         on_step: StepCallback | None = None,
+        guide: Any | None = None,
     ) -> torch.Tensor:
         """Generate latents from noise. Gradients flow only through the last
-        ``grad_steps`` steps; with ``grad_steps=0`` (or grad mode off) none do."""
+        ``grad_steps`` steps; with ``grad_steps=0`` (or grad mode off) none do. ``guide``:
+        detector guidance (:mod:`dd.guidance`)."""
         steps = steps or self.default_steps
         guidance = self.default_guidance if guidance is None else guidance
         if latents is None:
@@ -469,6 +520,7 @@ class Backbone(abc.ABC):
             width=width,
             grad_steps=grad_steps,
             on_step=on_step,
+            guide=guide,
         )
 
     def generate(
@@ -481,8 +533,10 @@ class Backbone(abc.ABC):
         steps: int | None = None,
         guidance: float | None = None,
         grad_steps: int = 0,
+        guide: Any | None = None,
     ) -> torch.Tensor:
-        """Prompts and seeds (one each per image) to images in [0, 1]."""
+        """Prompts and seeds (one each per image) to images in [0, 1]; ``guide``: detector
+        guidance (:mod:`dd.guidance`)."""
         if len(seeds) != len(prompts):
             raise DDError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         height = height or self.default_resolution
@@ -499,6 +553,7 @@ class Backbone(abc.ABC):
             guidance=guidance,
             latents=lat,
             grad_steps=grad_steps,
+            guide=guide,
         )
         return self.decode_maybe_checkpointed(lat, height, width)
 

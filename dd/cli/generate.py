@@ -61,6 +61,38 @@ def generate(
     batch_size: BatchSize = 1,
     dtype: Dtype = "fp32",
     device: Device = "auto",
+    guide: Annotated[
+        bool,
+        typer.Option(
+            "--guide",
+            help="Steer sampling away from artifacts with the detector (no training; see "
+            "docs/guide.md): slower sampling, the same model.",
+        ),
+    ] = False,
+    guide_scale: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Guidance step size at the first step, falling to 1/12 of it by the last "
+            "(DIAMOND's schedule; 0: unguided, bit for bit).",
+        ),
+    ] = 12.0,
+    guide_steps: Annotated[
+        str | None,
+        typer.Option(help="Guided sampling steps A-B (0-based, inclusive; default: all)."),
+    ] = None,
+    guide_loss: Annotated[
+        str, typer.Option(help="Per-image confidence to lower: mean, max or weighted.")
+    ] = "mean",
+    guide_every: Annotated[int, typer.Option(min=1, help="Guide every Nth step.")] = 1,
+    best_of: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Generate N candidates per prompt and seed and keep the one the detector "
+            "scores lowest (mean confidence); every candidate's scores go to the report.",
+        ),
+    ] = 1,
     detect: Annotated[
         bool, typer.Option("--detect", help="Score every image with the artifact detector.")
     ] = False,
@@ -165,8 +197,21 @@ def generate(
         "prompts": prompt_list,
         "seeds": seed_list,
         "detect": detect,
+        "best_of": best_of,
+        "guide": (
+            {"scale": guide_scale, "steps": guide_steps, "loss": guide_loss, "every": guide_every}
+            if guide
+            else None
+        ),
     }
-    if not detect:
+    guide_plan = None
+    if guide:
+        from dd.guidance import Guide, parse_guide_steps
+
+        # checked now (usage errors), the detector is filled in once loaded
+        guide_plan = Guide(None, guide_scale, parse_guide_steps(guide_steps), guide_loss,
+                           guide_every)  # fmt: skip
+    if not (detect or guide or best_of > 1):
         for k in ("detector", "detector_weights", "detector_options"):
             record.pop(k)
     _claim(out, record, resume=resume, overwrite=overwrite)
@@ -186,7 +231,7 @@ def generate(
         if lora:
             bb.load_lora(lora, trainable=False)
         det = None
-        if detect:
+        if detect or guide or best_of > 1:
             det = load_detector(
                 settings["detector"],
                 settings["detector_weights"],
@@ -200,6 +245,10 @@ def generate(
                     "(random weights): its scores mean nothing.[/bold yellow] Pass --weights.",
                     highlight=False,
                 )
+            det.eval()
+            det.requires_grad_(False)
+            if guide_plan is not None:
+                guide_plan.detector = det
         size = settings["resolution"] or int(bb.default_resolution)
         bb.check_size(size, size)
         n_steps = settings["steps"] or int(bb.default_steps)
@@ -220,15 +269,19 @@ def generate(
         try:
             with progress_bar("generate", console=err) as progress:
                 task = progress.add_task("generate", total=len(pairs), completed=len(written))
+                # best-of-N: N candidates per (prompt, seed), consecutive in this list
+                cands = [(pi, s, c) for pi, s in todo for c in candidate_seeds(s, best_of)]
+                pending: list[tuple[int, dict[str, Any], Any]] = []
                 for start, images in generate_batches(
                     bb,
-                    [prompt_list[pi] for pi, _ in todo],
-                    [s for _, s in todo],
+                    [prompt_list[pi] for pi, _, _ in cands],
+                    [c for _, _, c in cands],
                     height=size,
                     width=size,
                     steps=n_steps,
                     guidance=settings["guidance"],
                     batch_size=batch_size,
+                    guide=guide_plan,
                 ):
                     probs = None
                     if det is not None:
@@ -236,19 +289,28 @@ def generate(
                             probs = det(images).float().cpu().numpy()
                     u8 = to_uint8(images)
                     for j in range(images.shape[0]):
-                        pi, s = todo[start + j]
+                        pi, s, c = cands[start + j]
+                        sc: dict[str, Any] = {"seed": c}
+                        if probs is not None:
+                            full = map_scores(probs[j, 0])
+                            sc.update({k: full[k] for k in SCORE_KEYS})
+                        pending.append((c, sc, u8[j]))
+                        if len(pending) < best_of:
+                            continue
+                        # the candidate with the lowest mean confidence (the first on ties)
+                        chosen = min(pending, key=lambda t: t[1].get("mean", 0.0))
                         name = f"{pi:04d}-seed{s}.png"
-                        save_image_atomic(Image.fromarray(u8[j]), out / name)
+                        save_image_atomic(Image.fromarray(chosen[2]), out / name)
                         rec = {"prompt_index": pi, "prompt": prompt_list[pi], "seed": s}
                         rec["image"] = name
-                        if probs is not None:
-                            sc = map_scores(probs[j, 0])
-                            rec.update(
-                                {k: sc[k] for k in ("mean", "max", "weighted", "artifact_ratio")}
-                            )
+                        rec.update({k: v for k, v in chosen[1].items() if k != "seed"})
+                        if best_of > 1:
+                            rec["chosen_seed"] = chosen[0]
+                            rec["candidates"] = [t[1] for t in pending]
                         journal.append(rec)
                         written[(pi, s)] = rec
-                        cells[(pi, s)] = (_thumb(Image.fromarray(u8[j])), _caption(rec))
+                        cells[(pi, s)] = (_thumb(Image.fromarray(chosen[2])), _caption(rec))
+                        pending = []
                     progress.update(task, completed=len(written))
         finally:
             journal.close()
@@ -270,6 +332,16 @@ def generate(
 
 
 SETTINGS = ".dd/generate.json"
+SCORE_KEYS = ("mean", "max", "weighted", "artifact_ratio")
+
+
+def candidate_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of ``--best-of n`` candidates for ``seed``: the seed itself first (so
+    ``--best-of 1`` is plain generation), then seeds derived from it, above 2**32 so that they
+    never repeat another image's seed."""
+    return [seed] + [(2**32 + seed * 1_000_003 + k) % 2**63 for k in range(1, n)]
+
+
 JOURNAL = ".dd/generate-journal.jsonl"
 
 

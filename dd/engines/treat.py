@@ -317,6 +317,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+#: More seeds than anyone generates per prompt: a larger count is a seed typed as a count.
+MAX_SEEDS = 100_000
+
+
 def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
     """``"0,1,2"`` or ``[0, 1, 2]``: those seeds; ``"4"`` (one number): seeds 0..3;
     ``"5-7"``: seeds 5, 6, 7."""
@@ -330,12 +334,21 @@ def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
             seeds = [int(x) for x in s.split(",") if x.strip()]
         elif "-" in s:
             lo, hi = s.split("-", 1)
+            if int(hi) - int(lo) >= MAX_SEEDS:
+                raise OverflowError
             seeds = list(range(int(lo), int(hi) + 1))
         else:
             n = int(s)
             if n < 1:
                 raise ValueError
+            if n > MAX_SEEDS:
+                raise OverflowError
             seeds = list(range(n))
+    except OverflowError:
+        raise DDError(
+            f"--seeds {text} would make more than {MAX_SEEDS:,} seeds (one number is a count)",
+            hint=f"to name one seed, write {s.split('-')[0]}, (a list of one)",
+        ) from None
     except ValueError:
         seeds = []
     if not seeds:
@@ -418,8 +431,10 @@ def generate_batches(
     steps: int | None,
     guidance: float | None,
     batch_size: int,
+    guide: Any | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, images)`` for consecutive chunks of (prompt, seed) pairs, no gradient."""
+    """``(start, images)`` for consecutive chunks of (prompt, seed) pairs, no gradient (a
+    ``guide``'s steps take their own, one step at a time)."""
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         with torch.no_grad():
@@ -430,6 +445,7 @@ def generate_batches(
                 width=width,
                 steps=steps,
                 guidance=guidance,
+                guide=guide,
             )
         yield start, images
 
