@@ -143,3 +143,28 @@ def test_a_seed_typed_as_a_count_is_refused(cli, tmp_path):
               "--seeds", "4294967297", "--out", tmp_path / "o")  # fmt: skip
     assert res.exit_code == 1 and "would make more than 100,000 seeds" in res.output
     assert "4294967297," in res.output
+
+
+def test_guidance_composes_with_a_lora(cli, tiny_flux, detector_dir, tmp_path):  # noqa: F811
+    bb = get_host().backbones.get("flux").from_pretrained(str(tiny_flux))
+    torch.manual_seed(0)
+    bb.add_lora(rank=2, init="gaussian")
+    with torch.no_grad():  # a LoRA that changes the model
+        for n, p in bb.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    bb.save_lora(tmp_path / "lora")
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    base = ["generate", "--backbone", "flux", "--model", tiny_flux, "-B",
+            "max_sequence_length=32", "--prompts", tmp_path / "p.txt", "--seeds", "2",
+            "--steps", "3", "--resolution", "64", "--weights", detector_dir, "-O",
+            "input_size=64", "--detect", "--lora", tmp_path / "lora"]  # fmt: skip
+    assert cli(*base, "--out", tmp_path / "plain").exit_code == 0
+    res = cli(*base, "--guide", "--out", tmp_path / "guided")
+    assert res.exit_code == 0, res.output
+
+    def mean(folder):
+        rows = [json.loads(x) for x in (folder / "report.jsonl").read_text().splitlines()]
+        return sum(r["mean"] for r in rows) / len(rows)
+
+    assert mean(tmp_path / "plain") - mean(tmp_path / "guided") >= MARGIN
