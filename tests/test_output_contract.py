@@ -407,3 +407,27 @@ def test_group_help_shows_the_default_forms_options(capsys):
     code, text = _run(capsys, ["eval", "study", "--help"])
     assert code == 0
     assert "dd eval study DIR_A DIR_B [OPTIONS]" in text and "--out" in text
+
+
+def test_label_import_merges_into_a_dataset_but_not_into_other_files(tmp_path, capsys):
+    from dd.data.synth import synthesize
+
+    src = tmp_path / "src"
+    synthesize(src, 4, size=64, use_skimage=False, progress=False)
+    args = ["label", "import", src / "masks", "--images", src / "images", "--format", "png"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    code, text = _run(capsys, [*args, "--out", other])
+    assert code == 1 and "is not empty" in text and "--overwrite" in text, text
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    code, text = _run(capsys, [*args, "--out", other, "--overwrite"])
+    assert code == 0, text
+    assert (other / "notes.txt").read_text() == "mine" and (other / "manifest.jsonl").is_file()
+    # a dataset folder is merged into (re-running replaces, never duplicates)
+    code, text = _run(capsys, [*args, "--out", tmp_path / "ds"])
+    assert code == 0, text
+    code, text = _run(capsys, [*args, "--out", tmp_path / "ds"])
+    assert code == 0, text
+    rows = (tmp_path / "ds" / "manifest.jsonl").read_text().splitlines()
+    assert len(rows) == len(set(rows))

@@ -235,3 +235,21 @@ def test_study_beyond_loopback_needs_a_token_and_records_the_participant(study, 
     assert vote["annotator"] == "carol" and vote["auth"] == "token"
     r = cli("eval", "study", "serve", study, "--host", "0.0.0.0", "--participant", "bad name!")
     assert r.exit_code == 1 and "bad participant name" in r.output
+
+
+def test_overwrite_replaces_a_study_without_votes_never_one_with_votes(study, tmp_path):
+    a, b = tmp_path / "base", tmp_path / "treated"
+    made = create_study(a, b, study, seed=2, overwrite=True)  # no votes yet: replaced
+    assert made["seed"] == 2
+    assert json.loads((study / "study.json").read_text())["seed"] == 2
+    (study / "votes" / "alice.jsonl").write_text('{"pair": 0, "question": "q", "choice": "a"}\n')
+    with pytest.raises(DDError, match="votes are people's work"):
+        create_study(a, b, study, seed=3, overwrite=True)
+    assert (study / "votes" / "alice.jsonl").is_file()
+    # a folder of other files needs --overwrite
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(DDError, match="is not empty"):
+        create_study(a, b, other)
+    assert create_study(a, b, other, overwrite=True)["pairs"]
