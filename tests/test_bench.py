@@ -265,6 +265,18 @@ def test_cli_detect(cli, tmp_path):
     assert result["speedup"] == pytest.approx(ips["dd detect"] / ips["released"], rel=1e-2)
     assert [r["approach"] for r in result["rows"]] == ["released", "dd detect"]
     assert result["targets"][0]["name"] == "dd detect / released throughput"
+    assert result["targets"][0]["target"] == ">= 1.5"
+    assert not result["full_size_outputs"] and result["dd_dtype"] in ("float32", "bfloat16")
+    # the other rows of docs/performance.md: full-size PNG outputs in fp32
+    res = cli(
+        "bench", "detect", "--device", "cpu", "--variant", "tiny", "--input-size", "64",
+        "--images", "2", "--size", "80", "--repeat", "1", "--full-size-outputs",
+        "--dtype", "fp32", "--json", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert result["full_size_outputs"] and result["dd_dtype"] == "float32"
+    assert "full-size outputs" in res.output
 
 
 def test_unknown_kernel_names_are_refused(cli):

@@ -431,3 +431,37 @@ def test_label_import_merges_into_a_dataset_but_not_into_other_files(tmp_path, c
     assert code == 0, text
     rows = (tmp_path / "ds" / "manifest.jsonl").read_text().splitlines()
     assert len(rows) == len(set(rows))
+
+
+def test_training_overwrite_replaces_the_old_run_and_keeps_other_files(tmp_path):
+    from dd.errors import DDError, UsageError
+    from dd.runtime.checkpoint import prepare_run_folder
+
+    out = tmp_path / "run"
+    mark_run_folder(out, "treat")
+    for d in ("checkpoints/last", "best"):
+        (out / d).mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "config.toml").write_text("lr = 1\n")
+    (out / "notes.txt").write_text("mine")
+    files = ("checkpoints", "metrics.jsonl", "pytorch_lora_weights.safetensors")
+    with pytest.raises(DDError, match="already holds a treat run") as e:
+        prepare_run_folder(out, False, "treat", files)
+    assert "--overwrite" in str(e.value)
+    with pytest.raises(UsageError, match="exclude each other"):
+        prepare_run_folder(out, True, "treat", files, overwrite=True)
+    assert prepare_run_folder(out, False, "treat", files, overwrite=True) is None
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing of it resumable
+
+
+def test_label_pseudo_refuses_then_overwrites_its_labels(tmp_path, capsys):
+    pool = _images(tmp_path / "pool", 3)
+    args = ["label", "pseudo", pool, "--out", tmp_path / "o", *DET]
+    code, text = _run(capsys, args)
+    assert code == 0, text
+    code, text = _run(capsys, args)
+    assert code == 1 and "already holds pseudo-labels" in text and "--overwrite" in text
+    code, text = _run(capsys, [*args, "--overwrite"])
+    assert code == 0 and "3 images labelled" in text, text
+    rows = (tmp_path / "o" / "manifest.jsonl").read_text().splitlines()
+    assert len(rows) == 3

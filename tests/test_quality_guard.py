@@ -192,12 +192,14 @@ def test_clip_scorer_with_local_weights_guards_a_run(tiny_flux, prompt_files, tm
     clip = build_tiny_clip(tmp_path / "clip")
     det = fit_redness_detector(tmp_path / "det")
     out = tmp_path / "run"
-    cfg = base_config(tiny_flux, det, prompt_files, out, quality=["clip", "detail"],
-                      quality_weights={"clip": str(clip)}, train_steps=2, eval_every=2,
-                      eval_seeds=[0])  # fmt: skip
+    cfg = base_config(tiny_flux, det, prompt_files, out,
+                      quality=["clip", "pickscore", "detail"],
+                      quality_weights={"clip": str(clip), "pickscore": str(clip)},
+                      train_steps=2, eval_every=2, eval_seeds=[0])  # fmt: skip
     treat(cfg)
     evals = [r for r in records(out) if r["type"] == "eval"]
-    assert [set(r["quality"]) for r in evals] == [{"clip", "detail"}] * 2
+    assert [set(r["quality"]) for r in evals] == [{"clip", "pickscore", "detail"}] * 2
+    assert evals[0]["quality"]["pickscore"] != evals[0]["quality"]["clip"]
     assert all(r["base_quality"]["clip"] == evals[0]["quality"]["clip"] for r in evals)
     assert 0 <= evals[-1]["quality"]["clip"] <= 100
     # a scorer with weights needs them; weights need their scorer

@@ -19,7 +19,8 @@ from rich.console import Console
 
 app = typer.Typer(
     name="bench",
-    help="Benchmarks: fused loss kernels, the treat step (memory vs K), detect throughput.",
+    help="Benchmarks: fused loss kernels, the treat step (memory vs K), detect throughput, "
+    "quantised parameter memory.",
     no_args_is_help=True,
 )
 

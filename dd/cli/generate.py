@@ -120,10 +120,12 @@ def generate(
 
     Writes PPPP-seedS.png per prompt index and seed, grid.png (a row per prompt, a column
     per seed) and report.jsonl (prompt, seed, file; with --detect the artifact scores mean,
-    max, weighted, artifact_ratio) to --out.
+    max, weighted, artifact_ratio) to --out. --guide steers sampling with the detector and
+    --best-of N keeps the lowest-scoring of N candidates (docs/guide.md); --resume continues
+    an interrupted run.
 
-    Each image uses a CPU generator seeded with its seed. It equals diffusers' pipeline
-    output at that seed, steps and guidance when the pipeline samples the same way: SD3 as
+    Without --guide, each image uses a CPU generator seeded with its seed. It equals
+    diffusers' pipeline output at that seed, steps and guidance when the pipeline samples the same way: SD3 as
     it is (max_sequence_length 256 in both); FLUX with dd's max_sequence_length (256 for
     models without guidance embedding such as schnell, 512 with it; FluxPipeline's default
     is 512); SD1.5 and SDXL with DDIMScheduler.from_config(pipe.scheduler.config,
@@ -359,10 +361,10 @@ def _caption(rec: dict[str, Any]) -> str:
     return f"seed {rec['seed']}"
 
 
-def _claim(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+def _claim(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
     """Checks a ``dd generate`` run already in ``out`` before any model loads: it is
     continued with ``--resume`` (same settings), replaced with ``--overwrite``, else refused.
-    True when there is a run to continue."""
+    (Not ``check_same_settings``: a changed prompt list is named, not printed.)"""
     from dd.errors import DDError
     from dd.runtime.io import run_command
 
@@ -375,7 +377,7 @@ def _claim(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool) 
     if not path.is_file() or overwrite:
         if resume:
             raise DDError(f"--resume: {out} holds no dd generate run", hint="drop --resume")
-        return False
+        return
     if not resume:
         raise DDError(
             f"{out} already holds a dd generate run",
@@ -391,4 +393,3 @@ def _claim(out: Path, record: dict[str, Any], *, resume: bool, overwrite: bool) 
             f"--resume with other settings than the run in {out}: {', '.join(diff)} differ",
             hint="resume with the original options, or pass --overwrite",
         )
-    return True

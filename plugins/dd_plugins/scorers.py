@@ -9,6 +9,9 @@ from what the model drew (a different picture rather than a repaired one).
 
 from __future__ import annotations
 
+import abc
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -90,8 +93,9 @@ class _ModelScorer(QualityScorer):
             )
         self.model = self.load_model(str(weights))
 
-    def load_model(self, weights: str):  # pragma: no cover - every subclass has one
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load_model(self, weights: str) -> Any:
+        """The scorer's model from the local ``weights`` path."""
 
 
 class ClipScorer(_ModelScorer):
@@ -100,16 +104,19 @@ class ClipScorer(_ModelScorer):
 
     name = "clip"
     description = "CLIP score of the eval images against their prompts (local CLIPModel)."
+    #: How the model is named in errors, and whether to score PickScore's scaled cosine.
+    what, pick = "CLIP score", False
 
-    def load_model(self, weights: str):
+    def load_model(self, weights: str) -> Any:
         from dd.image_scores import ClipModel
 
-        return ClipModel(weights, torch.device(self.device), what="CLIP score")
+        return ClipModel(weights, torch.device(self.device), what=self.what)
 
     def score(self, images: np.ndarray, base: np.ndarray, prompts: list[str]) -> float:
-        from dd.image_scores import clip_scores
+        from dd.image_scores import clip_scores, pick_scores
 
-        return float(np.mean(clip_scores(self.model, images, prompts)))
+        scores = (pick_scores if self.pick else clip_scores)(self.model, images, prompts)
+        return float(np.mean(scores))
 
 
 class PickScoreScorer(ClipScorer):
@@ -117,16 +124,7 @@ class PickScoreScorer(ClipScorer):
 
     name = "pickscore"
     description = "PickScore of the eval images (a local PickScore CLIPModel folder)."
-
-    def load_model(self, weights: str):
-        from dd.image_scores import ClipModel
-
-        return ClipModel(weights, torch.device(self.device), what="PickScore")
-
-    def score(self, images: np.ndarray, base: np.ndarray, prompts: list[str]) -> float:
-        from dd.image_scores import pick_scores
-
-        return float(np.mean(pick_scores(self.model, images, prompts)))
+    what, pick = "PickScore", True
 
 
 class ImageRewardScorer(_ModelScorer):
@@ -138,7 +136,7 @@ class ImageRewardScorer(_ModelScorer):
     default_tolerance = 0.2
     tolerance_text = "at least the untreated value - t"
 
-    def load_model(self, weights: str):
+    def load_model(self, weights: str) -> Any:
         from dd.image_scores import ImageRewardModel
 
         return ImageRewardModel(weights, torch.device(self.device))
