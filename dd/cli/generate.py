@@ -126,10 +126,11 @@ def generate(
 
     Without --guide, each image uses a CPU generator seeded with its seed. It equals
     diffusers' pipeline output at that seed, steps and guidance when the pipeline samples
-    the same way: SD3 as it is (max_sequence_length 256 in both); FLUX with dd's max_sequence_length (256 for
-    models without guidance embedding such as schnell, 512 with it; FluxPipeline's default
-    is 512); SD1.5 and SDXL with DDIMScheduler.from_config(pipe.scheduler.config,
-    clip_sample=False), as dd samples DDIM (their pipelines default to other schedulers).
+    the same way: SD3 as it is (max_sequence_length 256 in both); FLUX with dd's
+    max_sequence_length (256 for models without guidance embedding such as schnell, 512 with
+    it; FluxPipeline's default is 512); SD1.5 and SDXL with
+    DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False), as dd samples DDIM
+    (their pipelines default to other schedulers).
     """
     import torch
     from PIL import Image
