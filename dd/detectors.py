@@ -36,6 +36,10 @@ class Detector(torch.nn.Module, abc.ABC):
         self.untrained: bool = False
         #: Where the weights came from (a path, hub id or "random init"), for reports.
         self.source: str = ""
+        #: The image-level rule calibrated for these weights: an image is flagged when its
+        #: max confidence is at least this (None: not calibrated, ``flag_threshold`` is 0.5).
+        #: Saved with the weights by detectors that support it; reset when they are trained.
+        self.image_threshold: float | None = None
 
     # -- to implement ------------------------------------------------------------------------
     @classmethod
@@ -83,9 +87,21 @@ class Detector(torch.nn.Module, abc.ABC):
             return p
         return torch.empty(0)
 
+    @property
+    def flag_threshold(self) -> float:
+        """Max confidence at which an image counts as having an artifact (default 0.5)."""
+        return 0.5 if self.image_threshold is None else float(self.image_threshold)
+
     def describe(self) -> dict[str, Any]:
-        """A JSON-able summary for reports (name, weights source, untrained flag)."""
-        return {"detector": self.name, "weights": self.source, "untrained": self.untrained}
+        """A JSON-able summary for reports (name, weights source, untrained flag, the image
+        threshold and whether it was calibrated for these weights)."""
+        return {
+            "detector": self.name,
+            "weights": self.source,
+            "untrained": self.untrained,
+            "image_threshold": self.flag_threshold,
+            "threshold_calibrated": self.image_threshold is not None,
+        }
 
 
 @runtime_checkable

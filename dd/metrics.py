@@ -56,7 +56,10 @@ __all__ = [
     "COUNT_KEYS",
     "METRIC_KEYS",
     "DetectorMetrics",
+    "calibrate_image_threshold",
     "evaluate_detector",
+    "image_level_scores",
+    "image_level_summary",
     "format_table",
     "json_safe",
     "rank_auroc",
@@ -430,6 +433,14 @@ class _Item:
         self.tensor, self.target, self.size, self.category = tensor, target, size, cat
 
 
+class _Indexed(_Item):
+    __slots__ = ("index",)
+
+    def __init__(self, tensor, target, size, cat, index: int):
+        super().__init__(tensor, target, size, cat)
+        self.index = index
+
+
 def _load_sample(detector: Detector, sample: Sample, max_pixels: int | None) -> _Item:
     from dd.data.datasets import load_mask
     from dd.data.images import load_image
@@ -485,3 +496,81 @@ def evaluate_detector(
             if on_progress and (done % batch_size == 0 or done == total):
                 on_progress(done, total)
     return m.compute()
+
+
+def image_level_scores(
+    detector: Detector,
+    samples: Sequence[Sample],
+    batch_size: int = 8,
+    *,
+    workers: int = 2,
+    metrics: DetectorMetrics | None = None,
+) -> list[dict[str, Any]]:
+    """Per sample, in order: ``max`` (the image's max confidence) and ``max_in_mask`` (the
+    max inside its mask, None without one), with its ``category`` and ``meta``.
+
+    The same path as :func:`evaluate_detector` (maps upsampled to each image's size); pixel
+    metrics accumulate into ``metrics`` when given.
+    """
+    from dd.inference import detect_batches
+
+    def load(pair: tuple[int, Sample]) -> _Item:
+        item = _load_sample(detector, pair[1], DEFAULT_MAX_PIXELS)
+        return _Indexed(item.tensor, item.target, item.size, item.category, pair[0])
+
+    rows: list[dict[str, Any] | None] = [None] * len(samples)
+    # detect_batches groups images by working size, so results may come out of order
+    results = detect_batches(
+        detector, list(enumerate(samples)), load, batch_size=batch_size, workers=workers
+    )
+    with torch.inference_mode():
+        for item, prob in results:
+            sample = samples[item.index]
+            target = torch.from_numpy(item.target).to(prob.device)
+            if metrics is not None:
+                metrics.update(prob[None, None], target[None, None], [item.category])
+            inside = prob[target > 0]
+            rows[item.index] = {
+                "max": float(prob.max()),
+                "max_in_mask": float(inside.max()) if inside.numel() else None,
+                "category": sample.category,
+                "meta": dict(sample.meta or {}),
+            }
+    return [r for r in rows if r is not None]
+
+
+def calibrate_image_threshold(
+    clean_max: Sequence[float], pass_rate: float = 0.95, step: float = 0.01
+) -> float:
+    """The smallest threshold on a ``step`` grid under which at least ``pass_rate`` of the
+    clean images' max confidences fall (an image is flagged when its max reaches it)."""
+    if not clean_max:
+        raise DDError("no clean images to calibrate the image threshold on")
+    if not 0.0 < pass_rate < 1.0:
+        raise DDError(f"pass rate must be in (0, 1), got {pass_rate}")
+    values = sorted(float(v) for v in clean_max)
+    need = math.ceil(pass_rate * len(values))
+    # the need-th smallest must lie strictly under the threshold
+    t = math.floor(values[need - 1] / step + 1) * step
+    return round(min(max(t, step), 1.0), 6)
+
+
+def image_level_summary(rows: Sequence[Mapping[str, Any]], threshold: float) -> dict[str, Any]:
+    """Clean images flagged (max >= threshold) and artifact images found (max inside the
+    mask >= threshold), as counts and rates."""
+    clean = [r for r in rows if r["max_in_mask"] is None]
+    dirty = [r for r in rows if r["max_in_mask"] is not None]
+    flagged = sum(r["max"] >= threshold for r in clean)
+    found = sum(r["max_in_mask"] >= threshold for r in dirty)
+    return {
+        "threshold": threshold,
+        "clean": len(clean),
+        "clean_flagged": flagged,
+        "clean_pass_rate": _div(len(clean) - flagged, len(clean)),
+        "artifacts": len(dirty),
+        "found": found,
+        "found_rate": _div(found, len(dirty)),
+        "image_auroc": rank_auroc(
+            [r["max"] for r in rows], [float(r["max_in_mask"] is not None) for r in rows]
+        ),
+    }

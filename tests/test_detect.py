@@ -350,3 +350,37 @@ def test_weights_of_the_wrong_kind_leave_no_output_behind(tmp_path, cli):
     assert res.exit_code == 1 and res.output.startswith("Error:")
     assert len(res.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_the_image_threshold_of_the_weights_flags_images_and_drives_fail_above_auto(tmp_path, cli):
+    """Weights with a calibrated image threshold: the summary counts images at or above it,
+    --fail-above auto gates on it; a bad --fail-above is a usage error."""
+    _images(tmp_path / "in", 3)
+    det = _tiny_detector()
+    first = cli("detect", tmp_path / "in", "--out", tmp_path / "probe", *TINY, "--json")
+    maxes = sorted(r["max"] for r in json.loads(first.stdout)["images"])
+    weights = tmp_path / "w"
+    # between the lowest and the highest max: one image or more under, one or more over
+    det.image_threshold = (maxes[0] + maxes[-1]) / 2
+    det.save_pretrained(weights)
+    args = ("detect", tmp_path / "in", "--weights", weights, "-O", "input_size=64")
+    res = cli(*args, "--out", tmp_path / "o1", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)["summary"]
+    assert summary["image_threshold"] == pytest.approx(det.image_threshold)
+    assert summary["threshold_calibrated"] is True
+    assert summary["with_artifacts"] == sum(m >= det.image_threshold for m in maxes)
+    assert 0 < summary["with_artifacts"] < 3
+    page = (tmp_path / "o1" / "index.html").read_text()
+    assert f"{det.image_threshold:.2f} (calibrated threshold)" in page
+    res = cli(*args, "--out", tmp_path / "o2", "--fail-above", "auto")
+    assert res.exit_code == 3, res.output
+    assert "(the detector's calibrated threshold)" in " ".join(res.output.split())
+    # above every max: no gate
+    det.image_threshold = min(1.0, maxes[-1] + 1e-3)
+    det.save_pretrained(weights)
+    assert cli(*args, "--out", tmp_path / "o3", "--fail-above", "auto").exit_code == 0
+    for bad in ("high", "1.5"):
+        res = cli(*args, "--out", tmp_path / "o4", "--fail-above", bad)
+        assert res.exit_code == 2 and "--fail-above" in res.output, res.output
+        assert "Traceback" not in res.output

@@ -164,3 +164,41 @@ def test_cli_reports_unreadable_image(tmp_path, cli):
     res = cli("eval-detector", ds, "-O", "variant=tiny", *TINY, "--device", "cpu")
     assert res.exit_code == 1
     assert "img2.png" in res.output and "UNTRAINED" in res.output
+
+
+def test_image_level_scores_keep_dataset_order_across_working_sizes(tmp_path):
+    from dd.metrics import image_level_scores, image_level_summary
+
+    samples = read_dataset(_dataset(tmp_path / "ds")[0].image.parents[1])
+    pixel = DetectorMetrics()
+    rows = image_level_scores(RedDetector(), samples, batch_size=2, workers=2, metrics=pixel)
+    # images of several sizes are batched by size, yet each row is its own sample's
+    assert [r["meta"]["i"] for r in rows] == list(range(len(samples)))
+    for s, r in zip(samples, rows, strict=True):
+        red = load_image(s.image)[..., 0].astype(np.float32) / 255
+        expected = float(torch.sigmoid(torch.tensor(40.0 * (red.max() - 0.5))))
+        assert r["max"] == pytest.approx(expected, abs=1e-5)
+        assert (r["max_in_mask"] is None) == (s.mask is None)
+    assert pixel.compute()["pixel_auroc"] == pytest.approx(1.0)
+    s = image_level_summary(rows, 0.5)
+    assert (s["clean"], s["clean_flagged"], s["artifacts"], s["found"]) == (3, 0, 4, 4)
+    assert s["clean_pass_rate"] == 1.0 and s["found_rate"] == 1.0 and s["image_auroc"] == 1.0
+
+
+def test_calibrated_threshold_passes_the_asked_share_of_clean_images():
+    from dd.errors import DDError
+    from dd.metrics import calibrate_image_threshold, image_level_summary
+
+    clean = [0.05 * k for k in range(1, 21)]  # 0.05 .. 1.0
+    t = calibrate_image_threshold(clean, pass_rate=0.9)
+    # 18 of 20 (0.05 .. 0.90) must lie strictly under it; the grid's next step is 0.91
+    assert t == pytest.approx(0.91)
+    rows = [{"max": v, "max_in_mask": None} for v in clean]
+    assert image_level_summary(rows, t)["clean_pass_rate"] == pytest.approx(0.9)
+    assert calibrate_image_threshold([0.2, 0.2, 0.2], 0.5) == pytest.approx(0.21)
+    assert calibrate_image_threshold([0.0], 0.5) == pytest.approx(0.01)
+    assert calibrate_image_threshold([0.999], 0.5) == 1.0
+    with pytest.raises(DDError, match="no clean images"):
+        calibrate_image_threshold([], 0.9)
+    with pytest.raises(DDError, match="pass rate"):
+        calibrate_image_threshold([0.1], 1.0)

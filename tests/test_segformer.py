@@ -459,6 +459,8 @@ def test_random_init_is_seeded_and_marked_untrained():
         "detector": "segformer",
         "weights": "random init (untrained)",
         "untrained": True,
+        "image_threshold": 0.5,
+        "threshold_calibrated": False,
         "variant": "tiny",
         "input_size": [512, 512],
     }

@@ -320,3 +320,82 @@ def test_examples_readme_gives_the_shipped_examples_settings():
     assert " ".join(line.split()) in " ".join(made.replace("\\\n", " ").split())
     rows = (root / "synth" / "manifest.jsonl").read_text().splitlines()
     assert f"--count {len(rows)}" in line
+
+
+def test_photo_scale_draws_close_ups_and_whole_views():
+    from dd.data.synth import _crop_photo
+
+    # a horizontal ramp: a crop's intensity range is its share of the picture's width
+    ramp = np.broadcast_to(
+        np.linspace(0, 255, 1000, dtype=np.float32)[None, :, None], (600, 1000, 3)
+    )
+    photo = np.ascontiguousarray(ramp).astype(np.uint8)
+    rng = np.random.default_rng(0)
+
+    def spans(scale, n=40):
+        out = []
+        for _ in range(n):
+            c = _crop_photo(rng, photo, 32, 32, scale).astype(int)[..., 0]
+            out.append((c.max() - c.min()) / 255 / 0.6)  # the largest square crop is 60 % wide
+        return np.array(out)
+
+    close = spans((0.05, 0.1))
+    whole = spans((0.9, 1.0))
+    assert close.max() < 0.13 and close.min() > 0.03, close
+    assert whole.min() > 0.85, whole
+    # log-uniform over 0.05-1.0: log(4) / log(20) = 46 % of the crops below 0.2 (uniform: 16 %)
+    wide = spans((0.05, 1.0), n=300)
+    assert 0.36 < (wide < 0.2).mean() < 0.56
+
+
+def test_scene_text_goes_into_clean_images_and_never_into_masks(tmp_path):
+    from dd.data.synth import _scene_text
+
+    flat = _flat(3, 128)
+    signed = _scene_text(np.random.default_rng(0), flat)
+    changed = _changed(signed, flat)
+    assert 0.01 < changed.mean() < 0.9  # a sign, not the whole picture
+
+    r = synthesize(tmp_path / "ds", 12, size=64, negative_ratio=0.5, scene_text=1.0, **FAST)
+    samples = read_dataset(tmp_path / "ds")
+    assert all(s.meta.get("scene_text") for s in samples)
+    assert sum(s.mask is None for s in samples) == 6 == r.categories["clean"]["samples"]
+    plain = synthesize(tmp_path / "plain", 4, size=64, **FAST)
+    assert plain.samples == 4
+    assert not any(s.meta.get("scene_text") for s in read_dataset(tmp_path / "plain"))
+    # other settings are another dataset: refused without --overwrite
+    with pytest.raises(DDError, match="other settings"):
+        synthesize(tmp_path / "ds", 12, size=64, negative_ratio=0.5, scene_text=0.5, **FAST)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"photo_scale": (0.0, 0.5)}, "photo scale"),
+        ({"photo_scale": (0.8, 0.5)}, "photo scale"),
+        ({"scene_text": 1.5}, "scene text"),
+    ],
+)
+def test_bad_hard_negative_arguments(tmp_path, kwargs, message):
+    with pytest.raises(DDError, match=message):
+        synthesize(tmp_path / "ds", 2, **kwargs, **FAST)
+
+
+def test_watermark_fonts_and_texts_can_be_replaced():
+    from dd.data.synth import _font, _font_files, _text
+
+    rng = np.random.default_rng(0)
+    assert {_text(rng, ["HELD OUT"]) for _ in range(5)} == {"HELD OUT"}
+    files = _font_files()
+    if files:  # with system fonts: the given file is the one used
+        assert _font(rng, 20, [files[-1]]).path == files[-1]
+    img = _textured(1, 96)
+    out, mask, cats = make_sample(
+        rng, img, ["watermark"], watermark_texts=["ZZ"], watermark_fonts=files[:1] or None
+    )
+    assert cats == ["watermark"] and (mask > 0).any()
+
+
+def test_cli_photo_scale_is_checked(cli, tmp_path):
+    res = cli("synth", "--out", tmp_path / "ds", "--count", "2", "--photo-scale", "x")
+    assert res.exit_code != 0 and "--photo-scale" in res.output and "Traceback" not in res.output

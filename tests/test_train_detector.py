@@ -437,3 +437,23 @@ def test_any_trainable_detector_plugin_can_be_trained(data, tmp_path, cli):
     res = cli("train-detector", data, "--out", tmp_path / "run2", "--detector", "untrainable",
               "--steps", "1")  # fmt: skip
     assert res.exit_code == 1 and "cannot be trained by dd train-detector" in res.output
+
+
+def test_a_calibrated_threshold_is_not_inherited_by_a_fine_tuned_detector(data, tmp_path, cli):
+    """--init from weights with a calibrated image threshold: the trained weights are not
+    calibrated, so their config carries none (detect falls back to 0.5)."""
+    factory = get_host().detectors.get("segformer")
+    start = factory.load(None, variant="tiny", input_size=64)
+    start.image_threshold = 0.83
+    start.save_pretrained(tmp_path / "start")
+    again = factory.load(str(tmp_path / "start"))
+    assert again.image_threshold == pytest.approx(0.83) and again.flag_threshold == 0.83
+    assert again.describe()["threshold_calibrated"] is True
+
+    res = cli("train-detector", data, "--out", tmp_path / "run", "--init", tmp_path / "start",
+              "--steps", "2", "--val-every", "2", "--workers", "0")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert "dd_image_threshold" not in cfg
+    tuned = factory.load(str(tmp_path / "run" / "model"))
+    assert tuned.image_threshold is None and tuned.flag_threshold == 0.5

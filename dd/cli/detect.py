@@ -40,8 +40,13 @@ def detect(
         ),
     ] = "auto",
     fail_above: Annotated[
-        float | None,
-        typer.Option(help="Exit 3 if any image's max confidence exceeds this (quality gate)."),
+        str | None,
+        typer.Option(
+            help="Exit 3 if any image's max confidence exceeds this (quality gate): a value "
+            "in [0, 1], or 'auto' for the detector's calibrated image threshold "
+            "(docs/models.md; 0.5 for weights without one).",
+            callback=_parse_fail_above,
+        ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Skip images already done in --out.")] = False,
     overwrite: Annotated[
@@ -70,6 +75,8 @@ def detect(
     PNGs at the detector's working size) and overlays/ (JPEG thumbnails) to --out;
     --full-size-outputs writes both as PNGs at each image's size. Scores always come from the
     full-size map.
+    An image is flagged when its max confidence reaches the detector's image threshold
+    (calibrated for the embedded default, docs/models.md; else 0.5).
     Exit codes: 0 all done; 4 some inputs failed; 3 --fail-above tripped (takes precedence).
     """
     from dd.cli.options import parse_options
@@ -116,7 +123,8 @@ def detect(
     for f in result.failures[len(failures) :]:
         err.print(f"[yellow]skipped[/yellow] {f['reason']}", highlight=False)
 
-    gate = fail_above is not None and any(r["max"] > fail_above for r in result.records)
+    limit = det.flag_threshold if fail_above == "auto" else fail_above
+    gate = limit is not None and any(r["max"] > limit for r in result.records)
     if as_json:
         typer.echo(
             json.dumps(
@@ -125,22 +133,35 @@ def detect(
             )
         )
     else:
-        _print_summary(result, out, fail_above)
+        _print_summary(result, out, limit)
     if gate:
         raise typer.Exit(EXIT_GATE)
     if result.failures:
         raise typer.Exit(EXIT_SOME_INPUTS_FAILED)
 
 
+def _parse_fail_above(value: str | None) -> float | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        limit = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number in [0, 1] or 'auto'") from None
+    if not 0.0 <= limit <= 1.0:
+        raise typer.BadParameter(f"{value} is not in [0, 1]")
+    return limit
+
+
 def _print_summary(result, out: Path, fail_above: float | None, top: int = 20) -> None:
     console = Console()
+    threshold = float(result.summary.get("image_threshold", 0.5))
     recs = sorted(result.records, key=lambda r: -r["max"])
     table = Table(title=f"artifacts (worst {min(top, len(recs))} of {len(recs)})")
     for col in ("image", "max", "mean", "weighted", "ratio", "peak x,y", "bbox x0 y0 x1 y1"):
         table.add_column(col, justify="left" if col == "image" else "right")
     for r in recs[:top]:
         hot = fail_above is not None and r["max"] > fail_above
-        mx = f"[red]{r['max']:.3f}[/red]" if hot or r["max"] >= 0.5 else f"{r['max']:.3f}"
+        mx = f"[red]{r['max']:.3f}[/red]" if hot or r["max"] >= threshold else f"{r['max']:.3f}"
         table.add_row(
             r["key"],
             mx,
@@ -152,8 +173,10 @@ def _print_summary(result, out: Path, fail_above: float | None, top: int = 20) -
         )
     console.print(table)
     s = result.summary
+    calibrated = " (the detector's calibrated threshold)" if s.get("threshold_calibrated") else ""
     console.print(
         f"{s['images']} images ({result.resumed} resumed), {s['with_artifacts']} with max "
-        f"confidence >= 0.5, {s['failed']} failed. Report: {out / 'index.html'}",
+        f"confidence >= {threshold:.2f}{calibrated}, {s['failed']} failed. "
+        f"Report: {out / 'index.html'}",
         highlight=False,
     )

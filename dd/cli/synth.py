@@ -34,6 +34,22 @@ def synth(
     watermark_opacity: Annotated[
         str, typer.Option(help="Opacity range LOW-HIGH of watermarks (0.6-1.0: plainly visible).")
     ] = "0.25-0.85",
+    photo_scale: Annotated[
+        str | None,
+        typer.Option(
+            help="Crop photos at sides drawn log-uniformly from LOW-HIGH of the largest crop "
+            "(e.g. 0.05-1.0: close-ups to whole views; default 0.45-1.0 uniformly)."
+        ),
+    ] = None,
+    scene_text: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Probability that a clean image gets opaque text on a sign or label "
+            "(a hard negative: scene text is not a watermark).",
+        ),
+    ] = 0.0,
     overwrite: Annotated[
         bool,
         typer.Option(help="Replace a dd synth dataset in --out made with other settings."),
@@ -50,12 +66,15 @@ def synth(
     from dd.data.synth import synthesize
     from dd.errors import DDError
 
-    try:
-        lo, hi = (float(v) for v in watermark_opacity.split("-"))
-    except ValueError:
-        raise DDError(
-            f"bad --watermark-opacity {watermark_opacity!r}", hint="write LOW-HIGH, e.g. 0.6-1.0"
-        ) from None
+    def span(value: str, flag: str) -> tuple[float, float]:
+        try:
+            lo, hi = (float(v) for v in value.split("-"))
+        except ValueError:
+            raise DDError(f"bad {flag} {value!r}", hint="write LOW-HIGH, e.g. 0.6-1.0") from None
+        return lo, hi
+
+    lo, hi = span(watermark_opacity, "--watermark-opacity")
+    scale = span(photo_scale, "--photo-scale") if photo_scale is not None else None
     report = synthesize(
         out,
         count,
@@ -67,6 +86,8 @@ def synth(
         use_skimage=not no_skimage,
         workers=workers,
         watermark_opacity=(lo, hi),
+        photo_scale=scale,
+        scene_text=scene_text,
         overwrite=overwrite,
     )
     console = Console()

@@ -368,16 +368,31 @@ def _gen_pattern(rng: Rng, h: int, w: int) -> np.ndarray:
     return img * (0.7 + 0.3 * light)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=128)
 def _photo(path: str) -> np.ndarray:
     """A decoded photo, cached per process (the same few photos are cropped many times)."""
     return load_image(path)
 
 
-def _crop_photo(rng: Rng, photo: np.ndarray, h: int, w: int) -> np.ndarray:
-    """A random crop (45-100 % of the largest one with the target aspect), resized, mirrored."""
+def _crop_photo(
+    rng: Rng,
+    photo: np.ndarray,
+    h: int,
+    w: int,
+    scale: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """A random crop, resized to ``h x w``, mirrored half the time.
+
+    Its side is a fraction of the largest crop with the target aspect: drawn uniformly from
+    45-100 % by default, log-uniformly from ``scale`` = (low, high) when given (so that small
+    details are as frequent as whole views).
+    """
     ph, pw = photo.shape[:2]
-    cw = max(4.0, rng.uniform(0.45, 1.0) * min(pw, ph * w / h))
+    if scale is None:
+        frac = rng.uniform(0.45, 1.0)
+    else:
+        frac = scale[0] * (scale[1] / scale[0]) ** rng.random()
+    cw = max(4.0, frac * min(pw, ph * w / h))
     ch = cw * h / w
     x0, y0 = rng.uniform(0, max(pw - cw, 0)), rng.uniform(0, max(ph - ch, 0))
     im = Image.fromarray(photo).resize((w, h), Image.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch))
@@ -409,17 +424,23 @@ def apply_artifact(
     kind: str,
     *,
     watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
+    watermark_fonts: Sequence[str] | None = None,
+    watermark_texts: Sequence[str] | None = None,
 ) -> Artifact | None:
     """Apply one artifact of ``kind`` to a uint8 ``H x W x 3`` image (not modified in place).
 
     Returns ``None`` when no placement in ``_TRIES`` attempts changed enough pixels (e.g. a
-    warp on a flat image). ``watermark_opacity``: (low, high) opacity range of watermarks.
+    warp on a flat image). ``watermark_opacity``: (low, high) opacity range of watermarks;
+    ``watermark_fonts`` (font files) and ``watermark_texts`` replace the built-in choices
+    (a held-out set uses fonts and texts that training never saw).
     """
     fn = _ARTIFACTS.get(kind)
     if fn is None:
         raise DDError(f"unknown artifact kind {kind!r}", hint=f"use one of {', '.join(KINDS)}")
     image = np.ascontiguousarray(image, np.uint8)
-    extra = {"opacity": watermark_opacity} if kind == "watermark" else {}
+    extra: dict[str, Any] = {}
+    if kind == "watermark":
+        extra = {"opacity": watermark_opacity, "fonts": watermark_fonts, "texts": watermark_texts}
     for _ in range(_TRIES):
         result = fn(rng, image, **extra)
         if result is not None:
@@ -433,6 +454,8 @@ def make_sample(
     kinds: Iterable[str] = KINDS,
     *,
     watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
+    watermark_fonts: Sequence[str] | None = None,
+    watermark_texts: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One to three artifacts (the same kind at most twice) on ``clean``.
 
@@ -450,7 +473,14 @@ def make_sample(
 
     def apply(kind: str) -> bool:
         nonlocal image, mask
-        art = apply_artifact(rng, image, kind, watermark_opacity=watermark_opacity)
+        art = apply_artifact(
+            rng,
+            image,
+            kind,
+            watermark_opacity=watermark_opacity,
+            watermark_fonts=watermark_fonts,
+            watermark_texts=watermark_texts,
+        )
         if art is None:
             return False
         image, mask = art.image, np.maximum(mask, art.mask)
@@ -608,6 +638,99 @@ def _smear(rng: Rng, img: np.ndarray) -> Artifact | None:
     return Artifact(out, mask, {**info, "radius": float(radius)})
 
 
+# ---- scene text (a hard negative: text that belongs to the picture) ----
+
+
+def _scene_text(rng: Rng, img: np.ndarray) -> np.ndarray:
+    """Draw opaque text on a plate (a sign, label or caption board) into a clean image.
+
+    Scene text is part of the picture, not an artifact: it is opaque, sits on a surface of
+    its own and takes the scene's light and focus. A watermark is blended into whatever lies
+    under it. Drawn on clean images so that a detector learns the difference.
+    """
+    h, w = img.shape[:2]
+    side = min(h, w)
+    # Words of signs and labels, never a watermark's (no handles, URLs or copyright lines).
+    lines = [_scene_words(rng) for _ in range(int(rng.integers(1, 4)))]
+    px = max(7, int(rng.uniform(0.05, 0.14) * side))
+    glyphs = [_text_image(rng, line, px, style="fill") for line in lines]
+    gap = max(1, px // 4)
+    tw = max(g.width for g in glyphs)
+    th = sum(g.height for g in glyphs) + gap * (len(glyphs) - 1)
+    pad = int(px * rng.uniform(0.3, 0.8))
+    pw, ph = tw + 2 * pad, th + 2 * pad
+    if pw > w * 0.95:  # shrink the sign to fit the image
+        scale = w * 0.95 / pw
+        glyphs = [
+            g.resize((max(1, int(g.width * scale)), max(1, int(g.height * scale))), Image.BICUBIC)
+            for g in glyphs
+        ]
+        pad = max(1, int(pad * scale))
+        gap = max(1, int(gap * scale))
+        tw = max(g.width for g in glyphs)
+        th = sum(g.height for g in glyphs) + gap * (len(glyphs) - 1)
+        pw, ph = tw + 2 * pad, th + 2 * pad
+    plate = Image.new("L", (pw, ph), 0)
+    pd = ImageDraw.Draw(plate)
+    radius = int(rng.uniform(0, 0.3) * min(pw, ph))
+    pd.rounded_rectangle([0, 0, pw - 1, ph - 1], radius=radius, fill=255)
+    ink = Image.new("L", (pw, ph), 0)
+    y = pad
+    for g in glyphs:
+        x = pad + int(rng.uniform(0, 1) * (tw - g.width)) if rng.random() < 0.5 else pad
+        ink.paste(g, (x, y))
+        y += g.height + gap
+    angle = float(rng.uniform(-12, 12)) if rng.random() < 0.6 else 0.0
+    plate = plate.rotate(angle, resample=Image.BICUBIC, expand=True)
+    ink = ink.rotate(angle, resample=Image.BICUBIC, expand=True)
+    y0 = int(rng.integers(-plate.height // 5, max(1, h - plate.height * 4 // 5)))
+    x0 = int(rng.integers(-plate.width // 5, max(1, w - plate.width * 4 // 5)))
+    a_plate = np.zeros((h, w), np.float32)
+    a_ink = np.zeros((h, w), np.float32)
+    _place(a_plate, plate, y0, x0)
+    _place(a_ink, ink, y0, x0)
+    base = img.astype(np.float32)
+    # The plate takes the scene's light: its colour is scaled by the local brightness.
+    light = base.mean(axis=2, keepdims=True) / 255.0
+    light = 0.55 + 0.45 * light / max(float(light.max()), 1e-3)
+    plate_rgb = _color(rng, (0.0, 0.8), (0.15, 1.0))
+    ink_rgb = 255.0 - plate_rgb if rng.random() < 0.7 else _color(rng, (0.3, 1.0), (0.1, 1.0))
+    out = base * (1 - a_plate[..., None]) + (plate_rgb * light) * a_plate[..., None]
+    out = out * (1 - a_ink[..., None]) + (ink_rgb * light) * a_ink[..., None]
+    if rng.random() < 0.4:  # out of focus with the rest of the scene
+        radius = float(rng.uniform(0.3, 1.0))
+        blurred = np.asarray(Image.fromarray(_u8(out)).filter(ImageFilter.GaussianBlur(radius)))
+        keep = a_plate[..., None] > 0
+        out = np.where(keep, blurred.astype(np.float32), out)
+    return _u8(out)
+
+
+_SCENE_WORDS = (
+    "OPEN",
+    "EXIT",
+    "CAFE",
+    "STOP",
+    "Main St",
+    "Platform 3",
+    "SALE",
+    "No Parking",
+    "Bakery",
+    "Hotel",
+    "PUSH",
+    "Welcome",
+    "Museum",
+    "Route 66",
+    "Fresh Fruit",
+    "Gate B",
+)
+
+
+def _scene_words(rng: Rng) -> str:
+    if rng.random() < 0.3:
+        return str(int(rng.integers(1, 9999)))
+    return _SCENE_WORDS[int(rng.integers(len(_SCENE_WORDS)))]
+
+
 # ---- watermarks ----
 
 
@@ -624,7 +747,14 @@ def _font_files() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def _font(rng: Rng, px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def _font(
+    rng: Rng, px: int, fonts: Sequence[str] | None = None
+) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A font from ``fonts`` (default: the system's fonts and, twice as often, Pillow's)."""
+    if fonts:
+        return ImageFont.truetype(
+            fonts[int(rng.integers(len(fonts)))], px, layout_engine=ImageFont.Layout.BASIC
+        )
     files = _font_files()
     k = int(rng.integers(len(files) + 2))  # Pillow's own font counts twice
     if k < len(files):
@@ -638,7 +768,9 @@ def _font(rng: Rng, px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _text(rng: Rng) -> str:
+def _text(rng: Rng, texts: Sequence[str] | None = None) -> str:
+    if texts:
+        return texts[int(rng.integers(len(texts)))]
     name = "".join(_SYLLABLES[int(i)] for i in rng.integers(len(_SYLLABLES), size=3))
     style = int(rng.integers(6))
     if style == 0:
@@ -654,10 +786,13 @@ def _text(rng: Rng) -> str:
     return "".join(chr(int(c)) for c in rng.integers(65, 91, size=int(rng.integers(3, 9))))
 
 
-def _text_image(rng: Rng, text: str, px: int) -> Image.Image:
+def _text_image(
+    rng: Rng, text: str, px: int, fonts: Sequence[str] | None = None, style: str | None = None
+) -> Image.Image:
     """White-on-black ``L`` image of ``text`` about ``px`` tall (fill, bold or outline)."""
-    font = _font(rng, px)
-    style = ("fill", "bold", "outline")[int(rng.integers(3))]
+    font = _font(rng, px, fonts)
+    if style is None:
+        style = ("fill", "bold", "outline")[int(rng.integers(3))]
     stroke = max(1, px // 14) if style != "fill" else 0
     left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox(
         (0, 0), text, font=font, stroke_width=stroke
@@ -674,7 +809,7 @@ def _text_image(rng: Rng, text: str, px: int) -> Image.Image:
     return im
 
 
-def _logo_image(rng: Rng, px: int) -> Image.Image:
+def _logo_image(rng: Rng, px: int, fonts: Sequence[str] | None = None) -> Image.Image:
     """A generated emblem (ring, star, polygon, badge, ...) rendered at 4x and downsampled."""
     s = px * 4
     im = Image.new("L", (s, s), 0)
@@ -713,7 +848,7 @@ def _logo_image(rng: Rng, px: int) -> Image.Image:
     ink = 0 if shape != "ring" else 255
     if inner == 0:  # initials
         letters = "".join(chr(int(k)) for k in rng.integers(65, 91, size=int(rng.integers(1, 3))))
-        font = _font(rng, int(s * 0.4))
+        font = _font(rng, int(s * 0.4), fonts)
         d.text((c, c), letters, font=font, fill=ink, anchor="mm")
     elif inner == 1:  # inner ring
         q = r * rng.uniform(0.45, 0.7)
@@ -761,7 +896,11 @@ def _watermark_color(rng: Rng) -> np.ndarray:
 
 
 def _watermark(
-    rng: Rng, img: np.ndarray, opacity: tuple[float, float] = WATERMARK_OPACITY
+    rng: Rng,
+    img: np.ndarray,
+    opacity: tuple[float, float] = WATERMARK_OPACITY,
+    fonts: Sequence[str] | None = None,
+    texts: Sequence[str] | None = None,
 ) -> Artifact | None:
     h, w = img.shape[:2]
     side = min(h, w)
@@ -775,7 +914,7 @@ def _watermark(
 
     if mode in ("text", "tiled", "logo+text"):
         px = max(8, int(rng.uniform(0.04, 0.16 if mode == "tiled" else 0.2) * side))
-        text_im = _text_image(rng, _text(rng), px)
+        text_im = _text_image(rng, _text(rng, texts), px, fonts)
         if text_im.width > w * 0.95:  # keep a single text line inside the image width
             scale = w * 0.95 / text_im.width
             text_im = text_im.resize(
@@ -788,7 +927,7 @@ def _watermark(
             angle = rng.uniform(-45, 45) if rng.random() < 0.5 else 0.0
             place_anywhere(text_im.rotate(angle, resample=Image.BICUBIC, expand=True))
     if mode in ("logo", "logo+text"):
-        logo = _logo_image(rng, max(10, int(rng.uniform(0.12, 0.35) * side)))
+        logo = _logo_image(rng, max(10, int(rng.uniform(0.12, 0.35) * side)), fonts)
         place_anywhere(logo.rotate(rng.uniform(-30, 30), resample=Image.BICUBIC))
     color, alpha = _watermark_color(rng), rng.uniform(*opacity)
     new = img.astype(np.float32)
@@ -854,6 +993,8 @@ class _Plan:
     watermark_opacity: tuple[float, float]
     photos: tuple[tuple[str, str, str], ...]  # (pool: "skimage" | "photos", path, label)
     fingerprint: str
+    photo_scale: tuple[float, float] | None = None
+    scene_text: float = 0.0
 
 
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -908,9 +1049,12 @@ def _render(plan: _Plan, i: int) -> tuple[np.ndarray, np.ndarray | None, dict[st
         else:
             choices = [(p, name) for q, p, name in plan.photos if q == pool]
             path, name = choices[int(rng.integers(len(choices)))]
-            clean = _crop_photo(rng, _photo(path), h, w)
+            clean = _crop_photo(rng, _photo(path), h, w, plan.photo_scale)
             origin, label = "photo", f"{pool}:{name}"
         rec: dict[str, Any] = {"index": i, "origin": origin, "clean": label}
+        if plan.scene_text and rng.random() < plan.scene_text:
+            clean = _scene_text(rng, clean)
+            rec["scene_text"] = True
         if negative:
             rec.update(source="real", category=None, artifacts=[], coverage=0.0)
             return clean, None, rec
@@ -1042,6 +1186,8 @@ def synthesize(
     workers: int = 1,
     progress: bool = True,
     watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
+    photo_scale: tuple[float, float] | None = None,
+    scene_text: float = 0.0,
     overwrite: bool = False,
 ) -> SynthReport:
     """Write ``count`` samples (``images/``, ``masks/``, ``manifest.jsonl``) to ``out``.
@@ -1057,6 +1203,12 @@ def synthesize(
     new, empty, or a synth dataset of the same settings (``count`` may grow); another synth
     dataset is replaced only with ``overwrite``, and a folder synth did not write never.
     ``workers > 1`` renders in that many processes, with bit-identical results.
+
+    Hard negatives: ``photo_scale`` = (low, high) crops photos at sides drawn log-uniformly
+    between those fractions of the largest crop (default: 45-100 %, uniformly), so that
+    close-ups of texture are as frequent as whole views; ``scene_text`` is the probability
+    that a clean image (negative or not) gets opaque text on a sign or label, which is part
+    of the picture and never in a mask.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -1078,6 +1230,16 @@ def synthesize(
             f"watermark opacity range must satisfy 0 < low <= high <= 1, got {lo}-{hi}",
             hint="e.g. --watermark-opacity 0.6-1.0",
         )
+    if photo_scale is not None:
+        plo, phi = (float(v) for v in photo_scale)
+        if not 0.0 < plo <= phi <= 1.0:
+            raise DDError(
+                f"photo scale range must satisfy 0 < low <= high <= 1, got {plo}-{phi}",
+                hint="e.g. --photo-scale 0.05-1.0",
+            )
+        photo_scale = (plo, phi)
+    if not 0.0 <= scene_text <= 1.0:
+        raise DDError(f"scene text probability must be in [0, 1], got {scene_text}")
     ratio = Fraction(negative_ratio).limit_denominator(10**6)
     photos = _skimage_photos() if use_skimage else []
     if photos_dir is not None:
@@ -1092,8 +1254,14 @@ def synthesize(
     }
     if (lo, hi) != WATERMARK_OPACITY:  # default datasets keep their fingerprints
         plan_args["watermark_opacity"] = [lo, hi]
+    if photo_scale is not None:
+        plan_args["photo_scale"] = list(photo_scale)
+    if scene_text:
+        plan_args["scene_text"] = scene_text
     fp = _fingerprint(plan_args)
-    plan = _Plan(str(out), (h, w), seed, ks, ratio, (lo, hi), tuple(photos), fp)
+    plan = _Plan(
+        str(out), (h, w), seed, ks, ratio, (lo, hi), tuple(photos), fp, photo_scale, scene_text
+    )
 
     with undo_if_nothing_written(out):
         _claim_out(plan, count, overwrite)
@@ -1140,6 +1308,8 @@ def _synthesize(
         assert rec is not None
         img_path, mask_path = _paths(out, i)
         meta = {k: rec[k] for k in ("index", "origin", "clean", "artifacts", "coverage")}
+        if rec.get("scene_text"):
+            meta["scene_text"] = True
         mask = mask_path if rec["source"] == "synthetic" else None
         samples.append(Sample(img_path, mask, rec["source"], rec["category"], 1.0, meta))
     manifest = write_manifest(out, samples)

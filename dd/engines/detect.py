@@ -290,11 +290,12 @@ def summarize(
     records: list[dict[str, Any]], failures: list[dict[str, str]], detector: Detector
 ) -> dict[str, Any]:
     maxes = [r["max"] for r in records]
+    threshold = detector.flag_threshold
     return {
         **detector.describe(),
         "images": len(records),
         "failed": len(failures),
-        "with_artifacts": sum(m >= 0.5 for m in maxes),
+        "with_artifacts": sum(m >= threshold for m in maxes),
         "mean_max": float(np.mean(maxes)) if maxes else 0.0,
         "mean_mean": float(np.mean([r["mean"] for r in records])) if records else 0.0,
         "worst": max(records, key=lambda r: r["max"])["key"] if records else None,

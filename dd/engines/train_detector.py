@@ -640,6 +640,8 @@ class _Trainer:
         if "seed" in declared:
             options.setdefault("seed", cfg.seed)
         detector = load_detector(cfg.detector, cfg.init, options, "cpu", "fp32")
+        # A threshold calibrated for the --init weights does not hold for the trained ones.
+        detector.image_threshold = None
         if not isinstance(detector, TrainableDetector):
             raise DDError(
                 f"detector {cfg.detector!r} cannot be trained by dd train-detector",

@@ -45,13 +45,15 @@ def contact_sheet(
     """A page of every image with its overlay and scores, worst (highest max) first."""
     e = html.escape
     rows = sorted(records, key=lambda r: -r["max"])
+    threshold = float(summary.get("image_threshold", 0.5))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         "<title>dd detect report</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>dd detect</h1>",
         f"<div class='meta'>{summary.get('images', 0)} images, "
-        f"{summary.get('with_artifacts', 0)} with max confidence &ge; 0.5, "
+        f"{summary.get('with_artifacts', 0)} with max confidence &ge; {threshold:.2f}"
+        f"{' (calibrated threshold)' if summary.get('threshold_calibrated') else ''}, "
         f"{summary.get('failed', 0)} failed &middot; detector "
         f"<code>{e(str(summary.get('detector')))}</code> weights "
         f"<code>{e(str(summary.get('weights')))}</code></div>",
@@ -66,7 +68,7 @@ def contact_sheet(
         img = _href(out, r["image"])
         ov = _href(out, r["overlay"]) if r.get("overlay") else img
         mp = _href(out, r["map"]) if r.get("map") else None
-        cls = " class='hi'" if r["max"] >= 0.5 else ""
+        cls = " class='hi'" if r["max"] >= threshold else ""
         bbox = " ".join(map(str, r["bbox"])) if r.get("bbox") else "-"
         parts.append(
             "<div class='card'><div class='pair'>"

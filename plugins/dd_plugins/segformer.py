@@ -745,6 +745,8 @@ class SegformerDetector(Detector):
             size = _parse_size(input_size if input_size is not None else (saved or 512))
             det = cls(model, variant=name, input_size=size)
             det.source = ref if Path(ref) != DEFAULT_WEIGHTS else "dd default (synthetic artifacts)"
+            threshold = getattr(model.config, "dd_image_threshold", None)
+            det.image_threshold = None if threshold is None else float(threshold)
         det.to(device=device, dtype=dtype)
         det.eval()
         if gradient_checkpointing:
@@ -801,6 +803,12 @@ class SegformerDetector(Detector):
         # Extra config attributes survive transformers' save/load; dd reads it back so a
         # detector trained at one input size is run at that size.
         self.model.config.dd_input_size = list(self.input_size)
+        # The calibrated image threshold belongs to these weights only: written when set,
+        # removed otherwise (a detector fine-tuned from a calibrated one is not calibrated).
+        if self.image_threshold is not None:
+            self.model.config.dd_image_threshold = float(self.image_threshold)
+        elif hasattr(self.model.config, "dd_image_threshold"):
+            delattr(self.model.config, "dd_image_threshold")
         self.model.save_pretrained(str(out))
         return out
 
