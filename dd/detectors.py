@@ -18,6 +18,9 @@ A detector is a ``torch.nn.Module``. Its contract:
 from __future__ import annotations
 
 import abc
+import json
+import os
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -146,3 +149,28 @@ def check_images(images: torch.Tensor) -> None:
             f"detector input must be float in [0, 1], got dtype {images.dtype}",
             hint="convert uint8 images with images.float() / 255",
         )
+
+
+def store_image_threshold(
+    weights: str | os.PathLike, threshold: float
+) -> tuple[Path, float | None]:
+    """Write a calibrated image threshold into a weights folder's ``config.json``
+    (``dd_image_threshold``, which the built-in SegFormer detector reads back), atomically.
+    Returns the file and the threshold it replaced (None if it had none)."""
+    from dd.runtime.io import atomic_write_json
+
+    path = Path(weights) / "config.json"
+    if not path.is_file():
+        raise DDError(
+            f"cannot store the threshold: {path} not found",
+            hint="--save-threshold needs a weights folder with a config.json "
+            "(e.g. a train-detector run's model/)",
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise DDError(f"cannot read {path}: {e}") from None
+    previous = cfg.get("dd_image_threshold")
+    cfg["dd_image_threshold"] = round(float(threshold), 6)
+    atomic_write_json(path, cfg)
+    return path, None if previous is None else float(previous)

@@ -505,6 +505,7 @@ def image_level_scores(
     *,
     workers: int = 2,
     metrics: DetectorMetrics | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per sample, in order: ``max`` (the image's max confidence) and ``max_in_mask`` (the
     max inside its mask, None without one), with its ``category`` and ``meta``.
@@ -519,6 +520,9 @@ def image_level_scores(
         return _Indexed(item.tensor, item.target, item.size, item.category, pair[0])
 
     rows: list[dict[str, Any] | None] = [None] * len(samples)
+    total, done = len(samples), 0
+    if on_progress:
+        on_progress(0, total)
     # detect_batches groups images by working size, so results may come out of order
     results = detect_batches(
         detector, list(enumerate(samples)), load, batch_size=batch_size, workers=workers
@@ -536,6 +540,9 @@ def image_level_scores(
                 "category": sample.category,
                 "meta": dict(sample.meta or {}),
             }
+            done += 1
+            if on_progress and (done % batch_size == 0 or done == total):
+                on_progress(done, total)
     return [r for r in rows if r is not None]
 
 

@@ -202,3 +202,48 @@ def test_calibrated_threshold_passes_the_asked_share_of_clean_images():
         calibrate_image_threshold([], 0.9)
     with pytest.raises(DDError, match="pass rate"):
         calibrate_image_threshold([0.1], 1.0)
+
+
+def test_cli_calibrates_and_stores_the_image_threshold(tmp_path, cli):
+    """--calibrate picks the threshold from the dataset's clean images; --save-threshold
+    writes it into the weights folder, which detect and eval-detector then use."""
+    ds = tmp_path / "ds"
+    _dataset(ds, seed=5)
+    weights = tmp_path / "weights"
+    get_host().detectors.get("segformer").load(None, variant="tiny", input_size=64).save_pretrained(
+        weights
+    )
+    args = ["eval-detector", ds, "--weights", weights, *TINY, "--device", "cpu"]
+    plain = json.loads(cli(*args, "--json").stdout)
+    assert plain["image_level"]["threshold"] == 0.5
+    assert plain["image_level"]["clean"] == 3 and plain["image_level"]["artifacts"] == 4
+
+    res = cli(*args, "--calibrate", "0.9", "--save-threshold")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "calibrated here for 90% of clean images" in text and "0 of 3 clean" in text
+    stored = json.loads((weights / "config.json").read_text())["dd_image_threshold"]
+    # strictly above every clean image's max (3 clean images: 90 % is all of them)
+    clean_max = [r["max"] for r in image_level_rows(weights, ds) if r["max_in_mask"] is None]
+    assert max(clean_max) < stored <= max(clean_max) + 0.01 + 1e-9
+    again = json.loads(cli(*args, "--json").stdout)
+    assert again["detector"]["threshold_calibrated"] is True
+    assert again["image_level"]["threshold"] == pytest.approx(stored)
+    assert again["image_level"]["clean_flagged"] == 0
+
+    for bad, word in (
+        (["--save-threshold"], "needs --calibrate"),
+        (["--calibrate", "1.5"], "--calibrate"),
+    ):
+        res = cli(*args, *bad)
+        assert res.exit_code == 2 and word in res.output, res.output
+    res = cli("eval-detector", ds, *TINY, "-O", "variant=tiny", "--calibrate", "0.9",
+              "--save-threshold")  # fmt: skip
+    assert res.exit_code == 2 and "needs --weights FOLDER" in " ".join(res.output.split())
+
+
+def image_level_rows(weights, ds):
+    from dd.metrics import image_level_scores
+
+    det = get_host().detectors.get("segformer").load(str(weights), input_size=64)
+    return image_level_scores(det, read_dataset(ds), batch_size=4)

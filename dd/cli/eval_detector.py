@@ -38,18 +38,52 @@ def eval_detector(
     overwrite: Annotated[
         bool, typer.Option(help="Replace the metrics.json of an earlier evaluation in --out.")
     ] = False,
+    calibrate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.5,
+            max=0.999,
+            help="Choose the image threshold under which this share of the dataset's clean "
+            "images fall (e.g. 0.95), and report at it. Calibrate on data you do not test on.",
+        ),
+    ] = None,
+    save_threshold: Annotated[
+        bool,
+        typer.Option(
+            help="With --calibrate: store the threshold in the --weights folder's config.json "
+            "(dd_image_threshold), which dd detect then uses."
+        ),
+    ] = False,
 ) -> None:
     """Score a detector against a dataset's masks: MSE, KL, CC, IoU, F1, AUROC.
 
-    Prints a table (overall and per category); see docs/datasets.md for the definitions.
-    In JSON, undefined metrics (e.g. MSE on clean images when there are none) are null.
+    Prints a table (overall and per category) and the image-level rule: clean images
+    flagged and artifacts found at the detector's image threshold (max confidence; its
+    calibrated one, else 0.5). See docs/datasets.md for the definitions. In JSON, undefined
+    metrics (e.g. MSE on clean images when there are none) are null.
     """
     from dd.cli.options import parse_options
     from dd.data.datasets import read_dataset
+    from dd.detectors import store_image_threshold
     from dd.errors import DDError
-    from dd.metrics import evaluate_detector, format_table, json_safe
+    from dd.metrics import (
+        DetectorMetrics,
+        calibrate_image_threshold,
+        format_table,
+        image_level_scores,
+        image_level_summary,
+        json_safe,
+    )
     from dd.plugins import load_detector
     from dd.runtime.io import atomic_write_json, check_output_folder, mark_run_folder
+
+    if save_threshold and calibrate is None:
+        raise typer.BadParameter("needs --calibrate", param_hint="'--save-threshold'")
+    if save_threshold and (weights is None or not (Path(weights) / "config.json").is_file()):
+        raise typer.BadParameter(
+            "needs --weights FOLDER with a config.json (e.g. a train-detector run's model/)",
+            param_hint="'--save-threshold'",
+        )
 
     if out is not None:  # checked before the evaluation, not after it
         check_output_folder(out, "eval-detector", overwrite=overwrite)
@@ -69,14 +103,32 @@ def eval_detector(
         )
     with progress_bar("eval", console=err) as progress:
         task = progress.add_task("eval", total=len(samples))
-        metrics = evaluate_detector(
+        pixel = DetectorMetrics()
+        rows = image_level_scores(
             det,
             samples,
             batch_size,
             workers=workers,
+            metrics=pixel,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    report = json_safe({"dataset": str(dataset), "detector": det.describe(), "metrics": metrics})
+    metrics = pixel.compute()
+    threshold = det.flag_threshold
+    if calibrate is not None:
+        threshold = calibrate_image_threshold(
+            [r["max"] for r in rows if r["max_in_mask"] is None], calibrate
+        )
+    image_level = image_level_summary(rows, threshold)
+    image_level["calibrated_here"] = calibrate is not None
+    report = json_safe(
+        {
+            "dataset": str(dataset),
+            "detector": det.describe(),
+            "metrics": metrics,
+            "image_level": image_level,
+        }
+    )
+    saved = store_image_threshold(weights, threshold) if save_threshold else None
     if out is not None:
         mark_run_folder(out, "eval-detector")
         atomic_write_json(out / "metrics.json", report)
@@ -85,5 +137,24 @@ def eval_detector(
         return
     console = Console()
     console.print(format_table(metrics, title=f"detector metrics on {dataset}"))
+    how = (
+        f"calibrated here for {calibrate:.0%} of clean images"
+        if calibrate is not None
+        else "the detector's calibrated threshold"
+        if det.image_threshold is not None
+        else "default; not calibrated for these weights"
+    )
+    s = image_level
+    console.print(
+        f"image threshold {threshold:.2f} ({how}): {s['clean_flagged']} of {s['clean']} clean "
+        f"images flagged, {s['found']} of {s['artifacts']} artifacts found (max inside the "
+        f"mask >= threshold); image AUROC {s['image_auroc']:.3f}",
+        highlight=False,
+    )
+    if saved is not None:
+        was = f" (it was {saved[1]})" if saved[1] is not None else ""
+        console.print(
+            f"Stored dd_image_threshold = {threshold} in {saved[0]}{was}", highlight=False
+        )
     if out is not None:
         console.print(f"Metrics: {out / 'metrics.json'}", highlight=False)
