@@ -399,3 +399,20 @@ def test_watermark_fonts_and_texts_can_be_replaced():
 def test_cli_photo_scale_is_checked(cli, tmp_path):
     res = cli("synth", "--out", tmp_path / "ds", "--count", "2", "--photo-scale", "x")
     assert res.exit_code != 0 and "--photo-scale" in res.output and "Traceback" not in res.output
+
+
+def test_procedural_share_sets_how_often_clean_images_are_procedural(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(3):
+        img, _ = procedural_image(np.random.default_rng(70 + k), (80, 80))
+        Image.fromarray(img).save(photos / f"p{k}.png")
+    synthesize(tmp_path / "ds", 60, size=32, photos_dir=photos, procedural_share=0.0, **FAST)
+    assert {s.meta["origin"] for s in read_dataset(tmp_path / "ds")} == {"photo"}
+    synthesize(tmp_path / "all", 20, size=32, photos_dir=photos, procedural_share=1.0, **FAST)
+    assert {s.meta["origin"] for s in read_dataset(tmp_path / "all")} == {"procedural"}
+    # without photos every clean image is procedural, whatever the share
+    synthesize(tmp_path / "none", 6, size=32, procedural_share=0.1, **FAST)
+    assert {s.meta["origin"] for s in read_dataset(tmp_path / "none")} == {"procedural"}
+    with pytest.raises(DDError, match="procedural share"):
+        synthesize(tmp_path / "bad", 2, procedural_share=2.0, **FAST)

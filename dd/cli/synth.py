@@ -50,6 +50,15 @@ def synth(
             "(a hard negative: scene text is not a watermark).",
         ),
     ] = 0.0,
+    procedural_share: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Probability of a procedural clean image; the rest are drawn from all photos "
+            "alike (default: procedural, scikit-image and --photos equally often).",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(help="Replace a dd synth dataset in --out made with other settings."),
@@ -88,6 +97,7 @@ def synth(
         watermark_opacity=(lo, hi),
         photo_scale=scale,
         scene_text=scene_text,
+        procedural_share=procedural_share,
         overwrite=overwrite,
     )
     console = Console()

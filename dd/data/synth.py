@@ -995,6 +995,7 @@ class _Plan:
     fingerprint: str
     photo_scale: tuple[float, float] | None = None
     scene_text: float = 0.0
+    procedural_share: float | None = None
 
 
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -1042,13 +1043,19 @@ def _render(plan: _Plan, i: int) -> tuple[np.ndarray, np.ndarray | None, dict[st
     negative = _is_negative(i, plan.negative_ratio)
     pools = ["procedural"] + sorted({pool for pool, _, _ in plan.photos})
     for _ in range(_TRIES):
-        pool = pools[int(rng.integers(len(pools)))]
+        if plan.procedural_share is None:
+            pool = pools[int(rng.integers(len(pools)))]
+        elif not plan.photos or rng.random() < plan.procedural_share:
+            pool = "procedural"
+        else:  # every photo equally likely, whichever pool it is in
+            pool, path, name = plan.photos[int(rng.integers(len(plan.photos)))]
         if pool == "procedural":
             clean, name = procedural_image(rng, (h, w))
             origin, label = "procedural", f"procedural:{name}"
         else:
-            choices = [(p, name) for q, p, name in plan.photos if q == pool]
-            path, name = choices[int(rng.integers(len(choices)))]
+            if plan.procedural_share is None:
+                choices = [(p, name) for q, p, name in plan.photos if q == pool]
+                path, name = choices[int(rng.integers(len(choices)))]
             clean = _crop_photo(rng, _photo(path), h, w, plan.photo_scale)
             origin, label = "photo", f"{pool}:{name}"
         rec: dict[str, Any] = {"index": i, "origin": origin, "clean": label}
@@ -1188,6 +1195,7 @@ def synthesize(
     watermark_opacity: tuple[float, float] = WATERMARK_OPACITY,
     photo_scale: tuple[float, float] | None = None,
     scene_text: float = 0.0,
+    procedural_share: float | None = None,
     overwrite: bool = False,
 ) -> SynthReport:
     """Write ``count`` samples (``images/``, ``masks/``, ``manifest.jsonl``) to ``out``.
@@ -1208,7 +1216,9 @@ def synthesize(
     between those fractions of the largest crop (default: 45-100 %, uniformly), so that
     close-ups of texture are as frequent as whole views; ``scene_text`` is the probability
     that a clean image (negative or not) gets opaque text on a sign or label, which is part
-    of the picture and never in a mask.
+    of the picture and never in a mask. ``procedural_share``: the probability that a clean
+    image is procedural; the others are drawn from all photos alike (default: each pool,
+    procedural included, equally often, then a photo of that pool).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -1238,6 +1248,8 @@ def synthesize(
                 hint="e.g. --photo-scale 0.05-1.0",
             )
         photo_scale = (plo, phi)
+    if procedural_share is not None and not 0.0 <= procedural_share <= 1.0:
+        raise DDError(f"procedural share must be in [0, 1], got {procedural_share}")
     if not 0.0 <= scene_text <= 1.0:
         raise DDError(f"scene text probability must be in [0, 1], got {scene_text}")
     ratio = Fraction(negative_ratio).limit_denominator(10**6)
@@ -1258,9 +1270,21 @@ def synthesize(
         plan_args["photo_scale"] = list(photo_scale)
     if scene_text:
         plan_args["scene_text"] = scene_text
+    if procedural_share is not None:
+        plan_args["procedural_share"] = procedural_share
     fp = _fingerprint(plan_args)
     plan = _Plan(
-        str(out), (h, w), seed, ks, ratio, (lo, hi), tuple(photos), fp, photo_scale, scene_text
+        str(out),
+        (h, w),
+        seed,
+        ks,
+        ratio,
+        (lo, hi),
+        tuple(photos),
+        fp,
+        photo_scale,
+        scene_text,
+        procedural_share,
     )
 
     with undo_if_nothing_written(out):
