@@ -7,8 +7,9 @@ command reads it), fetched by ``fetch_photos.py``; watermark fonts from ``fonts-
 ``fonts-crosextra-caladea``, ``fonts-open-sans`` and ``fonts-comic-neue`` (not installed, so
 ``dd synth`` never draws with them) and texts that ``dd synth`` does not write.
 
-For each source picture: ``--crops`` clean crops and ``--crops`` other crops with one
-watermark each (opacity 0.6-1.0), crop sides drawn log-uniformly from 10-100 % of the picture,
+For each source picture: ``--crops`` clean crops and ``--crops`` other crops with artifacts
+(default: watermarks at opacity 0.6-1.0; ``--kinds`` and ``--opacity`` build the sets that
+show what the detector cannot see), crop sides drawn log-uniformly from 10-100 % of the picture,
 written at ``--size`` pixels (JPEG q92; masks as PNG) in dd's dataset format. Each manifest
 row says the source, its group (``photo``: the photographs of ``nature/``;
 ``graphic``: the abstract and flat designs) and its split
@@ -65,7 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crops", type=int, default=8, help="clean and watermarked crops per picture")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=20261206)
+    ap.add_argument("--opacity", default="0.6-1.0", help="watermark opacity range LOW-HIGH")
+    ap.add_argument(
+        "--kinds", default="watermark", help="artifact kinds (watermark,warp,patch,smear)"
+    )
     args = ap.parse_args(argv)
+    opacity = tuple(float(v) for v in args.opacity.split("-"))
+    kinds = [k for k in args.kinds.split(",") if k]
     if args.out.exists():
         print(f"Error: {args.out} exists (hint: choose a new --out)", file=sys.stderr)
         return 1
@@ -101,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 image, mask, cats = make_sample(
                     rng,
                     clean,
-                    ["watermark"],
-                    watermark_opacity=(0.6, 1.0),
+                    kinds,
+                    watermark_opacity=opacity,
                     watermark_fonts=font_files,
                     watermark_texts=TEXTS,
                 )
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 Image.fromarray(image).save(image_path, quality=92)
                 mask_path = tmp / "masks" / f"{n:05d}.png"
                 save_mask(mask_path, mask)
-                samples.append(Sample(image_path, mask_path, "synthetic", "watermark", 1.0, meta))
+                samples.append(Sample(image_path, mask_path, "synthetic", cats[0], 1.0, meta))
             n += 1
     write_manifest(tmp, samples)
     lines = [
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         *(f"  {s.name}" for s in sources),
     ]
     (tmp / "SOURCES.txt").write_text("\n".join(lines) + "\n")
+    copyright_file = args.cache / "mate-backgrounds/usr/share/doc/mate-backgrounds/copyright"
+    shutil.copyfile(copyright_file, tmp / "COPYRIGHT-mate-backgrounds")
     tmp.rename(args.out)
     print(f"{len(samples)} samples from {len(sources)} pictures in {args.out}")
     return 0
