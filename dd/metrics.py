@@ -473,28 +473,16 @@ def evaluate_detector(
     mask raises ``DDError`` naming it: metrics over a silently shortened dataset would
     mislead.
     """
-    from dd.inference import detect_batches
-
-    if batch_size < 1:
-        raise DDError(f"batch size must be at least 1, got {batch_size}")
     m = metrics if metrics is not None else DetectorMetrics()
-    total, done = len(samples), 0
-    if on_progress:
-        on_progress(0, total)
-    results = detect_batches(
+    image_level_scores(
         detector,
         samples,
-        lambda s: _load_sample(detector, s, max_pixels),
-        batch_size=batch_size,
+        batch_size,
         workers=workers,
+        max_pixels=max_pixels,
+        metrics=m,
+        on_progress=on_progress,
     )
-    with torch.inference_mode():
-        for item, prob in results:
-            target = torch.from_numpy(item.target)[None, None].to(prob.device)
-            m.update(prob[None, None], target, [item.category])
-            done += 1
-            if on_progress and (done % batch_size == 0 or done == total):
-                on_progress(done, total)
     return m.compute()
 
 
@@ -504,19 +492,23 @@ def image_level_scores(
     batch_size: int = 8,
     *,
     workers: int = 2,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     metrics: DetectorMetrics | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per sample, in order: ``max`` (the image's max confidence) and ``max_in_mask`` (the
     max inside its mask, None without one), with its ``category`` and ``meta``.
 
-    The same path as :func:`evaluate_detector` (maps upsampled to each image's size); pixel
-    metrics accumulate into ``metrics`` when given.
+    The loop of :func:`evaluate_detector` (see there); pixel metrics accumulate into
+    ``metrics`` when given.
     """
     from dd.inference import detect_batches
 
+    if batch_size < 1:
+        raise DDError(f"batch size must be at least 1, got {batch_size}")
+
     def load(pair: tuple[int, Sample]) -> _Item:
-        item = _load_sample(detector, pair[1], DEFAULT_MAX_PIXELS)
+        item = _load_sample(detector, pair[1], max_pixels)
         return _Indexed(item.tensor, item.target, item.size, item.category, pair[0])
 
     rows: list[dict[str, Any] | None] = [None] * len(samples)
