@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {s['found']}/{s['artifacts']} ({s['found_rate']:.1%}) "
             f"| {s['image_auroc']:.3f} | {pix} |"
         )
-    if weights is not None and Path(weights).is_dir():
+    if weights is not None and Path(weights).is_dir() and args.threshold is None:
         out = Path(weights)
         (out / "calibration.json").write_text(
             json.dumps(
