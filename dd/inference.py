@@ -14,9 +14,9 @@ as ``(loaded, None)``.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -119,3 +119,32 @@ def detect_batches(
                 yield from run(batch)
     finally:
         detector.train(was_training)
+
+
+def generate_batches(
+    backbone: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    height: int,
+    width: int,
+    steps: int | None,
+    guidance: float | None,
+    batch_size: int,
+    guide: Any | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, images)`` for consecutive chunks of (prompt, seed) pairs, no gradient (a
+    ``guide``'s steps take their own, one step at a time)."""
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        with torch.no_grad():
+            images = backbone.generate(
+                list(prompts[chunk]),
+                seeds=list(seeds[chunk]),
+                height=height,
+                width=width,
+                steps=steps,
+                guidance=guidance,
+                guide=guide,
+            )
+        yield start, images

@@ -306,7 +306,7 @@ def test_interrupt_hint_names_resume_only_where_it_exists(path, args, resumable,
 def test_generate_resumes_after_an_interrupt_to_the_same_images(
     tmp_path, tiny_ldm, capsys, monkeypatch
 ):
-    import dd.engines.treat as treat
+    import dd.inference as inference
 
     (tmp_path / "p.txt").write_text("a cat\na dog\n")
     args = ["generate", "--backbone", "ldm", "--model", tiny_ldm, "--prompts",
@@ -314,7 +314,7 @@ def test_generate_resumes_after_an_interrupt_to_the_same_images(
     code, text = _run(capsys, [*args, "--out", tmp_path / "whole"])
     assert code == 0, text
 
-    real = treat.generate_batches
+    real = inference.generate_batches
 
     def two_then_interrupt(*a, **k):
         for n, batch in enumerate(real(*a, **k)):
@@ -322,7 +322,7 @@ def test_generate_resumes_after_an_interrupt_to_the_same_images(
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(treat, "generate_batches", two_then_interrupt)
+    monkeypatch.setattr(inference, "generate_batches", two_then_interrupt)
     out = tmp_path / "cut"
     code, text = _run(capsys, [*args, "--out", out])
     assert code == 130 and "--resume" in text
@@ -331,7 +331,7 @@ def test_generate_resumes_after_an_interrupt_to_the_same_images(
     assert code == 1 and "already holds a dd generate run" in text
     code, text = _run(capsys, [*args[:-2], "--resolution", "64", "--out", out, "--resume"])
     assert code == 1 and "resolution" in text  # other settings: refused
-    monkeypatch.setattr(treat, "generate_batches", real)
+    monkeypatch.setattr(inference, "generate_batches", real)
     code, text = _run(capsys, [*args, "--out", out, "--resume"])
     assert code == 0 and "resuming: 2 image(s)" in text, text
     for png in (tmp_path / "whole").glob("*.png"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dd.engines.treat import image_grid
+from dd.report.grid import image_grid
 from dd.report.plot import Panel, draw_text, fit_lines, plot_panels, text_width
 
 

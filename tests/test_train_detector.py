@@ -16,13 +16,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dd.engines.train_detector import (
-    cosine_schedule,
     detector_loss,
     dilate_targets,
     is_better,
     plot_curves,
 )
 from dd.plugins import get_host
+from dd.training.schedule import lr_schedule
 
 TINY = ["--variant", "tiny", "--input-size", "64", "--batch-size", "4", "--log-every", "1"]
 ARTIFACT = (250, 20, 200)  # a magenta square is the artifact; its mask is exact
@@ -113,11 +113,11 @@ def test_dilate_targets_grows_masks_by_exactly_n_pixels():
 
 
 def test_cosine_schedule():
-    f = cosine_schedule(10, 2, 0.1)
+    f = lr_schedule("cosine", 10, 2, 0.1)
     assert [f(0), f(1), f(2)] == pytest.approx([0.5, 1.0, 1.0])
     assert f(6) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert f(10) == pytest.approx(0.1)
-    assert cosine_schedule(4, 0, 0.0)(0) == pytest.approx(1.0)
+    assert lr_schedule("cosine", 4, 0, 0.0)(0) == pytest.approx(1.0)
 
 
 def test_plot_curves_draws_a_png(tmp_path):

@@ -23,22 +23,20 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from dd.data.prompts import parse_seeds, read_prompts, read_reg_data
 from dd.engines.treat import (
     TIMING_FIELDS,
     TreatConfig,
     TreatObjective,
     confidence_loss,
-    lr_factor,
     parse_grad_steps_range,
-    parse_seeds,
-    read_prompts,
-    read_reg_data,
     treat,
 )
 from dd.errors import DDError
 from dd.plugins import get_host
 from dd.scores import map_scores
 from dd.testing.tiny import tiny_pipeline_path
+from dd.training.schedule import lr_schedule
 
 TRAIN_PROMPTS = [
     "a photo of a red cat",
@@ -680,9 +678,9 @@ def test_parsers(tmp_path):
         parse_grad_steps_range("1-3", 2)
     with pytest.raises(DDError, match="bad --grad-steps-random"):
         parse_grad_steps_range("two", 2)
-    f = lr_factor("cosine", 10, 2)
+    f = lr_schedule("cosine", 10, 2)
     assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0] and f(10) == pytest.approx(0.0)
-    assert lr_factor("constant", 10, 0)(9) == 1.0
+    assert lr_schedule("constant", 10, 0)(9) == 1.0
     (tmp_path / "p.json").write_text('["a", "b"]')
     assert read_prompts(tmp_path / "p.json") == ["a", "b"]
     (tmp_path / "empty.txt").write_text("# nothing\n\n")

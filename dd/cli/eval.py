@@ -114,8 +114,8 @@ def gen(
     --overwrite).
     """
     from dd.cli.options import parse_options
+    from dd.data.prompts import parse_seeds
     from dd.engines.eval_gen import METRICS, EvalGenConfig, _fmt, eval_gen
-    from dd.engines.treat import parse_seeds
 
     cfg = EvalGenConfig(
         backbone=backbone,

@@ -136,16 +136,12 @@ def generate(
     from PIL import Image
 
     from dd.cli.options import parse_options
-    from dd.engines.treat import (
-        TreatConfig,
-        generate_batches,
-        image_grid,
-        parse_seeds,
-        read_prompts,
-        to_uint8,
-    )
+    from dd.data.prompts import parse_seeds, read_prompts
+    from dd.engines.treat import TreatConfig
     from dd.errors import UsageError
+    from dd.inference import generate_batches
     from dd.plugins import load_backbone, load_detector
+    from dd.report.grid import image_grid, to_uint8
     from dd.runtime.config import load_preset, passed_flags
     from dd.runtime.device import resolve_device, resolve_dtype
     from dd.runtime.io import (

@@ -222,7 +222,7 @@ def read_config_values(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
         elif text == "list":
             value = split_list(value)
         elif text == "seeds":
-            from dd.engines.treat import parse_seeds
+            from dd.data.prompts import parse_seeds
 
             value = parse_seeds(value)
         out[f.name] = value

@@ -477,7 +477,7 @@ class _DreamBooth:
         self.param_names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
         n_params = sum(p.numel() for p in params)
 
-        from dd.engines.treat import lr_factor
+        from dd.training.schedule import lr_schedule
 
         objective = DreamBoothObjective(
             bb, height=cfg.resolution, width=cfg.resolution, guidance=self.train_guidance
@@ -485,7 +485,7 @@ class _DreamBooth:
         objective.train(cfg.lora_dropout > 0)
         optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_factor(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
+            optimizer, lr_schedule(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
         )
         state: dict[str, Any] = {"step": 0, "position": 0, "validated": [], "window": [0.0, 0]}
         if last is not None:
@@ -580,7 +580,7 @@ class _DreamBooth:
         """Generate the missing class images with the base model (atomic, resumable)."""
         from PIL import Image
 
-        from dd.engines.treat import to_uint8
+        from dd.report.grid import to_uint8
         from dd.runtime.io import save_image_atomic
 
         cfg, bb = self.cfg, self.bb
@@ -825,7 +825,7 @@ class _DreamBooth:
     def _validate(self) -> None:
         from PIL import Image
 
-        from dd.engines.treat import image_grid, to_uint8
+        from dd.report.grid import image_grid, to_uint8
         from dd.runtime.io import save_image_atomic
 
         cfg, st, bb = self.cfg, self.state, self.bb

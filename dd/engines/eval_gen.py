@@ -425,8 +425,10 @@ def eval_gen(
     from PIL import Image
 
     from dd.data.images import load_image
-    from dd.engines.treat import generate_batches, read_prompts, to_uint8
+    from dd.data.prompts import read_prompts
+    from dd.inference import generate_batches
     from dd.plugins import load_backbone, load_detector
+    from dd.report.grid import to_uint8
     from dd.runtime.device import resolve_device, resolve_dtype
     from dd.runtime.io import atomic_write_json, atomic_write_text, save_image_atomic
     from dd.runtime.progress import progress_or_quiet
@@ -678,7 +680,7 @@ def _write_grids(
     recs: list[dict[str, Any]],
 ) -> None:
     from dd.data.images import load_image
-    from dd.engines.treat import image_grid
+    from dd.report.grid import image_grid
     from dd.runtime.io import save_image_atomic
 
     by = {(r["model"], r["prompt_index"], r["seed"]): r for r in recs}

@@ -589,7 +589,7 @@ class RefineResult:
 
 
 def image_seed(run_seed: int, key: str, round_: int) -> int:
-    from dd.engines.treat import noise_seed
+    from dd.training.draws import noise_seed
 
     return noise_seed(run_seed, 100 + round_, zlib.crc32(key.encode()))
 
@@ -1001,7 +1001,7 @@ class _Refiner:
         from PIL import Image
 
         from dd.data.datasets import save_mask
-        from dd.engines.treat import image_grid
+        from dd.report.grid import image_grid
         from dd.report.viz import overlay
 
         c = self.cfg

@@ -151,7 +151,7 @@ def read_train_data(folder: str | os.PathLike, need_prompts: bool) -> list[tuple
     them (manifest.jsonl or sidecar .txt) when the model is conditional, else every image
     (recursively) with its sidecar prompt if any."""
     from dd.data.images import collect_inputs
-    from dd.engines.treat import read_reg_data
+    from dd.data.prompts import read_reg_data
 
     root = Path(folder)
     if not root.is_dir():
@@ -320,8 +320,8 @@ class _Trainer:
     def run(self) -> RefineTrainResult:
         from accelerate.utils import set_seed
 
-        from dd.engines.treat import lr_factor
         from dd.plugins import get_host
+        from dd.training.schedule import lr_schedule
 
         cfg, acc = self.cfg, self.acc
         last = self._prepare_out()
@@ -359,7 +359,7 @@ class _Trainer:
             cfg.optimizer, self.params, lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_factor(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
+            optimizer, lr_schedule(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
         )
         self.state: dict[str, Any] = {"step": 0, "position": 0, "first_loss": None, "last": None}
         if last is not None:
@@ -434,7 +434,7 @@ class _Trainer:
         return int(self._perms[epoch][j])
 
     def _batch(self, micro: int) -> dict[str, Any]:
-        from dd.engines.treat import noise_seed
+        from dd.training.draws import noise_seed
 
         cfg, st = self.cfg, self.state
         first = st["position"] + (micro * self.world + self.rank) * cfg.batch_size

@@ -94,13 +94,13 @@ from dd.runtime.io import (
 )
 from dd.runtime.progress import progress_bar
 from dd.runtime.tracking import RunTracker, check_report_to
+from dd.training.schedule import lr_schedule
 
 __all__ = [
     "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",
     "TrainConfig",
     "TrainResult",
-    "cosine_schedule",
     "detector_loss",
     "is_better",
     "plot_curves",
@@ -235,19 +235,6 @@ def dilate_targets(target: torch.Tensor, pixels: int) -> torch.Tensor:
     if pixels <= 0:
         return target
     return F.max_pool2d(target, kernel_size=2 * pixels + 1, stride=1, padding=pixels)
-
-
-def cosine_schedule(steps: int, warmup: int, min_ratio: float):
-    """LR factor of optimizer step ``s``: linear warmup to 1 over ``warmup`` steps, then cosine
-    decay to ``min_ratio`` at ``steps``."""
-
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        progress = min(1.0, (s - warmup) / max(1, steps - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def is_better(metric: str, value: float | None, best: float | None) -> bool:
@@ -533,7 +520,7 @@ class _Trainer:
         )
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 20
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_schedule(cfg.steps, warmup, cfg.min_lr_ratio)
+            optimizer, lr_schedule("cosine", cfg.steps, warmup, cfg.min_lr_ratio)
         )
 
         state = {

@@ -58,10 +58,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +68,9 @@ import numpy as np
 import torch
 
 from dd.data.images import load_training_image
+from dd.data.prompts import read_prompts, read_reg_data
 from dd.errors import DDError, UsageError
+from dd.inference import generate_batches
 from dd.quantize import (
     OPTIMIZER_HELP,
     OPTIMIZERS,
@@ -80,6 +80,7 @@ from dd.quantize import (
     make_optimizer,
     quantize_backbone,
 )
+from dd.report.grid import image_grid, to_uint8
 from dd.runtime.checkpoint import (
     LORA_FILE,
     load_lora_checkpoint,
@@ -95,6 +96,8 @@ from dd.runtime.device import check_training_device, make_accelerator, run_accel
 from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import progress_bar
 from dd.runtime.tracking import REPORT_TO_HELP, RunTracker, check_report_to
+from dd.training.draws import noise_seed
+from dd.training.schedule import lr_schedule
 
 __all__ = [
     "REDUCTIONS",
@@ -102,14 +105,7 @@ __all__ = [
     "TreatObjective",
     "TreatResult",
     "confidence_loss",
-    "generate_batches",
-    "image_grid",
-    "lr_factor",
     "parse_grad_steps_range",
-    "parse_seeds",
-    "read_prompts",
-    "read_reg_data",
-    "to_uint8",
     "treat",
 ]
 
@@ -279,85 +275,6 @@ class TreatResult:
 # ------------------------------------------------------------------------------------------
 # Small pieces without state
 # ------------------------------------------------------------------------------------------
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a ``.txt`` (one per line; blank lines and ``#`` comments skipped), a
-    ``.jsonl`` (objects with a ``prompt`` field) or a ``.json`` list of strings."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DDError(f"cannot read prompts {p}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise DDError(f"prompts file {p} is not UTF-8 text") from None
-    prompts: list[str] = []
-    if p.suffix.lower() == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise DDError(f"{p}:{n}: not a JSON object") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise DDError(f"{p}:{n}: needs a string field 'prompt'")
-            prompts.append(obj["prompt"])
-    elif p.suffix.lower() == ".json":
-        try:
-            obj = json.loads(text)
-        except ValueError as e:
-            raise DDError(f"{p}: invalid JSON: {e}") from None
-        if not isinstance(obj, list) or not all(isinstance(s, str) for s in obj):
-            raise DDError(f"{p}: must be a JSON list of prompt strings")
-        prompts = list(obj)
-    else:
-        prompts = [s.strip() for s in text.splitlines()]
-        prompts = [s for s in prompts if s and not s.startswith("#")]
-    if not prompts:
-        raise DDError(f"no prompts in {p}", hint="one prompt per line (.txt) or .jsonl")
-    return prompts
-
-
-#: More seeds than anyone generates per prompt: a larger count is a seed typed as a count.
-MAX_SEEDS = 100_000
-
-
-def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
-    """``"0,1,2"`` or ``[0, 1, 2]``: those seeds; ``"4"`` (one number): seeds 0..3;
-    ``"5-7"``: seeds 5, 6, 7."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        text = str(text)
-    s = text.strip() if isinstance(text, str) else ""
-    try:
-        if not isinstance(text, str):
-            seeds = [int(x) for x in text]
-        elif "," in s:
-            seeds = [int(x) for x in s.split(",") if x.strip()]
-        elif "-" in s:
-            lo, hi = s.split("-", 1)
-            if int(hi) - int(lo) >= MAX_SEEDS:
-                raise OverflowError
-            seeds = list(range(int(lo), int(hi) + 1))
-        else:
-            n = int(s)
-            if n < 1:
-                raise ValueError
-            if n > MAX_SEEDS:
-                raise OverflowError
-            seeds = list(range(n))
-    except OverflowError:
-        raise DDError(
-            f"--seeds {text} would make more than {MAX_SEEDS:,} seeds (one number is a count)",
-            hint=f"to name one seed, write {s.split('-')[0]}, (a list of one)",
-        ) from None
-    except ValueError:
-        seeds = []
-    if not seeds:
-        raise DDError(f"bad seeds {text!r}", hint="a count N, a list 0,1,2 or a range 5-7")
-    if len(set(seeds)) != len(seeds):
-        raise DDError(f"seeds {text!r} repeat a seed", hint="list each seed once")
-    return seeds
-
-
 def parse_grad_steps_range(text: str, steps: int) -> tuple[int, int]:
     """``"A-B"`` -> ``(A, B)`` with ``1 <= A <= B <= steps``."""
     try:
@@ -372,21 +289,6 @@ def parse_grad_steps_range(text: str, steps: int) -> tuple[int, int]:
             hint="lower the range or raise --steps",
         )
     return lo, hi
-
-
-def lr_factor(schedule: str, steps: int, warmup: int) -> Callable[[int], float]:
-    """LR multiplier of optimizer step ``s``: linear warmup over ``warmup`` steps, then
-    constant, or cosine decay to 0 at ``steps``."""
-
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (s - warmup) / max(1, steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def confidence_loss(
@@ -408,152 +310,6 @@ def confidence_loss(
     logits = detector.logits(images)
     size = tuple(images.shape[-2:])
     return artifact_confidence_loss(logits, size, reduction, threshold=threshold).mean()
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``B x 3 x H x W`` in [0, 1] -> ``B x H x W x 3`` uint8, rounded like diffusers."""
-    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def noise_seed(run_seed: int, stream: int, index: int) -> int:
-    """A 32-bit seed for draw ``index`` of random stream ``stream`` of a run."""
-    return int(np.random.SeedSequence([run_seed & 0xFFFFFFFF, stream, index]).generate_state(1)[0])
-
-
-def generate_batches(
-    backbone: Any,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    *,
-    height: int,
-    width: int,
-    steps: int | None,
-    guidance: float | None,
-    batch_size: int,
-    guide: Any | None = None,
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(start, images)`` for consecutive chunks of (prompt, seed) pairs, no gradient (a
-    ``guide``'s steps take their own, one step at a time)."""
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        with torch.no_grad():
-            images = backbone.generate(
-                list(prompts[chunk]),
-                seeds=list(seeds[chunk]),
-                height=height,
-                width=width,
-                steps=steps,
-                guidance=guidance,
-                guide=guide,
-            )
-        yield start, images
-
-
-def image_grid(
-    rows: Sequence[Sequence[tuple[np.ndarray, str]]],
-    *,
-    row_titles: Sequence[str] = (),
-    col_titles: Sequence[str] = (),
-    cell: int = 256,
-) -> Any:
-    """A PIL image: ``rows`` of (HxWx3 uint8 image, caption) cells, captions under each cell,
-    optional row titles (left) and column titles (top). Cells are fitted into ``cell`` px
-    (small images are enlarged to at least 128 px so the captions fit)."""
-    from PIL import Image, ImageDraw
-
-    ncols = max((len(r) for r in rows), default=0)
-    if not rows or ncols == 0:
-        raise DDError("nothing to put in a grid")
-    h0, w0 = rows[0][0][0].shape[:2]
-    scale = min(cell / max(h0, w0), max(1.0, 128 / max(h0, w0)))
-    cw, ch = max(1, round(w0 * scale)), max(1, round(h0 * scale))
-    from dd.report.plot import draw_text, fit_lines
-
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    # captions and titles wrap to the cell's width (at 64 px cells they used to overlap)
-    caps = [[fit_lines(probe, c, cw - 4) for _, c in row] for row in rows]
-    cap_lines = max((len(c) for row in caps for c in row), default=1)
-    cap_h, title_w = 2 + 12 * max(1, cap_lines), 0
-    if row_titles:
-        title_w = min(240, max(int(probe.textlength(t)) for t in row_titles) + 16)
-    heads = [fit_lines(probe, t, cw - 4, 2) for t in col_titles]
-    top = 2 + 12 * max((len(h) for h in heads), default=0) if col_titles else 0
-    grid = Image.new("RGB", (title_w + ncols * (cw + 4), top + len(rows) * (ch + cap_h + 4)))
-    grid.paste((255, 255, 255), (0, 0, *grid.size))
-    draw = ImageDraw.Draw(grid)
-    for j, lines in enumerate(heads):
-        for k, text in enumerate(lines):
-            draw_text(draw, (title_w + j * (cw + 4) + 2, 1 + 12 * k), text, (0, 0, 0))
-    for i, row in enumerate(rows):
-        y = top + i * (ch + cap_h + 4)
-        if i < len(row_titles):
-            lines = fit_lines(draw, row_titles[i], title_w - 8, max(1, ch // 12))
-            for k, text in enumerate(lines):
-                draw_text(draw, (4, y + 2 + 12 * k), text, (0, 0, 0))
-        for j, (img, _caption) in enumerate(row):
-            x = title_w + j * (cw + 4)
-            tile = Image.fromarray(img)
-            if tile.size != (cw, ch):
-                resample = Image.NEAREST if scale > 1 else Image.BILINEAR
-                tile = tile.resize((cw, ch), resample)
-            grid.paste(tile, (x, y))
-            for k, text in enumerate(caps[i][j]):
-                draw_text(draw, (x + 2, y + ch + 1 + 12 * k), text, (0, 0, 0))
-    return grid
-
-
-# ------------------------------------------------------------------------------------------
-# Regularisation data (Eq. 3-4)
-# ------------------------------------------------------------------------------------------
-def read_reg_data(folder: str | os.PathLike) -> list[tuple[Path, str]]:
-    """(image, prompt) pairs of a folder: ``manifest.jsonl`` lines with ``image`` (relative
-    to the folder) and ``prompt``, or else every image (recursively) with a sidecar ``.txt``
-    of the same stem holding its prompt."""
-    from dd.data.images import IMAGE_SUFFIXES
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise DDError(f"--reg-data folder not found: {root}")
-    pairs: list[tuple[Path, str]] = []
-    manifest = root / "manifest.jsonl"
-    if manifest.is_file():
-        for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                raise DDError(f"{manifest}:{n}: not a JSON object") from None
-            if (
-                not isinstance(obj, dict)
-                or not obj.get("image")
-                or not isinstance(obj.get("prompt"), str)
-            ):
-                raise DDError(f"{manifest}:{n}: needs fields 'image' and 'prompt'")
-            img = Path(obj["image"])
-            pairs.append((img if img.is_absolute() else root / img, obj["prompt"]))
-    else:
-        missing = []
-        for img in sorted(root.rglob("*")):
-            if img.suffix.lower() not in IMAGE_SUFFIXES or img.name.startswith("."):
-                continue
-            txt = img.with_suffix(".txt")
-            if txt.is_file():
-                pairs.append((img, txt.read_text(encoding="utf-8").strip()))
-            else:
-                missing.append(img.name)
-        if missing:
-            raise DDError(
-                f"{len(missing)} image(s) in {root} have no prompt, e.g. {missing[0]}",
-                hint="put the prompt in a .txt of the same name, or write a manifest.jsonl",
-            )
-    if not pairs:
-        raise DDError(
-            f"no (image, prompt) pairs in {root}",
-            hint="images with sidecar .txt prompts, or manifest.jsonl with image and prompt",
-        )
-    return pairs
 
 
 # ------------------------------------------------------------------------------------------
@@ -835,7 +591,7 @@ class _Treater:
         objective.eval()  # no dropout: the step is a pure function of its seeds
         optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_factor(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
+            optimizer, lr_schedule(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
         )
         state: dict[str, Any] = {
             "step": 0,
