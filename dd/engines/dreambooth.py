@@ -90,6 +90,7 @@ from dd.runtime.device import check_training_device, make_accelerator, run_accel
 from dd.runtime.io import Journal, absolutize, atomic_write_text
 from dd.runtime.progress import progress_bar
 from dd.runtime.tracking import REPORT_TO_HELP, RunTracker, check_report_to
+from dd.training.setup import PRECISIONS
 
 __all__ = [
     "WEIGHTINGS",
@@ -101,7 +102,6 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("logit_normal", "uniform", "mode")
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.

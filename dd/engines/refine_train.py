@@ -80,8 +80,10 @@ from dd.runtime.io import (
 )
 from dd.runtime.progress import progress_bar
 from dd.runtime.tracking import RunTracker, check_report_to
+from dd.training.setup import PRECISIONS
 
-PRECISIONS = ("no", "bf16", "fp16")
+#: refine train takes accelerate's names for the precisions.
+MIXED_PRECISIONS = tuple(PRECISIONS.values())
 #: Fields a resumed run may change.
 RESUMABLE = frozenset({"resume", "overwrite", "stop_at", "report_to"})
 
@@ -271,10 +273,10 @@ class _Trainer:
                 f"dd refine train cannot train --backbone {c.backbone!r} on a step range",
                 hint=f"backbones that can: {', '.join(able) or 'none installed'}",
             )
-        if c.mixed_precision not in PRECISIONS:
+        if c.mixed_precision not in MIXED_PRECISIONS:
             raise DDError(
                 f"unknown --mixed-precision {c.mixed_precision!r}",
-                hint=f"one of {', '.join(PRECISIONS)}",
+                hint=f"one of {', '.join(MIXED_PRECISIONS)}",
             )
         if c.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"unknown --lr-schedule {c.lr_schedule!r}", hint="constant or cosine")

@@ -98,6 +98,7 @@ from dd.runtime.progress import progress_bar
 from dd.runtime.tracking import REPORT_TO_HELP, RunTracker, check_report_to
 from dd.training.draws import noise_seed
 from dd.training.schedule import lr_schedule
+from dd.training.setup import PRECISIONS
 
 __all__ = [
     "REDUCTIONS",
@@ -111,7 +112,6 @@ __all__ = [
 
 REDUCTIONS = ("mean", "max", "sum", "weighted")
 LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "report_to"})
