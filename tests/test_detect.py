@@ -384,3 +384,19 @@ def test_the_image_threshold_of_the_weights_flags_images_and_drives_fail_above_a
         res = cli(*args, "--out", tmp_path / "o4", "--fail-above", bad)
         assert res.exit_code == 2 and "--fail-above" in res.output, res.output
         assert "Traceback" not in res.output
+
+
+def test_a_bad_image_threshold_in_the_weights_is_one_line(tmp_path, capsys):
+    _images(tmp_path / "in", 1)
+    weights = tmp_path / "w"
+    _tiny_detector().save_pretrained(weights)
+    cfg = json.loads((weights / "config.json").read_text())
+    for bad in ("high", 1.5):
+        cfg["dd_image_threshold"] = bad
+        (weights / "config.json").write_text(json.dumps(cfg))
+        out = tmp_path / f"o-{bad}"
+        code = main(["detect", str(tmp_path / "in"), "--weights", str(weights),
+                     "-O", "input_size=64", "--out", str(out)])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and err[-1].startswith("Error: ") and "dd_image_threshold" in err[-1]
+        assert not out.exists()

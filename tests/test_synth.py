@@ -416,3 +416,18 @@ def test_procedural_share_sets_how_often_clean_images_are_procedural(tmp_path):
     assert {s.meta["origin"] for s in read_dataset(tmp_path / "none")} == {"procedural"}
     with pytest.raises(DDError, match="procedural share"):
         synthesize(tmp_path / "bad", 2, procedural_share=2.0, **FAST)
+
+
+def test_cli_hard_negative_options_reach_the_dataset_and_bad_values_are_usage_errors(cli, tmp_path):
+    out = tmp_path / "ds"
+    res = cli("synth", "--out", out, "--count", "4", "--size", "32", "--no-skimage",
+              "--procedural-share", "1.0", "--scene-text", "1.0",
+              "--photo-scale", "0.1-0.5")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    samples = read_dataset(out)
+    assert {s.meta["origin"] for s in samples} == {"procedural"}
+    assert all(s.meta.get("scene_text") for s in samples)
+    for flag, bad in (("--scene-text", "1.5"), ("--procedural-share", "-0.1")):
+        res = cli("synth", "--out", tmp_path / "bad", "--count", "2", flag, bad)
+        assert res.exit_code == 2 and flag in res.output, res.output
+        assert "Traceback" not in res.output and not (tmp_path / "bad").exists()

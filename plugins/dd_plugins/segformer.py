@@ -27,6 +27,7 @@ on any transformers version (``load_state_dict`` accepts either layout).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -666,6 +667,24 @@ class _CheckpointedForward:
         return checkpoint(fwd, *args, use_reentrant=False, **kwargs)
 
 
+def _image_threshold(config: Any, ref: str) -> float | None:
+    """The calibrated image threshold saved with the weights (``dd_image_threshold``)."""
+    value = getattr(config, "dd_image_threshold", None)
+    if value is None:
+        return None
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = math.nan
+    if not 0.0 <= threshold <= 1.0:
+        raise DDError(
+            f"{ref}: dd_image_threshold must be a number in [0, 1], got {value!r}",
+            hint="fix or remove it in config.json (dd eval-detector --calibrate "
+            "--save-threshold writes it)",
+        )
+    return threshold
+
+
 class SegformerDetector(Detector):
     """SegFormer (MiT) artifact detector with one output channel (DiffDoctor's release)."""
 
@@ -745,8 +764,7 @@ class SegformerDetector(Detector):
             size = _parse_size(input_size if input_size is not None else (saved or 512))
             det = cls(model, variant=name, input_size=size)
             det.source = ref if Path(ref) != DEFAULT_WEIGHTS else "dd default (synthetic artifacts)"
-            threshold = getattr(model.config, "dd_image_threshold", None)
-            det.image_threshold = None if threshold is None else float(threshold)
+            det.image_threshold = _image_threshold(model.config, ref)
         det.to(device=device, dtype=dtype)
         det.eval()
         if gradient_checkpointing:

@@ -14,18 +14,20 @@ on the ``test`` split (the other half) and on both. ``--write`` stores it in the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from dd.data.datasets import read_dataset
+from dd.detectors import store_image_threshold
 from dd.metrics import (
     DetectorMetrics,
     calibrate_image_threshold,
     image_level_scores,
     image_level_summary,
+    json_safe,
 )
 from dd.plugins import load_detector
+from dd.runtime.io import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,17 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if weights is not None and Path(weights).is_dir() and args.threshold is None:
         out = Path(weights)
-        (out / "calibration.json").write_text(
-            json.dumps(
-                {"threshold": threshold, "pass_rate": args.pass_rate, "report": report}, indent=2
-            )
-            + "\n"
-        )
+        record = {"threshold": threshold, "pass_rate": args.pass_rate, "report": report}
+        atomic_write_json(out / "calibration.json", json_safe(record))
         if args.write:
-            cfg_path = out / "config.json"
-            cfg = json.loads(cfg_path.read_text())
-            cfg["dd_image_threshold"] = threshold
-            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            cfg_path, _ = store_image_threshold(out, threshold)
             print(f"wrote dd_image_threshold = {threshold} to {cfg_path}")
     return 0
 
