@@ -398,7 +398,10 @@ def test_watermark_fonts_and_texts_can_be_replaced():
 
 def test_cli_photo_scale_is_checked(cli, tmp_path):
     res = cli("synth", "--out", tmp_path / "ds", "--count", "2", "--photo-scale", "x")
-    assert res.exit_code != 0 and "--photo-scale" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "--photo-scale" in res.output and "Traceback" not in res.output
+    res = cli("synth", "--out", tmp_path / "ds", "--count", "2", "--watermark-opacity", "1-0.2")
+    assert res.exit_code == 2 and "--watermark-opacity" in res.output
+    assert not (tmp_path / "ds").exists()
 
 
 def test_procedural_share_sets_how_often_clean_images_are_procedural(tmp_path):

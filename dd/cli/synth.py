@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -73,13 +74,17 @@ def synth(
     Synthetic artifacts model watermarks and local edits, not real hand/face distortions.
     """
     from dd.data.synth import synthesize
-    from dd.errors import DDError
 
     def span(value: str, flag: str) -> tuple[float, float]:
         try:
             lo, hi = (float(v) for v in value.split("-"))
         except ValueError:
-            raise DDError(f"bad {flag} {value!r}", hint="write LOW-HIGH, e.g. 0.6-1.0") from None
+            lo = hi = math.nan
+        if not 0.0 < lo <= hi <= 1.0:  # NaN fails too
+            raise typer.BadParameter(
+                f"{value!r} is not LOW-HIGH with 0 < LOW <= HIGH <= 1 (e.g. 0.6-1.0)",
+                param_hint=f"'{flag}'",
+            )
         return lo, hi
 
     lo, hi = span(watermark_opacity, "--watermark-opacity")
