@@ -68,3 +68,50 @@ def progress_or_quiet(title: str, *fields: str, console: Any | None, **kw: Any) 
     """:func:`progress_bar`, or an object with the same methods that shows nothing."""
     bar = progress_bar(title, *fields, console=console, **kw)
     return _Quiet() if bar is None else bar
+
+
+class Reporter:
+    """Where an engine tells the user what it does: ``message``, ``warning`` and
+    ``progress`` bars. This base class shows nothing (quiet runs, processes other than the
+    main one); the CLI passes a :class:`ConsoleReporter`. Engines take a reporter, never a
+    console."""
+
+    console: Any = None
+
+    def message(self, text: str) -> None:
+        """A line of progress news (rich markup allowed)."""
+
+    def warning(self, text: str) -> None:
+        """Something the user should know about that does not stop the run."""
+
+    def progress(self, title: str, *fields: str, unit: str = "items", transient: bool = False):
+        """A progress bar (see :func:`progress_bar`); a quiet stand-in when nothing shows."""
+        return progress_or_quiet(
+            title, *fields, console=self.console, unit=unit, transient=transient
+        )
+
+
+class ConsoleReporter(Reporter):
+    """A :class:`Reporter` printing to a rich console (the CLI's: stderr)."""
+
+    def __init__(self, console: Any | None = None):
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+        self.console = console
+
+    def message(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def warning(self, text: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {text}", highlight=False)
+
+
+#: The reporter that shows nothing.
+QUIET = Reporter()
+
+
+def as_reporter(reporter: Reporter | None) -> Reporter:
+    """``reporter``, or :data:`QUIET` for None."""
+    return QUIET if reporter is None else reporter

@@ -1,0 +1,496 @@
+"""The one training loop of dd: :func:`fit` runs a :class:`Recipe`.
+
+A recipe supplies the model, the data and the objective (setup, micro-batches, the loss,
+the end-of-step data positions, evaluation, extra checkpoint files, outputs); the loop owns
+what every training job shares, written once:
+
+* seeding (``accelerate.utils.set_seed`` before :meth:`Recipe.setup`, so the trainable
+  weights' initialisation is a function of the seed), the learning-rate schedule
+  (:func:`dd.training.schedule.lr_schedule`), ``accelerate.prepare`` and resume;
+* one fixed step order: read the learning rate; for each micro-batch forward and backward
+  under ``accelerator.accumulate`` (``no_sync`` on all but the last, the loss divided by
+  their number); clip; optimizer step; ``zero_grad``; :meth:`Recipe.after_optimizer_step`
+  (e.g. EMA); scheduler step; :meth:`Recipe.end_step` (data positions); reduce the logged
+  values across processes; refuse a non-finite one;
+* ``metrics.jsonl`` (:func:`dd.training.outputs.open_metrics`): a ``train`` line every
+  ``log_every`` steps (and at ``train_steps``) with the window's mean of each logged value,
+  the learning rate of the step logged, its gradient norm and the window's mean step time;
+  the window is part of the checkpoint and there is no extra line at ``--stop-at``, so a
+  killed and resumed run writes the same lines as a straight one;
+* evaluation at step 0, every ``eval_every`` steps and at ``train_steps``; the best score
+  (``best/`` through :meth:`Recipe.save_best`) and patience;
+* checkpoints (``OUT/checkpoints/last``, and ``step-N`` with ``keep_step_checkpoints``):
+  ``trainable.safetensors``, the recipe's files, ``state.pt`` (optimizer, grad scaler),
+  ``rng_rank*.pt`` and ``trainer.json`` (loop state, scheduler, world size, recipe's
+  record), every ``save_every`` steps and where the run stops;
+* the tracker (TensorBoard, W&B through accelerate) as a sink of ``metrics.jsonl``, the
+  progress bar, the out-of-memory and non-finite-loss messages.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dd.errors import DDError
+from dd.runtime.checkpoint import (
+    TRAINABLE_FILE,
+    commit_checkpoint,
+    load_optimizer_state,
+    open_checkpoint,
+    read_trainer_state,
+    save_optimizer_state,
+    swap_in,
+    trainable_weights,
+    write_trainer_state,
+)
+from dd.runtime.progress import QUIET, Reporter, as_reporter
+from dd.runtime.tracking import RunTracker
+from dd.training.outputs import open_metrics
+from dd.training.schedule import lr_schedule
+
+__all__ = ["Evaluation", "FitResult", "LoopSettings", "Recipe", "Run", "Setup", "StepLoss", "fit"]
+
+OOM_HINT = "lower memory use: a smaller batch with --grad-accum, a lower resolution, bf16"
+NONFINITE_HINT = "lower --lr, or train in fp32 or bf16"
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs of a job's settings (each engine maps its options onto it)."""
+
+    train_steps: int
+    seed: int = 0
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    log_every: int = 1
+    #: Evaluate every N steps (and at step 0 and ``train_steps``); None: only those two.
+    eval_every: int | None = None
+    save_every: int = 100
+    #: Keep ``checkpoints/step-N`` beside ``last`` at each ``save_every``.
+    keep_step_checkpoints: bool = False
+    stop_at: int | None = None
+    #: Stop after this many evaluations without a better eligible score (None: never).
+    patience: int | None = None
+    higher_is_better: bool = False
+    report_to: str = "none"
+    run_name: str = "dd-train"
+    title: str = "train"
+    oom_hint: str = OOM_HINT
+    nonfinite_hint: str = NONFINITE_HINT
+
+
+@dataclass
+class Setup:
+    """What :meth:`Recipe.setup` builds: the module ``accelerate`` wraps (it must hold the
+    trained parameters as submodules so DDP synchronises their gradients), the trained
+    parameters by name, and their optimizer."""
+
+    module: torch.nn.Module
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class StepLoss:
+    """A micro-batch's loss to back-propagate and the values to log (``"loss"`` among them,
+    e.g. DreamBooth logs the instance loss there and the prior loss beside it)."""
+
+    loss: torch.Tensor
+    logged: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    """What :meth:`Recipe.evaluate` found: ``record`` goes to ``metrics.jsonl`` as it is;
+    ``score`` (with ``eligible``) competes for ``best/``; ``stop`` ends the run with that
+    reason; ``summary`` is shown in the progress bar."""
+
+    record: dict[str, Any] | None = None
+    score: float | None = None
+    eligible: bool = True
+    stop: str | None = None
+    summary: str = ""
+
+
+@dataclass
+class FitResult:
+    state: dict[str, Any]
+    stop_reason: str
+    records: list[dict[str, Any]]
+    main: bool = True
+    #: What :meth:`Recipe.finish` returned.
+    output: Any = None
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+@dataclass
+class Run:
+    """The running job as recipe hooks see it."""
+
+    acc: Any
+    out: Path
+    settings: LoopSettings
+    reporter: Reporter
+    state: dict[str, Any]
+    tracker: Any = None
+    journal: Any = None
+    setup: Setup | None = None
+    wrapped: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    #: The values ``train`` lines log (:attr:`Recipe.log_keys`).
+    log_keys: tuple[str, ...] = ("loss",)
+    #: The last evaluation's :attr:`Evaluation.summary` (progress bar).
+    eval_summary: str = ""
+
+    @property
+    def main(self) -> bool:
+        return bool(self.acc.is_main_process)
+
+    @property
+    def rank(self) -> int:
+        return int(self.acc.process_index)
+
+    @property
+    def world(self) -> int:
+        return int(self.acc.num_processes)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        assert self.setup is not None
+        return self.setup.params
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """Append ``rec`` to ``metrics.jsonl`` (main process) and the tracker."""
+        if self.journal is not None:
+            self.journal.append(rec)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return list(self.journal.records) if self.journal is not None else []
+
+
+class Recipe:
+    """A training job's model, data and objective. Subclasses set :attr:`acc` (the
+    accelerator the engine made) and override the hooks; defaults do nothing."""
+
+    acc: Any
+    #: Values the loop logs in ``train`` lines (missing ones are logged as null).
+    log_keys: tuple[str, ...] = ("loss",)
+
+    def initial_state(self) -> dict[str, Any]:
+        """The recipe's part of the loop state (data positions...), saved in checkpoints."""
+        return {}
+
+    def setup(self, run: Run) -> Setup:
+        """Add the trainable weights (after seeding) and build the optimizer."""
+        raise NotImplementedError
+
+    def micro_batch(self, run: Run, micro: int) -> Any:
+        """This process's micro-batch ``micro`` of the coming step."""
+        raise NotImplementedError
+
+    def loss(self, run: Run, batch: Any) -> StepLoss:
+        """Forward ``batch`` through ``run.wrapped``."""
+        raise NotImplementedError
+
+    def before_step(self, run: Run) -> None:
+        """Called before each step's first micro-batch."""
+
+    def after_optimizer_step(self, run: Run) -> None:
+        """Called once per step after the optimizer stepped (e.g. an EMA update)."""
+
+    def end_step(self, run: Run) -> None:
+        """Advance the data positions in ``run.state`` past this step's micro-batches."""
+
+    def evaluate(self, run: Run) -> Evaluation | None:
+        """Evaluate the current weights (step 0, every ``eval_every`` and at the end)."""
+        return None
+
+    def save_best(self, run: Run, folder: Path) -> None:
+        """Write the weights that just scored best into the empty ``folder``."""
+
+    def save_checkpoint(self, run: Run, folder: Path) -> None:
+        """Extra files of a checkpoint (main process), e.g. EMA weights or the LoRA file."""
+
+    def load_checkpoint(self, run: Run, folder: Path, trainer: dict[str, Any]) -> None:
+        """Read back :meth:`save_checkpoint`'s files; may refuse ``trainer.json``'s record."""
+
+    def trainer_record(self, run: Run) -> dict[str, Any]:
+        """Extra ``trainer.json`` fields (e.g. the settings a resume must keep)."""
+        return {}
+
+    def finish(self, run: Run, reason: str) -> Any:
+        """Write the run's outputs (all processes call it); the value becomes
+        :attr:`FitResult.output`."""
+        return None
+
+
+def fit(
+    recipe: Recipe,
+    settings: LoopSettings,
+    out: str | Path,
+    reporter: Reporter | None = None,
+    *,
+    resume_from: Path | None = None,
+) -> FitResult:
+    """Train ``recipe`` in the run folder ``out``, from the checkpoint ``resume_from`` if
+    given (see :func:`dd.runtime.checkpoint.prepare_run_folder`); see the module docstring."""
+    from accelerate.utils import set_seed
+
+    acc = recipe.acc
+    out = Path(out)
+    rep = as_reporter(reporter) if acc.is_main_process else QUIET
+    state: dict[str, Any] = {"step": 0, **recipe.initial_state(), "window": _new_window()}
+    run = Run(acc, out, settings, rep, state, log_keys=tuple(recipe.log_keys))
+    set_seed(settings.seed)
+    run.setup = recipe.setup(run)
+    schedule = lr_schedule(
+        settings.lr_schedule, settings.train_steps, settings.warmup_steps, settings.min_lr_ratio
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(run.setup.optimizer, schedule)
+    if resume_from is not None:
+        _load_checkpoint(recipe, run, resume_from, scheduler)
+    run.wrapped, run.optimizer, run.scheduler = acc.prepare(
+        run.setup.module, run.setup.optimizer, scheduler
+    )
+    if resume_from is not None:
+        load_optimizer_state(resume_from, run.optimizer, acc)
+    if run.main:
+        run.journal = open_metrics(out, state["step"], fresh=resume_from is None)
+    run.tracker = RunTracker(
+        settings.report_to, out, settings.run_name, step=state["step"], main=run.main
+    )
+    if run.journal is not None:
+        run.journal.on_append = run.tracker.record
+    try:
+        reason = _loop(recipe, run)
+        rep.message(f"stopped at step {state['step']}: {reason}")
+        acc.wait_for_everyone()
+        output = recipe.finish(run, reason)
+        records = run.records
+    finally:
+        if run.journal is not None:
+            run.journal.close()
+        run.tracker.close()
+    acc.wait_for_everyone()
+    return FitResult(state, reason, records, run.main, output)
+
+
+# ------------------------------------------------------------------------------------------
+def _new_window() -> dict[str, Any]:
+    return {"n": 0, "sums": {}, "time_s": 0.0}
+
+
+def _loop(recipe: Recipe, run: Run) -> str:
+    s, state = run.settings, run.state
+    stop_at = min(s.train_steps, s.stop_at or s.train_steps)
+    if not isinstance(state.get("window"), dict):  # a checkpoint of an older dd
+        state["window"] = _new_window()
+    if state["step"] == 0:
+        reason = _evaluate(recipe, run)
+        if reason:
+            return reason
+    bar = run.reporter.progress(s.title, "{task.fields[info]}", "{task.fields[eval]}")
+    reason = ""
+    with bar:
+        task = bar.add_task(s.title, total=s.train_steps, completed=state["step"], info="", eval="")
+        while state["step"] < stop_at:
+            t0 = time.perf_counter()
+            values, lr, grad_norm = _guarded(run, "at step", lambda: _train_step(recipe, run))
+            state["step"] += 1
+            step = state["step"]
+            _window_add(run, values, time.perf_counter() - t0)
+            bar.update(task, completed=step, info=f"loss {values['loss']:.4f}")
+            if step % s.log_every == 0 or step == s.train_steps:
+                _log_window(run, lr, grad_norm)
+            if (s.eval_every and step % s.eval_every == 0) or step == s.train_steps:
+                reason = _evaluate(recipe, run)
+                bar.update(task, eval=run.eval_summary)
+            if step == s.train_steps:
+                reason = f"reached --train-steps {s.train_steps}"
+            elif step == stop_at and not reason:
+                reason = f"stopped at --stop-at {stop_at} (continue with --resume)"
+            if step % s.save_every == 0 or reason:
+                keep = s.keep_step_checkpoints and step % s.save_every == 0
+                _save_checkpoint(recipe, run, keep_step=keep)
+            if reason:
+                break
+    if not reason:  # resumed at or past the end
+        reason = (
+            f"reached --train-steps {s.train_steps}"
+            if state["step"] >= s.train_steps
+            else f"stopped at --stop-at {stop_at} (continue with --resume)"
+        )
+    return reason
+
+
+def _guarded(run: Run, where: str, fn: Any) -> Any:
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        raise DDError(
+            f"out of GPU memory {where} {run.state['step'] + (where == 'at step')}",
+            hint=run.settings.oom_hint,
+        ) from None
+
+
+def _train_step(recipe: Recipe, run: Run) -> tuple[dict[str, float | None], float, float | None]:
+    s, acc = run.settings, run.acc
+    lr = float(run.scheduler.get_last_lr()[0])
+    n = s.grad_accum
+    total = torch.zeros((), device=acc.device)
+    sums: dict[str, torch.Tensor] = {}
+    grad_norm = None
+    recipe.before_step(run)
+    for micro in range(n):
+        batch = recipe.micro_batch(run, micro)
+        with acc.accumulate(run.wrapped):
+            out = recipe.loss(run, batch)
+            acc.backward(out.loss)
+            if acc.sync_gradients and s.clip_grad > 0:
+                grad_norm = float(acc.clip_grad_norm_(run.params, s.clip_grad))
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        total += out.loss.detach().float() / n
+        logged = out.logged or {"loss": out.loss}
+        for key, value in logged.items():
+            sums[key] = sums.get(key, torch.zeros((), device=acc.device)) + value.detach() / n
+    recipe.after_optimizer_step(run)
+    run.scheduler.step()
+    recipe.end_step(run)
+    step = run.state["step"] + 1
+    values: dict[str, float | None] = {"_total": float(acc.reduce(total, reduction="mean"))}
+    for key in sorted(sums):
+        values[key] = float(acc.reduce(sums[key].float(), reduction="mean"))
+    for key, value in values.items():
+        if value is not None and not math.isfinite(value):
+            what = "loss" if key in ("_total", "loss") else key
+            raise DDError(
+                f"the {what} became {value} at step {step}", hint=run.settings.nonfinite_hint
+            )
+    values.pop("_total")
+    for key in recipe.log_keys:
+        values.setdefault(key, None)
+    return values, lr, grad_norm
+
+
+def _window_add(run: Run, values: dict[str, float | None], seconds: float) -> None:
+    w = run.state["window"]
+    w["n"] += 1
+    w["time_s"] += seconds
+    for key, value in values.items():
+        if value is not None:
+            w["sums"][key] = w["sums"].get(key, 0.0) + value
+
+
+def _log_window(run: Run, lr: float, grad_norm: float | None) -> None:
+    w = run.state["window"]
+    n = max(1, w["n"])
+    rec: dict[str, Any] = {"type": "train", "step": run.state["step"]}
+    keys = list(dict.fromkeys([*run.log_keys, *w["sums"]]))
+    for key in keys:
+        rec[key] = w["sums"][key] / n if key in w["sums"] else None
+    rec.update(lr=lr, grad_norm=grad_norm, step_time_s=w["time_s"] / n)
+    run.record(rec)
+    run.state["window"] = _new_window()
+
+
+def _evaluate(recipe: Recipe, run: Run) -> str:
+    """Evaluate, log, track the best score; returns a stop reason or ''."""
+    s, state = run.settings, run.state
+    ev = _guarded(run, "while evaluating at step", lambda: recipe.evaluate(run))
+    if ev is None:
+        return ""
+    if ev.record is not None:
+        run.record(ev.record)
+    run.eval_summary = ev.summary
+    if ev.score is not None and ev.eligible and math.isfinite(ev.score):
+        best = state.get("best")
+        better = (
+            best is None
+            or (s.higher_is_better and ev.score > best["score"])
+            or (not s.higher_is_better and ev.score < best["score"])
+        )
+        if better:
+            state["best"] = {"score": float(ev.score), "step": state["step"]}
+            state["since_best"] = 0
+            _save_best(recipe, run)
+        else:
+            state["since_best"] = state.get("since_best", 0) + 1
+            if s.patience is not None and state["since_best"] >= s.patience:
+                return (
+                    f"no better score in {s.patience} evaluation(s) since step "
+                    f"{best['step']} (patience {s.patience})"
+                )
+    return ev.stop or ""
+
+
+def _save_best(recipe: Recipe, run: Run) -> None:
+    import shutil
+
+    run.acc.wait_for_everyone()
+    if run.main:
+        tmp = run.out / ".best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        recipe.save_best(run, tmp)
+        swap_in(tmp, run.out / "best")
+    run.acc.wait_for_everyone()
+
+
+def _save_checkpoint(recipe: Recipe, run: Run, keep_step: bool) -> None:
+    from safetensors.torch import save_file
+
+    acc, state = run.acc, run.state
+    ckpt_dir = run.out / "checkpoints"
+    tmp = open_checkpoint(acc, ckpt_dir, state["step"])
+    if run.main:
+        assert run.setup is not None
+        weights = trainable_weights(run.setup.names, run.setup.params)
+        save_file(weights, str(tmp / TRAINABLE_FILE))
+        recipe.save_checkpoint(run, tmp)
+        save_optimizer_state(tmp, run.optimizer, acc)
+        write_trainer_state(tmp, state, run.scheduler, run.world, **recipe.trainer_record(run))
+    # Every rank wrote its RNG state into tmp: only now is the checkpoint complete.
+    acc.wait_for_everyone()
+    if run.main:
+        commit_checkpoint(tmp, ckpt_dir, state["step"], keep_step)
+    acc.wait_for_everyone()
+
+
+def _load_checkpoint(recipe: Recipe, run: Run, last: Path, scheduler: Any) -> None:
+    from safetensors.torch import load_file
+
+    assert run.setup is not None
+    trainer = read_trainer_state(last, run.world)
+    recipe.load_checkpoint(run, last, trainer)
+    try:
+        weights = load_file(str(last / TRAINABLE_FILE))
+    except Exception as e:
+        raise DDError(f"cannot read {last / TRAINABLE_FILE}: {type(e).__name__}: {e}") from None
+    names, params = run.setup.names, run.setup.params
+    if sorted(weights) != sorted(names):
+        raise DDError(
+            f"the trained weights in {last} do not match this run's",
+            hint="resume with the original model and LoRA options",
+        )
+    with torch.no_grad():
+        for name, p in zip(names, params, strict=True):
+            p.copy_(weights[name].to(p.device, p.dtype))
+    scheduler.load_state_dict(trainer["scheduler"])
+    run.state.update(trainer["state"])
+    run.reporter.message(f"resuming {run.out} at step {run.state['step']}")

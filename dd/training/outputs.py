@@ -1,0 +1,53 @@
+"""What a training run writes beside its checkpoints: ``metrics.jsonl`` (opened with one
+rule for new and resumed runs) and ``curves.png``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dd.runtime.io import Journal, atomic_write_text
+
+__all__ = ["Curve", "open_metrics", "plot_curves"]
+
+
+def open_metrics(out: Path, step: int, *, fresh: bool) -> Journal:
+    """``out/metrics.jsonl``: emptied for a new run (``fresh``); for a run resumed at
+    checkpoint ``step``, without the lines of later steps (the killed run wrote them after
+    its last checkpoint; the resumed run writes them again)."""
+    path = Path(out) / "metrics.jsonl"
+    journal = Journal(path, fresh=fresh)
+    keep = [r for r in journal.records if r.get("step", 0) <= step]
+    if len(keep) != len(journal.records):
+        journal.close()
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+        journal = Journal(path)
+    return journal
+
+
+#: A chart of ``curves.png``: (title, y label, {series label: (record type, key)}).
+Curve = tuple[str, str, dict[str, tuple[str, str]]]
+
+
+def plot_curves(
+    records: Sequence[dict[str, Any]],
+    path: Path,
+    curves: Sequence[Curve],
+    size: tuple[int, int] = (420, 280),
+) -> None:
+    """``curves.png``: one chart per ``curves`` entry, series read from ``metrics.jsonl``
+    records against their step."""
+    from dd.report.plot import Panel, metric_points, plot_panels
+
+    panels = [
+        Panel(
+            title,
+            "step",
+            ylabel,
+            {label: metric_points(records, kind, key) for label, (kind, key) in series.items()},
+        )
+        for title, ylabel, series in curves
+    ]
+    plot_panels(panels, path, size=size)
