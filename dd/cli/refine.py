@@ -255,10 +255,11 @@ def train(
     from rich.console import Console
 
     from dd.engines.refine_train import RefineTrainConfig, refine_train
+    from dd.runtime.progress import ConsoleReporter
 
     values: dict[str, Any] = dict(ctx.params)
     cfg = RefineTrainConfig(**values)
-    result = refine_train(cfg, console=Console(stderr=True))
+    result = refine_train(cfg, reporter=ConsoleReporter(Console(stderr=True)))
     if result.main:
         Console().print(
             f"range loss {result.first_loss:.5f} -> {result.last_loss:.5f} "

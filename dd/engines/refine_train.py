@@ -35,10 +35,8 @@ Run folder (``OUT`` is itself the model ``dd refine --segment A-B=OUT`` loads)::
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -56,30 +54,21 @@ from dd.quantize import (
     quantize_backbone,
 )
 from dd.runtime.checkpoint import (
-    TRAINABLE_FILE,
-    load_optimizer_state,
+    check_same_settings,
     load_tensors,
-    open_checkpoint,
     prepare_run_folder,
-    read_trainer_state,
     save_lora_file,
-    save_optimizer_state,
     save_tensors,
     swap_in,
-    trainable_weights,
-    write_trainer_state,
 )
 from dd.runtime.config import check_settings
 from dd.runtime.device import make_accelerator, run_accelerated
-from dd.runtime.io import (
-    Journal,
-    absolutize,
-    atomic_write_json,
-    atomic_write_text,
-    mark_run_folder,
-)
-from dd.runtime.progress import progress_bar
-from dd.runtime.tracking import RunTracker, check_report_to
+from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
+from dd.runtime.progress import QUIET, Reporter, as_reporter
+from dd.runtime.tracking import check_report_to
+from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
+from dd.training.outputs import plot_curves
+from dd.training.schedule import SCHEDULES
 from dd.training.setup import PRECISIONS
 
 #: refine train takes accelerate's names for the precisions.
@@ -232,22 +221,25 @@ def eval_range_loss(
     return total / max(1, n)
 
 
-class _Trainer:
-    def __init__(self, cfg: RefineTrainConfig, console: Any | None):
+class _RangeTraining(Recipe):
+    """The recipe of ``dd refine train`` for :func:`dd.training.loop.fit`: the model, the
+    data and the range objective; the loop does the rest."""
+
+    log_keys = ("loss",)
+
+    def __init__(self, cfg: RefineTrainConfig, reporter: Reporter | None):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self._check()
         self.out = Path(str(cfg.out))
-        self.ckpt_dir = self.out / "checkpoints"
-        self.acc = self._accelerator()
+        self.acc = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
         self.main = self.acc.is_main_process
-        self.console = console if self.main else None
-        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.reporter = as_reporter(reporter) if self.main else QUIET
+        self.world = self.acc.num_processes
         self._perms: dict[int, np.ndarray] = {}
         self._cache: dict[int, torch.Tensor] = {}
 
     def log(self, msg: str) -> None:
-        if self.console is not None:
-            self.console.print(msg, highlight=False)
+        self.reporter.message(msg)
 
     def _check(self) -> None:
         c = self.cfg
@@ -278,7 +270,7 @@ class _Trainer:
                 f"unknown --mixed-precision {c.mixed_precision!r}",
                 hint=f"one of {', '.join(MIXED_PRECISIONS)}",
             )
-        if c.lr_schedule not in ("constant", "cosine"):
+        if c.lr_schedule not in SCHEDULES:
             raise UsageError(f"unknown --lr-schedule {c.lr_schedule!r}", hint="constant or cosine")
         if not 0 <= c.ema_decay < 1:
             raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
@@ -314,28 +306,70 @@ class _Trainer:
 
         return getattr(get_host().backbones.get(self.cfg.backbone), "late_step_training", None)
 
-    def _accelerator(self) -> Any:
+    def _settings(self) -> LoopSettings:
         c = self.cfg
-        return make_accelerator(c.device, c.mixed_precision, c.grad_accum)
+        return LoopSettings(
+            train_steps=c.train_steps,
+            seed=c.seed,
+            grad_accum=c.grad_accum,
+            clip_grad=c.clip_grad,
+            lr_schedule=c.lr_schedule,
+            warmup_steps=c.warmup_steps,
+            log_every=c.log_every,
+            eval_every=c.eval_every,
+            save_every=c.save_every,
+            stop_at=c.stop_at,
+            report_to=c.report_to,
+            run_name="dd-refine-train",
+            title="refine train",
+            oom_hint="lower memory use: a smaller --batch-size with --grad-accum, a lower "
+            "--resolution, --mixed-precision bf16",
+            nonfinite_hint="lower --lr, or use --mixed-precision no or bf16",
+        )
 
     # -- run -------------------------------------------------------------------------------
     def run(self) -> RefineTrainResult:
-        from accelerate.utils import set_seed
-
         from dd.plugins import get_host
-        from dd.training.schedule import lr_schedule
 
         cfg, acc = self.cfg, self.acc
-        last = self._prepare_out()
+        last = prepare_run_folder(
+            self.out,
+            cfg.resume,
+            "refine train",
+            ("checkpoints", "metrics.jsonl"),
+            overwrite=cfg.overwrite,
+        )
         bb_cls = get_host().backbones.get(cfg.backbone)
         self.log(f"loading {cfg.backbone} model {cfg.init} on {acc.device}")
         bb = bb_cls.from_pretrained(str(cfg.init), device=acc.device, dtype=torch.float32)
+        self.bb = bb
         self.lo, self.hi = train_timestep_range(str(cfg.late_steps), bb.num_train_timesteps)
         conditional = bool(getattr(bb, "conditional", True))
         self.data = read_train_data(str(cfg.data), need_prompts=conditional)
         cfg.resolution = cfg.resolution or int(bb.default_resolution)
         bb.check_size(cfg.resolution, cfg.resolution)
-        set_seed(cfg.seed)
+        n_eval = min(cfg.eval_images, len(self.data))
+        self.eval_images = torch.stack([self._image(i) for i in range(n_eval)])
+        self.eval_prompts = [self.data[i][1] for i in range(n_eval)]
+        if self.main:
+            mark_run_folder(self.out, "refine train")
+        result = fit(self, self._settings(), self.out, self.reporter, resume_from=last)
+        st = result.state
+        return RefineTrainResult(
+            self.out,
+            result.step,
+            float(st["first_loss"]),
+            float(st["last"]),
+            result.stop_reason,
+            self.main,
+        )
+
+    # -- the recipe ------------------------------------------------------------------------
+    def initial_state(self) -> dict[str, Any]:
+        return {"position": 0, "first_loss": None, "last": None}
+
+    def setup(self, run: Run) -> Setup:
+        cfg, bb, acc = self.cfg, self.bb, self.acc
         if self._training_mode() == "full":
             self.kind = "full"
             if cfg.from_scratch:
@@ -347,7 +381,7 @@ class _Trainer:
             quantize_backbone(bb, cfg.quantize, self.log)
             bb.add_lora(rank=cfg.lora_rank, alpha=cfg.lora_alpha, init="gaussian")
         bb.denoiser.train()
-        self.names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
+        names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
         self.params = [p for p in bb.denoiser.parameters() if p.requires_grad]
         self.ema = None
         if cfg.ema_decay > 0:
@@ -356,64 +390,17 @@ class _Trainer:
             self.ema = EMAModel(
                 self.params, decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3
             )
-        objective = RangeObjective(bb, self.lo, self.hi)
         optimizer = make_optimizer(
             cfg.optimizer, self.params, lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_schedule(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
-        )
-        self.state: dict[str, Any] = {"step": 0, "position": 0, "first_loss": None, "last": None}
-        if last is not None:
-            self._load_checkpoint(last, scheduler)
-        wrapped, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
-        if last is not None:
-            load_optimizer_state(last, optimizer, acc)
-        self.bb, self.wrapped, self.optimizer, self.scheduler = bb, wrapped, optimizer, scheduler
-        n_eval = min(cfg.eval_images, len(self.data))
-        self.eval_images = torch.stack([self._image(i) for i in range(n_eval)])
-        self.eval_prompts = [self.data[i][1] for i in range(n_eval)]
-        if self.main:
-            mark_run_folder(self.out, "refine train")
-        self.journal = (
-            Journal(self.out / "metrics.jsonl", fresh=last is None) if self.main else None
-        )
-        self.tracker = RunTracker(
-            cfg.report_to, self.out, "dd-refine-train", step=self.state["step"], main=self.main
-        )
-        if self.journal is not None:
-            self.journal.on_append = self.tracker.record
         n_params = sum(p.numel() for p in self.params)
         self.log(
             f"training {self.kind} ({n_params:,} parameters) on t in [{self.lo}, {self.hi}] "
             f"(--late-steps {cfg.late_steps}) with {len(self.data)} images at "
             f"{cfg.resolution}px; batch {cfg.batch_size} x {self.world} x {cfg.grad_accum}"
         )
-        try:
-            reason = self._loop()
-            self._finish(reason)
-        finally:
-            if self.journal is not None:
-                self.journal.close()
-            self.tracker.close()
-        acc.wait_for_everyone()
-        st = self.state
-        return RefineTrainResult(
-            self.out,
-            st["step"],
-            float(st["first_loss"]),
-            float(st["last"]),
-            reason,
-            self.main,
-        )
+        return Setup(RangeObjective(bb, self.lo, self.hi), names, self.params, optimizer)
 
-    def _prepare_out(self) -> Path | None:
-        files = ("checkpoints", "metrics.jsonl")
-        return prepare_run_folder(
-            self.out, self.cfg.resume, "refine train", files, overwrite=self.cfg.overwrite
-        )
-
-    # -- data ------------------------------------------------------------------------------
     def _image(self, index: int) -> torch.Tensor:
         from dd.data.images import load_training_image
 
@@ -435,11 +422,11 @@ class _Trainer:
             ).permutation(n)
         return int(self._perms[epoch][j])
 
-    def _batch(self, micro: int) -> dict[str, Any]:
+    def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
         from dd.training.draws import noise_seed
 
-        cfg, st = self.cfg, self.state
-        first = st["position"] + (micro * self.world + self.rank) * cfg.batch_size
+        cfg = self.cfg
+        first = run.state["position"] + (micro * run.world + run.rank) * cfg.batch_size
         idx = [self._at(i) for i in range(first, first + cfg.batch_size)]
         return {
             "images": torch.stack([self._image(i) for i in idx]),
@@ -447,90 +434,15 @@ class _Trainer:
             "seed": noise_seed(cfg.seed, 12, first),
         }
 
-    # -- loop ------------------------------------------------------------------------------
-    def _loop(self) -> str:
-        cfg, st = self.cfg, self.state
-        stop_at = min(cfg.train_steps, cfg.stop_at or cfg.train_steps)
-        if st["first_loss"] is None:
-            st["first_loss"] = st["last"] = self._evaluate()
-        progress = progress_bar(
-            "refine train",
-            "loss {task.fields[loss]}",
-            "range loss {task.fields[eval]}",
-            console=self.console,
-        )
-        window: list[float] = []
-        reason = ""
-        with progress if progress is not None else contextlib.nullcontext():
-            task = None
-            if progress is not None:
-                task = progress.add_task(
-                    "train", total=cfg.train_steps, completed=st["step"], loss="", eval=""
-                )
-            while st["step"] < stop_at:
-                t0 = time.perf_counter()
-                loss, grad_norm = self._train_step()
-                st["step"] += 1
-                step = st["step"]
-                window.append(loss)
-                if progress is not None:
-                    progress.update(task, completed=step, loss=f"{loss:.4f}")
-                if step % cfg.log_every == 0 or step == stop_at:
-                    rec = {
-                        "type": "train",
-                        "step": step,
-                        "loss": float(np.mean(window)),
-                        "lr": float(self.scheduler.get_last_lr()[0]),
-                        "grad_norm": grad_norm,
-                        "step_time_s": time.perf_counter() - t0,
-                    }
-                    window = []
-                    if self.journal is not None:
-                        self.journal.append(rec)
-                if step % cfg.eval_every == 0 or step == cfg.train_steps:
-                    st["last"] = self._evaluate()
-                    if progress is not None:
-                        progress.update(task, eval=f"{st['first_loss']:.4f} -> {st['last']:.4f}")
-                if step == cfg.train_steps:
-                    reason = f"reached --train-steps {cfg.train_steps}"
-                elif step == stop_at:
-                    reason = f"stopped at --stop-at {stop_at} (continue with --resume)"
-                if step % cfg.save_every == 0 or reason:
-                    self._save_checkpoint()
-        if not reason:
-            reason = (
-                f"reached --train-steps {cfg.train_steps}"
-                if st["step"] >= cfg.train_steps
-                else f"stopped at --stop-at {stop_at} (continue with --resume)"
-            )
-        self.log(f"stopped at step {st['step']}: {reason}")
-        return reason
+    def loss(self, run: Run, batch: dict[str, Any]) -> StepLoss:
+        return StepLoss(run.wrapped(**batch))
 
-    def _train_step(self) -> tuple[float, float | None]:
-        cfg, acc = self.cfg, self.acc
-        total = torch.zeros((), device=acc.device)
-        grad_norm = None
-        for micro in range(cfg.grad_accum):
-            batch = self._batch(micro)
-            with acc.accumulate(self.wrapped):
-                loss = self.wrapped(**batch)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.clip_grad > 0:
-                    grad_norm = float(acc.clip_grad_norm_(self.params, cfg.clip_grad))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            total += loss.detach().float() / cfg.grad_accum
+    def after_optimizer_step(self, run: Run) -> None:
         if self.ema is not None:
             self.ema.step(self.params)
-        self.scheduler.step()
-        self.state["position"] += cfg.batch_size * self.world * cfg.grad_accum
-        value = float(acc.reduce(total, reduction="mean"))
-        if not math.isfinite(value):
-            raise DDError(
-                f"the loss became {value} at step {self.state['step'] + 1}",
-                hint="lower --lr, or use --mixed-precision no or bf16",
-            )
-        return value, grad_norm
+
+    def end_step(self, run: Run) -> None:
+        run.state["position"] += self.cfg.batch_size * run.world * self.cfg.grad_accum
 
     @contextlib.contextmanager
     def _ema_weights(self):
@@ -544,9 +456,9 @@ class _Trainer:
         finally:
             self.ema.restore(self.params)
 
-    def _evaluate(self) -> float:
+    def evaluate(self, run: Run) -> Evaluation:
         """The range loss of the weights that get saved (the EMA ones)."""
-        den = self.bb.denoiser
+        den, st = self.bb.denoiser, run.state
         den.eval()
         try:
             with self._ema_weights(), self.acc.autocast():
@@ -560,61 +472,37 @@ class _Trainer:
                 )
         finally:
             den.train()
-        rec = {"type": "eval", "step": self.state["step"], "range_loss": loss}
-        if self.journal is not None:
-            self.journal.append(rec)
-        self.log(f"step {self.state['step']}: range loss {loss:.5f}")
-        return loss
+        if st["first_loss"] is None:
+            st["first_loss"] = loss
+        st["last"] = loss
+        self.log(f"step {st['step']}: range loss {loss:.5f}")
+        return Evaluation(
+            {"type": "eval", "step": st["step"], "range_loss": loss},
+            summary=f"range loss {st['first_loss']:.4f} -> {loss:.4f}",
+        )
 
     # -- checkpoints -----------------------------------------------------------------------
     def _config_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE}
 
-    def _save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
+    def trainer_record(self, run: Run) -> dict[str, Any]:
+        return {"config": self._config_dict()}
 
-        acc, st = self.acc, self.state
-        tmp = open_checkpoint(acc, self.ckpt_dir, st["step"])
-        if self.main:
-            save_file(trainable_weights(self.names, self.params), str(tmp / TRAINABLE_FILE))
-            if self.ema is not None:
-                save_tensors(tmp / "ema.pt", self.ema.state_dict())
-            save_optimizer_state(tmp, self.optimizer, acc)
-            write_trainer_state(tmp, st, self.scheduler, self.world, config=self._config_dict())
-        # Every rank writes its RNG state into tmp: only then is the checkpoint complete.
-        acc.wait_for_everyone()
-        if self.main:
-            swap_in(tmp, self.ckpt_dir / "last")
-        acc.wait_for_everyone()
-
-    def _load_checkpoint(self, last: Path, scheduler: Any) -> None:
-        from safetensors.torch import load_file
-
-        trainer = read_trainer_state(last, self.world)
-        saved, now = trainer.get("config", {}), self._config_dict()
-        diff = sorted(k for k in now if saved.get(k) != now[k])
-        if diff:
-            raise DDError(
-                f"--resume with different settings than the run in {self.out}: "
-                + ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in diff),
-                hint="resume with the original options or use a new --out",
-            )
-        weights = load_file(str(last / TRAINABLE_FILE))
-        if sorted(weights) != sorted(self.names):
-            raise DDError(f"the weights in {last} do not match this model")
-        with torch.no_grad():
-            for n, p in zip(self.names, self.params, strict=True):
-                p.copy_(weights[n].to(p.device, p.dtype))
+    def save_checkpoint(self, run: Run, folder: Path) -> None:
         if self.ema is not None:
-            self.ema.load_state_dict(load_tensors(last / "ema.pt"))
-        scheduler.load_state_dict(trainer["scheduler"])
-        self.state.update(trainer["state"])
-        self.log(f"resuming {self.out} at step {self.state['step']}")
+            save_tensors(folder / "ema.pt", self.ema.state_dict())
+
+    def load_checkpoint(self, run: Run, folder: Path, trainer: dict[str, Any]) -> None:
+        check_same_settings(
+            self.out, "checkpoints/last/trainer.json", trainer.get("config", {}),
+            self._config_dict(), RESUMABLE,
+        )  # fmt: skip
+        if self.ema is not None:
+            self.ema.load_state_dict(load_tensors(folder / "ema.pt"))
 
     # -- outputs ---------------------------------------------------------------------------
-    def _finish(self, reason: str) -> None:
-        cfg, st, acc = self.cfg, self.state, self.acc
-        acc.wait_for_everyone()
+    def finish(self, run: Run, reason: str) -> None:
+        cfg, st = self.cfg, run.state
         if not self.main:
             return
         if self.ema is not None:
@@ -646,8 +534,7 @@ class _Trainer:
             "stop_reason": reason,
         }
         atomic_write_json(self.out / "refine.json", info)
-        records = list(self.journal.records) if self.journal is not None else []
-        _plot(records, self.out / "curves.png")
+        plot_curves(run.records, self.out / "curves.png", CURVES)
         use = (
             f"dd refine IMAGES --backbone {cfg.backbone} --model {cfg.init} "
             f"--segment {a}-{b}={self.out} --out refined/"
@@ -673,23 +560,13 @@ class _Trainer:
                  f"{st['last']:.5f}")  # fmt: skip
 
 
-def _plot(records: list[dict[str, Any]], path: Path) -> None:
-    from dd.report.plot import Panel, plot_panels
-
-    def pts(kind: str, key: str) -> list[tuple[float, float]]:
-        return [
-            (r["step"], r[key])
-            for r in records
-            if r.get("type") == kind and isinstance(r.get(key), (int, float))
-        ]
-
-    panels = [
-        Panel("train loss", "step", "loss", {"loss": pts("train", "loss")}),
-        Panel("range loss (EMA)", "step", "loss", {"range loss": pts("eval", "range_loss")}),
-    ]
-    plot_panels(panels, path, size=(420, 280))
+#: ``curves.png`` of a run.
+CURVES = [
+    ("train loss", "loss", {"loss": ("train", "loss")}),
+    ("range loss (EMA)", "loss", {"range loss": ("eval", "range_loss")}),
+]
 
 
-def refine_train(cfg: RefineTrainConfig, *, console: Any | None = None) -> RefineTrainResult:
+def refine_train(cfg: RefineTrainConfig, *, reporter: Reporter | None = None) -> RefineTrainResult:
     """Train (or resume training) a late-step model; see the module docstring."""
-    return run_accelerated(lambda: _Trainer(cfg, console))
+    return run_accelerated(lambda: _RangeTraining(cfg, reporter))
