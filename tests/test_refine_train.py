@@ -243,3 +243,27 @@ def test_run_records_name_inputs_by_absolute_path(tiny_ldm, dataset, tmp_path, m
     from dd.engines.refine import read_model_info
 
     assert Path(read_model_info(out)["init"]).is_dir()
+
+
+def test_metrics_of_a_resumed_run_equal_the_straight_runs(tiny_ldm, dataset, tmp_path):
+    """The loop's metrics.jsonl rules (issue 29): no extra line at --stop-at (the loss window
+    is in the checkpoint), lr is the one the logged step used, resumed == straight."""
+    from dd.training.schedule import lr_schedule
+
+    kw = dict(train_steps=6, save_every=2, eval_every=3, log_every=4, warmup_steps=2,
+              lr_schedule="cosine", batch_size=2, eval_images=2)  # fmt: skip
+    refine_train(config(tiny_ldm, dataset, tmp_path / "straight", **kw))
+    refine_train(config(tiny_ldm, dataset, tmp_path / "resumed", stop_at=3, **kw))
+    assert [r["type"] for r in _metrics(tmp_path / "resumed")] == ["eval", "eval"]
+    refine_train(config(tiny_ldm, dataset, tmp_path / "resumed", resume=True, **kw))
+    straight = _metrics(tmp_path / "straight")
+    assert straight == _metrics(tmp_path / "resumed")
+    train = [r for r in straight if r["type"] == "train"]
+    assert [r["step"] for r in train] == [4, 6]
+    f = lr_schedule("cosine", 6, 2)
+    assert [r["lr"] for r in train] == pytest.approx([1e-3 * f(3), 1e-3 * f(5)])
+
+
+def _metrics(out: Path) -> list[dict]:
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "step_time_s"} for r in recs]

@@ -7,6 +7,7 @@ from rich.console import Console
 
 from dd.cli import options as opt
 from dd.engines.dreambooth import DreamBoothConfig
+from dd.runtime.progress import ConsoleReporter
 
 
 def _dreambooth(ctx: typer.Context, values: dict, config: str | None) -> None:
@@ -17,7 +18,7 @@ def _dreambooth(ctx: typer.Context, values: dict, config: str | None) -> None:
     err = Console(stderr=True)
     if source is not None:
         err.print(f"config {source}", highlight=False)
-    result = run(cfg, console=err)
+    result = run(cfg, reporter=ConsoleReporter(err))
     if not result.main:
         return
     first, last = result.first_instance_loss, result.last_instance_loss

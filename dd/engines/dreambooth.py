@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import time
@@ -76,20 +75,15 @@ from dd.quantize import (
     make_optimizer,
     quantize_backbone,
 )
-from dd.runtime.checkpoint import (
-    LORA_FILE,
-    load_lora_checkpoint,
-    load_optimizer_state,
-    prepare_run_folder,
-    save_lora_checkpoint,
-    save_lora_file,
-    save_run_config,
-)
+from dd.runtime.checkpoint import LORA_FILE, prepare_run_folder, save_lora_file, save_run_config
 from dd.runtime.config import check_settings, setting
 from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
-from dd.runtime.io import Journal, absolutize, atomic_write_text
-from dd.runtime.progress import progress_bar
-from dd.runtime.tracking import REPORT_TO_HELP, RunTracker, check_report_to
+from dd.runtime.io import absolutize, atomic_write_text
+from dd.runtime.progress import QUIET, Reporter, as_reporter
+from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
+from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
+from dd.training.outputs import plot_curves
+from dd.training.schedule import SCHEDULES
 from dd.training.setup import PRECISIONS
 
 __all__ = [
@@ -102,7 +96,7 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("logit_normal", "uniform", "mode")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = SCHEDULES
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
 RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "report_to"})
@@ -321,16 +315,20 @@ class DreamBoothObjective(torch.nn.Module):
 # ------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------
-class _DreamBooth:
-    def __init__(self, cfg: DreamBoothConfig, console: Any | None):
+class _DreamBooth(Recipe):
+    """The recipe of ``dd dreambooth`` for :func:`dd.training.loop.fit`: the model, the
+    cached latents and prompt embeddings, the DreamBooth objective and validation."""
+
+    log_keys = ("loss", "prior_loss")
+
+    def __init__(self, cfg: DreamBoothConfig, reporter: Reporter | None):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self._check_config()
         assert self.cfg.out is not None
         self.out = Path(self.cfg.out)
-        self.ckpt_dir = self.out / "checkpoints"
         self.acc = self._accelerator()
         self.main = self.acc.is_main_process
-        self.console = console if self.main else None
+        self.reporter = as_reporter(reporter) if self.main else QUIET
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
@@ -398,8 +396,7 @@ class _DreamBooth:
         return make_accelerator(c.device, PRECISIONS[c.dtype], c.grad_accum, hint=hint)
 
     def log(self, text: str) -> None:
-        if self.console is not None:
-            self.console.print(text, highlight=False)
+        self.reporter.message(text)
 
     def _prepare_out(self) -> Path | None:
         files = ("checkpoints", "metrics.jsonl", LORA_FILE)
@@ -414,7 +411,6 @@ class _DreamBooth:
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> DreamBoothResult:
-        from accelerate.utils import set_seed
 
         from dd.backbones import FLOW
         from dd.plugins import load_backbone
@@ -463,8 +459,36 @@ class _DreamBooth:
             bb.enable_gradient_checkpointing(steps=False, vae=False)
         self._cache_latents()
 
-        set_seed(cfg.seed)
-        params = bb.add_lora(
+        result = fit(self, self._settings(), self.out, self.reporter, resume_from=last)
+        return result.output
+
+    def _settings(self) -> LoopSettings:
+        c = self.cfg
+        return LoopSettings(
+            train_steps=c.train_steps,
+            seed=c.seed,
+            grad_accum=c.grad_accum,
+            clip_grad=c.clip_grad,
+            lr_schedule=c.lr_schedule,
+            warmup_steps=c.warmup_steps,
+            log_every=c.log_every,
+            eval_every=c.validation_every,
+            save_every=c.save_every,
+            keep_step_checkpoints=True,
+            stop_at=c.stop_at,
+            report_to=c.report_to,
+            run_name="dd-dreambooth",
+            title="dreambooth",
+            oom_hint=OOM_HINT,
+            nonfinite_hint="lower --lr, use --dtype fp32 or bf16, or keep --clip-grad on",
+        )
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"position": 0, "validated": []}
+
+    def setup(self, run: Run) -> Setup:
+        cfg, bb = self.cfg, self.bb
+        bb.add_lora(
             rank=cfg.lora_rank,
             alpha=cfg.lora_alpha,
             targets=cfg.lora_targets,
@@ -474,54 +498,20 @@ class _DreamBooth:
         params = [p for p in bb.denoiser.parameters() if p.requires_grad]
         for p in params:  # the LoRA trains in fp32 whatever the frozen models' dtype
             p.data = p.data.float()
-        self.param_names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
-        n_params = sum(p.numel() for p in params)
-
-        from dd.training.schedule import lr_schedule
-
+        names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
         objective = DreamBoothObjective(
             bb, height=cfg.resolution, width=cfg.resolution, guidance=self.train_guidance
         )
         objective.train(cfg.lora_dropout > 0)
         optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_schedule(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
-        )
-        state: dict[str, Any] = {"step": 0, "position": 0, "validated": [], "window": [0.0, 0]}
-        if last is not None:
-            state = self._load_checkpoint(last, params, scheduler, state)
-        wrapped, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
-        if last is not None:
-            load_optimizer_state(last, optimizer, acc)
-        self.params, self.wrapped, self.optimizer, self.scheduler = (
-            params,
-            wrapped,
-            optimizer,
-            scheduler,
-        )
-        self.state = state
-        self.journal = self._open_journal(state["step"], fresh=last is None) if self.main else None
-        self.tracker = RunTracker(
-            cfg.report_to, self.out, "dd-dreambooth", step=state["step"], main=self.main
-        )
-        if self.journal is not None:
-            self.journal.on_append = self.tracker.record
         self.log(
-            f"dreambooth {cfg.backbone}: LoRA of {n_params:,} parameters, "
+            f"dreambooth {cfg.backbone}: LoRA of {sum(p.numel() for p in params):,} parameters, "
             f"{len(self.instance_latents)} instance image(s)"
             + (f", {len(self.class_paths)} class image(s)" if self.class_paths else "")
             + f", {cfg.resolution}px, batch {cfg.batch_size} x {self.world} x {cfg.grad_accum}"
             + (f", {cfg.weighting} timesteps (shift {cfg.timestep_shift:g})" if self.flow else "")
         )
-        try:
-            self._loop()
-            result = self._finish()
-        finally:
-            if self.journal is not None:
-                self.journal.close()
-            self.tracker.close()
-        acc.wait_for_everyone()
-        return result
+        return Setup(objective, names, params, optimizer)
 
     # -- prompts, class images, latents -------------------------------------------------------
     def _prompts(self) -> list[str]:
@@ -598,9 +588,9 @@ class _DreamBooth:
                 k += 1
             mine = todo[self.rank :: self.world]
             self.log(f"generating {need} class image(s) for {cfg.class_prompt!r} into {folder}")
-            progress = progress_bar("class images", "{task.fields[info]}", console=self.console)
-            with progress if progress is not None else contextlib.nullcontext():
-                task = progress.add_task("class", total=len(mine), info="") if progress else None
+            progress = self.reporter.progress("class images", "{task.fields[info]}")
+            with progress:
+                task = progress.add_task("class", total=len(mine), info="")
                 for start in range(0, len(mine), cfg.class_batch_size):
                     chunk = mine[start : start + cfg.class_batch_size]
                     try:
@@ -620,8 +610,7 @@ class _DreamBooth:
                         ) from None
                     for i, img in zip(chunk, to_uint8(images), strict=True):
                         save_image_atomic(Image.fromarray(img), folder / f"class-{i:05d}.png")
-                    if progress is not None:
-                        progress.update(task, advance=len(chunk))
+                    progress.update(task, advance=len(chunk))
             self.acc.wait_for_everyone()
             have = list_images(folder)
         return have[: cfg.num_class_images]
@@ -679,8 +668,8 @@ class _DreamBooth:
         )
         return s * bb.num_train_timesteps
 
-    def _micro_batch(self, micro: int) -> dict[str, Any]:
-        cfg, st = self.cfg, self.state
+    def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
+        cfg, st = self.cfg, run.state
         bs = cfg.batch_size
         first = st["position"] + (micro * self.world + self.rank) * bs
         lat, prompts, is_class = [], [], []
@@ -703,90 +692,18 @@ class _DreamBooth:
         cond = Conditioning.cat([self.conds[p] for p in prompts])
         return {"x0": x0, "cond": cond, "noise": noise, "t": t, "is_class": is_class}
 
-    # -- loop ---------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        cfg, st = self.cfg, self.state
-        stop_at = min(cfg.train_steps, cfg.stop_at or cfg.train_steps)
-        if 0 not in st["validated"]:
-            self._validate()
-        progress = progress_bar("dreambooth", "{task.fields[info]}", console=self.console)
-        with progress if progress is not None else contextlib.nullcontext():
-            task = None
-            if progress is not None:
-                task = progress.add_task("db", total=cfg.train_steps, completed=st["step"], info="")
-            while st["step"] < stop_at:
-                t0 = time.perf_counter()
-                loss, prior, grad_norm, lr = self._guarded_step()
-                st["step"] += 1
-                step = st["step"]
-                w = st["window"]
-                w[0], w[1] = w[0] + loss, w[1] + 1
-                if progress is not None:
-                    progress.update(task, completed=step, info=f"loss {loss:.4f}")
-                if step % cfg.log_every == 0 or step == stop_at:
-                    rec = {
-                        "type": "train",
-                        "step": step,
-                        "loss": w[0] / max(1, w[1]),
-                        "prior_loss": prior,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "step_time_s": time.perf_counter() - t0,
-                    }
-                    st["window"] = [0.0, 0]
-                    if self.journal is not None:
-                        self.journal.append(rec)
-                if step % cfg.validation_every == 0 or step == cfg.train_steps:
-                    self._validate()
-                if step % cfg.save_every == 0 or step == stop_at:
-                    self._save_checkpoint(keep_step=step % cfg.save_every == 0)
-        self.log(
-            f"stopped at step {st['step']}"
-            + ("" if st["step"] >= cfg.train_steps else " (continue with --resume)")
-        )
+    def loss(self, run: Run, b: dict[str, Any]) -> StepLoss:
+        per = run.wrapped(b["x0"], b["cond"], b["noise"], b["t"])
+        mask = torch.tensor(b["is_class"], device=per.device)
+        inst = per[~mask].mean()
+        if not mask.any():
+            return StepLoss(inst, {"loss": inst})
+        prior = per[mask].mean()
+        loss = inst + self.cfg.prior_loss_weight * prior
+        return StepLoss(loss, {"loss": inst, "prior_loss": prior})
 
-    def _guarded_step(self) -> tuple[float, float | None, float | None, float]:
-        try:
-            return self._train_step()
-        except torch.cuda.OutOfMemoryError:
-            raise DDError(
-                f"out of GPU memory at step {self.state['step'] + 1} ({self.cfg.resolution}px)",
-                hint=OOM_HINT,
-            ) from None
-
-    def _train_step(self) -> tuple[float, float | None, float | None, float]:
-        cfg, acc, st = self.cfg, self.acc, self.state
-        lr = float(self.scheduler.get_last_lr()[0])
-        total = torch.zeros((), device=acc.device)
-        prior_total = torch.zeros((), device=acc.device)
-        grad_norm = None
-        for micro in range(cfg.grad_accum):
-            b = self._micro_batch(micro)
-            with acc.accumulate(self.wrapped):
-                per = self.wrapped(b["x0"], b["cond"], b["noise"], b["t"])
-                mask = torch.tensor(b["is_class"], device=per.device)
-                inst = per[~mask].mean()
-                loss = inst
-                if mask.any():
-                    prior = per[mask].mean()
-                    loss = inst + cfg.prior_loss_weight * prior
-                    prior_total += prior.detach() / cfg.grad_accum
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.clip_grad > 0:
-                    grad_norm = float(acc.clip_grad_norm_(self.params, cfg.clip_grad))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            total += inst.detach() / cfg.grad_accum
-        self.scheduler.step()
-        st["position"] += cfg.batch_size * self.world * cfg.grad_accum
-        value = float(acc.reduce(total, reduction="mean"))
-        if not math.isfinite(value):
-            raise DDError(
-                f"the loss became {value} at step {st['step'] + 1}",
-                hint="lower --lr, use --dtype fp32 or bf16, or keep --clip-grad on",
-            )
-        prior_v = float(acc.reduce(prior_total, reduction="mean")) if self.class_latents else None
-        return value, prior_v, grad_norm, lr
+    def end_step(self, run: Run) -> None:
+        run.state["position"] += self.cfg.batch_size * self.world * self.cfg.grad_accum
 
     # -- validation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -822,16 +739,16 @@ class _DreamBooth:
                 losses.append(objective(x0, c, noise, t).mean().item())
         return float(np.mean(losses))
 
-    def _validate(self) -> None:
+    def evaluate(self, run: Run) -> Evaluation:
         from PIL import Image
 
         from dd.report.grid import image_grid, to_uint8
         from dd.runtime.io import save_image_atomic
 
-        cfg, st, bb = self.cfg, self.state, self.bb
+        cfg, st, bb = self.cfg, run.state, self.bb
         step = st["step"]
         t0 = time.perf_counter()
-        was_training = self.wrapped.training if hasattr(self, "wrapped") else False
+        was_training = run.wrapped.training
         bb.denoiser.eval()
         try:
             inst_loss = self.instance_loss()
@@ -846,10 +763,6 @@ class _DreamBooth:
                         steps=cfg.steps,
                         guidance=cfg.sample_guidance,
                     )
-        except torch.cuda.OutOfMemoryError:
-            raise DDError(
-                f"out of GPU memory in validation at step {step}", hint=OOM_HINT
-            ) from None
         finally:
             bb.denoiser.train(was_training)
         if self.main and images is not None:
@@ -860,7 +773,7 @@ class _DreamBooth:
             cells = [(img, f"seed {s}") for s, img in zip(cfg.validation_seeds, u8, strict=True)]
             grid = image_grid([cells], row_titles=[f"step {step}"])
             save_image_atomic(grid, folder / f"step-{step:06d}.png")
-            self.tracker.image("validation/grid", np.asarray(grid.convert("RGB")), step)
+            run.tracker.image("validation/grid", np.asarray(grid.convert("RGB")), step)
         rec = {
             "type": "validation",
             "step": step,
@@ -868,47 +781,23 @@ class _DreamBooth:
             "eval_time_s": time.perf_counter() - t0,
         }
         st["validated"] = sorted(set(st["validated"]) | {step})
-        if self.journal is not None:
-            self.journal.append(rec)
         self.log(f"step {step}: instance loss {inst_loss:.5f}")
+        return Evaluation(rec, summary=f"instance loss {inst_loss:.4f}")
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _open_journal(self, step: int, fresh: bool) -> Journal:
-        path = self.out / "metrics.jsonl"
-        journal = Journal(path, fresh=fresh)
-        keep = [r for r in journal.records if r.get("step", 0) <= step]
-        if len(keep) != len(journal.records):
-            journal.close()
-            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
-            journal = Journal(path)
-        return journal
-
-    def _load_checkpoint(
-        self, last: Path, params: list[torch.nn.Parameter], scheduler: Any, state: dict
-    ) -> dict[str, Any]:
-        trainer = load_lora_checkpoint(last, self.world, self.param_names, params, scheduler)
-        self.log(f"resuming {self.out} at step {trainer['state']['step']}")
-        return {**state, **trainer["state"]}
-
-    def _save_checkpoint(self, keep_step: bool) -> None:
-        bb, names, params = self.bb, self.param_names, self.params
-        opt, sched = self.optimizer, self.scheduler
-        save_lora_checkpoint(
-            self.acc, self.ckpt_dir, self.state, bb, names, params, opt, sched, keep_step=keep_step
-        )
+    def save_checkpoint(self, run: Run, folder: Path) -> None:
+        save_lora_file(self.bb, folder)
 
     # -- outputs ------------------------------------------------------------------------------
-    def _finish(self) -> DreamBoothResult:
-        acc, st = self.acc, self.state
-        acc.wait_for_everyone()
-        records = list(self.journal.records) if self.journal is not None else []
+    def finish(self, run: Run, reason: str) -> DreamBoothResult:
+        st = run.state
+        records = run.records
         vals = [r for r in records if r.get("type") == "validation"]
         if self.main:
             save_lora_file(self.bb, self.out)
-            plot_curves(records, self.out / "curves.png")
-            atomic_write_text(self.out / "README.md", self._model_card(vals))
+            plot_curves(records, self.out / "curves.png", CURVES)
+            atomic_write_text(self.out / "README.md", self._model_card(vals, st))
             self.log(f"LoRA: {self.out / LORA_FILE} (step {st['step']})")
-        acc.wait_for_everyone()
         return DreamBoothResult(
             out=self.out,
             step=st["step"],
@@ -919,8 +808,8 @@ class _DreamBooth:
             main=self.main,
         )
 
-    def _model_card(self, vals: list[dict[str, Any]]) -> str:
-        cfg, st = self.cfg, self.state
+    def _model_card(self, vals: list[dict[str, Any]], st: dict[str, Any]) -> str:
+        cfg = self.cfg
         lines = [
             f"# {cfg.backbone} DreamBooth LoRA (`dd dreambooth`)",
             "",
@@ -954,29 +843,17 @@ class _DreamBooth:
         return "\n".join(lines)
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    from dd.report.plot import Panel, metric_points, plot_panels
-
-    def pts(kind: str, key: str) -> list[tuple[float, float]]:
-        return metric_points(records, kind, key)
-
-    panels = [
-        Panel(
-            "train loss",
-            "step",
-            "loss",
-            {"instance": pts("train", "loss"), "prior": pts("train", "prior_loss")},
-        ),
-        Panel(
-            "instance loss (fixed noise)",
-            "step",
-            "loss",
-            {"instance": pts("validation", "instance_loss")},
-        ),
-    ]
-    plot_panels(panels, path, size=(420, 280))
+#: ``curves.png`` of a run.
+CURVES = [
+    (
+        "train loss",
+        "loss",
+        {"instance": ("train", "loss"), "prior": ("train", "prior_loss")},
+    ),
+    ("instance loss (fixed noise)", "loss", {"instance": ("validation", "instance_loss")}),
+]
 
 
-def dreambooth(cfg: DreamBoothConfig, *, console: Any | None = None) -> DreamBoothResult:
+def dreambooth(cfg: DreamBoothConfig, *, reporter: Reporter | None = None) -> DreamBoothResult:
     """Train (or resume) a DreamBooth LoRA; see the module docstring."""
-    return run_accelerated(lambda: _DreamBooth(cfg, console))
+    return run_accelerated(lambda: _DreamBooth(cfg, reporter))
