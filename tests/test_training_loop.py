@@ -25,9 +25,7 @@ class Toy(Recipe):
 
     log_keys = ("loss", "aux")
 
-    def __init__(self, accum=1, batch=4, scores=None, nan_at=None, crash_at=None, lr=0.05):
-        self.acc = make_accelerator("cpu", "no", accum)
-        self.world = 1
+    def __init__(self, batch=4, scores=None, nan_at=None, crash_at=None, lr=0.05):
         self.batch, self.scores, self.nan_at, self.crash_at, self.lr = (
             batch, scores, nan_at, crash_at, lr,
         )  # fmt: skip
@@ -71,7 +69,7 @@ class Toy(Recipe):
         return Evaluation({"type": "eval", "step": step, "score": score}, score=score,
                           eligible=step > 0, summary=f"score {score:.3f}")  # fmt: skip
 
-    def save_best(self, run, folder):
+    def save_best(self, run, folder, evaluation):
         (folder / "step.txt").write_text(str(run.state["step"]))
 
     def finish(self, run, reason):
@@ -79,14 +77,15 @@ class Toy(Recipe):
 
 
 def go(out: Path, recipe=None, resume=False, **kw):
-    recipe = recipe or Toy(accum=kw.get("grad_accum", 1))
+    recipe = recipe or Toy()
     settings = LoopSettings(**{"train_steps": 8, "save_every": 3, "eval_every": 4, **kw})
     last = prepare_run_folder(out, resume, "toy", ("checkpoints", "metrics.jsonl"))
 
     class Runner:
         world = 1
 
-        def run(self):
+        def run(self):  # accelerate's state is reset after each run (run_accelerated)
+            recipe.acc = make_accelerator("cpu", "no", settings.grad_accum)
             return fit(recipe, settings, out, resume_from=last)
 
     return run_accelerated(Runner)
@@ -145,8 +144,8 @@ def test_lr_logged_is_the_lr_the_step_used(tmp_path):
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
-    a = go(tmp_path / "a", Toy(accum=2, batch=2), grad_accum=2, train_steps=3, save_every=3)
-    b = go(tmp_path / "b", Toy(accum=1, batch=4), train_steps=3, save_every=3)
+    a = go(tmp_path / "a", Toy(batch=2), grad_accum=2, train_steps=3, save_every=3)
+    b = go(tmp_path / "b", Toy(batch=4), train_steps=3, save_every=3)
     wa, wb = ckpt(tmp_path / "a")[0], ckpt(tmp_path / "b")[0]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
@@ -154,11 +153,17 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
 
 
 def test_best_and_patience(tmp_path):
-    # scores at the evaluated steps 0, 2, 4, 6, 8: best at 4, then two worse ones -> stop at 8
+    # scores at the evaluated steps 0, 2, 4, 6, 8: step 0 is not eligible, 2 is the first
+    # best, 4 a better one, then two worse ones -> stop at 8
     scores = {0: 0.1, 2: 5.0, 4: 1.0, 6: 2.0, 8: 3.0}
     res = go(tmp_path / "a", Toy(scores=scores), eval_every=2, patience=2, train_steps=20)
-    assert res.step == 8 and "patience 2" in res.stop_reason
-    assert res.state["best"] == {"score": 1.0, "step": 4}  # step 0 was not eligible
+    assert res.step == 8 and res.stop_reason == (
+        "the evaluation score did not improve in 2 evaluations (best 1 at step 4)"
+    )
+    assert (res.state["best"], res.state["best_step"]) == (1.0, 4)  # step 0: not eligible
+    assert [r["best"] for r in lines(tmp_path / "a") if r["type"] == "eval"] == [
+        False, True, True, False, False,
+    ]  # fmt: skip
     assert (tmp_path / "a" / "best" / "step.txt").read_text() == "4"
     trainer = json.loads((tmp_path / "a" / "checkpoints" / "last" / "trainer.json").read_text())
     assert trainer["state"]["step"] == 8  # the stopping step is checkpointed
@@ -167,7 +172,7 @@ def test_best_and_patience(tmp_path):
 def test_higher_is_better(tmp_path):
     scores = {0: 0.0, 4: 1.0, 8: 0.5}
     res = go(tmp_path / "a", Toy(scores=scores), higher_is_better=True)
-    assert res.state["best"]["step"] == 4
+    assert res.state["best_step"] == 4
 
 
 @pytest.mark.parametrize("step", [1, 3])

@@ -84,7 +84,7 @@ from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
-from dd.training.setup import PRECISIONS
+from dd.training.setup import PRECISIONS, RESUMABLE
 
 __all__ = [
     "WEIGHTINGS",
@@ -99,7 +99,7 @@ WEIGHTINGS = ("logit_normal", "uniform", "mode")
 LR_SCHEDULES = SCHEDULES
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "report_to"})
+RESUMABLE_CHANGES = RESUMABLE
 #: Random streams (with the run seed and an index they give every draw's seed).
 _S_ORDER, _S_NOISE, _S_FLIP, _S_CLASS_ORDER, _S_CLASS_GEN, _S_VAE, _S_EVAL = range(1, 8)
 OOM_HINT = (

@@ -69,12 +69,10 @@ from dd.runtime.tracking import check_report_to
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
-from dd.training.setup import PRECISIONS
+from dd.training.setup import PRECISIONS, RESUMABLE
 
 #: refine train takes accelerate's names for the precisions.
 MIXED_PRECISIONS = tuple(PRECISIONS.values())
-#: Fields a resumed run may change.
-RESUMABLE = frozenset({"resume", "overwrite", "stop_at", "report_to"})
 
 
 @dataclass

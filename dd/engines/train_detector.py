@@ -95,7 +95,7 @@ from dd.runtime.io import (
 from dd.runtime.progress import progress_bar
 from dd.runtime.tracking import RunTracker, check_report_to
 from dd.training.schedule import lr_schedule
-from dd.training.setup import PRECISIONS
+from dd.training.setup import PRECISIONS, RESUMABLE
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -112,7 +112,7 @@ __all__ = [
 HIGHER_IS_BETTER = frozenset({"cc", "iou", "f1", "pixel_auroc", "image_auroc"})
 LOWER_IS_BETTER = frozenset({"mse", "mse_clean", "kl_fn", "kl_fp"})
 # Config fields a resumed run may change: they do not affect the results.
-_RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "workers", "report_to"})
+_RESUMABLE_CHANGES = RESUMABLE | {"workers"}
 
 
 @dataclass

@@ -97,8 +97,9 @@ from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_t
 from dd.runtime.progress import progress_bar
 from dd.runtime.tracking import REPORT_TO_HELP, RunTracker, check_report_to
 from dd.training.draws import noise_seed
+from dd.training.outputs import TIMING_FIELDS  # noqa: F401 - re-exported
 from dd.training.schedule import lr_schedule
-from dd.training.setup import PRECISIONS
+from dd.training.setup import PRECISIONS, RESUMABLE
 
 __all__ = [
     "REDUCTIONS",
@@ -114,9 +115,7 @@ REDUCTIONS = ("mean", "max", "sum", "weighted")
 LR_SCHEDULES = ("constant", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 #: Config fields a resumed run may change: they do not affect the results.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "stop_at", "report_to"})
-#: ``metrics.jsonl`` fields that differ between runs with identical results.
-TIMING_FIELDS = frozenset({"step_time_s", "eval_time_s"})
+RESUMABLE_CHANGES = RESUMABLE
 OOM_HINT = (
     "lower memory use: --gradient-checkpointing, --grad-steps 1, a lower --resolution, "
     "--dtype bf16, --batch-size 1 with --grad-accum"

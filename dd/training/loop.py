@@ -81,6 +81,8 @@ class LoopSettings:
     #: Stop after this many evaluations without a better eligible score (None: never).
     patience: int | None = None
     higher_is_better: bool = False
+    #: What the score is, for the patience message.
+    score_name: str = "the evaluation score"
     report_to: str = "none"
     run_name: str = "dd-train"
     title: str = "train"
@@ -220,8 +222,12 @@ class Recipe:
         """Evaluate the current weights (step 0, every ``eval_every`` and at the end)."""
         return None
 
-    def save_best(self, run: Run, folder: Path) -> None:
-        """Write the weights that just scored best into the empty ``folder``."""
+    def save_best(self, run: Run, folder: Path, evaluation: Evaluation) -> None:
+        """Write the weights that just scored best into the empty ``folder`` (main process;
+        the loop then swaps it in as ``OUT/best``)."""
+
+    def after_evaluation(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
+        """Called after each evaluation was logged (``improved``: a new best)."""
 
     def save_checkpoint(self, run: Run, folder: Path) -> None:
         """Extra files of a checkpoint (main process), e.g. EMA weights or the LoRA file."""
@@ -410,36 +416,47 @@ def _log_window(run: Run, lr: float, grad_norm: float | None) -> None:
 
 
 def _evaluate(recipe: Recipe, run: Run) -> str:
-    """Evaluate, log, track the best score; returns a stop reason or ''."""
+    """Evaluate, log, keep the best score; returns a stop reason or ''.
+
+    The loop state keeps ``best`` (score), ``best_step`` and ``bad_evals`` (evaluations
+    after step 0 that did not improve, eligible or not), the schema treat's checkpoints
+    have always had. A recipe's stop reason wins over patience."""
     s, state = run.settings, run.state
     ev = _guarded(run, "while evaluating at step", lambda: recipe.evaluate(run))
     if ev is None:
         return ""
+    step = state["step"]
+    improved = False
+    if ev.score is not None:
+        best = state.get("best")
+        improved = (
+            ev.eligible
+            and math.isfinite(ev.score)
+            and (best is None or (ev.score > best if s.higher_is_better else ev.score < best))
+        )
+        if improved:
+            state["best"], state["best_step"], state["bad_evals"] = float(ev.score), step, 0
+        elif step > 0:
+            state["bad_evals"] = state.get("bad_evals", 0) + 1
+        if ev.record is not None:
+            ev.record["best"] = improved
+    if improved:
+        _save_best(recipe, run, ev)
     if ev.record is not None:
         run.record(ev.record)
     run.eval_summary = ev.summary
-    if ev.score is not None and ev.eligible and math.isfinite(ev.score):
-        best = state.get("best")
-        better = (
-            best is None
-            or (s.higher_is_better and ev.score > best["score"])
-            or (not s.higher_is_better and ev.score < best["score"])
+    recipe.after_evaluation(run, ev, improved)
+    if ev.stop:
+        return ev.stop
+    if s.patience is not None and state.get("bad_evals", 0) >= s.patience:
+        return (
+            f"{s.score_name} did not improve in {s.patience} evaluations "
+            f"(best {state['best']:.5g} at step {state['best_step']})"
         )
-        if better:
-            state["best"] = {"score": float(ev.score), "step": state["step"]}
-            state["since_best"] = 0
-            _save_best(recipe, run)
-        else:
-            state["since_best"] = state.get("since_best", 0) + 1
-            if s.patience is not None and state["since_best"] >= s.patience:
-                return (
-                    f"no better score in {s.patience} evaluation(s) since step "
-                    f"{best['step']} (patience {s.patience})"
-                )
-    return ev.stop or ""
+    return ""
 
 
-def _save_best(recipe: Recipe, run: Run) -> None:
+def _save_best(recipe: Recipe, run: Run, ev: Evaluation) -> None:
     import shutil
 
     run.acc.wait_for_everyone()
@@ -447,7 +464,7 @@ def _save_best(recipe: Recipe, run: Run) -> None:
         tmp = run.out / ".best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        recipe.save_best(run, tmp)
+        recipe.save_best(run, tmp, ev)
         swap_in(tmp, run.out / "best")
     run.acc.wait_for_everyone()
 

@@ -10,7 +10,10 @@ from typing import Any
 
 from dd.runtime.io import Journal, atomic_write_text
 
-__all__ = ["Curve", "open_metrics", "plot_curves"]
+__all__ = ["TIMING_FIELDS", "Curve", "open_metrics", "plot_curves"]
+
+#: ``metrics.jsonl`` fields that differ between runs with identical results.
+TIMING_FIELDS = frozenset({"step_time_s", "eval_time_s"})
 
 
 def open_metrics(out: Path, step: int, *, fresh: bool) -> Journal:
