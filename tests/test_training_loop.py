@@ -25,7 +25,8 @@ class Toy(Recipe):
 
     log_keys = ("loss", "aux")
 
-    def __init__(self, batch=4, scores=None, nan_at=None, crash_at=None, lr=0.05):
+    def __init__(self, batch=4, scores=None, nan_at=None, crash_at=None, lr=0.05, aux_every=1):
+        self.aux_every = aux_every
         self.batch, self.scores, self.nan_at, self.crash_at, self.lr = (
             batch, scores, nan_at, crash_at, lr,
         )  # fmt: skip
@@ -57,7 +58,10 @@ class Toy(Recipe):
         loss = (run.wrapped(x).squeeze(1) - y).pow(2).mean()
         if self.nan_at == step:
             loss = loss * float("nan")
-        return StepLoss(loss, {"loss": loss, "aux": loss.detach() * 2})
+        logged = {"loss": loss}
+        if step % self.aux_every == 0:  # a value some steps have (treat's reg loss)
+            logged["aux"] = torch.tensor(float(step))
+        return StepLoss(loss, logged)
 
     def end_step(self, run):
         run.state["position"] += self.batch * run.settings.grad_accum
@@ -139,8 +143,26 @@ def test_lr_logged_is_the_lr_the_step_used(tmp_path):
     lrs = [r["lr"] for r in lines(tmp_path / "a") if r["type"] == "train"]
     assert lrs[:5] == pytest.approx([0.05 * f for f in (0.25, 0.5, 0.75, 1.0, 1.0)])
     train = [r for r in lines(tmp_path / "a") if r["type"] == "train"]
-    assert all(r["aux"] == pytest.approx(2 * r["loss"]) for r in train)
     assert all(r["grad_norm"] is None for r in train)  # no clipping asked
+    assert lines(tmp_path / "a")[-1] == {
+        "type": "stop",
+        "step": 8,
+        "reason": "reached --train-steps 8",
+    }
+
+
+def test_a_value_some_steps_lack_is_averaged_over_the_steps_that_have_it(tmp_path):
+    go(tmp_path / "a", Toy(aux_every=3), log_every=4)
+    train = [r for r in lines(tmp_path / "a") if r["type"] == "train"]
+    assert [(r["step"], r["aux"]) for r in train] == [(4, 3.0), (8, 6.0)]
+    go(tmp_path / "b", Toy(aux_every=5), log_every=4)
+    assert [r["aux"] for r in lines(tmp_path / "b") if r["type"] == "train"] == [None, 5.0]
+
+
+def test_keep_checkpoints_prunes_the_oldest_step_folders(tmp_path):
+    go(tmp_path / "a", train_steps=9, save_every=2, keep_step_checkpoints=True, keep_checkpoints=2)
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert kept == ["last", "step-6", "step-8"]
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path):
@@ -158,7 +180,7 @@ def test_best_and_patience(tmp_path):
     scores = {0: 0.1, 2: 5.0, 4: 1.0, 6: 2.0, 8: 3.0}
     res = go(tmp_path / "a", Toy(scores=scores), eval_every=2, patience=2, train_steps=20)
     assert res.step == 8 and res.stop_reason == (
-        "the evaluation score did not improve in 2 evaluations (best 1 at step 4)"
+        "the evaluation score did not improve in 2 evaluations (best 1.00000 at step 4)"
     )
     assert (res.state["best"], res.state["best_step"]) == (1.0, 4)  # step 0: not eligible
     assert [r["best"] for r in lines(tmp_path / "a") if r["type"] == "eval"] == [

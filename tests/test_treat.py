@@ -713,12 +713,14 @@ def test_default_detector_treats_with_a_note(tiny_flux, prompt_files, tmp_path):
 
     from rich.console import Console
 
+    from dd.runtime.progress import ConsoleReporter
+
     cfg = base_config(
         tiny_flux, Path("unused"), prompt_files, tmp_path / "run", train_steps=1, eval_seeds=[0]
     )
     cfg.detector_weights, cfg.detector_options = None, {}
     buf = StringIO()
-    result = treat(cfg, console=Console(file=buf, width=200))
+    result = treat(cfg, reporter=ConsoleReporter(Console(file=buf, width=200)))
     text = buf.getvalue()
     assert "embedded default detector" in text and "ad_pytorch_model.bin" in text
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file(), result

@@ -7,6 +7,7 @@ from rich.console import Console
 
 from dd.cli import options as opt
 from dd.engines.treat import TreatConfig
+from dd.runtime.progress import ConsoleReporter
 
 
 def _treat(ctx: typer.Context, values: dict, config: str | None) -> None:
@@ -18,7 +19,7 @@ def _treat(ctx: typer.Context, values: dict, config: str | None) -> None:
     err = Console(stderr=True)
     if source is not None:
         err.print(f"preset {source}", highlight=False)
-    result = run(cfg, console=err)
+    result = run(cfg, reporter=ConsoleReporter(err))
     if not result.main:
         return
     console = Console()

@@ -55,10 +55,8 @@ step's position, a resumed run gives the same weights and metrics as an uninterr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,22 +81,19 @@ from dd.quantize import (
 from dd.report.grid import image_grid, to_uint8
 from dd.runtime.checkpoint import (
     LORA_FILE,
-    load_lora_checkpoint,
-    load_optimizer_state,
     prepare_run_folder,
-    save_lora_checkpoint,
     save_lora_file,
     save_run_config,
-    swap_in,
 )
 from dd.runtime.config import check_settings, setting
 from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
-from dd.runtime.io import Journal, absolutize, atomic_write_json, atomic_write_text
-from dd.runtime.progress import progress_bar
-from dd.runtime.tracking import REPORT_TO_HELP, RunTracker, check_report_to
+from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text
+from dd.runtime.progress import QUIET, Reporter, as_reporter
+from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
 from dd.training.draws import noise_seed
+from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import TIMING_FIELDS  # noqa: F401 - re-exported
-from dd.training.schedule import lr_schedule
+from dd.training.outputs import plot_curves as write_curves
 from dd.training.setup import PRECISIONS, RESUMABLE
 
 __all__ = [
@@ -395,8 +390,14 @@ class TreatObjective(torch.nn.Module):
 # ------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------
-class _Treater:
-    def __init__(self, cfg: TreatConfig, console: Any | None):
+class _Treater(Recipe):
+    """The recipe of ``dd treat`` for :func:`dd.training.loop.fit`: the backbone with its
+    LoRA, the frozen detector, the prompts and the treat objective; evaluation is
+    :class:`_TreatEvaluator`'s."""
+
+    log_keys = ("loss", "reg_loss")
+
+    def __init__(self, cfg: TreatConfig, reporter: Reporter | None):
         # a copy (filled in with the backbone's defaults below), inputs by absolute path
         self.cfg = absolutize(cfg)
         self._check_config()
@@ -404,17 +405,16 @@ class _Treater:
 
         assert cfg.out is not None
         self.out = Path(cfg.out)
-        self.ckpt_dir = self.out / "checkpoints"
         self.acc = self._accelerator()
         # unknown names and missing weights fail here, before the diffusion model loads
         self.guard = load_quality_guard(
             self.cfg.quality, device=str(self.acc.device), weights=self.cfg.quality_weights
         )
         self.main = self.acc.is_main_process
-        self.console = console if self.main else None
+        self.reporter = as_reporter(reporter) if self.main else QUIET
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self._evals: list[dict[str, Any]] = []  # eval records of this run, step 0 first
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._reg_now = False
 
     # -- setup --------------------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -477,30 +477,22 @@ class _Treater:
         hint = "check --dtype and the accelerate config (accelerate env)"
         return make_accelerator(c.device, PRECISIONS[c.dtype], c.grad_accum, hint=hint)
 
-    def log(self, renderable: Any) -> None:
-        if self.console is not None:
-            self.console.print(renderable, highlight=False)
-
-    def _prepare_out(self) -> Path | None:
-        """The checkpoint to resume from (None: a new run); refuses to overwrite a run."""
-        files = ("checkpoints", "metrics.jsonl", LORA_FILE)
-        return prepare_run_folder(
-            self.out, self.cfg.resume, "treat", files, log=self.log, overwrite=self.cfg.overwrite
-        )
+    def log(self, text: str) -> None:
+        self.reporter.message(text)
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> TreatResult:
-        from accelerate.utils import set_seed
-        from diffusers.training_utils import cast_training_params
-
         from dd.plugins import load_backbone, load_detector
         from dd.runtime.device import resolve_dtype
 
         cfg, acc = self.cfg, self.acc
-        last = self._prepare_out()
-        prompts = read_prompts(cfg.prompts)  # type: ignore[arg-type]
-        eval_prompts = read_prompts(cfg.eval_prompts)  # type: ignore[arg-type]
-        reg_pairs = read_reg_data(cfg.reg_data) if cfg.reg_data else []
+        files = ("checkpoints", "metrics.jsonl", LORA_FILE)
+        self.last = prepare_run_folder(
+            self.out, cfg.resume, "treat", files, log=self.log, overwrite=cfg.overwrite
+        )
+        self.prompts = read_prompts(cfg.prompts)  # type: ignore[arg-type]
+        self.eval_prompts = read_prompts(cfg.eval_prompts)  # type: ignore[arg-type]
+        self.reg_pairs = read_reg_data(cfg.reg_data) if cfg.reg_data else []
 
         # models
         dtype = resolve_dtype(cfg.dtype)
@@ -552,8 +544,55 @@ class _Treater:
             if cfg.grad_steps_random
             else None
         )
-        # LoRA (its gaussian init draws from the seeded global generators)
-        set_seed(cfg.seed)
+        self.bb, self.det = bb, det
+        self.evaluator = _TreatEvaluator(self)
+        result = fit(self, self._settings(), self.out, self.reporter, resume_from=self.last)
+        return result.output
+
+    def _settings(self) -> LoopSettings:
+        c = self.cfg
+        return LoopSettings(
+            train_steps=c.train_steps,
+            seed=c.seed,
+            grad_accum=c.grad_accum,
+            clip_grad=c.clip_grad,
+            lr_schedule=c.lr_schedule,
+            warmup_steps=c.warmup_steps,
+            log_every=c.log_every,
+            eval_every=c.eval_every,
+            save_every=c.save_every,
+            keep_step_checkpoints=True,
+            keep_checkpoints=c.keep_checkpoints,
+            stop_at=c.stop_at,
+            patience=c.patience,
+            score_name="eval mean confidence",
+            report_to=c.report_to,
+            run_name="dd-treat",
+            title="treat",
+            oom_hint=OOM_HINT,
+            oom_detail=f" ({c.resolution}px, batch {c.batch_size}, "
+            f"K={c.grad_steps_random or c.grad_steps})",
+            eval_oom_hint="lower --eval-batch-size (e.g. 1), or " + OOM_HINT.split(": ", 1)[1],
+            eval_oom_detail=f" ({c.resolution}px, {c.eval_batch_size} images per batch)",
+            nonfinite_hint="lower --lr, use --dtype fp32 or bf16, or keep --clip-grad on",
+        )
+
+    def initial_state(self) -> dict[str, Any]:
+        return {
+            "position": 0,
+            "reg_position": 0,
+            "evaluated": [],
+            "best": None,
+            "best_step": None,
+            "bad_evals": 0,
+        }
+
+    def setup(self, run: Run) -> Setup:
+        """The LoRA (its gaussian init draws from the generators ``fit`` seeded), the
+        resolved config, the objective and the optimizer."""
+        from diffusers.training_utils import cast_training_params
+
+        cfg, bb = self.cfg, self.bb
         if cfg.init_lora:
             bb.load_lora(cfg.init_lora, trainable=True)
             self._adopt_lora_shape(bb)
@@ -565,19 +604,17 @@ class _Treater:
             self.out,
             cfg.resolved(),
             "treat",
-            resuming=last is not None,
+            resuming=self.last is not None,
             resumable=RESUMABLE_CHANGES,
             main=self.main,
         )
-        acc.wait_for_everyone()
+        self.acc.wait_for_everyone()
         cast_training_params(bb.denoiser, dtype=torch.float32)
         params = [p for p in bb.denoiser.parameters() if p.requires_grad]
-        self.param_names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
-        n_params = sum(p.numel() for p in params)
-
+        names = [n for n, p in bb.denoiser.named_parameters() if p.requires_grad]
         objective = TreatObjective(
             bb,
-            det,
+            self.det,
             height=cfg.resolution,
             width=cfg.resolution,
             steps=cfg.steps,
@@ -589,90 +626,36 @@ class _Treater:
         )
         objective.eval()  # no dropout: the step is a pure function of its seeds
         optimizer = make_optimizer(cfg.optimizer, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_schedule(cfg.lr_schedule, cfg.train_steps, cfg.warmup_steps)
-        )
-        state: dict[str, Any] = {
-            "step": 0,
-            "position": 0,
-            "reg_position": 0,
-            "evaluated": [],
-            "best": None,
-            "best_step": None,
-            "bad_evals": 0,
-            # since the last log line: confidence sum, reg sum, steps, reg steps, seconds
-            "window": [0.0, 0.0, 0, 0, 0.0],
-        }
-        if last is not None:
-            state = self._load_checkpoint(last, params, scheduler, state)
-        wrapped, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
-        if last is not None:
-            load_optimizer_state(last, optimizer, acc)
-
-        self.bb, self.det, self.params, self.wrapped = bb, det, params, wrapped
-        self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
-        self.prompts, self.eval_prompts, self.reg_pairs = prompts, eval_prompts, reg_pairs
-        self.eval_items = [(i, s) for i in range(len(eval_prompts)) for s in cfg.eval_seeds]
-        self.base_images: np.ndarray | None = None
-        self.journal = self._open_journal(state["step"], fresh=last is None) if self.main else None
-        self.tracker = RunTracker(
-            cfg.report_to, self.out, "dd-treat", step=state["step"], main=self.main
-        )
-        if self.journal is not None:
-            self.journal.on_append = self.tracker.record
         self.log(
-            f"treating {cfg.backbone} with a LoRA of {n_params:,} parameters on "
-            f"{len(prompts)} prompts; {self.world} process(es), batch {cfg.batch_size} x "
-            f"{self.world} x {cfg.grad_accum} accumulation, {cfg.resolution}px, "
-            f"{cfg.steps} steps, K={cfg.grad_steps_random or cfg.grad_steps}, "
-            f"{cfg.reduction} loss"
-            + (f", {len(reg_pairs)} regularisation pairs" if reg_pairs else "")
+            f"treating {cfg.backbone} with a LoRA of {sum(p.numel() for p in params):,} "
+            f"parameters on {len(self.prompts)} prompts; {self.world} process(es), batch "
+            f"{cfg.batch_size} x {self.world} x {cfg.grad_accum} accumulation, "
+            f"{cfg.resolution}px, {cfg.steps} steps, "
+            f"K={cfg.grad_steps_random or cfg.grad_steps}, {cfg.reduction} loss"
+            + (f", {len(self.reg_pairs)} regularisation pairs" if self.reg_pairs else "")
         )
-        try:
-            stop_reason = self._loop()
-            result = self._finish(stop_reason)
-        finally:
-            if self.journal is not None:
-                self.journal.close()
-            self.tracker.close()
-        acc.wait_for_everyone()
-        return result
-
-    def _open_journal(self, step: int, fresh: bool) -> Journal:
-        path = self.out / "metrics.jsonl"
-        journal = Journal(path, fresh=fresh)
-        # Keep what the checkpoint's step had logged; "stop" lines end an earlier session.
-        keep = [r for r in journal.records if r.get("step", 0) <= step and r.get("type") != "stop"]
-        if len(keep) != len(journal.records):
-            journal.close()
-            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
-            journal = Journal(path)
-        return journal
-
-    def _load_checkpoint(
-        self, last: Path, params: list[torch.nn.Parameter], scheduler: Any, state: dict
-    ) -> dict[str, Any]:
-        trainer = load_lora_checkpoint(last, self.world, self.param_names, params, scheduler)
-        self.log(f"resuming {self.out} at step {trainer['state']['step']}")
-        return {**state, **trainer["state"]}
+        return Setup(objective, names, params, optimizer)
 
     # -- data ---------------------------------------------------------------------------------
-    def _perm(self, n: int, epoch: int, stream: int) -> np.ndarray:
-        return np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, stream, epoch]).permutation(n)
-
     def _at(self, index: int, n: int, stream: int) -> int:
         """Item of global draw ``index`` in a seeded per-epoch permutation of ``n`` items."""
         epoch, j = divmod(index, n)
-        cache = self._perms
         key = (stream, epoch)
-        if key not in cache:
-            if len(cache) > 8:
-                cache.clear()
-            cache[key] = self._perm(n, epoch, stream)
-        return int(cache[key][j])
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            rng = np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, stream, epoch])
+            self._perms[key] = rng.permutation(n)
+        return int(self._perms[key][j])
 
-    def _micro_batch(self, micro: int, reg: bool) -> dict[str, Any]:
-        cfg, st = self.cfg, self.state
+    def before_step(self, run: Run) -> None:
+        cfg = self.cfg
+        self._reg_now = (
+            bool(self.reg_pairs) and cfg.reg_weight > 0 and run.state["step"] % cfg.reg_every == 0
+        )
+
+    def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
+        cfg, st = self.cfg, run.state
         bs = cfg.batch_size
         first = st["position"] + (micro * self.world + self.rank) * bs
         draws = range(first, first + bs)
@@ -684,7 +667,7 @@ class _Treater:
             lo, hi = self.k_range
             ks = [lo + noise_seed(cfg.seed, 3, i) % (hi - lo + 1) for i in draws]
         batch: dict[str, Any] = {"prompts": prompts, "seeds": seeds, "grad_steps": ks}
-        if reg:
+        if self._reg_now:
             rbs = cfg.reg_batch_size or bs
             rfirst = st["reg_position"] + (micro * self.world + self.rank) * rbs
             picks = [
@@ -698,370 +681,68 @@ class _Treater:
             batch["reg_seed"] = noise_seed(cfg.seed, 5, rfirst)
         return batch
 
-    # -- the loop -----------------------------------------------------------------------------
-    def _loop(self) -> str:
-        cfg, st = self.cfg, self.state
-        stop_at = min(cfg.train_steps, cfg.stop_at or cfg.train_steps)
-        if 0 not in st["evaluated"]:
-            self._guarded_evaluate()  # the untreated model
-        elif self.base_images is None:
-            self._load_base_images()
-        progress = progress_bar(
-            "treat", "loss {task.fields[loss]}", "eval {task.fields[eval]}", console=self.console
-        )
-        reason = ""
-        with progress if progress is not None else contextlib.nullcontext():
-            task = None
-            if progress is not None:
-                task = progress.add_task(
-                    "treat",
-                    total=cfg.train_steps,
-                    completed=st["step"],
-                    loss="",
-                    eval=self._eval_text(),
-                )
-            while st["step"] < stop_at:
-                t0 = time.perf_counter()
-                conf, reg, grad_norm, lr = self._guarded_train_step()
-                st["step"] += 1
-                w = st["window"]
-                w[0], w[2], w[4] = w[0] + conf, w[2] + 1, w[4] + time.perf_counter() - t0
-                if math.isfinite(reg):
-                    w[1], w[3] = w[1] + reg, w[3] + 1
-                step = st["step"]
-                if progress is not None:
-                    progress.update(task, completed=step, loss=f"{conf:.4f}")
-                if step % cfg.log_every == 0 or step == stop_at:
-                    self._log_train(grad_norm, lr)
-                if step % cfg.eval_every == 0 or step == cfg.train_steps:
-                    reason = self._guarded_evaluate()
-                    if progress is not None:
-                        progress.update(task, eval=self._eval_text())
-                if not reason and step == cfg.train_steps:
-                    reason = f"reached --train-steps {cfg.train_steps}"
-                elif not reason and step == stop_at:
-                    reason = f"stopped at --stop-at {stop_at} (continue with --resume)"
-                if step % cfg.save_every == 0 or reason:
-                    self._save_checkpoint(keep_step=step % cfg.save_every == 0)
-                if reason:
-                    break
-        if not reason:  # resumed at or after the end
-            reason = (
-                f"reached --train-steps {cfg.train_steps}"
-                if st["step"] >= cfg.train_steps
-                else (f"stopped at --stop-at {stop_at} (continue with --resume)")
-            )
-        if self.journal is not None:
-            self.journal.append({"type": "stop", "step": st["step"], "reason": reason})
-        self.log(f"stopped at step {st['step']}: {reason}")
-        return reason
+    def loss(self, run: Run, batch: dict[str, Any]) -> StepLoss:
+        out = run.wrapped(**batch)
+        logged = {"loss": out["confidence"]}
+        if self._reg_now:
+            logged["reg_loss"] = out["reg"]
+        return StepLoss(out["loss"], logged)
 
-    def _eval_text(self) -> str:
-        recs = self._evals
-        if not recs:
-            return ""
-        r, base = recs[-1], recs[0]
-        return f"mean {r['mean']:.4f} (base {base['mean']:.4f}) drift {r['drift']:.3f}"
-
-    def _guarded_train_step(self) -> tuple[float, float, float | None, float]:
-        try:
-            return self._train_step()
-        except torch.cuda.OutOfMemoryError:
-            raise DDError(
-                f"out of GPU memory at step {self.state['step'] + 1} "
-                f"({self.cfg.resolution}px, batch {self.cfg.batch_size}, "
-                f"K={self.cfg.grad_steps_random or self.cfg.grad_steps})",
-                hint=OOM_HINT,
-            ) from None
-
-    def _guarded_evaluate(self) -> str:
-        try:
-            return self._evaluate()
-        except torch.cuda.OutOfMemoryError:
-            raise DDError(
-                f"out of GPU memory evaluating at step {self.state['step']} "
-                f"({self.cfg.resolution}px, {self.cfg.eval_batch_size} images per batch)",
-                hint="lower --eval-batch-size (e.g. 1), or " + OOM_HINT.split(": ", 1)[1],
-            ) from None
-
-    def _train_step(self) -> tuple[float, float, float | None, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean confidence
-        loss and regularisation loss over all processes, the gradient norm and the learning
-        rate of the step."""
-        cfg, acc, st = self.cfg, self.acc, self.state
-        lr = float(self.scheduler.get_last_lr()[0])
-        reg = bool(self.reg_pairs) and cfg.reg_weight > 0 and st["step"] % cfg.reg_every == 0
-        conf_sum = torch.zeros((), device=acc.device)
-        reg_sum = torch.zeros((), device=acc.device)
-        grad_norm = None
-        for micro in range(cfg.grad_accum):
-            batch = self._micro_batch(micro, reg)
-            with acc.accumulate(self.wrapped):
-                out = self.wrapped(**batch)
-                acc.backward(out["loss"])
-                if acc.sync_gradients and cfg.clip_grad > 0:
-                    grad_norm = float(acc.clip_grad_norm_(self.params, cfg.clip_grad))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            conf_sum += out["confidence"] / cfg.grad_accum
-            if reg:
-                reg_sum += out["reg"] / cfg.grad_accum
-        self.scheduler.step()
-        per = cfg.batch_size * self.world * cfg.grad_accum
-        st["position"] += per
-        if reg:
+    def end_step(self, run: Run) -> None:
+        cfg, st = self.cfg, run.state
+        st["position"] += cfg.batch_size * self.world * cfg.grad_accum
+        if self._reg_now:
             st["reg_position"] += (
                 (cfg.reg_batch_size or cfg.batch_size) * self.world * cfg.grad_accum
             )
-        conf = float(acc.reduce(conf_sum, reduction="mean"))
-        regv = float(acc.reduce(reg_sum, reduction="mean")) if reg else float("nan")
-        if not math.isfinite(conf):
-            raise DDError(
-                f"the loss became {conf} at step {st['step'] + 1}",
-                hint="lower --lr, use --dtype fp32 or bf16, or keep --clip-grad on",
-            )
-        return conf, regv, grad_norm, lr
 
-    def _log_train(self, grad_norm: float | None, lr: float) -> None:
-        st = self.state
-        conf, reg, n, n_reg, seconds = st["window"]
-        st["window"] = [0.0, 0.0, 0, 0, 0.0]
-        if n == 0:
-            return
-        rec = {
-            "type": "train",
-            "step": st["step"],
-            "loss": conf / n,
-            "reg_loss": reg / n_reg if n_reg else None,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "step_time_s": seconds / n,
-        }
-        if self.journal is not None:
-            self.journal.append(rec)  # and to the tracker
+    # -- evaluation, best/ and checkpoints ----------------------------------------------------
+    def start(self, run: Run) -> None:
+        if run.state["step"] > 0:  # resumed: the untreated model's images are on disk
+            self.evaluator.load_base_images(run)
+            run.eval_summary = self.evaluator.summary()
 
-    # -- evaluation ---------------------------------------------------------------------------
-    def _evaluate(self) -> str:
-        """Score the eval prompts at the eval seeds (all processes); returns a stop reason
-        (empty: go on). Every process computes the same decision from gathered results."""
-        from accelerate.utils import gather_object
+    def evaluate(self, run: Run) -> Evaluation:
+        return self.evaluator.evaluate(run)
 
-        from dd.scores import map_scores
+    def after_evaluation(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
+        self.evaluator.report(run, evaluation, improved)
 
-        cfg, st, bb = self.cfg, self.state, self.bb
-        t0 = time.perf_counter()
-        mine = list(range(self.rank, len(self.eval_items), self.world))
-        prompts = [self.eval_prompts[self.eval_items[i][0]] for i in mine]
-        seeds = [self.eval_items[i][1] for i in mine]
-        results: list[tuple[int, dict[str, Any], np.ndarray]] = []
-        with self.acc.autocast():
-            for start, images in generate_batches(
-                bb,
-                prompts,
-                seeds,
-                height=cfg.resolution,  # type: ignore[arg-type]
-                width=cfg.resolution,  # type: ignore[arg-type]
-                steps=cfg.steps,
-                guidance=cfg.guidance,
-                batch_size=cfg.eval_batch_size,
-            ):
-                with torch.no_grad():
-                    probs = self.det(images).float().cpu().numpy()
-                u8 = to_uint8(images)
-                for j in range(images.shape[0]):
-                    s = map_scores(probs[j, 0], weighted_threshold=cfg.weighted_threshold)
-                    keep = {k: s[k] for k in ("mean", "max", "weighted", "artifact_ratio")}
-                    results.append((mine[start + j], keep, u8[j]))
-        gathered = sorted(gather_object(results), key=lambda r: r[0])
-        scores = [r[1] for r in gathered]
-        images_u8 = np.stack([r[2] for r in gathered])
-        step = st["step"]
-        if step == 0:
-            self.base_images = images_u8
-            if self.main:
-                from PIL import Image
-
-                from dd.runtime.io import save_image_atomic
-
-                for i, img in enumerate(images_u8):
-                    save_image_atomic(
-                        Image.fromarray(img), self.out / "eval" / "base" / f"{i:04d}.png"
-                    )
-        assert self.base_images is not None
-        diff = np.abs(images_u8.astype(np.float32) - self.base_images.astype(np.float32)) / 255
-        drift = float(diff.mean())
-        mse = (diff**2).reshape(len(diff), -1).mean(1)
-        psnr = float(
-            np.mean([100.0 if m == 0 else min(100.0, 10 * math.log10(1 / m)) for m in mse])
+    def save_best(self, run: Run, folder: Path, evaluation: Evaluation) -> None:
+        rec = evaluation.record or {}
+        save_lora_file(self.bb, folder)
+        skip = ("images", "best", "eval_time_s")
+        atomic_write_json(
+            folder / "best.json",
+            {"step": rec["step"], "metric": "mean"}
+            | {k: v for k, v in rec.items() if k not in skip},
         )
-        rec: dict[str, Any] = {
-            "type": "eval",
-            "step": step,
-            "mean": float(np.mean([s["mean"] for s in scores])),
-            "max": float(np.mean([s["max"] for s in scores])),
-            "weighted": float(np.mean([s["weighted"] for s in scores])),
-            "artifact_ratio": float(np.mean([s["artifact_ratio"] for s in scores])),
-            "drift": drift,
-            "psnr": psnr,
-            "images": [
-                {"prompt": self.eval_items[i][0], "seed": self.eval_items[i][1]}
-                | {k: round(v, 6) for k, v in s.items()}
-                for i, s in enumerate(scores)
-            ],
-        }
-        reason = ""
-        drift_ok = cfg.max_drift is None or drift <= cfg.max_drift
-        rejected = [] if drift_ok else [f"drift {drift:.4g} above --max-drift {cfg.max_drift}"]
-        if self.guard is not None:
-            eval_prompts = [self.eval_prompts[p] for p, _ in self.eval_items]
-            rec["quality"] = self.guard.measure(images_u8, self.base_images, eval_prompts)
-            if step == 0 or "base_quality" not in st:
-                base_u8 = self.base_images
-                st["base_quality"] = self.guard.measure(base_u8, base_u8, eval_prompts)
-            rec["base_quality"] = dict(st["base_quality"])
-            rejected += self.guard.check(rec["quality"], rec["base_quality"])
-            st["bad_quality"] = st.get("bad_quality", 0) + 1 if rejected else 0
-        if rejected:
-            rec["rejected"] = rejected
-        improved = not rejected and (st["best"] is None or rec["mean"] < st["best"])
-        if improved:
-            st["best"], st["best_step"], st["bad_evals"] = rec["mean"], step, 0
-            self._save_best(rec)
-        elif step > 0:
-            st["bad_evals"] += 1
-        rec["best"] = improved
-        rec["eval_time_s"] = time.perf_counter() - t0
-        st["evaluated"] = sorted(set(st["evaluated"]) | {step})
-        self._evals.append(rec)
-        if not drift_ok:
-            reason = (
-                f"drift guard: eval images moved {drift:.4f} from the untreated model's "
-                f"(--max-drift {cfg.max_drift}); collapse suspected"
-            )
-        elif self.guard is not None and st.get("bad_quality", 0) >= (cfg.patience or 1):
-            reason = (
-                f"quality guard: {st['bad_quality']} eval(s) in a row out of tolerance "
-                f"({'; '.join(rejected)}); collapse suspected"
-            )
-        elif cfg.patience is not None and st["bad_evals"] >= cfg.patience:
-            reason = (
-                f"eval mean confidence did not improve in {cfg.patience} evaluations "
-                f"(best {st['best']:.5f} at step {st['best_step']})"
-            )
-        if self.main:
-            assert self.journal is not None
-            self.journal.append(rec)  # and to the tracker
-            self._write_grid(step, images_u8, scores)
-        quality = "".join(f" {k} {v:.4g}" for k, v in rec.get("quality", {}).items())
-        self.log(
-            f"step {step}: eval mean {rec['mean']:.5f} max {rec['max']:.5f} drift {drift:.4f}"
-            + quality
-            + (" (best)" if improved else f" (best {st['best_step']})")
-            + (f" [rejected: {'; '.join(rejected)}]" if rejected else "")
-        )
-        return reason
 
-    def _load_base_images(self) -> None:
-        from dd.data.images import load_image
-
-        folder = self.out / "eval" / "base"
-        paths = [folder / f"{i:04d}.png" for i in range(len(self.eval_items))]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise DDError(
-                f"cannot resume: the untreated model's eval image {missing[0]} is missing",
-                hint="start a new run (--out elsewhere)",
-            )
-        self.base_images = np.stack([load_image(p) for p in paths])
-        base = [r for r in self.journal.records if r.get("type") == "eval"] if self.journal else []
-        self._evals = base
-
-    def _write_grid(self, step: int, images: np.ndarray, scores: list[dict[str, Any]]) -> None:
-        from dd.runtime.io import save_image_atomic
-
-        assert self.base_images is not None
-        base_scores = self._evals[0]["images"] if step and self._evals else None
-        rows, titles = [], []
-        for i, (pi, seed) in enumerate(self.eval_items):
-            s = scores[i]
-            cap = f"mean {s['mean']:.3f} max {s['max']:.3f}"
-            if step == 0:
-                rows.append([(images[i], cap)])
-            else:
-                b = base_scores[i] if base_scores else None
-                bcap = f"mean {b['mean']:.3f} max {b['max']:.3f}" if b else ""
-                rows.append([(self.base_images[i], bcap), (images[i], cap)])
-            titles.append(f"{pi}: {self.eval_prompts[pi]} (seed {seed})")
-        cols = ["untreated"] if step == 0 else ["untreated", f"step {step}"]
-        grid = image_grid(rows, row_titles=titles, col_titles=cols)
-        save_image_atomic(grid, self.out / "eval" / f"step-{step:06d}.png")
-        self.tracker.image("eval/grid", np.asarray(grid.convert("RGB")), step)
-
-    def _save_best(self, rec: dict[str, Any]) -> None:
-        self.acc.wait_for_everyone()
-        if self.main:
-            tmp = self.out / ".best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_lora_file(self.bb, tmp)
-            atomic_write_json(
-                tmp / "best.json",
-                {"step": rec["step"], "metric": "mean"}
-                | {k: v for k, v in rec.items() if k != "images"},
-            )
-            swap_in(tmp, self.out / "best")
-        self.acc.wait_for_everyone()
-
-    # -- checkpoints --------------------------------------------------------------------------
-    def _save_checkpoint(self, keep_step: bool) -> None:
-        save_lora_checkpoint(
-            self.acc,
-            self.ckpt_dir,
-            self.state,
-            self.bb,
-            self.param_names,
-            self.params,
-            self.optimizer,
-            self.scheduler,
-            keep_step=keep_step,
-        )
-        if keep_step and self.main:
-            self._prune_checkpoints()
-
-    def _prune_checkpoints(self) -> None:
-        keep = self.cfg.keep_checkpoints
-        if keep is None:
-            return
-        steps = sorted(
-            int(p.name.split("-", 1)[1])
-            for p in self.ckpt_dir.glob("step-*")
-            if p.is_dir() and p.name.split("-", 1)[1].isdigit()
-        )
-        for s in steps[:-keep]:
-            shutil.rmtree(self.ckpt_dir / f"step-{s}", ignore_errors=True)
+    def save_checkpoint(self, run: Run, folder: Path) -> None:
+        save_lora_file(self.bb, folder)
 
     # -- outputs ------------------------------------------------------------------------------
-    def _finish(self, stop_reason: str) -> TreatResult:
-        st, acc = self.state, self.acc
-        acc.wait_for_everyone()
-        evals = list(self._evals)
+    def finish(self, run: Run, reason: str) -> TreatResult:
+        st = run.state
+        evals = list(self.evaluator.evals)
         best = None
         best_json = self.out / "best" / "best.json"
         if best_json.is_file():
             best = json.loads(best_json.read_text())
         if self.main:
             save_lora_file(self.bb, self.out)
-            records = list(self.journal.records) if self.journal is not None else []
-            plot_curves(records, self.out / "curves.png")
-            atomic_write_text(self.out / "README.md", self._model_card(evals, best, stop_reason))
+            plot_curves(run.records, self.out / "curves.png")
+            card = _model_card(self, st, evals, best, reason)
+            atomic_write_text(self.out / "README.md", card)
             self.log(
                 f"LoRA: {self.out / LORA_FILE} (step {st['step']}); best: "
                 f"{self.out / 'best'} (step {best['step'] if best else '-'})"
             )
-        acc.wait_for_everyone()
+        self.acc.wait_for_everyone()
         return TreatResult(
             out=self.out,
             step=st["step"],
-            stop_reason=stop_reason,
+            stop_reason=reason,
             base=evals[0] if evals else None,
             best=best,
             last_eval=evals[-1] if evals else None,
@@ -1083,156 +764,336 @@ class _Treater:
             self.log(f"--init-lora {cfg.init_lora} has rank {rank}: training rank {rank}")
         cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
 
-    def _best_rule(self, evals: list[dict[str, Any]], best: dict[str, Any] | None) -> list[str]:
-        """The rule that chose ``best/`` and why each rejected eval was rejected."""
-        cfg = self.cfg
-        guards = self.guard.describe() if self.guard is not None else []
-        if cfg.max_drift is not None:
-            guards.append(f"drift at most --max-drift {cfg.max_drift:g}")
-        if guards:
-            lines = [
-                "`best/` holds the eval with the lowest mean artifact confidence among the evals "
-                "whose image quality stayed within tolerance of the untreated model's at the "
-                "same prompts and seeds (collapse also lowers the confidence: DiffDoctor, "
-                "Sec. 4.2):",
-                "",
-                *[f"- {g}" for g in guards],
-            ]
-        else:
-            lines = [
-                "`best/` holds the eval with the lowest mean artifact confidence. No quality "
-                "guard was on (`--quality`, `--max-drift`): a run that collapses (smooth, "
-                "washed-out images also score low) can make its collapsed step `best/`; "
-                "look at the grids in `eval/`.",
-            ]
-        rejected = [r for r in evals if r.get("rejected")]
-        if rejected:
-            lines += ["", "Rejected evals:", ""]
-            lines += [f"- step {r['step']}: {'; '.join(r['rejected'])}" for r in rejected]
-        if best is not None:
-            lines += ["", f"Chosen: step {best['step']} (mean {best['mean']:.5f})."]
-        return lines
 
-    def _model_card(
-        self, evals: list[dict[str, Any]], best: dict[str, Any] | None, reason: str
-    ) -> str:
-        cfg, st = self.cfg, self.state
-        det = self.det.describe() if hasattr(self.det, "describe") else {"detector": cfg.detector}
-        peft_cfg = getattr(self.bb.denoiser, "peft_config", {}).get("default")
-        rank = getattr(peft_cfg, "r", cfg.lora_rank)
-        alpha = getattr(peft_cfg, "lora_alpha", cfg.lora_alpha)
-        targets = sorted(getattr(peft_cfg, "target_modules", None) or cfg.lora_targets or [])
-        lines = [
-            f"# {cfg.backbone} LoRA treated with `dd treat` (DiffDoctor pixel-aware treating)",
-            "",
-            "A LoRA tuned so that an artifact detector finds fewer artifacts in the images the "
-            "model generates (DiffDoctor, Sec. 3.3).",
-            "",
-            "## Base model and detector",
-            f"- Backbone: {cfg.backbone}, model `{cfg.model}`",
-            f"- Detector: {det.get('detector', cfg.detector)}, weights "
-            f"`{det.get('weights', cfg.detector_weights)}`",
-            "",
-            "## Treating",
-            f"- {st['step']} of {cfg.train_steps} optimizer steps; stopped: {reason}",
-            f"- LoRA rank {rank}, alpha {alpha}, targets {', '.join(map(str, targets)) or '-'}"
-            + (f", initialised from `{cfg.init_lora}`" if cfg.init_lora else "")
-            + (
-                f"; trained over a base quantised to {cfg.quantize} (the LoRA loads into the "
-                "unquantised model)"
-                if cfg.quantize != "none"
-                else ""
-            ),
-            f"- {'AdamW8bit' if cfg.optimizer == 'adamw8bit' else 'AdamW'} lr {cfg.lr:g}, "
-            f"weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} "
-            f"schedule, warmup {cfg.warmup_steps}, clip {cfg.clip_grad:g}, batch "
-            f"{cfg.batch_size} x {self.world} process(es) x {cfg.grad_accum} accumulation",
-            f"- Sampling: {cfg.resolution}x{cfg.resolution}, {cfg.steps} steps, guidance "
-            f"{cfg.guidance if cfg.guidance is not None else 'none'}; gradients through the "
-            f"last {cfg.grad_steps_random or cfg.grad_steps} step(s)",
-            f"- Loss: {cfg.loss_scale:g} x {cfg.reduction} artifact confidence"
-            + (
-                f" + {cfg.reg_weight:g} x diffusion loss on {len(self.reg_pairs)} real images "
-                f"every {cfg.reg_every} step(s)"
-                if self.reg_pairs and cfg.reg_weight > 0
-                else ""
-            ),
-            f"- dtype {cfg.dtype}, seed {cfg.seed}, {len(self.prompts)} training prompts",
-            "",
-            "## Evaluation",
-            f"{len(self.eval_prompts)} held-out prompts x seeds "
-            f"{', '.join(map(str, cfg.eval_seeds))}; "
-            "artifact confidence averaged over images (lower is better); drift = mean "
-            "|image - untreated image| in [0, 1].",
-            "",
-            "| model | step | mean | max | drift |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        rows = []
-        if evals:
-            rows.append(("untreated", evals[0]))
-        if best:
-            rows.append(("best (`best/`)", best))
-        if evals and evals[-1]["step"] > 0:
-            rows.append(("final (this folder)", evals[-1]))
-        for name, r in rows:
-            lines.append(
-                f"| {name} | {r['step']} | {r['mean']:.5f} | {r['max']:.5f} | {r['drift']:.4f} |"
+class _TreatEvaluator:
+    """Treat's evaluation: the held-out prompts at the eval seeds, generated without
+    gradient, scored by the detector (mean/max confidence, paper Table 2), compared with the
+    untreated model's images at the same seeds (drift, PSNR, the quality guard), written as
+    a before/after grid; an eval within tolerance competes for ``best/``."""
+
+    def __init__(self, treater: _Treater):
+        self.t = treater
+        cfg = treater.cfg
+        self.items = [(i, s) for i in range(len(treater.eval_prompts)) for s in cfg.eval_seeds]
+        self.base_images: np.ndarray | None = None
+        self.evals: list[dict[str, Any]] = []  # eval records of this run, step 0 first
+
+    def summary(self) -> str:
+        if not self.evals:
+            return ""
+        r, base = self.evals[-1], self.evals[0]
+        return f"mean {r['mean']:.4f} (base {base['mean']:.4f}) drift {r['drift']:.3f}"
+
+    def _generate_and_score(self) -> tuple[list[dict[str, float]], np.ndarray]:
+        """Every eval image of this process, gathered over processes in item order."""
+        from accelerate.utils import gather_object
+
+        from dd.scores import map_scores
+
+        t, cfg = self.t, self.t.cfg
+        mine = list(range(t.rank, len(self.items), t.world))
+        prompts = [t.eval_prompts[self.items[i][0]] for i in mine]
+        seeds = [self.items[i][1] for i in mine]
+        results: list[tuple[int, dict[str, Any], np.ndarray]] = []
+        with t.acc.autocast():
+            for start, images in generate_batches(
+                t.bb,
+                prompts,
+                seeds,
+                height=cfg.resolution,  # type: ignore[arg-type]
+                width=cfg.resolution,  # type: ignore[arg-type]
+                steps=cfg.steps,
+                guidance=cfg.guidance,
+                batch_size=cfg.eval_batch_size,
+            ):
+                with torch.no_grad():
+                    probs = t.det(images).float().cpu().numpy()
+                u8 = to_uint8(images)
+                for j in range(images.shape[0]):
+                    s = map_scores(probs[j, 0], weighted_threshold=cfg.weighted_threshold)
+                    keep = {k: s[k] for k in ("mean", "max", "weighted", "artifact_ratio")}
+                    results.append((mine[start + j], keep, u8[j]))
+        gathered = sorted(gather_object(results), key=lambda r: r[0])
+        return [r[1] for r in gathered], np.stack([r[2] for r in gathered])
+
+    def evaluate(self, run: Run) -> Evaluation:
+        """Score the eval prompts at the eval seeds (all processes compute the same decision
+        from gathered results); the loop keeps the best score and applies patience."""
+        t, cfg, st = self.t, self.t.cfg, run.state
+        t0 = time.perf_counter()
+        scores, images_u8 = self._generate_and_score()
+        step = st["step"]
+        if step == 0:
+            self.base_images = images_u8
+            if t.main:
+                from PIL import Image
+
+                from dd.runtime.io import save_image_atomic
+
+                for i, img in enumerate(images_u8):
+                    save_image_atomic(
+                        Image.fromarray(img), t.out / "eval" / "base" / f"{i:04d}.png"
+                    )
+        assert self.base_images is not None
+        diff = np.abs(images_u8.astype(np.float32) - self.base_images.astype(np.float32)) / 255
+        drift = float(diff.mean())
+        mse = (diff**2).reshape(len(diff), -1).mean(1)
+        psnr = float(
+            np.mean([100.0 if m == 0 else min(100.0, 10 * math.log10(1 / m)) for m in mse])
+        )
+        rec: dict[str, Any] = {
+            "type": "eval",
+            "step": step,
+            "mean": float(np.mean([s["mean"] for s in scores])),
+            "max": float(np.mean([s["max"] for s in scores])),
+            "weighted": float(np.mean([s["weighted"] for s in scores])),
+            "artifact_ratio": float(np.mean([s["artifact_ratio"] for s in scores])),
+            "drift": drift,
+            "psnr": psnr,
+            "images": [
+                {"prompt": self.items[i][0], "seed": self.items[i][1]}
+                | {k: round(v, 6) for k, v in s.items()}
+                for i, s in enumerate(scores)
+            ],
+        }
+        drift_ok = cfg.max_drift is None or drift <= cfg.max_drift
+        rejected = [] if drift_ok else [f"drift {drift:.4g} above --max-drift {cfg.max_drift}"]
+        if t.guard is not None:
+            eval_prompts = [t.eval_prompts[p] for p, _ in self.items]
+            rec["quality"] = t.guard.measure(images_u8, self.base_images, eval_prompts)
+            if step == 0 or "base_quality" not in st:
+                base_u8 = self.base_images
+                st["base_quality"] = t.guard.measure(base_u8, base_u8, eval_prompts)
+            rec["base_quality"] = dict(st["base_quality"])
+            rejected += t.guard.check(rec["quality"], rec["base_quality"])
+            st["bad_quality"] = st.get("bad_quality", 0) + 1 if rejected else 0
+        if rejected:
+            rec["rejected"] = rejected
+        rec["eval_time_s"] = time.perf_counter() - t0
+        st["evaluated"] = sorted(set(st["evaluated"]) | {step})
+        self.evals.append(rec)
+        stop = None
+        if not drift_ok:
+            stop = (
+                f"drift guard: eval images moved {drift:.4f} from the untreated model's "
+                f"(--max-drift {cfg.max_drift}); collapse suspected"
             )
-        lines += ["", "## How `best/` was chosen", *self._best_rule(evals, best)]
-        lines += [
+        elif t.guard is not None and st.get("bad_quality", 0) >= (cfg.patience or 1):
+            stop = (
+                f"quality guard: {st['bad_quality']} eval(s) in a row out of tolerance "
+                f"({'; '.join(rejected)}); collapse suspected"
+            )
+        if t.main:
+            self._write_grid(run, step, images_u8, scores)
+        return Evaluation(
+            rec, score=rec["mean"], eligible=not rejected, stop=stop, summary=self.summary()
+        )
+
+    def report(self, run: Run, ev: Evaluation, improved: bool) -> None:
+        rec, st = ev.record or {}, run.state
+        quality = "".join(f" {k} {v:.4g}" for k, v in rec.get("quality", {}).items())
+        rejected = rec.get("rejected")
+        self.t.log(
+            f"step {rec['step']}: eval mean {rec['mean']:.5f} max {rec['max']:.5f} drift "
+            f"{rec['drift']:.4f}"
+            + quality
+            + (" (best)" if improved else f" (best {st['best_step']})")
+            + (f" [rejected: {'; '.join(rejected)}]" if rejected else "")
+        )
+
+    def load_base_images(self, run: Run) -> None:
+        from dd.data.images import load_image
+
+        folder = self.t.out / "eval" / "base"
+        paths = [folder / f"{i:04d}.png" for i in range(len(self.items))]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise DDError(
+                f"cannot resume: the untreated model's eval image {missing[0]} is missing",
+                hint="start a new run (--out elsewhere)",
+            )
+        self.base_images = np.stack([load_image(p) for p in paths])
+        self.evals = [r for r in run.records if r.get("type") == "eval"]
+
+    def _write_grid(
+        self, run: Run, step: int, images: np.ndarray, scores: list[dict[str, Any]]
+    ) -> None:
+        from dd.runtime.io import save_image_atomic
+
+        assert self.base_images is not None
+        base_scores = self.evals[0]["images"] if step and self.evals else None
+        rows, titles = [], []
+        for i, (pi, seed) in enumerate(self.items):
+            s = scores[i]
+            cap = f"mean {s['mean']:.3f} max {s['max']:.3f}"
+            if step == 0:
+                rows.append([(images[i], cap)])
+            else:
+                b = base_scores[i] if base_scores else None
+                bcap = f"mean {b['mean']:.3f} max {b['max']:.3f}" if b else ""
+                rows.append([(self.base_images[i], bcap), (images[i], cap)])
+            titles.append(f"{pi}: {self.t.eval_prompts[pi]} (seed {seed})")
+        cols = ["untreated"] if step == 0 else ["untreated", f"step {step}"]
+        grid = image_grid(rows, row_titles=titles, col_titles=cols)
+        save_image_atomic(grid, self.t.out / "eval" / f"step-{step:06d}.png")
+        run.tracker.image("eval/grid", np.asarray(grid.convert("RGB")), step)
+
+
+def _best_rule(t: _Treater, evals: list[dict[str, Any]], best: dict[str, Any] | None) -> list[str]:
+    """The rule that chose ``best/`` and why each rejected eval was rejected."""
+    cfg = t.cfg
+    guards = t.guard.describe() if t.guard is not None else []
+    if cfg.max_drift is not None:
+        guards.append(f"drift at most --max-drift {cfg.max_drift:g}")
+    if guards:
+        lines = [
+            "`best/` holds the eval with the lowest mean artifact confidence among the evals "
+            "whose image quality stayed within tolerance of the untreated model's at the "
+            "same prompts and seeds (collapse also lowers the confidence: DiffDoctor, "
+            "Sec. 4.2):",
             "",
-            "## Use",
-            "```python",
-            f"pipe = {type(self.bb.pipe).__name__}.from_pretrained({cfg.model!r})",
-            f"pipe.load_lora_weights({str(self.out / 'best')!r})",
-            "```",
-            f"or `dd generate --backbone {cfg.backbone} --model {cfg.model} --lora "
-            f"{self.out / 'best'} --prompts PROMPTS.txt --seeds 4 --out samples`.",
-            "",
-            "## Limits",
-            "- The treated model avoids what this detector flags; it learns nothing the "
-            "detector does not see, and may take shortcuts (e.g. leave hands out).",
-            "- Over-treating collapses image quality (smooth, washed-out images): prefer "
-            "`best/` and look at the grids in `eval/`.",
-            "",
+            *[f"- {g}" for g in guards],
         ]
-        return "\n".join(lines)
+    else:
+        lines = [
+            "`best/` holds the eval with the lowest mean artifact confidence. No quality "
+            "guard was on (`--quality`, `--max-drift`): a run that collapses (smooth, "
+            "washed-out images also score low) can make its collapsed step `best/`; "
+            "look at the grids in `eval/`.",
+        ]
+    rejected = [r for r in evals if r.get("rejected")]
+    if rejected:
+        lines += ["", "Rejected evals:", ""]
+        lines += [f"- step {r['step']}: {'; '.join(r['rejected'])}" for r in rejected]
+    if best is not None:
+        lines += ["", f"Chosen: step {best['step']} (mean {best['mean']:.5f})."]
+    return lines
+
+
+def _model_card(
+    t: _Treater,
+    st: dict[str, Any],
+    evals: list[dict[str, Any]],
+    best: dict[str, Any] | None,
+    reason: str,
+) -> str:
+    """The run's README.md: base model, detector, settings, the eval table, how ``best/``
+    was chosen, use and limits."""
+    cfg = t.cfg
+    det = t.det.describe() if hasattr(t.det, "describe") else {"detector": cfg.detector}
+    peft_cfg = getattr(t.bb.denoiser, "peft_config", {}).get("default")
+    rank = getattr(peft_cfg, "r", cfg.lora_rank)
+    alpha = getattr(peft_cfg, "lora_alpha", cfg.lora_alpha)
+    targets = sorted(getattr(peft_cfg, "target_modules", None) or cfg.lora_targets or [])
+    lines = [
+        f"# {cfg.backbone} LoRA treated with `dd treat` (DiffDoctor pixel-aware treating)",
+        "",
+        "A LoRA tuned so that an artifact detector finds fewer artifacts in the images the "
+        "model generates (DiffDoctor, Sec. 3.3).",
+        "",
+        "## Base model and detector",
+        f"- Backbone: {cfg.backbone}, model `{cfg.model}`",
+        f"- Detector: {det.get('detector', cfg.detector)}, weights "
+        f"`{det.get('weights', cfg.detector_weights)}`",
+        "",
+        "## Treating",
+        f"- {st['step']} of {cfg.train_steps} optimizer steps; stopped: {reason}",
+        f"- LoRA rank {rank}, alpha {alpha}, targets {', '.join(map(str, targets)) or '-'}"
+        + (f", initialised from `{cfg.init_lora}`" if cfg.init_lora else "")
+        + (
+            f"; trained over a base quantised to {cfg.quantize} (the LoRA loads into the "
+            "unquantised model)"
+            if cfg.quantize != "none"
+            else ""
+        ),
+        f"- {'AdamW8bit' if cfg.optimizer == 'adamw8bit' else 'AdamW'} lr {cfg.lr:g}, "
+        f"weight decay {cfg.weight_decay:g}, {cfg.lr_schedule} "
+        f"schedule, warmup {cfg.warmup_steps}, clip {cfg.clip_grad:g}, batch "
+        f"{cfg.batch_size} x {t.world} process(es) x {cfg.grad_accum} accumulation",
+        f"- Sampling: {cfg.resolution}x{cfg.resolution}, {cfg.steps} steps, guidance "
+        f"{cfg.guidance if cfg.guidance is not None else 'none'}; gradients through the "
+        f"last {cfg.grad_steps_random or cfg.grad_steps} step(s)",
+        f"- Loss: {cfg.loss_scale:g} x {cfg.reduction} artifact confidence"
+        + (
+            f" + {cfg.reg_weight:g} x diffusion loss on {len(t.reg_pairs)} real images "
+            f"every {cfg.reg_every} step(s)"
+            if t.reg_pairs and cfg.reg_weight > 0
+            else ""
+        ),
+        f"- dtype {cfg.dtype}, seed {cfg.seed}, {len(t.prompts)} training prompts",
+        "",
+        "## Evaluation",
+        f"{len(t.eval_prompts)} held-out prompts x seeds "
+        f"{', '.join(map(str, cfg.eval_seeds))}; "
+        "artifact confidence averaged over images (lower is better); drift = mean "
+        "|image - untreated image| in [0, 1].",
+        "",
+        "| model | step | mean | max | drift |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    rows = []
+    if evals:
+        rows.append(("untreated", evals[0]))
+    if best:
+        rows.append(("best (`best/`)", best))
+    if evals and evals[-1]["step"] > 0:
+        rows.append(("final (this folder)", evals[-1]))
+    for name, r in rows:
+        lines.append(
+            f"| {name} | {r['step']} | {r['mean']:.5f} | {r['max']:.5f} | {r['drift']:.4f} |"
+        )
+    lines += ["", "## How `best/` was chosen", *_best_rule(t, evals, best)]
+    lines += [
+        "",
+        "## Use",
+        "```python",
+        f"pipe = {type(t.bb.pipe).__name__}.from_pretrained({cfg.model!r})",
+        f"pipe.load_lora_weights({str(t.out / 'best')!r})",
+        "```",
+        f"or `dd generate --backbone {cfg.backbone} --model {cfg.model} --lora "
+        f"{t.out / 'best'} --prompts PROMPTS.txt --seeds 4 --out samples`.",
+        "",
+        "## Limits",
+        "- The treated model avoids what this detector flags; it learns nothing the "
+        "detector does not see, and may take shortcuts (e.g. leave hands out).",
+        "- Over-treating collapses image quality (smooth, washed-out images): prefer "
+        "`best/` and look at the grids in `eval/`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------
 # Plot (Pillow only)
 # ------------------------------------------------------------------------------------------
 def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
-    """Training loss, eval mean/max confidence and drift against steps, as a PNG."""
-    from dd.report.plot import Panel, metric_points, plot_panels
-
-    def pts(kind: str, key: str) -> list[tuple[float, float]]:
-        return metric_points(records, kind, key)
+    """Training loss, eval mean/max confidence and drift against steps, and one chart per
+    quality scorer, as a PNG."""
+    from dd.report.plot import Panel
 
     colours = {"confidence loss": (31, 119, 180), "reg loss": (148, 103, 189),
                "mean": (214, 39, 40), "max": (255, 127, 14), "drift": (44, 160, 44)}  # fmt: skip
-    panels = [
-        Panel("train loss", "step", "loss",
-              {"confidence loss": pts("train", "loss"), "reg loss": pts("train", "reg_loss")},
-              colours=colours),
-        Panel("eval artifact confidence", "step", "confidence",
-              {"mean": pts("eval", "mean"), "max": pts("eval", "max")}, colours=colours),
-        Panel("eval drift", "step", "drift", {"drift": pts("eval", "drift")}, colours=colours),
+    curves = [
+        ("train loss", "loss",
+         {"confidence loss": ("train", "loss"), "reg loss": ("train", "reg_loss")}),
+        ("eval artifact confidence", "confidence",
+         {"mean": ("eval", "mean"), "max": ("eval", "max")}),
+        ("eval drift", "drift", {"drift": ("eval", "drift")}),
     ]  # fmt: skip
     evals = [r for r in records if r.get("type") == "eval" and "quality" in r]
+    extra = []
     for name in evals[0]["quality"] if evals else []:  # one panel per quality scorer
         series = {
             name: [(r["step"], r["quality"][name]) for r in evals],
             "untreated": [(r["step"], r["base_quality"][name]) for r in evals],
         }
-        panels.append(Panel(f"quality: {name}", "step", name, series))
-    plot_panels(panels, path, size=(420, 280))
+        extra.append(Panel(f"quality: {name}", "step", name, series))
+    write_curves(records, path, curves, colours=colours, extra=extra)
 
 
-def treat(cfg: TreatConfig, *, console: Any | None = None) -> TreatResult:
+def treat(cfg: TreatConfig, *, reporter: Reporter | None = None) -> TreatResult:
     """Treat (or resume treating) a diffusion model's LoRA; see the module docstring.
 
-    ``console`` (a rich Console) receives messages and the progress bar on the main process.
-    """
-    return run_accelerated(lambda: _Treater(cfg, console))
+    ``reporter`` (e.g. the CLI's console reporter) receives messages and the progress bar
+    on the main process."""
+    return run_accelerated(lambda: _Treater(cfg, reporter))

@@ -87,7 +87,14 @@ class LoopSettings:
     run_name: str = "dd-train"
     title: str = "train"
     oom_hint: str = OOM_HINT
+    #: Shown after "out of GPU memory at step N", e.g. " (512px, batch 1)".
+    oom_detail: str = ""
+    #: For an out-of-memory error in an evaluation (default: ``oom_hint``, no detail).
+    eval_oom_hint: str | None = None
+    eval_oom_detail: str = ""
     nonfinite_hint: str = NONFINITE_HINT
+    #: Keep only the newest N ``checkpoints/step-N`` folders (None: all).
+    keep_checkpoints: int | None = None
 
 
 @dataclass
@@ -232,6 +239,10 @@ class Recipe:
     def save_checkpoint(self, run: Run, folder: Path) -> None:
         """Extra files of a checkpoint (main process), e.g. EMA weights or the LoRA file."""
 
+    def start(self, run: Run) -> None:
+        """Called once ``metrics.jsonl`` is open, before the first step (or the step-0
+        evaluation): e.g. a resumed run reads back what its evaluations compare against."""
+
     def load_checkpoint(self, run: Run, folder: Path, trainer: dict[str, Any]) -> None:
         """Read back :meth:`save_checkpoint`'s files; may refuse ``trainer.json``'s record."""
 
@@ -283,7 +294,9 @@ def fit(
     if run.journal is not None:
         run.journal.on_append = run.tracker.record
     try:
+        recipe.start(run)
         reason = _loop(recipe, run)
+        run.record({"type": "stop", "step": state["step"], "reason": reason})
         rep.message(f"stopped at step {state['step']}: {reason}")
         acc.wait_for_everyone()
         output = recipe.finish(run, reason)
@@ -298,7 +311,8 @@ def fit(
 
 # ------------------------------------------------------------------------------------------
 def _new_window() -> dict[str, Any]:
-    return {"n": 0, "sums": {}, "time_s": 0.0}
+    """Sums (and counts: a value may be missing from some steps) since the last log line."""
+    return {"n": 0, "sums": {}, "counts": {}, "time_s": 0.0}
 
 
 def _loop(recipe: Recipe, run: Run) -> str:
@@ -316,7 +330,9 @@ def _loop(recipe: Recipe, run: Run) -> str:
         task = bar.add_task(s.title, total=s.train_steps, completed=state["step"], info="", eval="")
         while state["step"] < stop_at:
             t0 = time.perf_counter()
-            values, lr, grad_norm = _guarded(run, "at step", lambda: _train_step(recipe, run))
+            values, lr, grad_norm = _guarded(
+                run, "at step", s.oom_hint, s.oom_detail, lambda: _train_step(recipe, run)
+            )
             state["step"] += 1
             step = state["step"]
             _window_add(run, values, time.perf_counter() - t0)
@@ -344,14 +360,12 @@ def _loop(recipe: Recipe, run: Run) -> str:
     return reason
 
 
-def _guarded(run: Run, where: str, fn: Any) -> Any:
+def _guarded(run: Run, where: str, hint: str, detail: str, fn: Any) -> Any:
     try:
         return fn()
     except torch.cuda.OutOfMemoryError:
-        raise DDError(
-            f"out of GPU memory {where} {run.state['step'] + (where == 'at step')}",
-            hint=run.settings.oom_hint,
-        ) from None
+        step = run.state["step"] + (where == "at step")
+        raise DDError(f"out of GPU memory {where} {step}{detail}", hint=hint) from None
 
 
 def _train_step(recipe: Recipe, run: Run) -> tuple[dict[str, float | None], float, float | None]:
@@ -401,6 +415,7 @@ def _window_add(run: Run, values: dict[str, float | None], seconds: float) -> No
     for key, value in values.items():
         if value is not None:
             w["sums"][key] = w["sums"].get(key, 0.0) + value
+            w["counts"][key] = w["counts"].get(key, 0) + 1
 
 
 def _log_window(run: Run, lr: float, grad_norm: float | None) -> None:
@@ -409,7 +424,7 @@ def _log_window(run: Run, lr: float, grad_norm: float | None) -> None:
     rec: dict[str, Any] = {"type": "train", "step": run.state["step"]}
     keys = list(dict.fromkeys([*run.log_keys, *w["sums"]]))
     for key in keys:
-        rec[key] = w["sums"][key] / n if key in w["sums"] else None
+        rec[key] = w["sums"][key] / w["counts"][key] if key in w["sums"] else None
     rec.update(lr=lr, grad_norm=grad_norm, step_time_s=w["time_s"] / n)
     run.record(rec)
     run.state["window"] = _new_window()
@@ -422,7 +437,8 @@ def _evaluate(recipe: Recipe, run: Run) -> str:
     after step 0 that did not improve, eligible or not), the schema treat's checkpoints
     have always had. A recipe's stop reason wins over patience."""
     s, state = run.settings, run.state
-    ev = _guarded(run, "while evaluating at step", lambda: recipe.evaluate(run))
+    hint = s.eval_oom_hint or s.oom_hint
+    ev = _guarded(run, "evaluating at step", hint, s.eval_oom_detail, lambda: recipe.evaluate(run))
     if ev is None:
         return ""
     step = state["step"]
@@ -451,7 +467,7 @@ def _evaluate(recipe: Recipe, run: Run) -> str:
     if s.patience is not None and state.get("bad_evals", 0) >= s.patience:
         return (
             f"{s.score_name} did not improve in {s.patience} evaluations "
-            f"(best {state['best']:.5g} at step {state['best_step']})"
+            f"(best {state['best']:.5f} at step {state['best_step']})"
         )
     return ""
 
@@ -486,7 +502,22 @@ def _save_checkpoint(recipe: Recipe, run: Run, keep_step: bool) -> None:
     acc.wait_for_everyone()
     if run.main:
         commit_checkpoint(tmp, ckpt_dir, state["step"], keep_step)
+        if keep_step and run.settings.keep_checkpoints is not None:
+            _prune(ckpt_dir, run.settings.keep_checkpoints)
     acc.wait_for_everyone()
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``step-N`` checkpoints."""
+    import shutil
+
+    steps = sorted(
+        int(p.name.split("-", 1)[1])
+        for p in ckpt_dir.glob("step-*")
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+    )
+    for step in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(ckpt_dir / f"step-{step}", ignore_errors=True)
 
 
 def _load_checkpoint(recipe: Recipe, run: Run, last: Path, scheduler: Any) -> None:

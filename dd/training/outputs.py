@@ -19,10 +19,11 @@ TIMING_FIELDS = frozenset({"step_time_s", "eval_time_s"})
 def open_metrics(out: Path, step: int, *, fresh: bool) -> Journal:
     """``out/metrics.jsonl``: emptied for a new run (``fresh``); for a run resumed at
     checkpoint ``step``, without the lines of later steps (the killed run wrote them after
-    its last checkpoint; the resumed run writes them again)."""
+    its last checkpoint; the resumed run writes them again) and without ``stop`` lines (they
+    end an earlier session)."""
     path = Path(out) / "metrics.jsonl"
     journal = Journal(path, fresh=fresh)
-    keep = [r for r in journal.records if r.get("step", 0) <= step]
+    keep = [r for r in journal.records if r.get("step", 0) <= step and r.get("type") != "stop"]
     if len(keep) != len(journal.records):
         journal.close()
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
@@ -39,9 +40,13 @@ def plot_curves(
     path: Path,
     curves: Sequence[Curve],
     size: tuple[int, int] = (420, 280),
+    *,
+    colours: dict[str, tuple[int, int, int]] | None = None,
+    extra: Sequence[Any] = (),
 ) -> None:
     """``curves.png``: one chart per ``curves`` entry, series read from ``metrics.jsonl``
-    records against their step."""
+    records against their step (``colours`` by series label), then the ``extra``
+    :class:`dd.report.plot.Panel` charts."""
     from dd.report.plot import Panel, metric_points, plot_panels
 
     panels = [
@@ -50,7 +55,8 @@ def plot_curves(
             "step",
             ylabel,
             {label: metric_points(records, kind, key) for label, (kind, key) in series.items()},
+            **({"colours": colours} if colours else {}),
         )
         for title, ylabel, series in curves
     ]
-    plot_panels(panels, path, size=size)
+    plot_panels([*panels, *extra], path, size=size)
