@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from dd.errors import DDError
 from dd.runtime.checkpoint import load_tensors, prepare_run_folder
-from dd.runtime.device import make_accelerator, run_accelerated
+from dd.runtime.device import run_accelerated
 from dd.training.draws import noise_seed
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Setup, StepLoss, fit
+from dd.training.setup import training_accelerator
 
 TIMING = {"step_time_s"}
 TARGET = torch.tensor([1.5, -2.0, 0.5, 3.0])
@@ -89,7 +90,7 @@ def go(out: Path, recipe=None, resume=False, **kw):
         world = 1
 
         def run(self):  # accelerate's state is reset after each run (run_accelerated)
-            recipe.acc = make_accelerator("cpu", "no", settings.grad_accum)
+            recipe.acc = training_accelerator("cpu", "no")
             return fit(recipe, settings, out, resume_from=last)
 
     return run_accelerated(Runner)
@@ -209,3 +210,12 @@ def test_evaluations_run_at_zero_every_n_and_at_the_end(tmp_path):
     assert toy.evaluated == [0, 4, 8, 10]
     evals = [r["step"] for r in lines(tmp_path / "a") if r["type"] == "eval"]
     assert evals == [0, 4, 8, 10]
+
+
+def test_patience_when_no_score_is_usable(tmp_path):
+    nan = float("nan")
+    res = go(tmp_path / "a", Toy(scores=dict.fromkeys(range(0, 21, 2), nan)), eval_every=2,
+             patience=2, train_steps=20)  # fmt: skip
+    assert res.step == 4 and res.stop_reason == (
+        "the evaluation score did not improve in 2 evaluations (no evaluation had a usable score)"
+    )

@@ -171,6 +171,7 @@ def train_detector(
     from dd.engines.train_detector import TrainConfig
     from dd.engines.train_detector import train_detector as run
     from dd.metrics import format_table
+    from dd.runtime.progress import ConsoleReporter
 
     cfg = TrainConfig(
         datasets=[os.path.abspath(d) for d in datasets],
@@ -219,7 +220,7 @@ def train_detector(
         overwrite=overwrite,
         report_to=report_to,
     )
-    result = run(cfg, console=Console(stderr=True))
+    result = run(cfg, reporter=ConsoleReporter(Console(stderr=True)))
     if not result.main:
         return
     if result.best is not None:

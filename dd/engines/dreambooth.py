@@ -77,14 +77,14 @@ from dd.quantize import (
 )
 from dd.runtime.checkpoint import LORA_FILE, prepare_run_folder, save_lora_file, save_run_config
 from dd.runtime.config import check_settings, setting
-from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
+from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
-from dd.training.setup import PRECISIONS, RESUMABLE
+from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
 
 __all__ = [
     "WEIGHTINGS",
@@ -393,7 +393,7 @@ class _DreamBooth(Recipe):
     def _accelerator(self) -> Any:
         c = self.cfg
         hint = "check --dtype"
-        return make_accelerator(c.device, PRECISIONS[c.dtype], c.grad_accum, hint=hint)
+        return training_accelerator(c.device, PRECISIONS[c.dtype], hint=hint)
 
     def log(self, text: str) -> None:
         self.reporter.message(text)

@@ -62,14 +62,14 @@ from dd.runtime.checkpoint import (
     swap_in,
 )
 from dd.runtime.config import check_settings
-from dd.runtime.device import make_accelerator, run_accelerated
+from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import check_report_to
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
-from dd.training.setup import PRECISIONS, RESUMABLE
+from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
 
 #: refine train takes accelerate's names for the precisions.
 MIXED_PRECISIONS = tuple(PRECISIONS.values())
@@ -229,7 +229,7 @@ class _RangeTraining(Recipe):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self._check()
         self.out = Path(str(cfg.out))
-        self.acc = make_accelerator(cfg.device, cfg.mixed_precision, cfg.grad_accum)
+        self.acc = training_accelerator(cfg.device, cfg.mixed_precision)
         self.main = self.acc.is_main_process
         self.reporter = as_reporter(reporter) if self.main else QUIET
         self.world = self.acc.num_processes

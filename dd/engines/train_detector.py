@@ -46,12 +46,9 @@ Only the main process writes files (except its own RNG state, which each process
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -74,28 +71,14 @@ from dd.data.sampler import (
 )
 from dd.errors import DDError, UsageError
 from dd.metrics import METRIC_KEYS
-from dd.runtime.checkpoint import (
-    check_same_settings,
-    commit_checkpoint,
-    load_optimizer_state,
-    open_checkpoint,
-    prepare_run_folder,
-    read_trainer_state,
-    save_optimizer_state,
-    write_trainer_state,
-)
-from dd.runtime.checkpoint import swap_in as _swap_in
-from dd.runtime.io import (
-    Journal,
-    absolutize,
-    atomic_write_json,
-    atomic_write_text,
-    mark_run_folder,
-)
-from dd.runtime.progress import progress_bar
-from dd.runtime.tracking import RunTracker, check_report_to
-from dd.training.schedule import lr_schedule
-from dd.training.setup import PRECISIONS, RESUMABLE
+from dd.runtime.checkpoint import check_same_settings, prepare_run_folder, swap_in
+from dd.runtime.device import run_accelerated
+from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
+from dd.runtime.progress import QUIET, Reporter, as_reporter
+from dd.runtime.tracking import check_report_to
+from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
+from dd.training.outputs import plot_curves as write_curves
+from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
 
 __all__ = [
     "HIGHER_IS_BETTER",
@@ -354,15 +337,93 @@ def _save_model(detector: Any, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
-class _Trainer:
-    def __init__(self, cfg: TrainConfig, console: Any | None):
+class _TrainData:
+    """train-detector's training data: the augmented dataset, class balance over an epoch
+    sampler, the loader, and micro-batches that continue from the saved epoch position
+    (restarting the loader when the shrink-and-pad flags change)."""
+
+    def __init__(self, trainer: _DetectorTraining, train: list[Sample], size: tuple[int, int]):
+        cfg = trainer.cfg
+        aug = AugmentConfig(
+            size=size,
+            crop_scale=(cfg.crop_scale, 1.0),
+            hflip=cfg.hflip,
+            shrink_prob=cfg.shrink_prob,
+            shrink_fill=cfg.shrink_fill if cfg.shrink_fill == "reflect" else float(cfg.shrink_fill),
+        )
+        self.dataset = _TrainSet(train, aug, cfg.strong_pseudo)
+        ratios = parse_balance(cfg.balance)
+        weights, self.rows = balance_weights(train, ratios)
+        self.global_batch = cfg.batch_size * trainer.world
+        self.sampler = EpochSampler(
+            len(train), cfg.seed, weights=weights if ratios else None, multiple=self.global_batch
+        )
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=cfg.workers,
+            collate_fn=_collate,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            persistent_workers=False,
+        )
+        self.restart = False
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def report(self, trainer: _DetectorTraining, n_val: int) -> None:
+        """The balance table and ``balance.json`` (main process)."""
+        cfg, n = trainer.cfg, len(self.dataset)
+        title = f"class balance ({n} training samples, {self.sampler.length} draws/epoch)"
+        trainer.log(balance_table(self.rows, self.sampler.length, title))
+        atomic_write_json(
+            trainer.out / "balance.json",
+            {
+                "spec": cfg.balance,
+                "train_samples": n,
+                "val_samples": n_val,
+                "draws_per_epoch": self.sampler.length,
+                "categories": rows_to_json(self.rows),
+            },
+        )
+
+    def next_batch(self, loader: Any, state: dict[str, Any]) -> dict[str, Any]:
+        """The next micro-batch of the (prepared) ``loader``, advancing ``state["epoch"]`` and
+        ``["position"]``."""
+        while True:
+            if self._it is None or self.restart:
+                self.restart = False
+                self.sampler.epoch, self.sampler.start = state["epoch"], state["position"]
+                self._it = iter(loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                state["epoch"], state["position"] = state["epoch"] + 1, 0
+                self._it = None
+                continue
+            state["position"] += self.global_batch
+            if batch["error"]:
+                raise DDError(f"cannot load a training sample: {batch['error']}")
+            return batch
+
+
+class _DetectorTraining(Recipe):
+    """The recipe of ``dd train-detector`` for :func:`dd.training.loop.fit`: the detector,
+    its data (:class:`_TrainData`), the map loss, shrink-and-pad checks and validation."""
+
+    def __init__(self, cfg: TrainConfig, reporter: Reporter | None):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self.out = Path(cfg.out)
         self._check_config()
-        self.acc = self._accelerator()
+        self.acc = training_accelerator(
+            "cpu" if self.cfg.cpu else "auto",
+            PRECISIONS[self.cfg.precision],
+            hint="check --precision and the accelerate config (accelerate env)",
+        )
         self.main = self.acc.is_main_process
-        self.console = console if self.main else None
+        self.reporter = as_reporter(reporter) if self.main else QUIET
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self._last_val: dict[str, Any] | None = None
 
     # -- setup ---------------------------------------------------------------------------------
     def _check_config(self) -> None:
@@ -419,28 +480,13 @@ class _Trainer:
                 hint="use --precision bf16 or fp32 on the CPU",
             )
 
-    def _accelerator(self):
-        from dd.runtime.device import make_accelerator
-
-        # Gradient accumulation is done by _train_step (no_sync), not by accelerate.
-        return make_accelerator(
-            "cpu" if self.cfg.cpu else "auto",
-            PRECISIONS[self.cfg.precision],
-            1,
-            hint="check --precision and the accelerate config (accelerate env)",
-        )
-
     def log(self, renderable: Any) -> None:
-        if self.console is not None:
-            self.console.print(renderable, highlight=False)
+        if self.reporter.console is not None:  # rich renderables (the balance table)
+            self.reporter.console.print(renderable, highlight=False)
 
     # -- run -----------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        from accelerate.utils import set_seed
-
-        cfg, acc = self.cfg, self.acc
-        ckpt_dir = self.out / "checkpoints"
-
+        cfg = self.cfg
         # data (read before anything is written to --out: bad input leaves no run folder)
         samples = _read_all(cfg.datasets)
         if cfg.val:
@@ -450,120 +496,44 @@ class _Trainer:
             train, val = _split(samples, frac, cfg.seed)
         if not train:
             raise DDError("no training samples", hint="check the dataset folders")
+        self.train, self.val = train, val
         last = self._prepare_out()
+        self.detector = self._load_detector()
+        self.detector.untrained = False
+        with warnings.catch_warnings():
+            # DDP warns that depthwise-conv gradients have other (equivalent) strides.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+            result = fit(self, self._settings(), self.out, self.reporter, resume_from=last)
+        return result.output
 
-        # model
-        detector = self._load_detector()
-        input_size = tuple(detector.input_size)
-        size = (cfg.size, cfg.size) if cfg.size else input_size
-        detector.untrained = False
-        set_seed(cfg.seed, device_specific=True)
-
-        aug = AugmentConfig(
-            size=size,
-            crop_scale=(cfg.crop_scale, 1.0),
-            hflip=cfg.hflip,
-            shrink_prob=cfg.shrink_prob,
-            shrink_fill=cfg.shrink_fill if cfg.shrink_fill == "reflect" else float(cfg.shrink_fill),
+    def _settings(self) -> LoopSettings:
+        c = self.cfg
+        return LoopSettings(
+            train_steps=c.steps,
+            seed=c.seed,
+            device_specific_seed=True,
+            grad_accum=c.grad_accum,
+            clip_grad=c.clip_grad,
+            lr_schedule="cosine",
+            warmup_steps=c.warmup_steps if c.warmup_steps is not None else c.steps // 20,
+            min_lr_ratio=c.min_lr_ratio,
+            log_every=c.log_every,
+            eval_every=c.val_every,
+            eval_at_start=False,
+            best_dir="checkpoints/best",
+            before_step_records=("shrink_pad",),
+            save_every=c.save_every,
+            stop_at=c.stop_at,
+            patience=c.patience,
+            higher_is_better=c.select_metric in HIGHER_IS_BETTER,
+            score_name=f"validation {c.select_metric}",
+            report_to=c.report_to,
+            run_name="dd-train-detector",
+            title="train",
+            oom_hint="lower memory use: a smaller --batch-size with --grad-accum, a smaller "
+            "--size, --precision bf16",
+            nonfinite_hint="lower --lr, or use --precision fp32 or bf16",
         )
-        dataset = _TrainSet(train, aug, cfg.strong_pseudo)
-        ratios = parse_balance(cfg.balance)
-        weights, rows = balance_weights(train, ratios)
-        global_batch = cfg.batch_size * self.world
-        sampler = EpochSampler(
-            len(train),
-            cfg.seed,
-            weights=weights if ratios else None,
-            multiple=global_batch,
-        )
-        if self.main:
-            title = f"class balance ({len(train)} training samples, {sampler.length} draws/epoch)"
-            self.log(balance_table(rows, sampler.length, title))
-            atomic_write_json(
-                self.out / "balance.json",
-                {
-                    "spec": cfg.balance,
-                    "train_samples": len(train),
-                    "val_samples": len(val),
-                    "draws_per_epoch": sampler.length,
-                    "categories": rows_to_json(rows),
-                },
-            )
-            self.log(
-                f"train {len(train)} samples, validate on {len(val)}; "
-                f"{self.world} process(es), global batch {global_batch} x {cfg.grad_accum} "
-                f"accumulation, device {acc.device}, precision {cfg.precision}"
-            )
-
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=cfg.workers,
-            collate_fn=_collate,
-            generator=torch.Generator().manual_seed(cfg.seed),
-            persistent_workers=False,
-        )
-
-        # optimisation
-        decay, no_decay = [], []
-        for _name, p in detector.named_parameters():
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-        )
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 20
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_schedule("cosine", cfg.steps, warmup, cfg.min_lr_ratio)
-        )
-
-        state = {
-            "step": 0,
-            "epoch": 0,
-            "position": 0,
-            "best": None,
-            "best_step": None,
-            "bad_evals": 0,
-            "window": [0.0, 0, 0.0],  # loss sum, steps, seconds since the last log line
-            "dynamic": [],
-        }
-        if last is not None:
-            state = self._load_checkpoint(last, detector, optimizer, scheduler, state)
-
-        wrapped = _LogitsModule(detector)
-        wrapped, optimizer, loader, scheduler = acc.prepare(wrapped, optimizer, loader, scheduler)
-        if last is not None:
-            load_optimizer_state(last, optimizer, acc)
-            dataset.dynamic = {i: ShrinkSpec(*cfg.shrink_scale) for i in state["dynamic"]}
-
-        journal = self._open_journal(state["step"]) if self.main else None
-        tracker = RunTracker(
-            cfg.report_to, self.out, "dd-train-detector", step=state["step"], main=self.main
-        )
-        if journal is not None:
-            journal.on_append = tracker.record
-        self.detector, self.wrapped, self.optimizer = detector, wrapped, optimizer
-        self.scheduler, self.dataset, self.val = scheduler, dataset, val
-        self.sampler, self.loader, self.state, self.journal = sampler, loader, state, journal
-        self.ckpt_dir, self.global_batch = ckpt_dir, global_batch
-        try:
-            with warnings.catch_warnings():
-                # DDP warns that depthwise-conv gradients have other (equivalent) strides.
-                warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-                stopped = self._loop()
-            result = self._finish(stopped)
-        finally:
-            if journal is not None:
-                journal.close()
-            tracker.close()
-        acc.wait_for_everyone()
-        return result
 
     def _prepare_out(self) -> Path | None:
         """Checks --out (a resumed run's settings) and writes train_config.json; returns the
@@ -591,22 +561,6 @@ class _Trainer:
             atomic_write_json(saved, cfg.resolved())
         self.acc.wait_for_everyone()
         return last
-
-    def _open_journal(self, step: int) -> Journal:
-        path = self.out / "metrics.jsonl"
-        journal = Journal(path, fresh=not self.cfg.resume)
-        # Keep what the checkpoint's step had logged; a shrink-pad check at that step ran
-        # after the checkpoint and runs again.
-        keep = [
-            r
-            for r in journal.records
-            if r.get("step", 0) < step or (r.get("step") == step and r["type"] != "shrink_pad")
-        ]
-        if len(keep) != len(journal.records):  # lines logged after the checkpoint
-            journal.close()
-            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
-            journal = Journal(path)
-        return journal
 
     def _load_detector(self) -> Any:
         """The ``--detector`` plugin, built to be trained (see ``TrainableDetector``)."""
@@ -637,169 +591,67 @@ class _Trainer:
             )
         return detector
 
-    def _load_checkpoint(self, last: Path, detector, optimizer, scheduler, state) -> dict:
-        trainer = read_trainer_state(last, self.world)
-        detector.load_pretrained_weights(last / "model")
-        scheduler.load_state_dict(trainer["scheduler"])
-        self.log(f"resuming at step {trainer['state']['step']} from {last}")
-        return {**state, **trainer["state"]}
+    # -- the recipe ----------------------------------------------------------------------------
+    def initial_state(self) -> dict[str, Any]:
+        return {
+            "epoch": 0,
+            "position": 0,
+            "best": None,
+            "best_step": None,
+            "bad_evals": 0,
+            "dynamic": [],
+        }
 
-    # -- the loop ------------------------------------------------------------------------------
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        """Micro-batches forever, advancing ``state["epoch"]/["position"]``; restarts its
-        iterator from the saved position whenever ``self._restart`` is set."""
-        st = self.state
-        it = None
-        while True:
-            if it is None or self._restart:
-                self._restart = False
-                self.sampler.epoch, self.sampler.start = st["epoch"], st["position"]
-                it = iter(self.loader)
-            try:
-                batch = next(it)
-            except StopIteration:
-                st["epoch"], st["position"] = st["epoch"] + 1, 0
-                it = None
-                continue
-            st["position"] += self.global_batch
-            if batch["error"]:
-                raise DDError(f"cannot load a training sample: {batch['error']}")
-            yield batch
-
-    def _loop(self) -> bool:
-        cfg, st = self.cfg, self.state
-        stop_at = min(cfg.steps, cfg.stop_at or cfg.steps)
-        self._restart = False
-        batches = self._batches()
-        progress = progress_bar("train", "loss {task.fields[loss]}", console=self.console)
-        stopped_early = False
-        with progress if progress is not None else contextlib.nullcontext():
-            task = None
-            if progress is not None:
-                task = progress.add_task("train", total=cfg.steps, completed=st["step"], loss="")
-            while st["step"] < stop_at:
-                if cfg.shrink_threshold is not None and st["step"] % cfg.shrink_every == 0:
-                    self._refresh_shrink()
-                t0 = time.perf_counter()
-                loss, grad_norm = self._train_step(batches)
-                st["step"] += 1
-                w = st["window"]
-                w[0], w[1], w[2] = w[0] + loss, w[1] + 1, w[2] + time.perf_counter() - t0
-                step = st["step"]
-                if progress is not None:
-                    progress.update(task, completed=step, loss=f"{loss:.4f}")
-                # Not at --stop-at: the metrics lines of a stopped and resumed run must be
-                # those of an uninterrupted one (the loss window is in the checkpoint).
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    self._log_train(grad_norm)
-                if self.val and (step % cfg.val_every == 0 or step == cfg.steps):
-                    stopped_early = self._validate()
-                if step % cfg.save_every == 0 or step == stop_at or stopped_early:
-                    self._save_checkpoint()
-                if stopped_early:
-                    self.log(
-                        f"early stop at step {step}: {cfg.select_metric} did not improve in "
-                        f"{cfg.patience} evaluations"
-                    )
-                    break
-        return stopped_early
-
-    def _train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[float, float | None]:
-        cfg, acc = self.cfg, self.acc
-        self.wrapped.train()
-        total = torch.zeros((), device=acc.device)
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            sync = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.wrapped):
-                logits = self.wrapped(batch["image"])
-                target = dilate_targets(batch["target"], cfg.mask_dilate)
-                loss = detector_loss(
-                    logits, target, batch["weight"], cfg.loss, pos_weight=cfg.pos_weight
-                )
-                acc.backward(loss / cfg.grad_accum)
-            total += loss.detach() / cfg.grad_accum
-        grad_norm = None
-        if cfg.clip_grad > 0:
-            grad_norm = float(acc.clip_grad_norm_(self.wrapped.parameters(), cfg.clip_grad))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(acc.reduce(total, reduction="mean")), grad_norm
-
-    def _log_train(self, grad_norm: float | None) -> None:
-        st = self.state
-        loss_sum, n, seconds = st["window"]
-        st["window"] = [0.0, 0, 0.0]
-        if self.journal is None or n == 0:
-            return
-        self.journal.append(
-            {
-                "type": "train",
-                "step": st["step"],
-                "epoch": st["epoch"],
-                "loss": loss_sum / n,
-                "lr": self.scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "step_time_s": seconds / n,
-            }
-        )
-
-    # -- validation ------------------------------------------------------------------------------
-    def _validate(self) -> bool:
-        """Evaluate on the held-out split (all processes); returns True to stop early."""
-        from accelerate.utils import gather_object
-
-        from dd.metrics import DetectorMetrics, evaluate_detector, json_safe
-
-        cfg, st = self.cfg, self.state
-        metrics = DetectorMetrics()
-        with self.acc.autocast():
-            evaluate_detector(
-                self.detector,
-                self.val[self.rank :: self.world],
-                cfg.val_batch_size,
-                workers=max(1, cfg.workers),
-                metrics=metrics,
-            )
-        result = DetectorMetrics.from_states(gather_object([metrics.state()])).compute()
-        value = result[cfg.select_metric]
-        improved = is_better(cfg.select_metric, value, st["best"])
-        if improved:
-            st["best"], st["best_step"], st["bad_evals"] = value, st["step"], 0
-            self._save_best(result)
-        else:
-            st["bad_evals"] += 1
-        self._last_val = result
-        if self.journal is not None:
-            self.journal.append(
-                {"type": "val", "step": st["step"], "epoch": st["epoch"], "best": improved}
-                | json_safe(result)
-            )
-        shown = f"{value:.5f}" if value is not None and not math.isnan(value) else "n/a"
-        self.log(
-            f"step {st['step']}: val {cfg.select_metric} {shown}"
-            + (" (best)" if improved else f" (best: step {st['best_step'] or '-'})")
-        )
-        return cfg.patience is not None and st["bad_evals"] >= cfg.patience
-
-    def _save_best(self, result: dict[str, Any]) -> None:
-        from dd.metrics import json_safe
-
-        self.acc.wait_for_everyone()
+    def setup(self, run: Run) -> Setup:
+        cfg, detector = self.cfg, self.detector
+        input_size = tuple(detector.input_size)
+        size = (cfg.size, cfg.size) if cfg.size else input_size
+        self.data = _TrainData(self, self.train, size)  # type: ignore[arg-type]
         if self.main:
-            tmp = self.ckpt_dir / ".best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            _save_model(self.detector, tmp / "model")
-            atomic_write_json(
-                tmp / "best.json",
-                {"step": self.state["step"], "metric": self.cfg.select_metric}
-                | {"metrics": json_safe(result)},
+            self.data.report(self, len(self.val))
+            self.log(
+                f"train {len(self.train)} samples, validate on {len(self.val)}; "
+                f"{self.world} process(es), global batch {self.data.global_batch} x "
+                f"{cfg.grad_accum} accumulation, device {self.acc.device}, precision "
+                f"{cfg.precision}"
             )
-            _swap_in(tmp, self.ckpt_dir / "best")
-        self.acc.wait_for_everyone()
+        decay, no_decay = [], []
+        for _name, p in detector.named_parameters():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+        )
+        names = [n for n, _ in detector.named_parameters()]
+        params = list(detector.parameters())
+        module = _LogitsModule(detector)
+        return Setup(module, names, params, optimizer, extra=[self.data.loader])
 
-    def _refresh_shrink(self) -> None:
+    def before_step(self, run: Run) -> None:
+        cfg = self.cfg
+        if cfg.shrink_threshold is not None and run.state["step"] % cfg.shrink_every == 0:
+            self._refresh_shrink(run)
+        run.wrapped.train()
+
+    def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
+        return self.data.next_batch(run.prepared[0], run.state)
+
+    def loss(self, run: Run, batch: dict[str, Any]) -> StepLoss:
+        cfg = self.cfg
+        logits = run.wrapped(batch["image"])
+        target = dilate_targets(batch["target"], cfg.mask_dilate)
+        return StepLoss(
+            detector_loss(logits, target, batch["weight"], cfg.loss, pos_weight=cfg.pos_weight)
+        )
+
+    def train_fields(self, run: Run) -> dict[str, Any]:
+        return {"epoch": run.state["epoch"]}
+
+    def _refresh_shrink(self, run: Run) -> None:
         """On-the-fly shrink-and-pad: flag training samples whose predicted max confidence
         (current model, no augmentation, in batches of ``val_batch_size``) is below the
         threshold."""
@@ -808,7 +660,7 @@ class _Trainer:
         from dd.inference import detect_batches, resize_for
 
         cfg, det = self.cfg, self.detector
-        samples = self.dataset.samples
+        samples = self.data.dataset.samples
         mine = list(range(self.rank, len(samples), self.world))
 
         def load(i: int) -> _ShrinkItem:
@@ -825,63 +677,109 @@ class _Trainer:
         except DDError as e:
             raise DDError(f"shrink-pad check: {e}") from None
         flagged = sorted(i for i, m in gather_object(maxima) if m < cfg.shrink_threshold)
-        self.dataset.dynamic = {i: ShrinkSpec(*cfg.shrink_scale) for i in flagged}
-        self.state["dynamic"] = flagged
-        self._restart = True  # new loader workers see the new flags
-        if self.journal is not None:
-            self.journal.append(
-                {"type": "shrink_pad", "step": self.state["step"], "flagged": len(flagged)}
+        self.data.dataset.dynamic = {i: ShrinkSpec(*cfg.shrink_scale) for i in flagged}
+        run.state["dynamic"] = flagged
+        self.data.restart = True  # new loader workers see the new flags
+        run.record({"type": "shrink_pad", "step": run.state["step"], "flagged": len(flagged)})
+
+    # -- validation ------------------------------------------------------------------------------
+    def evaluate(self, run: Run) -> Evaluation | None:
+        """Metrics on the held-out split (all processes; gathered)."""
+        from accelerate.utils import gather_object
+
+        from dd.metrics import DetectorMetrics, evaluate_detector, json_safe
+
+        if not self.val:
+            return None
+        cfg, st = self.cfg, run.state
+        metrics = DetectorMetrics()
+        with self.acc.autocast():
+            evaluate_detector(
+                self.detector,
+                self.val[self.rank :: self.world],
+                cfg.val_batch_size,
+                workers=max(1, cfg.workers),
+                metrics=metrics,
             )
+        result = DetectorMetrics.from_states(gather_object([metrics.state()])).compute()
+        self._last_val = result
+        value = result[cfg.select_metric]
+        score = float("nan") if value is None else float(value)  # never the best
+        rec = {"type": "val", "step": st["step"], "epoch": st["epoch"]} | json_safe(result)
+        return Evaluation(rec, score=score, summary=f"{cfg.select_metric} {score:.4f}")
+
+    def after_evaluation(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
+        cfg, st = self.cfg, run.state
+        value = evaluation.score
+        shown = f"{value:.5f}" if value is not None and not math.isnan(value) else "n/a"
+        self.log(
+            f"step {st['step']}: val {cfg.select_metric} {shown}"
+            + (" (best)" if improved else f" (best: step {st['best_step'] or '-'})")
+        )
+
+    def save_best(self, run: Run, folder: Path, evaluation: Evaluation) -> None:
+        from dd.metrics import json_safe
+
+        _save_model(self.detector, folder / "model")
+        atomic_write_json(
+            folder / "best.json",
+            {"step": run.state["step"], "metric": self.cfg.select_metric}
+            | {"metrics": json_safe(self._last_val or {})},
+        )
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _save_checkpoint(self) -> None:
-        acc, step = self.acc, self.state["step"]
-        tmp = open_checkpoint(acc, self.ckpt_dir, step)
-        if self.main:
-            _save_model(self.detector, tmp / "model")
-            save_optimizer_state(tmp, self.optimizer, acc)
-            write_trainer_state(tmp, self.state, self.scheduler, self.world)
-        acc.wait_for_everyone()
-        if self.main:
-            commit_checkpoint(tmp, self.ckpt_dir, step, keep_step=False)
-        acc.wait_for_everyone()
+    def save_weights(self, run: Run, folder: Path) -> None:
+        _save_model(self.detector, folder / "model")
+
+    def load_weights(self, run: Run, folder: Path) -> None:
+        self.detector.load_pretrained_weights(folder / "model")
+
+    def load_checkpoint(self, run: Run, folder: Path, trainer: dict[str, Any]) -> None:
+        dynamic = trainer["state"].get("dynamic", [])
+        self.data.dataset.dynamic = {i: ShrinkSpec(*self.cfg.shrink_scale) for i in dynamic}
 
     # -- outputs ---------------------------------------------------------------------------------
-    def _finish(self, stopped_early: bool) -> TrainResult:
-        cfg, st = self.cfg, self.state
+    def finish(self, run: Run, reason: str) -> TrainResult:
+        cfg, st = self.cfg, run.state
+        ckpt_dir = self.out / "checkpoints"
         model_dir = self.out / "model"
+        if run.stopped_early:
+            self.log(
+                f"early stop at step {st['step']}: {cfg.select_metric} did not improve in "
+                f"{cfg.patience} evaluations"
+            )
         best = None
-        best_json = self.ckpt_dir / "best" / "best.json"
+        best_json = ckpt_dir / "best" / "best.json"
         if st["best_step"] is not None and best_json.is_file():
             best = json.loads(best_json.read_text())
             if best.get("step") != st["best_step"]:  # written after the checkpoint resumed
                 self.log("[yellow]the best checkpoint is not this run's best; using last[/yellow]")
                 best = None
-        source = self.ckpt_dir / ("best" if best else "last") / "model"
+        source = ckpt_dir / ("best" if best else "last") / "model"
         if self.main:
             tmp = self.out / ".model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(source, tmp)
-            _swap_in(tmp, model_dir)
-            records = list(self.journal.records) if self.journal is not None else []
-            plot_curves(records, self.out / "curves.png", cfg.select_metric)
-            atomic_write_text(self.out / "README.md", self._model_card(best, stopped_early))
+            swap_in(tmp, model_dir)
+            plot_curves(run.records, self.out / "curves.png", cfg.select_metric)
+            card = self._model_card(run, best, run.stopped_early)
+            atomic_write_text(self.out / "README.md", card)
             self.log(f"model: {model_dir} (step {best['step'] if best else st['step']})")
         return TrainResult(
             out=self.out,
             step=st["step"],
             best=best,
-            last_val=getattr(self, "_last_val", None),
-            stopped_early=stopped_early,
+            last_val=self._last_val,
+            stopped_early=run.stopped_early,
             model_dir=model_dir,
             main=self.main,
         )
 
-    def _model_card(self, best: dict[str, Any] | None, stopped_early: bool) -> str:
-        cfg, st, det = self.cfg, self.state, self.detector
-        n_train, n_val = len(self.dataset), len(self.val)
+    def _model_card(self, run: Run, best: dict[str, Any] | None, stopped_early: bool) -> str:
+        cfg, st, det = self.cfg, run.state, self.detector
+        n_train, n_val = len(self.data.dataset), len(self.val)
         sources: dict[str, int] = {}
-        for s in self.dataset.samples:
+        for s in self.data.dataset.samples:
             sources[s.source] = sources.get(s.source, 0) + 1
         lines = [
             f"# {cfg.detector} artifact detector (trained with `dd train-detector`)",
@@ -909,14 +807,14 @@ class _Trainer:
             f"- {st['step']} of {cfg.steps} optimizer steps"
             + (" (early stop)" if stopped_early else "")
             + f", batch {cfg.batch_size} x {self.world} process(es) x {cfg.grad_accum} "
-            f"accumulation, crop {self.dataset.aug.size[0]}x{self.dataset.aug.size[1]}",
+            f"accumulation, crop {self.data.dataset.aug.size[0]}x{self.data.dataset.aug.size[1]}",
             f"- AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, warmup + cosine, "
             f"precision {cfg.precision}, seed {cfg.seed}",
             "- Loss: MSE between sigmoid(upsampled logits) and the target map",
             "",
             "## Validation metrics",
         ]
-        vals = [r for r in self.journal.records if r.get("type") == "val"] if self.journal else []
+        vals = [r for r in run.records if r.get("type") == "val"]
         if best:
             m = best["metrics"]
             lines.append(f"Best {cfg.select_metric}, at step {best['step']}:")
@@ -967,46 +865,22 @@ class _Trainer:
 # ------------------------------------------------------------------------------------------------
 def plot_curves(records: list[dict[str, Any]], path: Path, metric: str = "mse") -> None:
     """Draw training loss and validation ``metric`` (and ``mse``) against steps as a PNG."""
-    from dd.report.plot import Panel, plot_panels
-
-    train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    blue = {"loss": (31, 119, 180)}
-    panels = [Panel("train loss", "step", "loss", {"loss": train}, colours=blue)]
-    val: dict[str, list[tuple[float, float]]] = {}
-    colours: dict[str, tuple[int, int, int]] = {}
-    for name, colour in ((metric, (214, 39, 40)), ("mse", (44, 160, 44))):
-        pts = [(r["step"], r[name]) for r in records if r.get("type") == "val" and r.get(name)]
-        if pts and f"val {name}" not in val:
-            val[f"val {name}"], colours[f"val {name}"] = pts, colour
-    if val:
-        panels.append(Panel("validation", "step", metric, val, colours=colours))
-    plot_panels(panels, path, size=(480, 300))
+    colours = {"loss": (31, 119, 180), f"val {metric}": (214, 39, 40), "val mse": (44, 160, 44)}
+    curves: list[Any] = [("train loss", "loss", {"loss": ("train", "loss")})]
+    if any(r.get("type") == "val" for r in records):
+        val = {f"val {metric}": ("val", metric), "val mse": ("val", "mse")}
+        curves.append(("validation", metric, val))
+    write_curves(records, path, curves, size=(480, 300), colours=colours)
 
 
-def train_detector(cfg: TrainConfig, *, console: Any | None = None) -> TrainResult:
+def train_detector(cfg: TrainConfig, *, reporter: Reporter | None = None) -> TrainResult:
     """Train (or resume training) a SegFormer artifact detector; see the module docstring.
 
-    ``console`` (a rich Console) receives the balance table, progress bar and messages on the
-    main process; None trains silently.
-    """
-    from accelerate.state import AcceleratorState, GradientState
-
-    # accelerate keeps its settings (precision, device) in process-wide singletons that
-    # refuse to change once set. A single-process run starts from fresh ones and clears them
-    # afterwards, so runs with other settings can follow in the same process (tests,
-    # notebooks). Under a multi-process launch they stay (they hold the process group).
-    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
-    if single:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+    ``reporter`` receives the balance table, progress bar and messages on the main process;
+    None trains silently."""
     from dd.runtime.io import undo_if_nothing_written
 
-    try:
-        # A run that fails before its first checkpoint or metric (a detector that does not
-        # load, data too small for a batch) leaves no folder to block the corrected rerun.
-        with undo_if_nothing_written(cfg.out, bookkeeping=("train_config.json",)):
-            return _Trainer(cfg, console).run()
-    finally:
-        if single:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            GradientState._reset_state()
+    # A run that fails before its first checkpoint or metric (a detector that does not load,
+    # data too small for a batch) leaves no folder to block the corrected rerun.
+    with undo_if_nothing_written(cfg.out, bookkeeping=("train_config.json",)):
+        return run_accelerated(lambda: _DetectorTraining(cfg, reporter))

@@ -86,7 +86,7 @@ from dd.runtime.checkpoint import (
     save_run_config,
 )
 from dd.runtime.config import check_settings, setting
-from dd.runtime.device import check_training_device, make_accelerator, run_accelerated
+from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
@@ -94,7 +94,7 @@ from dd.training.draws import noise_seed
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import TIMING_FIELDS  # noqa: F401 - re-exported
 from dd.training.outputs import plot_curves as write_curves
-from dd.training.setup import PRECISIONS, RESUMABLE
+from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
 
 __all__ = [
     "REDUCTIONS",
@@ -475,7 +475,7 @@ class _Treater(Recipe):
     def _accelerator(self) -> Any:
         c = self.cfg
         hint = "check --dtype and the accelerate config (accelerate env)"
-        return make_accelerator(c.device, PRECISIONS[c.dtype], c.grad_accum, hint=hint)
+        return training_accelerator(c.device, PRECISIONS[c.dtype], hint=hint)
 
     def log(self, text: str) -> None:
         self.reporter.message(text)

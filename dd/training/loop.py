@@ -8,10 +8,11 @@ what every training job shares, written once:
   weights' initialisation is a function of the seed), the learning-rate schedule
   (:func:`dd.training.schedule.lr_schedule`), ``accelerate.prepare`` and resume;
 * one fixed step order: read the learning rate; for each micro-batch forward and backward
-  under ``accelerator.accumulate`` (``no_sync`` on all but the last, the loss divided by
-  their number); clip; optimizer step; ``zero_grad``; :meth:`Recipe.after_optimizer_step`
-  (e.g. EMA); scheduler step; :meth:`Recipe.end_step` (data positions); reduce the logged
-  values across processes; refuse a non-finite one;
+  of the loss divided by their number (``no_sync`` on all but the last: the accelerator
+  is made with one accumulation step, :func:`dd.training.setup.training_accelerator`, so
+  an epoch's end never forces a sync mid-step); clip; optimizer step; ``zero_grad``;
+  :meth:`Recipe.after_optimizer_step` (e.g. EMA); scheduler step; :meth:`Recipe.end_step`
+  (data positions); reduce the logged values across processes; refuse a non-finite one;
 * ``metrics.jsonl`` (:func:`dd.training.outputs.open_metrics`): a ``train`` line every
   ``log_every`` steps (and at ``train_steps``) with the window's mean of each logged value,
   the learning rate of the step logged, its gradient norm and the window's mean step time;
@@ -29,6 +30,7 @@ what every training job shares, written once:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -74,6 +76,15 @@ class LoopSettings:
     log_every: int = 1
     #: Evaluate every N steps (and at step 0 and ``train_steps``); None: only those two.
     eval_every: int | None = None
+    #: Evaluate the untrained weights at step 0.
+    eval_at_start: bool = True
+    #: Where :meth:`Recipe.save_best` writes, relative to the run folder.
+    best_dir: str = "best"
+    #: ``metrics.jsonl`` record types written before a step (:meth:`Recipe.before_step`):
+    #: those of the checkpoint's step are written again by a resumed run.
+    before_step_records: tuple[str, ...] = ()
+    #: Seed each process differently (seed + process index), as accelerate offers.
+    device_specific_seed: bool = False
     save_every: int = 100
     #: Keep ``checkpoints/step-N`` beside ``last`` at each ``save_every``.
     keep_step_checkpoints: bool = False
@@ -107,6 +118,9 @@ class Setup:
     names: list[str]
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
+    #: Other objects for ``accelerate.prepare`` (e.g. a DataLoader); the prepared ones are
+    #: :attr:`Run.prepared`.
+    extra: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +178,10 @@ class Run:
     log_keys: tuple[str, ...] = ("loss",)
     #: The last evaluation's :attr:`Evaluation.summary` (progress bar).
     eval_summary: str = ""
+    #: :attr:`Setup.extra` after ``accelerate.prepare``.
+    prepared: list[Any] = field(default_factory=list)
+    #: True when patience ended the run.
+    stopped_early: bool = False
 
     @property
     def main(self) -> bool:
@@ -236,6 +254,40 @@ class Recipe:
     def after_evaluation(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
         """Called after each evaluation was logged (``improved``: a new best)."""
 
+    def save_weights(self, run: Run, folder: Path) -> None:
+        """The trained weights in a checkpoint (main process): by default
+        ``trainable.safetensors``, the trained parameters by name in float32."""
+        from safetensors.torch import save_file
+
+        assert run.setup is not None
+        weights = trainable_weights(run.setup.names, run.setup.params)
+        save_file(weights, str(folder / TRAINABLE_FILE))
+
+    def load_weights(self, run: Run, folder: Path) -> None:
+        """Read back :meth:`save_weights` into the trained parameters."""
+        from safetensors.torch import load_file
+
+        assert run.setup is not None
+        try:
+            weights = load_file(str(folder / TRAINABLE_FILE))
+        except Exception as e:
+            raise DDError(
+                f"cannot read {folder / TRAINABLE_FILE}: {type(e).__name__}: {e}"
+            ) from None
+        names, params = run.setup.names, run.setup.params
+        if sorted(weights) != sorted(names):
+            raise DDError(
+                f"the trained weights in {folder} do not match this run's",
+                hint="resume with the original model and LoRA options",
+            )
+        with torch.no_grad():
+            for name, p in zip(names, params, strict=True):
+                p.copy_(weights[name].to(p.device, p.dtype))
+
+    def train_fields(self, run: Run) -> dict[str, Any]:
+        """Extra fields of ``train`` lines (e.g. the epoch)."""
+        return {}
+
     def save_checkpoint(self, run: Run, folder: Path) -> None:
         """Extra files of a checkpoint (main process), e.g. EMA weights or the LoRA file."""
 
@@ -273,7 +325,9 @@ def fit(
     rep = as_reporter(reporter) if acc.is_main_process else QUIET
     state: dict[str, Any] = {"step": 0, **recipe.initial_state(), "window": _new_window()}
     run = Run(acc, out, settings, rep, state, log_keys=tuple(recipe.log_keys))
-    set_seed(settings.seed)
+    if acc.gradient_accumulation_steps != 1:
+        raise ValueError("fit accumulates gradients itself: make the accelerator with 1 step")
+    set_seed(settings.seed, device_specific=settings.device_specific_seed)
     run.setup = recipe.setup(run)
     schedule = lr_schedule(
         settings.lr_schedule, settings.train_steps, settings.warmup_steps, settings.min_lr_ratio
@@ -281,13 +335,15 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(run.setup.optimizer, schedule)
     if resume_from is not None:
         _load_checkpoint(recipe, run, resume_from, scheduler)
-    run.wrapped, run.optimizer, run.scheduler = acc.prepare(
-        run.setup.module, run.setup.optimizer, scheduler
+    run.wrapped, run.optimizer, *run.prepared, run.scheduler = acc.prepare(
+        run.setup.module, run.setup.optimizer, *run.setup.extra, scheduler
     )
     if resume_from is not None:
         load_optimizer_state(resume_from, run.optimizer, acc)
     if run.main:
-        run.journal = open_metrics(out, state["step"], fresh=resume_from is None)
+        run.journal = open_metrics(
+            out, state["step"], fresh=resume_from is None, rerun=settings.before_step_records
+        )
     run.tracker = RunTracker(
         settings.report_to, out, settings.run_name, step=state["step"], main=run.main
     )
@@ -320,7 +376,7 @@ def _loop(recipe: Recipe, run: Run) -> str:
     stop_at = min(s.train_steps, s.stop_at or s.train_steps)
     if not isinstance(state.get("window"), dict):  # a checkpoint of an older dd
         state["window"] = _new_window()
-    if state["step"] == 0:
+    if state["step"] == 0 and s.eval_at_start:
         reason = _evaluate(recipe, run)
         if reason:
             return reason
@@ -338,7 +394,7 @@ def _loop(recipe: Recipe, run: Run) -> str:
             _window_add(run, values, time.perf_counter() - t0)
             bar.update(task, completed=step, info=f"loss {values['loss']:.4f}")
             if step % s.log_every == 0 or step == s.train_steps:
-                _log_window(run, lr, grad_norm)
+                _log_window(recipe, run, lr, grad_norm)
             if (s.eval_every and step % s.eval_every == 0) or step == s.train_steps:
                 reason = _evaluate(recipe, run)
                 bar.update(task, eval=run.eval_summary)
@@ -378,17 +434,18 @@ def _train_step(recipe: Recipe, run: Run) -> tuple[dict[str, float | None], floa
     recipe.before_step(run)
     for micro in range(n):
         batch = recipe.micro_batch(run, micro)
-        with acc.accumulate(run.wrapped):
+        last = micro == n - 1
+        with contextlib.nullcontext() if last else acc.no_sync(run.wrapped):
             out = recipe.loss(run, batch)
-            acc.backward(out.loss)
-            if acc.sync_gradients and s.clip_grad > 0:
-                grad_norm = float(acc.clip_grad_norm_(run.params, s.clip_grad))
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            acc.backward(out.loss / n)
         total += out.loss.detach().float() / n
         logged = out.logged or {"loss": out.loss}
         for key, value in logged.items():
             sums[key] = sums.get(key, torch.zeros((), device=acc.device)) + value.detach() / n
+    if s.clip_grad > 0:
+        grad_norm = float(acc.clip_grad_norm_(run.params, s.clip_grad))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     recipe.after_optimizer_step(run)
     run.scheduler.step()
     recipe.end_step(run)
@@ -418,7 +475,7 @@ def _window_add(run: Run, values: dict[str, float | None], seconds: float) -> No
             w["counts"][key] = w["counts"].get(key, 0) + 1
 
 
-def _log_window(run: Run, lr: float, grad_norm: float | None) -> None:
+def _log_window(recipe: Recipe, run: Run, lr: float, grad_norm: float | None) -> None:
     w = run.state["window"]
     n = max(1, w["n"])
     rec: dict[str, Any] = {"type": "train", "step": run.state["step"]}
@@ -426,6 +483,7 @@ def _log_window(run: Run, lr: float, grad_norm: float | None) -> None:
     for key in keys:
         rec[key] = w["sums"][key] / w["counts"][key] if key in w["sums"] else None
     rec.update(lr=lr, grad_norm=grad_norm, step_time_s=w["time_s"] / n)
+    rec.update(recipe.train_fields(run))
     run.record(rec)
     run.state["window"] = _new_window()
 
@@ -465,10 +523,14 @@ def _evaluate(recipe: Recipe, run: Run) -> str:
     if ev.stop:
         return ev.stop
     if s.patience is not None and state.get("bad_evals", 0) >= s.patience:
-        return (
-            f"{s.score_name} did not improve in {s.patience} evaluations "
-            f"(best {state['best']:.5f} at step {state['best_step']})"
+        run.stopped_early = True
+        best = state.get("best")
+        where = (
+            "no evaluation had a usable score"
+            if best is None
+            else f"best {best:.5f} at step {state['best_step']}"
         )
+        return f"{s.score_name} did not improve in {s.patience} evaluations ({where})"
     return ""
 
 
@@ -477,24 +539,21 @@ def _save_best(recipe: Recipe, run: Run, ev: Evaluation) -> None:
 
     run.acc.wait_for_everyone()
     if run.main:
-        tmp = run.out / ".best.tmp"
+        final = run.out / run.settings.best_dir
+        tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         recipe.save_best(run, tmp, ev)
-        swap_in(tmp, run.out / "best")
+        swap_in(tmp, final)
     run.acc.wait_for_everyone()
 
 
 def _save_checkpoint(recipe: Recipe, run: Run, keep_step: bool) -> None:
-    from safetensors.torch import save_file
-
     acc, state = run.acc, run.state
     ckpt_dir = run.out / "checkpoints"
     tmp = open_checkpoint(acc, ckpt_dir, state["step"])
     if run.main:
-        assert run.setup is not None
-        weights = trainable_weights(run.setup.names, run.setup.params)
-        save_file(weights, str(tmp / TRAINABLE_FILE))
+        recipe.save_weights(run, tmp)
         recipe.save_checkpoint(run, tmp)
         save_optimizer_state(tmp, run.optimizer, acc)
         write_trainer_state(tmp, state, run.scheduler, run.world, **recipe.trainer_record(run))
@@ -521,24 +580,9 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
 
 
 def _load_checkpoint(recipe: Recipe, run: Run, last: Path, scheduler: Any) -> None:
-    from safetensors.torch import load_file
-
-    assert run.setup is not None
     trainer = read_trainer_state(last, run.world)
     recipe.load_checkpoint(run, last, trainer)
-    try:
-        weights = load_file(str(last / TRAINABLE_FILE))
-    except Exception as e:
-        raise DDError(f"cannot read {last / TRAINABLE_FILE}: {type(e).__name__}: {e}") from None
-    names, params = run.setup.names, run.setup.params
-    if sorted(weights) != sorted(names):
-        raise DDError(
-            f"the trained weights in {last} do not match this run's",
-            hint="resume with the original model and LoRA options",
-        )
-    with torch.no_grad():
-        for name, p in zip(names, params, strict=True):
-            p.copy_(weights[name].to(p.device, p.dtype))
+    recipe.load_weights(run, last)
     scheduler.load_state_dict(trainer["scheduler"])
     run.state.update(trainer["state"])
-    run.reporter.message(f"resuming {run.out} at step {run.state['step']}")
+    run.reporter.message(f"resuming at step {run.state['step']} from {last}")

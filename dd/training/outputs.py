@@ -16,14 +16,20 @@ __all__ = ["TIMING_FIELDS", "Curve", "open_metrics", "plot_curves"]
 TIMING_FIELDS = frozenset({"step_time_s", "eval_time_s"})
 
 
-def open_metrics(out: Path, step: int, *, fresh: bool) -> Journal:
+def open_metrics(out: Path, step: int, *, fresh: bool, rerun: tuple[str, ...] = ()) -> Journal:
     """``out/metrics.jsonl``: emptied for a new run (``fresh``); for a run resumed at
     checkpoint ``step``, without the lines of later steps (the killed run wrote them after
-    its last checkpoint; the resumed run writes them again) and without ``stop`` lines (they
-    end an earlier session)."""
+    its last checkpoint; the resumed run writes them again), without ``stop`` lines (they
+    end an earlier session) and without the lines of types ``rerun`` at ``step`` (written
+    before the step that follows the checkpoint: they are written again too)."""
     path = Path(out) / "metrics.jsonl"
     journal = Journal(path, fresh=fresh)
-    keep = [r for r in journal.records if r.get("step", 0) <= step and r.get("type") != "stop"]
+
+    def kept(r: dict[str, Any]) -> bool:
+        at = r.get("step", 0)
+        return r.get("type") != "stop" and (at < step or (at == step and r["type"] not in rerun))
+
+    keep = [r for r in journal.records if kept(r)]
     if len(keep) != len(journal.records):
         journal.close()
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
