@@ -516,26 +516,24 @@ class TreatSetup:
 def treat_step(
     setup: TreatSetup, resolution: int, grad_steps: int, latents: torch.Tensor
 ) -> torch.Tensor:
-    """One treat step as ``dd treat`` runs it per micro-batch: sample with gradients through
-    the last ``grad_steps`` steps, decode (checkpointed when enabled), detector logits,
-    ``dd.ops.artifact_confidence_loss`` (mean over pixels: the value of the treat engine's
-    ``confidence_loss``, without storing the full-resolution map), mean over the batch,
-    backward. Returns the loss (detached)."""
-    from dd.ops import artifact_confidence_loss
+    """One treat step as ``dd treat`` runs it per micro-batch, through the engine's own
+    objective (:func:`dd.engines.treat.generated_confidence`: sample with gradients through
+    the last ``grad_steps`` steps, decode, detector, fused confidence loss), then backward.
+    Returns the loss (detached)."""
+    from dd.engines.treat import generated_confidence
 
-    bb = setup.backbone
-    lat = bb.sample(
+    loss = generated_confidence(
+        setup.backbone,
+        setup.detector,
         setup.cond,
+        latents,
         height=resolution,
         width=resolution,
         steps=setup.steps,
         guidance=setup.guidance,
-        latents=latents,
         grad_steps=grad_steps,
+        reduction=setup.reduction,
     )
-    images = bb.decode_maybe_checkpointed(lat, resolution, resolution)
-    logits = setup.detector.logits(images)
-    loss = artifact_confidence_loss(logits, (resolution, resolution), setup.reduction).mean()
     loss.backward()
     return loss.detach()
 

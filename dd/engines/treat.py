@@ -306,6 +306,37 @@ def confidence_loss(
     return artifact_confidence_loss(logits, size, reduction, threshold=threshold).mean()
 
 
+def generated_confidence(
+    bb: Any,
+    detector: torch.nn.Module,
+    cond: Any,
+    latents: torch.Tensor,
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float | None,
+    grad_steps: int,
+    reduction: str = "mean",
+    threshold: float = 0.1,
+) -> torch.Tensor:
+    """The treat objective of one group of samples sharing ``K``: sample from ``latents``
+    with gradients through the last ``grad_steps`` steps, decode (checkpointed when
+    enabled), and the detector's :func:`confidence_loss` of the images (batch mean). The one
+    copy: :class:`TreatObjective` and ``dd bench treat`` both call it."""
+    lat = bb.sample(
+        cond,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        latents=latents,
+        grad_steps=grad_steps,
+    )
+    images = bb.decode_maybe_checkpointed(lat, height, width)
+    return confidence_loss(detector, images, reduction, threshold)
+
+
 # ------------------------------------------------------------------------------------------
 # The objective: one micro-batch's loss (the module accelerate wraps)
 # ------------------------------------------------------------------------------------------
@@ -359,17 +390,19 @@ class TreatObjective(torch.nn.Module):
         total = None
         for k in sorted(set(grad_steps)):
             idx = [i for i, g in enumerate(grad_steps) if g == k]
-            lat = bb.sample(
+            part = generated_confidence(
+                bb,
+                self.detector,
                 cond.select(idx),
+                latents[idx],
                 height=h,
                 width=w,
                 steps=self.steps,
                 guidance=self.guidance,
-                latents=latents[idx],
                 grad_steps=k,
+                reduction=self.reduction,
+                threshold=self.threshold,
             )
-            images = bb.decode_maybe_checkpointed(lat, h, w)
-            part = confidence_loss(self.detector, images, self.reduction, self.threshold)
             part = part * (len(idx) / len(prompts))
             total = part if total is None else total + part
         if total is None:
