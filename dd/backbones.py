@@ -128,218 +128,10 @@ class Schedule:
 StepCallback = Callable[[int, torch.Tensor, bool], None]
 
 
-class Backbone(abc.ABC):
-    """Base class of every backbone plugin (see the module docstring)."""
-
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    #: ``flow``, ``epsilon`` or ``v_prediction`` (a family may read it from the scheduler).
-    prediction_type: str = FLOW
-    #: Keyword of the pipeline class's ``save_lora_weights`` for the denoiser's layers.
-    lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
-    default_lora_targets: ClassVar[tuple[str, ...]] = DEFAULT_LORA_TARGETS
-    #: Family defaults, overridden by presets and flags.
-    default_steps: ClassVar[int] = 28
-    default_guidance: ClassVar[float | None] = None
-    default_resolution: ClassVar[int] = 1024
-    #: diffusers pipeline class names (``model_index.json`` ``_class_name``) this family
-    #: loads: a folder of another family gets a hint naming the right ``--backbone``.
-    pipeline_classes: ClassVar[tuple[str, ...]] = ()
-    #: How ``dd refine train`` trains this family on a late-step range: ``"full"``
-    #: (fine-tune the denoiser), ``"lora"``, or None (not supported).
-    late_step_training: ClassVar[str | None] = None
-    #: Whether the family is prompted (an unconditional LDM is not).
-    conditional: bool = True
-
-    @classmethod
-    def build_tiny_pipeline(cls, seed: int = 0) -> Any:
-        """A tiny pipeline of the family's real classes with seeded random weights, for
-        offline tests (``python -m dd.testing.tiny NAME DIR`` saves it). Families without one
-        return None."""
-        return None
-
-    @staticmethod
-    def family_of(pipeline_class: str) -> str | None:
-        """The ``--backbone`` name of the loaded family that declares ``pipeline_class``."""
-        todo = list(Backbone.__subclasses__())
-        while todo:
-            cls = todo.pop()
-            todo.extend(cls.__subclasses__())
-            if pipeline_class in getattr(cls, "pipeline_classes", ()) and cls.name:
-                return cls.name
-        return None
-
-    def __init__(
-        self,
-        pipe: Any,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        source: str = "",
-    ):
-        self.pipe = pipe
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.source = source
-        self.gradient_checkpointing = False
-        self.vae_checkpointing = False
-        self._prompt_cache: dict[str, Conditioning] = {}
-        self.quantized = "none"  # see quantize()
-        for module in self.frozen_modules():
-            module.requires_grad_(False)
-
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    @abc.abstractmethod
-    def from_pretrained(cls, model: str, **options: Any) -> Backbone:
-        """Load the model from a hub id, a local diffusers folder or a single file."""
-
-    # ------------------------------------------------------------------ components
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        """The transformer or UNet: what LoRA adapts and what ``predict`` calls."""
-        return self.pipe.transformer if getattr(self.pipe, "transformer", None) else self.pipe.unet
-
-    @property
-    def vae(self) -> torch.nn.Module:
-        return self.pipe.vae
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent cell (8 for the real models; the tiny test VAEs use 4)."""
-        return int(self.pipe.vae_scale_factor)
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's factor, times the patch size of
-        a transformer denoiser (a UNet pads odd sizes itself, as diffusers' pipelines allow).
-        A family that packs latents (FLUX) overrides it."""
-        f = self.vae_scale_factor
-        patch = getattr(self.denoiser.config, "patch_size", None)
-        return f * int(patch) if patch else f
-
-    def check_size(self, height: int, width: int, flag: str = "--resolution") -> None:
-        """Refuse a size the model would silently change (FLUX turns 50 px into 48)."""
-        m = self.size_multiple
-        for side in (height, width):
-            if side % m:
-                lo, hi = max(m, side // m * m), (side // m + 1) * m
-                raise DDError(
-                    f"{flag} {side} is not a multiple of {m}, which {self.name} needs",
-                    hint=f"use {lo} or {hi}",
-                )
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        """Everything but LoRA is frozen: text encoders, VAE and the base denoiser."""
-        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer", "unet")
-        return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
-
-    # ------------------------------------------------------------------ family hooks
-    @abc.abstractmethod
-    def encode_prompts_uncached(self, prompts: list[str]) -> Conditioning:
-        """Encode prompts with the frozen text encoders (no gradient)."""
-
-    @abc.abstractmethod
-    def prepare_latents(
-        self, batch_size: int, height: int, width: int, generator: torch.Generator | list | None
-    ) -> torch.Tensor:
-        """Initial noise in the family's sampling layout (e.g. packed for FLUX)."""
-
-    @abc.abstractmethod
-    def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
-        """The full schedule from pure noise to t = 0 for this resolution."""
-
-    @abc.abstractmethod
-    def predict(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        cond: Conditioning,
-        guidance: float | None,
-        height: int,
-        width: int,
-    ) -> torch.Tensor:
-        """The model output (velocity, epsilon or v) for ``latents`` at ``timestep`` (B,)."""
-
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Latents (sampling layout) to images ``B x 3 x H x W`` in [0, 1], differentiable.
-
-        The default suits families whose sampling layout is the VAE's (B x C x h x w); a
-        family that packs latents (FLUX) unpacks and calls :meth:`vae_decode`.
-        """
-        return self.vae_decode(latents)
-
-    def encode_images(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Images in [0, 1] to latents in the sampling layout (no gradient); see
-        :meth:`vae_encode`."""
-        return self.vae_encode(images, generator)
-
-    # ------------------------------------------------------------------ VAE
-    def vae_shift(self) -> float:
-        """The VAE's ``shift_factor`` (FLUX, SD3), 0 where the config has none (SD, SDXL)."""
-        shift = self.vae.config.get("shift_factor")
-        return 0.0 if shift is None else float(shift)
-
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``B x C x h x w`` model latents to [0, 1] pixels, undoing the VAE's scale and
-        shift: ``latents / scaling_factor + shift_factor`` (differentiable)."""
-        vae = self.vae
-        lat = latents / vae.config.scaling_factor + self.vae_shift()
-        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
-
-    @torch.no_grad()
-    def vae_encode(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """[0, 1] pixels to ``B x C x h x w`` model latents with the VAE's shift and scale:
-        ``(z - shift_factor) * scaling_factor`` (the released DiffDoctor code skipped it)."""
-        vae = self.vae
-        x = images.to(self.device, vae.dtype) * 2 - 1
-        z = vae.encode(x).latent_dist.sample(generator=generator)
-        return ((z - self.vae_shift()) * vae.config.scaling_factor).to(self.dtype)
-
-    @classmethod
-    def load_pipe(
-        cls,
-        pipeline_cls: type,
-        model: str,
-        *,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        **load_kwargs: Any,
-    ) -> Any:
-        """:func:`load_pipeline`, moved to ``device``, with diffusers' progress bar off."""
-        with quiet_loading():
-            pipe = load_pipeline(pipeline_cls, model, dtype=dtype, backbone=cls.name, **load_kwargs)
-        pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    @classmethod
-    def load_with_options(
-        cls,
-        pipeline_cls: type,
-        model: str,
-        *,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        options: dict[str, Any],
-        allowed: Sequence[str],
-        **load_kwargs: Any,
-    ) -> Any:
-        """``cls(pipe, **options)`` for the pipeline at ``model``; an option not in
-        ``allowed`` (a typo) is an error, not silently ignored."""
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise DDError(
-                f"unknown option(s) for backbone {cls.name}: {', '.join(unknown)}",
-                hint=f"options: {', '.join(allowed)}" if allowed else "it takes no options",
-            )
-        pipe = cls.load_pipe(pipeline_cls, model, device=device, dtype=dtype, **load_kwargs)
-        return cls(pipe, device=device, dtype=dtype, source=str(model), **options)
+class _Sampling:
+    """The prompt and sampling part of :class:`Backbone` (prompt cache, scheduler steps,
+    guidance, denoising with gradients through the last steps, generation). A mixin:
+    ``Backbone`` supplies the model calls it uses."""
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -564,6 +356,11 @@ class Backbone(abc.ABC):
             return checkpoint(self.decode, latents, height, width, use_reentrant=False)
         return self.decode(latents, height, width)
 
+
+class _Training:
+    """The training part of :class:`Backbone`: the forward process, training targets and
+    timesteps, the diffusion loss and gradient checkpointing. A mixin of ``Backbone``."""
+
     # ------------------------------------------------------------------ noise / training
     @property
     def num_train_timesteps(self) -> int:
@@ -649,6 +446,11 @@ class Backbone(abc.ABC):
         self.vae_checkpointing = vae
         if blocks and hasattr(self.denoiser, "enable_gradient_checkpointing"):
             self.denoiser.enable_gradient_checkpointing()
+
+
+class _LoRA:
+    """The LoRA part of :class:`Backbone`: attach (PEFT), list, save in diffusers' format
+    and load LoRA weights. A mixin of ``Backbone``."""
 
     # ------------------------------------------------------------------ LoRA
     def add_lora(
@@ -753,6 +555,220 @@ class Backbone(abc.ABC):
             )
         if trainable:
             self.lora_parameters()
+
+
+class Backbone(_Sampling, _Training, _LoRA, abc.ABC):
+    """Base class of every backbone plugin (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: ``flow``, ``epsilon`` or ``v_prediction`` (a family may read it from the scheduler).
+    prediction_type: str = FLOW
+    #: Keyword of the pipeline class's ``save_lora_weights`` for the denoiser's layers.
+    lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
+    default_lora_targets: ClassVar[tuple[str, ...]] = DEFAULT_LORA_TARGETS
+    #: Family defaults, overridden by presets and flags.
+    default_steps: ClassVar[int] = 28
+    default_guidance: ClassVar[float | None] = None
+    default_resolution: ClassVar[int] = 1024
+    #: diffusers pipeline class names (``model_index.json`` ``_class_name``) this family
+    #: loads: a folder of another family gets a hint naming the right ``--backbone``.
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    #: How ``dd refine train`` trains this family on a late-step range: ``"full"``
+    #: (fine-tune the denoiser), ``"lora"``, or None (not supported).
+    late_step_training: ClassVar[str | None] = None
+    #: Whether the family is prompted (an unconditional LDM is not).
+    conditional: bool = True
+
+    @classmethod
+    def build_tiny_pipeline(cls, seed: int = 0) -> Any:
+        """A tiny pipeline of the family's real classes with seeded random weights, for
+        offline tests (``python -m dd.testing.tiny NAME DIR`` saves it). Families without one
+        return None."""
+        return None
+
+    @staticmethod
+    def family_of(pipeline_class: str) -> str | None:
+        """The ``--backbone`` name of the loaded family that declares ``pipeline_class``."""
+        todo = list(Backbone.__subclasses__())
+        while todo:
+            cls = todo.pop()
+            todo.extend(cls.__subclasses__())
+            if pipeline_class in getattr(cls, "pipeline_classes", ()) and cls.name:
+                return cls.name
+        return None
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        source: str = "",
+    ):
+        self.pipe = pipe
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.source = source
+        self.gradient_checkpointing = False
+        self.vae_checkpointing = False
+        self._prompt_cache: dict[str, Conditioning] = {}
+        self.quantized = "none"  # see quantize()
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(cls, model: str, **options: Any) -> Backbone:
+        """Load the model from a hub id, a local diffusers folder or a single file."""
+
+    # ------------------------------------------------------------------ components
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The transformer or UNet: what LoRA adapts and what ``predict`` calls."""
+        return self.pipe.transformer if getattr(self.pipe, "transformer", None) else self.pipe.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for the real models; the tiny test VAEs use 4)."""
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor, times the patch size of
+        a transformer denoiser (a UNet pads odd sizes itself, as diffusers' pipelines allow).
+        A family that packs latents (FLUX) overrides it."""
+        f = self.vae_scale_factor
+        patch = getattr(self.denoiser.config, "patch_size", None)
+        return f * int(patch) if patch else f
+
+    def check_size(self, height: int, width: int, flag: str = "--resolution") -> None:
+        """Refuse a size the model would silently change (FLUX turns 50 px into 48)."""
+        m = self.size_multiple
+        for side in (height, width):
+            if side % m:
+                lo, hi = max(m, side // m * m), (side // m + 1) * m
+                raise DDError(
+                    f"{flag} {side} is not a multiple of {m}, which {self.name} needs",
+                    hint=f"use {lo} or {hi}",
+                )
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Everything but LoRA is frozen: text encoders, VAE and the base denoiser."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer", "unet")
+        return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
+
+    # ------------------------------------------------------------------ family hooks
+    @abc.abstractmethod
+    def encode_prompts_uncached(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts with the frozen text encoders (no gradient)."""
+
+    @abc.abstractmethod
+    def prepare_latents(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | list | None
+    ) -> torch.Tensor:
+        """Initial noise in the family's sampling layout (e.g. packed for FLUX)."""
+
+    @abc.abstractmethod
+    def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
+        """The full schedule from pure noise to t = 0 for this resolution."""
+
+    @abc.abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        guidance: float | None,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """The model output (velocity, epsilon or v) for ``latents`` at ``timestep`` (B,)."""
+
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents (sampling layout) to images ``B x 3 x H x W`` in [0, 1], differentiable.
+
+        The default suits families whose sampling layout is the VAE's (B x C x h x w); a
+        family that packs latents (FLUX) unpacks and calls :meth:`vae_decode`.
+        """
+        return self.vae_decode(latents)
+
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Images in [0, 1] to latents in the sampling layout (no gradient); see
+        :meth:`vae_encode`."""
+        return self.vae_encode(images, generator)
+
+    # ------------------------------------------------------------------ VAE
+    def vae_shift(self) -> float:
+        """The VAE's ``shift_factor`` (FLUX, SD3), 0 where the config has none (SD, SDXL)."""
+        shift = self.vae.config.get("shift_factor")
+        return 0.0 if shift is None else float(shift)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``B x C x h x w`` model latents to [0, 1] pixels, undoing the VAE's scale and
+        shift: ``latents / scaling_factor + shift_factor`` (differentiable)."""
+        vae = self.vae
+        lat = latents / vae.config.scaling_factor + self.vae_shift()
+        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def vae_encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """[0, 1] pixels to ``B x C x h x w`` model latents with the VAE's shift and scale:
+        ``(z - shift_factor) * scaling_factor`` (the released DiffDoctor code skipped it)."""
+        vae = self.vae
+        x = images.to(self.device, vae.dtype) * 2 - 1
+        z = vae.encode(x).latent_dist.sample(generator=generator)
+        return ((z - self.vae_shift()) * vae.config.scaling_factor).to(self.dtype)
+
+    @classmethod
+    def load_pipe(
+        cls,
+        pipeline_cls: type,
+        model: str,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        **load_kwargs: Any,
+    ) -> Any:
+        """:func:`load_pipeline`, moved to ``device``, with diffusers' progress bar off."""
+        with quiet_loading():
+            pipe = load_pipeline(pipeline_cls, model, dtype=dtype, backbone=cls.name, **load_kwargs)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @classmethod
+    def load_with_options(
+        cls,
+        pipeline_cls: type,
+        model: str,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        options: dict[str, Any],
+        allowed: Sequence[str],
+        **load_kwargs: Any,
+    ) -> Any:
+        """``cls(pipe, **options)`` for the pipeline at ``model``; an option not in
+        ``allowed`` (a typo) is an error, not silently ignored."""
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise DDError(
+                f"unknown option(s) for backbone {cls.name}: {', '.join(unknown)}",
+                hint=f"options: {', '.join(allowed)}" if allowed else "it takes no options",
+            )
+        pipe = cls.load_pipe(pipeline_cls, model, device=device, dtype=dtype, **load_kwargs)
+        return cls(pipe, device=device, dtype=dtype, source=str(model), **options)
 
     # ------------------------------------------------------------------ misc
     def quantize(self, mode: str) -> dict[str, int]:

@@ -254,7 +254,7 @@ def test_metrics_of_a_resumed_run_equal_the_straight_runs(tiny_ldm, dataset, tmp
               lr_schedule="cosine", batch_size=2, eval_images=2)  # fmt: skip
     refine_train(config(tiny_ldm, dataset, tmp_path / "straight", **kw))
     refine_train(config(tiny_ldm, dataset, tmp_path / "resumed", stop_at=3, **kw))
-    assert [r["type"] for r in _metrics(tmp_path / "resumed")] == ["eval", "eval"]
+    assert [r["type"] for r in _metrics(tmp_path / "resumed")] == ["eval", "eval", "stop"]
     refine_train(config(tiny_ldm, dataset, tmp_path / "resumed", resume=True, **kw))
     straight = _metrics(tmp_path / "straight")
     assert straight == _metrics(tmp_path / "resumed")

@@ -56,3 +56,20 @@ def test_draws_are_the_ones_runs_were_checkpointed_with():
         2781136339,
     ]
     assert noise_seed(2**40 + 3, 1, 2) == 1620210449  # the run seed is taken mod 2**32
+
+
+def test_epoch_orders_are_the_ones_runs_were_checkpointed_with():
+    """EpochOrder replaced three engines' own per-epoch permutations: same items."""
+    import numpy as np
+
+    from dd.training.draws import EpochOrder
+
+    order = EpochOrder(7)
+    for stream, n in ((1, 5), (4, 3), (11, 8)):
+        got = [order.at(i, n, stream) for i in range(3 * n + 2)]
+        want = [
+            int(np.random.default_rng([7, stream, i // n]).permutation(n)[i % n])
+            for i in range(3 * n + 2)
+        ]
+        assert got == want
+        assert sorted(got[:n]) == list(range(n))  # each epoch is a permutation

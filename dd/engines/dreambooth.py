@@ -81,6 +81,7 @@ from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
+from dd.training.draws import EpochOrder, noise_seed
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
@@ -276,8 +277,7 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def _seed(run_seed: int, stream: int, index: int) -> int:
-    return int(np.random.SeedSequence([run_seed & 0xFFFFFFFF, stream, index]).generate_state(1)[0])
+_seed = noise_seed  # seeds of draws: dd.training.draws (one formula for every job)
 
 
 def _prompt_key(prompt: str) -> str:
@@ -315,6 +315,62 @@ class DreamBoothObjective(torch.nn.Module):
 # ------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------
+def _check_dreambooth_config(c: DreamBoothConfig) -> None:
+    """Refuses bad settings before anything loads (usage errors exit 2)."""
+    for key in ("backbone", "model", "instance_dir", "instance_prompt", "out"):
+        if not getattr(c, key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} is required", hint=f"pass {flag}")
+    if c.prior_preservation and not c.class_prompt:
+        raise UsageError(
+            "--prior-preservation needs --class-prompt",
+            hint='e.g. --class-prompt "a photo of a man"',
+        )
+    choices = [
+        ("quantize", c.quantize, QUANTIZE_MODES),
+        ("optimizer", c.optimizer, OPTIMIZERS),
+        ("weighting", c.weighting, WEIGHTINGS),
+        ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
+        ("dtype", c.dtype, tuple(PRECISIONS)),
+        ("device", c.device, DEVICES),
+    ]
+    positive = {
+        "num-class-images": c.num_class_images,
+        "class-batch-size": c.class_batch_size,
+        "train-steps": c.train_steps,
+        "batch-size": c.batch_size,
+        "grad-accum": c.grad_accum,
+        "lora-rank": c.lora_rank,
+        "validation-every": c.validation_every,
+        "save-every": c.save_every,
+        "log-every": c.log_every,
+        "stop-at": c.stop_at,
+        "resolution": c.resolution,
+        "steps": c.steps,
+    }
+    checks = [
+        (c.lr > 0, "--lr must be above 0"),
+        (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+        (c.clip_grad >= 0, "--clip-grad must be 0 (off) or more"),
+        (c.weight_decay >= 0, "--weight-decay must be 0 or more"),
+        (c.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
+        (c.logit_std > 0, "--logit-std must be above 0"),
+        (c.timestep_shift is None or c.timestep_shift > 0, "--timestep-shift must be > 0"),
+        (0 <= c.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be above 0"),
+        (len(set(c.validation_seeds)) == len(c.validation_seeds), "validation seeds repeat"),
+    ]
+    check_settings(choices, positive, checks)
+    check_available(c.quantize, c.optimizer)
+    check_report_to(c.report_to)
+    check_training_device(c.device, c.dtype)
+    inst = Path(c.instance_dir)  # type: ignore[arg-type]
+    if not inst.is_dir():
+        raise DDError(f"--instance-dir not found: {inst}")
+    if not list_images(inst):
+        raise DDError(f"no images in --instance-dir {inst}", hint="put PNG/JPEG exemplars there")
+
+
 class _DreamBooth(Recipe):
     """The recipe of ``dd dreambooth`` for :func:`dd.training.loop.fit`: the model, the
     cached latents and prompt embeddings, the DreamBooth objective and validation."""
@@ -323,73 +379,16 @@ class _DreamBooth(Recipe):
 
     def __init__(self, cfg: DreamBoothConfig, reporter: Reporter | None):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
-        self._check_config()
+        _check_dreambooth_config(self.cfg)
         assert self.cfg.out is not None
         self.out = Path(self.cfg.out)
         self.acc = self._accelerator()
         self.main = self.acc.is_main_process
         self.reporter = as_reporter(reporter) if self.main else QUIET
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self.order = EpochOrder(self.cfg.seed)
 
     # -- setup --------------------------------------------------------------------------------
-    def _check_config(self) -> None:
-        c = self.cfg
-        for key in ("backbone", "model", "instance_dir", "instance_prompt", "out"):
-            if not getattr(c, key):
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(f"{flag} is required", hint=f"pass {flag}")
-        if c.prior_preservation and not c.class_prompt:
-            raise UsageError(
-                "--prior-preservation needs --class-prompt",
-                hint='e.g. --class-prompt "a photo of a man"',
-            )
-        choices = [
-            ("quantize", c.quantize, QUANTIZE_MODES),
-            ("optimizer", c.optimizer, OPTIMIZERS),
-            ("weighting", c.weighting, WEIGHTINGS),
-            ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
-            ("dtype", c.dtype, tuple(PRECISIONS)),
-            ("device", c.device, DEVICES),
-        ]
-        positive = {
-            "num-class-images": c.num_class_images,
-            "class-batch-size": c.class_batch_size,
-            "train-steps": c.train_steps,
-            "batch-size": c.batch_size,
-            "grad-accum": c.grad_accum,
-            "lora-rank": c.lora_rank,
-            "validation-every": c.validation_every,
-            "save-every": c.save_every,
-            "log-every": c.log_every,
-            "stop-at": c.stop_at,
-            "resolution": c.resolution,
-            "steps": c.steps,
-        }
-        checks = [
-            (c.lr > 0, "--lr must be above 0"),
-            (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-            (c.clip_grad >= 0, "--clip-grad must be 0 (off) or more"),
-            (c.weight_decay >= 0, "--weight-decay must be 0 or more"),
-            (c.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
-            (c.logit_std > 0, "--logit-std must be above 0"),
-            (c.timestep_shift is None or c.timestep_shift > 0, "--timestep-shift must be > 0"),
-            (0 <= c.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-            (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be above 0"),
-            (len(set(c.validation_seeds)) == len(c.validation_seeds), "validation seeds repeat"),
-        ]
-        check_settings(choices, positive, checks)
-        check_available(c.quantize, c.optimizer)
-        check_report_to(c.report_to)
-        check_training_device(c.device, c.dtype)
-        inst = Path(c.instance_dir)  # type: ignore[arg-type]
-        if not inst.is_dir():
-            raise DDError(f"--instance-dir not found: {inst}")
-        if not list_images(inst):
-            raise DDError(
-                f"no images in --instance-dir {inst}", hint="put PNG/JPEG exemplars there"
-            )
-
     def _accelerator(self) -> Any:
         c = self.cfg
         hint = "check --dtype"
@@ -642,16 +641,6 @@ class _DreamBooth(Recipe):
         self.class_latents = encode(self.class_paths, 1_000_000)
 
     # -- data ---------------------------------------------------------------------------------
-    def _at(self, index: int, n: int, stream: int) -> int:
-        epoch, j = divmod(index, n)
-        key = (stream, epoch)
-        if key not in self._perms:
-            if len(self._perms) > 8:
-                self._perms.clear()
-            rng = np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, stream, epoch])
-            self._perms[key] = rng.permutation(n)
-        return int(self._perms[key][j])
-
     def _timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         cfg, bb = self.cfg, self.bb
         if not self.flow:
@@ -674,13 +663,13 @@ class _DreamBooth(Recipe):
         first = st["position"] + (micro * self.world + self.rank) * bs
         lat, prompts, is_class = [], [], []
         for i in range(first, first + bs):
-            j = self._at(i, len(self.instance_latents), _S_ORDER)
+            j = self.order.at(i, len(self.instance_latents), _S_ORDER)
             flip = cfg.random_flip and _seed(cfg.seed, _S_FLIP, i) % 2 == 1
             lat.append(self.instance_latents[j][bool(flip)])
             prompts.append(cfg.instance_prompt)
             is_class.append(False)
             if self.class_latents:
-                c = self._at(i, len(self.class_latents), _S_CLASS_ORDER)
+                c = self.order.at(i, len(self.class_latents), _S_CLASS_ORDER)
                 cflip = cfg.random_flip and _seed(cfg.seed, _S_FLIP + 100, i) % 2 == 1
                 lat.append(self.class_latents[c][bool(cflip)])
                 prompts.append(cfg.class_prompt)

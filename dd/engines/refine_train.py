@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +65,7 @@ from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import check_report_to
+from dd.training.draws import EpochOrder
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
@@ -219,6 +219,73 @@ def eval_range_loss(
     return total / max(1, n)
 
 
+def training_mode(backbone: str) -> str | None:
+    """``full`` or ``lora`` as the backbone plugin declares (``late_step_training``)."""
+    from dd.plugins import get_host
+
+    return getattr(get_host().backbones.get(backbone), "late_step_training", None)
+
+
+def _check_config(c: RefineTrainConfig) -> None:
+    """Refuses bad settings before anything loads (usage errors exit 2)."""
+    for key in ("late_steps", "data", "init", "out"):
+        if not getattr(c, key):
+            flag = "--" + key.replace("_", "-")
+            hint = {
+                "init": "the model to start from: a diffusers folder or hub id (for ldm "
+                "its autoencoder and UNet layout; for sd15 the LoRA's base)",
+                "late_steps": "e.g. --late-steps 500-750 (trains t 250..500)",
+            }.get(key, f"pass {flag}")
+            raise UsageError(f"{flag} is required", hint=hint)
+    mode = training_mode(c.backbone)
+    if mode is None:
+        from dd.plugins import get_host
+
+        able = [
+            f"{e.name} ({e.obj.late_step_training})"
+            for e in get_host().backbones.entries.values()
+            if getattr(e.obj, "late_step_training", None)
+        ]
+        raise DDError(
+            f"dd refine train cannot train --backbone {c.backbone!r} on a step range",
+            hint=f"backbones that can: {', '.join(able) or 'none installed'}",
+        )
+    if c.mixed_precision not in MIXED_PRECISIONS:
+        raise DDError(
+            f"unknown --mixed-precision {c.mixed_precision!r}",
+            hint=f"one of {', '.join(MIXED_PRECISIONS)}",
+        )
+    if c.lr_schedule not in SCHEDULES:
+        raise UsageError(f"unknown --lr-schedule {c.lr_schedule!r}", hint="constant or cosine")
+    if not 0 <= c.ema_decay < 1:
+        raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
+    if c.lr <= 0:
+        raise UsageError("--lr must be above 0")
+    check_settings(
+        [("quantize", c.quantize, QUANTIZE_MODES), ("optimizer", c.optimizer, OPTIMIZERS)]
+    )
+    if c.quantize != "none" and mode == "full":
+        raise DDError(
+            f"--quantize {c.quantize} quantises a frozen denoiser under a LoRA, but "
+            f"--backbone {c.backbone} trains the whole denoiser",
+            hint="drop --quantize, or train a LoRA backbone (e.g. --backbone sd15)",
+        )
+    check_available(c.quantize, c.optimizer)
+    check_report_to(c.report_to)
+    if c.from_scratch and mode != "full":
+        raise DDError(
+            "--from-scratch re-initialises a fully fine-tuned denoiser",
+            hint=f"--backbone {c.backbone} trains a LoRA; drop --from-scratch",
+        )
+    for name in ("train_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
+        if getattr(c, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    on_cpu = c.device == "cpu" or not torch.cuda.is_available()
+    if c.mixed_precision == "fp16" and on_cpu:
+        raise UsageError("--mixed-precision fp16 needs a GPU", hint="use bf16 or no on the CPU")
+    train_timestep_range(c.late_steps or "")
+
+
 class _RangeTraining(Recipe):
     """The recipe of ``dd refine train`` for :func:`dd.training.loop.fit`: the model, the
     data and the range objective; the loop does the rest."""
@@ -227,82 +294,17 @@ class _RangeTraining(Recipe):
 
     def __init__(self, cfg: RefineTrainConfig, reporter: Reporter | None):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
-        self._check()
+        _check_config(self.cfg)
         self.out = Path(str(cfg.out))
         self.acc = training_accelerator(cfg.device, cfg.mixed_precision)
         self.main = self.acc.is_main_process
         self.reporter = as_reporter(reporter) if self.main else QUIET
         self.world = self.acc.num_processes
-        self._perms: dict[int, np.ndarray] = {}
+        self.order = EpochOrder(self.cfg.seed)
         self._cache: dict[int, torch.Tensor] = {}
 
     def log(self, msg: str) -> None:
         self.reporter.message(msg)
-
-    def _check(self) -> None:
-        c = self.cfg
-        for key in ("late_steps", "data", "init", "out"):
-            if not getattr(c, key):
-                flag = "--" + key.replace("_", "-")
-                hint = {
-                    "init": "the model to start from: a diffusers folder or hub id (for ldm "
-                    "its autoencoder and UNet layout; for sd15 the LoRA's base)",
-                    "late_steps": "e.g. --late-steps 500-750 (trains t 250..500)",
-                }.get(key, f"pass {flag}")
-                raise UsageError(f"{flag} is required", hint=hint)
-        mode = self._training_mode()
-        if mode is None:
-            from dd.plugins import get_host
-
-            able = [
-                f"{e.name} ({e.obj.late_step_training})"
-                for e in get_host().backbones.entries.values()
-                if getattr(e.obj, "late_step_training", None)
-            ]
-            raise DDError(
-                f"dd refine train cannot train --backbone {c.backbone!r} on a step range",
-                hint=f"backbones that can: {', '.join(able) or 'none installed'}",
-            )
-        if c.mixed_precision not in MIXED_PRECISIONS:
-            raise DDError(
-                f"unknown --mixed-precision {c.mixed_precision!r}",
-                hint=f"one of {', '.join(MIXED_PRECISIONS)}",
-            )
-        if c.lr_schedule not in SCHEDULES:
-            raise UsageError(f"unknown --lr-schedule {c.lr_schedule!r}", hint="constant or cosine")
-        if not 0 <= c.ema_decay < 1:
-            raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
-        if c.lr <= 0:
-            raise UsageError("--lr must be above 0")
-        check_settings(
-            [("quantize", c.quantize, QUANTIZE_MODES), ("optimizer", c.optimizer, OPTIMIZERS)]
-        )
-        if c.quantize != "none" and mode == "full":
-            raise DDError(
-                f"--quantize {c.quantize} quantises a frozen denoiser under a LoRA, but "
-                f"--backbone {c.backbone} trains the whole denoiser",
-                hint="drop --quantize, or train a LoRA backbone (e.g. --backbone sd15)",
-            )
-        check_available(c.quantize, c.optimizer)
-        check_report_to(c.report_to)
-        if c.from_scratch and mode != "full":
-            raise DDError(
-                "--from-scratch re-initialises a fully fine-tuned denoiser",
-                hint=f"--backbone {c.backbone} trains a LoRA; drop --from-scratch",
-            )
-        for name in ("train_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
-            if getattr(c, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        on_cpu = c.device == "cpu" or not torch.cuda.is_available()
-        if c.mixed_precision == "fp16" and on_cpu:
-            raise UsageError("--mixed-precision fp16 needs a GPU", hint="use bf16 or no on the CPU")
-        train_timestep_range(c.late_steps or "")
-
-    def _training_mode(self) -> str | None:
-        """``full`` or ``lora`` as the backbone declares (``late_step_training``)."""
-        from dd.plugins import get_host
-
-        return getattr(get_host().backbones.get(self.cfg.backbone), "late_step_training", None)
 
     def _settings(self) -> LoopSettings:
         c = self.cfg
@@ -368,7 +370,7 @@ class _RangeTraining(Recipe):
 
     def setup(self, run: Run) -> Setup:
         cfg, bb, acc = self.cfg, self.bb, self.acc
-        if self._training_mode() == "full":
+        if training_mode(cfg.backbone) == "full":
             self.kind = "full"
             if cfg.from_scratch:
                 unet = type(bb.denoiser).from_config(bb.denoiser.config).to(acc.device)
@@ -409,23 +411,12 @@ class _RangeTraining(Recipe):
             return img
         return self._cache[index]
 
-    def _at(self, draw: int) -> int:
-        n = len(self.data)
-        epoch, j = divmod(draw, n)
-        if epoch not in self._perms:
-            if len(self._perms) > 4:
-                self._perms.clear()
-            self._perms[epoch] = np.random.default_rng(
-                [self.cfg.seed & 0xFFFFFFFF, 11, epoch]
-            ).permutation(n)
-        return int(self._perms[epoch][j])
-
     def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
         from dd.training.draws import noise_seed
 
         cfg = self.cfg
         first = run.state["position"] + (micro * run.world + run.rank) * cfg.batch_size
-        idx = [self._at(i) for i in range(first, first + cfg.batch_size)]
+        idx = [self.order.at(i, len(self.data), 11) for i in range(first, first + cfg.batch_size)]
         return {
             "images": torch.stack([self._image(i) for i in idx]),
             "prompts": [self.data[i][1] for i in idx],

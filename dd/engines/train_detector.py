@@ -337,6 +337,61 @@ def _save_model(detector: Any, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
+def _check_train_config(c: TrainConfig) -> None:
+    """Refuses bad settings before anything loads (usage errors exit 2)."""
+    check_report_to(c.report_to)
+    if not c.datasets:
+        raise DDError("no training dataset given", hint="dd train-detector DATASET --out RUN")
+    if c.precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {c.precision!r}", hint="use fp32, bf16 or fp16")
+    if c.loss not in LOSSES:
+        raise UsageError(f"unknown --loss {c.loss!r}", hint="use mse (the paper's) or bce")
+    if c.select_metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+        names = ", ".join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))
+        raise UsageError(f"unknown --select-metric {c.select_metric!r}", hint=f"one of {names}")
+    checks = [
+        (c.steps >= 1, "--steps must be at least 1"),
+        (c.batch_size >= 1, "--batch-size must be at least 1"),
+        (c.grad_accum >= 1, "--grad-accum must be at least 1"),
+        (c.lr > 0, "--lr must be above 0"),
+        (0.0 < c.crop_scale <= 1.0, "--crop-scale must be in (0, 1]"),
+        (c.mask_dilate >= 0, "--mask-dilate must be 0 or more pixels"),
+        (c.pos_weight > 0, "--pos-weight must be positive"),
+        (c.pos_weight == 1.0 or c.loss == "bce", "--pos-weight needs --loss bce"),
+        (0.0 <= c.shrink_prob <= 1.0, "--shrink-pad-prob must be in [0, 1]"),
+        (0.0 < c.shrink_scale[0] <= c.shrink_scale[1] <= 1.0, "bad --shrink-pad-scale"),
+        (c.val_fraction is None or 0.0 <= c.val_fraction < 1.0, "bad --val-fraction"),
+        (min(c.val_every, c.save_every, c.log_every, c.shrink_every) >= 1, "bad interval"),
+        (c.patience is None or c.patience >= 1, "--patience must be at least 1"),
+        (c.stop_at is None or c.stop_at >= 1, "--stop-at must be at least 1"),
+        (0.0 <= c.min_lr_ratio <= 1.0, "--min-lr-ratio must be in [0, 1]"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
+    if c.val and c.val_fraction is not None:
+        raise UsageError(
+            "--val and --val-fraction both given",
+            hint="validate on --val datasets or on a held-out fraction, not both",
+        )
+    if c.shrink_fill != "reflect":
+        try:
+            ok = 0.0 <= float(c.shrink_fill) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise UsageError(
+                f"bad --shrink-pad-fill {c.shrink_fill!r}",
+                hint="a value in [0, 1] (0 = black) or 'reflect'",
+            )
+    on_cpu = c.cpu or not torch.cuda.is_available()
+    if c.precision == "fp16" and on_cpu:
+        raise DDError(
+            "--precision fp16 needs a GPU (CPU autocast supports bf16 only)",
+            hint="use --precision bf16 or fp32 on the CPU",
+        )
+
+
 class _TrainData:
     """train-detector's training data: the augmented dataset, class balance over an epoch
     sampler, the loader, and micro-batches that continue from the saved epoch position
@@ -414,7 +469,7 @@ class _DetectorTraining(Recipe):
     def __init__(self, cfg: TrainConfig, reporter: Reporter | None):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self.out = Path(cfg.out)
-        self._check_config()
+        _check_train_config(self.cfg)
         self.acc = training_accelerator(
             "cpu" if self.cfg.cpu else "auto",
             PRECISIONS[self.cfg.precision],
@@ -426,60 +481,6 @@ class _DetectorTraining(Recipe):
         self._last_val: dict[str, Any] | None = None
 
     # -- setup ---------------------------------------------------------------------------------
-    def _check_config(self) -> None:
-        check_report_to(self.cfg.report_to)
-        c = self.cfg
-        if not c.datasets:
-            raise DDError("no training dataset given", hint="dd train-detector DATASET --out RUN")
-        if c.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {c.precision!r}", hint="use fp32, bf16 or fp16")
-        if c.loss not in LOSSES:
-            raise UsageError(f"unknown --loss {c.loss!r}", hint="use mse (the paper's) or bce")
-        if c.select_metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
-            names = ", ".join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))
-            raise UsageError(f"unknown --select-metric {c.select_metric!r}", hint=f"one of {names}")
-        checks = [
-            (c.steps >= 1, "--steps must be at least 1"),
-            (c.batch_size >= 1, "--batch-size must be at least 1"),
-            (c.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (c.lr > 0, "--lr must be above 0"),
-            (0.0 < c.crop_scale <= 1.0, "--crop-scale must be in (0, 1]"),
-            (c.mask_dilate >= 0, "--mask-dilate must be 0 or more pixels"),
-            (c.pos_weight > 0, "--pos-weight must be positive"),
-            (c.pos_weight == 1.0 or c.loss == "bce", "--pos-weight needs --loss bce"),
-            (0.0 <= c.shrink_prob <= 1.0, "--shrink-pad-prob must be in [0, 1]"),
-            (0.0 < c.shrink_scale[0] <= c.shrink_scale[1] <= 1.0, "bad --shrink-pad-scale"),
-            (c.val_fraction is None or 0.0 <= c.val_fraction < 1.0, "bad --val-fraction"),
-            (min(c.val_every, c.save_every, c.log_every, c.shrink_every) >= 1, "bad interval"),
-            (c.patience is None or c.patience >= 1, "--patience must be at least 1"),
-            (c.stop_at is None or c.stop_at >= 1, "--stop-at must be at least 1"),
-            (0.0 <= c.min_lr_ratio <= 1.0, "--min-lr-ratio must be in [0, 1]"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(msg)
-        if c.val and c.val_fraction is not None:
-            raise UsageError(
-                "--val and --val-fraction both given",
-                hint="validate on --val datasets or on a held-out fraction, not both",
-            )
-        if c.shrink_fill != "reflect":
-            try:
-                ok = 0.0 <= float(c.shrink_fill) <= 1.0
-            except ValueError:
-                ok = False
-            if not ok:
-                raise UsageError(
-                    f"bad --shrink-pad-fill {c.shrink_fill!r}",
-                    hint="a value in [0, 1] (0 = black) or 'reflect'",
-                )
-        on_cpu = c.cpu or not torch.cuda.is_available()
-        if c.precision == "fp16" and on_cpu:
-            raise DDError(
-                "--precision fp16 needs a GPU (CPU autocast supports bf16 only)",
-                hint="use --precision bf16 or fp32 on the CPU",
-            )
-
     def log(self, renderable: Any) -> None:
         if self.reporter.console is not None:  # rich renderables (the balance table)
             self.reporter.console.print(renderable, highlight=False)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
-from dd.training.draws import noise_seed
+from dd.training.draws import EpochOrder, noise_seed
 from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
 from dd.training.outputs import TIMING_FIELDS  # noqa: F401 - re-exported
 from dd.training.outputs import plot_curves as write_curves
@@ -423,6 +424,73 @@ class TreatObjective(torch.nn.Module):
 # ------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------
+def _check_treat_config(c: TreatConfig) -> None:
+    """Refuses bad settings before anything loads (usage errors exit 2)."""
+    for key in ("backbone", "model", "prompts", "eval_prompts", "out"):
+        if not getattr(c, key):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} is required", hint=f"pass {flag} or set {key} in --config")
+    if c.init_lora:
+        from dd.backbones import check_lora_source
+
+        check_lora_source(c.init_lora, "--init-lora")
+    choices = [
+        ("quantize", c.quantize, QUANTIZE_MODES),
+        ("optimizer", c.optimizer, OPTIMIZERS),
+        ("reduction", c.reduction, REDUCTIONS),
+        ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
+        ("dtype", c.dtype, tuple(PRECISIONS)),
+        ("device", c.device, DEVICES),
+    ]
+    positive = {
+        "train-steps": c.train_steps,
+        "batch-size": c.batch_size,
+        "grad-accum": c.grad_accum,
+        "lora-rank": c.lora_rank,
+        "grad-steps": c.grad_steps,
+        "reg-every": c.reg_every,
+        "eval-every": c.eval_every,
+        "eval-batch-size": c.eval_batch_size,
+        "save-every": c.save_every,
+        "log-every": c.log_every,
+        "patience": c.patience,
+        "keep-checkpoints": c.keep_checkpoints,
+        "stop-at": c.stop_at,
+        "reg-batch-size": c.reg_batch_size,
+        "resolution": c.resolution,
+        "steps": c.steps,
+    }
+    checks = [
+        (c.lr > 0, "--lr must be above 0"),
+        (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+        (c.clip_grad >= 0, "--clip-grad must be 0 (off) or more"),
+        (c.weight_decay >= 0, "--weight-decay must be 0 or more"),
+        (c.reg_weight >= 0, "--reg-weight must be 0 or more"),
+        (0 <= c.weighted_threshold < 1, "--weighted-threshold must be in [0, 1)"),
+        (c.max_drift is None or c.max_drift > 0, "--max-drift must be above 0"),
+        (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be above 0"),
+        (bool(c.eval_seeds), "--eval-seeds must name at least one seed"),
+        (len(set(c.eval_seeds)) == len(c.eval_seeds), "--eval-seeds repeat a seed"),
+    ]
+    check_settings(choices, positive, checks)
+    check_available(c.quantize, c.optimizer)
+    check_report_to(c.report_to)
+    check_training_device(c.device, c.dtype)
+
+
+def _adopt_lora_shape(cfg: TreatConfig, bb: Any, log: Callable[[str], None]) -> None:
+    """--init-lora sets the LoRA's rank, alpha and targets: record those, not the flags'
+    defaults (a rank-4 DreamBooth LoRA is trained, and recorded, as rank 4)."""
+    peft_cfg = getattr(bb.denoiser, "peft_config", {}).get("default")
+    if peft_cfg is None:
+        return
+    rank, alpha = int(peft_cfg.r), float(peft_cfg.lora_alpha)
+    targets = sorted(peft_cfg.target_modules or []) or cfg.lora_targets
+    if rank != cfg.lora_rank:
+        log(f"--init-lora {cfg.init_lora} has rank {rank}: training rank {rank}")
+    cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
+
+
 class _Treater(Recipe):
     """The recipe of ``dd treat`` for :func:`dd.training.loop.fit`: the backbone with its
     LoRA, the frozen detector, the prompts and the treat objective; evaluation is
@@ -433,7 +501,7 @@ class _Treater(Recipe):
     def __init__(self, cfg: TreatConfig, reporter: Reporter | None):
         # a copy (filled in with the backbone's defaults below), inputs by absolute path
         self.cfg = absolutize(cfg)
-        self._check_config()
+        _check_treat_config(self.cfg)
         from dd.plugins import load_quality_guard
 
         assert cfg.out is not None
@@ -446,65 +514,10 @@ class _Treater(Recipe):
         self.main = self.acc.is_main_process
         self.reporter = as_reporter(reporter) if self.main else QUIET
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self.order = EpochOrder(self.cfg.seed)
         self._reg_now = False
 
     # -- setup --------------------------------------------------------------------------------
-    def _check_config(self) -> None:
-        c = self.cfg
-        for key in ("backbone", "model", "prompts", "eval_prompts", "out"):
-            if not getattr(c, key):
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(
-                    f"{flag} is required", hint=f"pass {flag} or set {key} in --config"
-                )
-        if c.init_lora:
-            from dd.backbones import check_lora_source
-
-            check_lora_source(c.init_lora, "--init-lora")
-        choices = [
-            ("quantize", c.quantize, QUANTIZE_MODES),
-            ("optimizer", c.optimizer, OPTIMIZERS),
-            ("reduction", c.reduction, REDUCTIONS),
-            ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
-            ("dtype", c.dtype, tuple(PRECISIONS)),
-            ("device", c.device, DEVICES),
-        ]
-        positive = {
-            "train-steps": c.train_steps,
-            "batch-size": c.batch_size,
-            "grad-accum": c.grad_accum,
-            "lora-rank": c.lora_rank,
-            "grad-steps": c.grad_steps,
-            "reg-every": c.reg_every,
-            "eval-every": c.eval_every,
-            "eval-batch-size": c.eval_batch_size,
-            "save-every": c.save_every,
-            "log-every": c.log_every,
-            "patience": c.patience,
-            "keep-checkpoints": c.keep_checkpoints,
-            "stop-at": c.stop_at,
-            "reg-batch-size": c.reg_batch_size,
-            "resolution": c.resolution,
-            "steps": c.steps,
-        }
-        checks = [
-            (c.lr > 0, "--lr must be above 0"),
-            (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-            (c.clip_grad >= 0, "--clip-grad must be 0 (off) or more"),
-            (c.weight_decay >= 0, "--weight-decay must be 0 or more"),
-            (c.reg_weight >= 0, "--reg-weight must be 0 or more"),
-            (0 <= c.weighted_threshold < 1, "--weighted-threshold must be in [0, 1)"),
-            (c.max_drift is None or c.max_drift > 0, "--max-drift must be above 0"),
-            (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be above 0"),
-            (bool(c.eval_seeds), "--eval-seeds must name at least one seed"),
-            (len(set(c.eval_seeds)) == len(c.eval_seeds), "--eval-seeds repeat a seed"),
-        ]
-        check_settings(choices, positive, checks)
-        check_available(c.quantize, c.optimizer)
-        check_report_to(c.report_to)
-        check_training_device(c.device, c.dtype)
-
     def _accelerator(self) -> Any:
         c = self.cfg
         hint = "check --dtype and the accelerate config (accelerate env)"
@@ -628,7 +641,7 @@ class _Treater(Recipe):
         cfg, bb = self.cfg, self.bb
         if cfg.init_lora:
             bb.load_lora(cfg.init_lora, trainable=True)
-            self._adopt_lora_shape(bb)
+            _adopt_lora_shape(cfg, bb, self.log)
         else:
             bb.add_lora(
                 rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, init="gaussian"
@@ -670,17 +683,6 @@ class _Treater(Recipe):
         return Setup(objective, names, params, optimizer)
 
     # -- data ---------------------------------------------------------------------------------
-    def _at(self, index: int, n: int, stream: int) -> int:
-        """Item of global draw ``index`` in a seeded per-epoch permutation of ``n`` items."""
-        epoch, j = divmod(index, n)
-        key = (stream, epoch)
-        if key not in self._perms:
-            if len(self._perms) > 8:
-                self._perms.clear()
-            rng = np.random.default_rng([self.cfg.seed & 0xFFFFFFFF, stream, epoch])
-            self._perms[key] = rng.permutation(n)
-        return int(self._perms[key][j])
-
     def before_step(self, run: Run) -> None:
         cfg = self.cfg
         self._reg_now = (
@@ -692,7 +694,7 @@ class _Treater(Recipe):
         bs = cfg.batch_size
         first = st["position"] + (micro * self.world + self.rank) * bs
         draws = range(first, first + bs)
-        prompts = [self.prompts[self._at(i, len(self.prompts), 1)] for i in draws]
+        prompts = [self.prompts[self.order.at(i, len(self.prompts), 1)] for i in draws]
         seeds = [noise_seed(cfg.seed, 2, i) for i in draws]
         if self.k_range is None:
             ks = [cfg.grad_steps] * bs
@@ -704,7 +706,7 @@ class _Treater(Recipe):
             rbs = cfg.reg_batch_size or bs
             rfirst = st["reg_position"] + (micro * self.world + self.rank) * rbs
             picks = [
-                self.reg_pairs[self._at(i, len(self.reg_pairs), 4)]
+                self.reg_pairs[self.order.at(i, len(self.reg_pairs), 4)]
                 for i in range(rfirst, rfirst + rbs)
             ]
             batch["reg_images"] = torch.stack(
@@ -783,19 +785,6 @@ class _Treater(Recipe):
             best_lora=self.out / "best" / LORA_FILE,
             main=self.main,
         )
-
-    def _adopt_lora_shape(self, bb: Any) -> None:
-        """--init-lora sets the LoRA's rank, alpha and targets: record those, not the flags'
-        defaults (a rank-4 DreamBooth LoRA is trained, and recorded, as rank 4)."""
-        cfg = self.cfg
-        peft_cfg = getattr(bb.denoiser, "peft_config", {}).get("default")
-        if peft_cfg is None:
-            return
-        rank, alpha = int(peft_cfg.r), float(peft_cfg.lora_alpha)
-        targets = sorted(peft_cfg.target_modules or []) or cfg.lora_targets
-        if rank != cfg.lora_rank:
-            self.log(f"--init-lora {cfg.init_lora} has rank {rank}: training rank {rank}")
-        cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
 
 
 class _TreatEvaluator:
