@@ -155,3 +155,17 @@ def test_quiet_progress_takes_the_same_calls():
         task = bar.add_task("x", total=3)
         bar.update(task, completed=1)
         bar.advance(task)
+
+
+def test_no_class_is_longer_than_300_lines():
+    """Split a class by responsibility (e.g. Backbone's sampling / training / LoRA parts, a
+    training recipe's data or evaluation) before it grows past 300 lines."""
+    long = []
+    for package in (ROOT / "dd", ROOT / "plugins" / "dd_plugins"):
+        for path in package.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef):
+                    length = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if length > 300:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {length}")
+    assert not long, long

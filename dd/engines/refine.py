@@ -639,7 +639,186 @@ def _resize_u8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BICUBIC))
 
 
-class _Refiner:
+def _check_config(c: RefineConfig) -> None:
+    """Refuses bad settings before anything loads (usage errors exit 2)."""
+    if c.strength is not None and (c.late_steps or c.segments):
+        raise DDError(
+            "--strength cannot be combined with --late-steps or --segment",
+            hint="use either diffusers' strength or dd's late-step ranges",
+        )
+    if c.strength is None and not (c.late_steps or c.segments):
+        raise DDError(
+            "give --late-steps A-B, --segment A-B=MODEL or --strength S",
+            hint="e.g. --late-steps 500-750 noises to t = 500 and denoises from there",
+        )
+    if c.strength is not None and not 0 < c.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {c.strength}")
+    if not 0 <= c.threshold <= 1:
+        raise UsageError(f"--threshold must be in [0, 1], got {c.threshold}")
+    if c.clean_threshold is not None and not 0 < c.clean_threshold <= 1:
+        raise UsageError(f"--clean-threshold must be in (0, 1], got {c.clean_threshold}")
+    for name, v in (("dilate", c.dilate), ("feather", c.feather)):
+        if v < 0:
+            raise UsageError(f"--{name} must be 0 or more, got {v}")
+    for name, v in (
+        ("batch-size", c.batch_size),
+        ("until-clean", c.until_clean),
+        ("steps", c.steps),
+    ):
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be at least 1, got {v}")
+    if c.mask is not None and c.mask != "auto" and not Path(c.mask).expanduser().exists():
+        raise DDError(f"mask not found: {c.mask}", hint="pass --mask auto, a PNG or a folder")
+    if not c.inputs:
+        raise DDError("no input images given", hint="pass image files, folders or globs")
+
+
+def _infer_base(c: RefineConfig) -> None:
+    """--backbone / --model from a trained segment's refine.json when not given."""
+    for spec in c.segments:
+        path = spec.split("=", 1)[1] if re.match(r"\s*\d+\s*-\s*\d+\s*=", spec) else spec
+        info = read_model_info(path) if Path(path).is_dir() else None
+        if not info:
+            continue
+        c.backbone = c.backbone or info.get("backbone")
+        if not c.model:
+            c.model = info.get("init") if info.get("kind") == "lora" else path
+    if not c.backbone:
+        raise UsageError("--backbone is required", hint="e.g. --backbone sd15 (see `dd plugins`)")
+    if not c.model:
+        raise UsageError("--model is required", hint="a diffusers folder, file or hub id")
+
+
+def _check_out(c: RefineConfig, out: Path) -> tuple[dict[str, Any], bool]:
+    """Refuses to overwrite a run (or to resume with other settings) before anything is
+    loaded; returns the settings to record and whether an existing run is replaced
+    (``--overwrite``). Nothing is written here."""
+    from dd.runtime.io import check_output_folder
+
+    if c.resume and c.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    check_output_folder(out, "refine", overwrite=c.overwrite)
+    info = out / RUN_INFO
+    replace = False
+    now = {k: v for k, v in asdict(c).items() if k not in RESUMABLE}
+    if info.is_file() and c.overwrite:
+        replace = True  # the old run's settings and journal go when this one starts
+    elif info.is_file():
+        if not c.resume:
+            raise DDError(
+                f"{out} already holds a refine run",
+                hint="pass --resume to continue it, --overwrite to replace it, "
+                "or choose a new --out folder",
+            )
+        try:
+            before = json.loads(info.read_text())
+        except ValueError:
+            raise DDError(f"{info} is damaged; cannot resume") from None
+        diff = sorted(k for k in now if before.get(k) != now[k])
+        if diff:
+            raise DDError(
+                f"--resume with different settings than the run in {out}: "
+                + ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in diff),
+                hint="resume with the original options, or use a new --out",
+            )
+    return now, replace
+
+
+class _RefineOutputs:
+    """The output part of :class:`_Refiner` (a mixin): refined images, before/after
+    comparisons, masks and the reports."""
+
+    def _write_outputs(
+        self,
+        item: Any,
+        original: np.ndarray,
+        refined: np.ndarray,
+        before: np.ndarray,
+        after: np.ndarray,
+        mask: np.ndarray,
+        prompt: str,
+        rounds: int,
+        status: str,
+    ) -> dict[str, Any]:
+        from PIL import Image
+
+        from dd.data.datasets import save_mask
+        from dd.report.grid import image_grid
+        from dd.report.viz import overlay
+
+        c = self.cfg
+        key = item.key
+        out_rel = f"images/{key}.png"
+        save_image_atomic(Image.fromarray(refined), self.out / out_rel)
+        b_mean, b_max = float(before.mean()), float(before.max())
+        a_mean, a_max = float(after.mean()), float(after.max())
+        row = [
+            (original, "input"),
+            (overlay(original, before), f"before max {b_max:.3f} mean {b_mean:.3f}"),
+            (refined, f"refined ({rounds} round(s))"),
+            (overlay(refined, after), f"after max {a_max:.3f} mean {a_mean:.3f}"),
+        ]
+        mask_rel = None
+        if c.mask is not None:
+            mask_rel = f"masks/{key}.png"
+            save_mask(self.out / mask_rel, mask)
+            mask_u8 = (np.clip(mask, 0, 1) * 255).round().astype(np.uint8)
+            mask_rgb = np.repeat(mask_u8[..., None], 3, 2)
+            row.append((mask_rgb, "mask"))
+        cmp_rel = f"compare/{key}.png"
+        grid = image_grid([row], row_titles=[], col_titles=[])
+        save_image_atomic(grid, self.out / cmp_rel)
+        return {
+            "key": key,
+            "image": str(item.path),
+            "output": out_rel,
+            "compare": cmp_rel,
+            "mask": mask_rel,
+            "prompt": prompt,
+            "seed": image_seed(c.seed, key, 0),
+            "rounds": rounds,
+            "mask_fraction": float((mask > 0).mean()),
+            "before": {"mean": b_mean, "max": b_max},
+            "after": {"mean": a_mean, "max": a_max},
+            "status": status,
+        }
+
+    def _write_reports(
+        self, records: list[dict[str, Any]], failures: list[dict[str, str]]
+    ) -> dict[str, Any]:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        atomic_write_text(self.out / "report.jsonl", text)
+        buf = io.StringIO()
+        wr = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        wr.writeheader()
+        for r in records:
+            flat = dict(r)
+            for when in ("before", "after"):
+                for k in ("mean", "max"):
+                    flat[f"{when}_{k}"] = f"{r[when][k]:.6f}"
+            wr.writerow(flat)
+        atomic_write_text(self.out / "report.csv", buf.getvalue())
+
+        def avg(when: str, k: str) -> float | None:
+            vals = [r[when][k] for r in records]
+            return float(np.mean(vals)) if vals else None
+
+        summary = {
+            "images": len(records),
+            "failed": len(failures),
+            "failures": failures,
+            "before_max": avg("before", "max"),
+            "after_max": avg("after", "max"),
+            "before_mean": avg("before", "mean"),
+            "after_mean": avg("after", "mean"),
+            "plan": self.printed_plan,
+            "detector": self.det.describe(),
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+
+class _Refiner(_RefineOutputs):
     def __init__(self, cfg: RefineConfig, console: Any | None):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
         self.console = console
@@ -653,90 +832,6 @@ class _Refiner:
             self.console.print(msg, highlight=False)
 
     # -- setup -----------------------------------------------------------------------------
-    def check(self) -> None:
-        c = self.cfg
-        if c.strength is not None and (c.late_steps or c.segments):
-            raise DDError(
-                "--strength cannot be combined with --late-steps or --segment",
-                hint="use either diffusers' strength or dd's late-step ranges",
-            )
-        if c.strength is None and not (c.late_steps or c.segments):
-            raise DDError(
-                "give --late-steps A-B, --segment A-B=MODEL or --strength S",
-                hint="e.g. --late-steps 500-750 noises to t = 500 and denoises from there",
-            )
-        if c.strength is not None and not 0 < c.strength <= 1:
-            raise UsageError(f"--strength must be in (0, 1], got {c.strength}")
-        if not 0 <= c.threshold <= 1:
-            raise UsageError(f"--threshold must be in [0, 1], got {c.threshold}")
-        if c.clean_threshold is not None and not 0 < c.clean_threshold <= 1:
-            raise UsageError(f"--clean-threshold must be in (0, 1], got {c.clean_threshold}")
-        for name, v in (("dilate", c.dilate), ("feather", c.feather)):
-            if v < 0:
-                raise UsageError(f"--{name} must be 0 or more, got {v}")
-        for name, v in (
-            ("batch-size", c.batch_size),
-            ("until-clean", c.until_clean),
-            ("steps", c.steps),
-        ):
-            if v is not None and v < 1:
-                raise UsageError(f"--{name} must be at least 1, got {v}")
-        if c.mask is not None and c.mask != "auto" and not Path(c.mask).expanduser().exists():
-            raise DDError(f"mask not found: {c.mask}", hint="pass --mask auto, a PNG or a folder")
-        if not c.inputs:
-            raise DDError("no input images given", hint="pass image files, folders or globs")
-
-    def _infer_base(self) -> None:
-        """--backbone / --model from a trained segment's refine.json when not given."""
-        c = self.cfg
-        for spec in c.segments:
-            path = spec.split("=", 1)[1] if re.match(r"\s*\d+\s*-\s*\d+\s*=", spec) else spec
-            info = read_model_info(path) if Path(path).is_dir() else None
-            if not info:
-                continue
-            c.backbone = c.backbone or info.get("backbone")
-            if not c.model:
-                c.model = info.get("init") if info.get("kind") == "lora" else path
-        if not c.backbone:
-            raise UsageError(
-                "--backbone is required", hint="e.g. --backbone sd15 (see `dd plugins`)"
-            )
-        if not c.model:
-            raise UsageError("--model is required", hint="a diffusers folder, file or hub id")
-
-    def _check_out(self) -> dict[str, Any]:
-        """Refuses to overwrite a run (or to resume with other settings) before anything is
-        loaded; returns the settings to record. Nothing is written here."""
-        from dd.runtime.io import check_output_folder
-
-        c = self.cfg
-        if c.resume and c.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
-        check_output_folder(self.out, "refine", overwrite=c.overwrite)
-        info = self.out / RUN_INFO
-        now = {k: v for k, v in asdict(c).items() if k not in RESUMABLE}
-        if info.is_file() and c.overwrite:
-            self.replace = True  # the old run's settings and journal go when this one starts
-        elif info.is_file():
-            if not c.resume:
-                raise DDError(
-                    f"{self.out} already holds a refine run",
-                    hint="pass --resume to continue it, --overwrite to replace it, "
-                    "or choose a new --out folder",
-                )
-            try:
-                before = json.loads(info.read_text())
-            except ValueError:
-                raise DDError(f"{info} is damaged; cannot resume") from None
-            diff = sorted(k for k in now if before.get(k) != now[k])
-            if diff:
-                raise DDError(
-                    f"--resume with different settings than the run in {self.out}: "
-                    + ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in diff),
-                    hint="resume with the original options, or use a new --out",
-                )
-        return now
-
     def plan_for(self, h: int, w: int) -> RefinePlan:
         key = (h, w)
         if key not in self.plans:
@@ -766,17 +861,17 @@ class _Refiner:
         from dd.runtime.device import resolve_device, resolve_dtype
 
         c = self.cfg
-        self.check()
+        _check_config(c)
         items, fails = collect_inputs(list(c.inputs), exclude=[self.out])
         failures = [{"image": s, "error": r} for s, r in fails]
         if not items:
             detail = f": {fails[0][0]}: {fails[0][1]}" if fails else ""
             raise DDError(f"no input images found{detail}", hint="check the paths")
-        self._infer_base()
+        _infer_base(c)
         self.segments = (
             plan_segments(c.late_steps, c.segments) if c.strength is None else [Segment(0, 1000)]
         )
-        settings = self._check_out()
+        settings, self.replace = _check_out(c, self.out)
         self.plans_written = False
         device, dtype = resolve_device(c.device), resolve_dtype(c.dtype)
 
@@ -986,94 +1081,6 @@ class _Refiner:
         return outs
 
     # -- outputs ---------------------------------------------------------------------------
-    def _write_outputs(
-        self,
-        item: Any,
-        original: np.ndarray,
-        refined: np.ndarray,
-        before: np.ndarray,
-        after: np.ndarray,
-        mask: np.ndarray,
-        prompt: str,
-        rounds: int,
-        status: str,
-    ) -> dict[str, Any]:
-        from PIL import Image
-
-        from dd.data.datasets import save_mask
-        from dd.report.grid import image_grid
-        from dd.report.viz import overlay
-
-        c = self.cfg
-        key = item.key
-        out_rel = f"images/{key}.png"
-        save_image_atomic(Image.fromarray(refined), self.out / out_rel)
-        b_mean, b_max = float(before.mean()), float(before.max())
-        a_mean, a_max = float(after.mean()), float(after.max())
-        row = [
-            (original, "input"),
-            (overlay(original, before), f"before max {b_max:.3f} mean {b_mean:.3f}"),
-            (refined, f"refined ({rounds} round(s))"),
-            (overlay(refined, after), f"after max {a_max:.3f} mean {a_mean:.3f}"),
-        ]
-        mask_rel = None
-        if c.mask is not None:
-            mask_rel = f"masks/{key}.png"
-            save_mask(self.out / mask_rel, mask)
-            mask_u8 = (np.clip(mask, 0, 1) * 255).round().astype(np.uint8)
-            mask_rgb = np.repeat(mask_u8[..., None], 3, 2)
-            row.append((mask_rgb, "mask"))
-        cmp_rel = f"compare/{key}.png"
-        grid = image_grid([row], row_titles=[], col_titles=[])
-        save_image_atomic(grid, self.out / cmp_rel)
-        return {
-            "key": key,
-            "image": str(item.path),
-            "output": out_rel,
-            "compare": cmp_rel,
-            "mask": mask_rel,
-            "prompt": prompt,
-            "seed": image_seed(c.seed, key, 0),
-            "rounds": rounds,
-            "mask_fraction": float((mask > 0).mean()),
-            "before": {"mean": b_mean, "max": b_max},
-            "after": {"mean": a_mean, "max": a_max},
-            "status": status,
-        }
-
-    def _write_reports(
-        self, records: list[dict[str, Any]], failures: list[dict[str, str]]
-    ) -> dict[str, Any]:
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        atomic_write_text(self.out / "report.jsonl", text)
-        buf = io.StringIO()
-        wr = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        wr.writeheader()
-        for r in records:
-            flat = dict(r)
-            for when in ("before", "after"):
-                for k in ("mean", "max"):
-                    flat[f"{when}_{k}"] = f"{r[when][k]:.6f}"
-            wr.writerow(flat)
-        atomic_write_text(self.out / "report.csv", buf.getvalue())
-
-        def avg(when: str, k: str) -> float | None:
-            vals = [r[when][k] for r in records]
-            return float(np.mean(vals)) if vals else None
-
-        summary = {
-            "images": len(records),
-            "failed": len(failures),
-            "failures": failures,
-            "before_max": avg("before", "max"),
-            "after_max": avg("after", "max"),
-            "before_mean": avg("before", "mean"),
-            "after_mean": avg("after", "mean"),
-            "plan": self.printed_plan,
-            "detector": self.det.describe(),
-        }
-        atomic_write_json(self.out / "summary.json", summary)
-        return summary
 
 
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

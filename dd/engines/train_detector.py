@@ -392,6 +392,35 @@ def _check_train_config(c: TrainConfig) -> None:
         )
 
 
+def _load_detector(cfg: TrainConfig) -> Any:
+    """The ``--detector`` plugin, built to be trained (see ``TrainableDetector``)."""
+    from dd.detectors import TrainableDetector
+    from dd.plugin_options import declared_options
+    from dd.plugins import get_host, load_detector
+
+    cls = get_host().detectors.get(cfg.detector)
+    declared, _ = declared_options(cls.load)
+    options: dict[str, Any] = dict(cfg.detector_options)
+    if cfg.init is None:
+        options = {**dict(getattr(cls, "default_train_options", {})), **options}
+    if cfg.variant is not None:
+        options["variant"] = cfg.variant
+    if cfg.input_size is not None:
+        options["input_size"] = cfg.input_size
+    if "seed" in declared:
+        options.setdefault("seed", cfg.seed)
+    detector = load_detector(cfg.detector, cfg.init, options, "cpu", "fp32")
+    # A threshold calibrated for the --init weights does not hold for the trained ones.
+    detector.image_threshold = None
+    if not isinstance(detector, TrainableDetector):
+        raise DDError(
+            f"detector {cfg.detector!r} cannot be trained by dd train-detector",
+            hint="it needs input_size, save_pretrained, load_pretrained_weights and "
+            "default_train_options (dd.detectors.TrainableDetector)",
+        )
+    return detector
+
+
 class _TrainData:
     """train-detector's training data: the augmented dataset, class balance over an epoch
     sampler, the loader, and micro-batches that continue from the saved epoch position
@@ -499,7 +528,7 @@ class _DetectorTraining(Recipe):
             raise DDError("no training samples", hint="check the dataset folders")
         self.train, self.val = train, val
         last = self._prepare_out()
-        self.detector = self._load_detector()
+        self.detector = _load_detector(cfg)
         self.detector.untrained = False
         with warnings.catch_warnings():
             # DDP warns that depthwise-conv gradients have other (equivalent) strides.
@@ -562,35 +591,6 @@ class _DetectorTraining(Recipe):
             atomic_write_json(saved, cfg.resolved())
         self.acc.wait_for_everyone()
         return last
-
-    def _load_detector(self) -> Any:
-        """The ``--detector`` plugin, built to be trained (see ``TrainableDetector``)."""
-        from dd.detectors import TrainableDetector
-        from dd.plugin_options import declared_options
-        from dd.plugins import get_host, load_detector
-
-        cfg = self.cfg
-        cls = get_host().detectors.get(cfg.detector)
-        declared, _ = declared_options(cls.load)
-        options: dict[str, Any] = dict(cfg.detector_options)
-        if cfg.init is None:
-            options = {**dict(getattr(cls, "default_train_options", {})), **options}
-        if cfg.variant is not None:
-            options["variant"] = cfg.variant
-        if cfg.input_size is not None:
-            options["input_size"] = cfg.input_size
-        if "seed" in declared:
-            options.setdefault("seed", cfg.seed)
-        detector = load_detector(cfg.detector, cfg.init, options, "cpu", "fp32")
-        # A threshold calibrated for the --init weights does not hold for the trained ones.
-        detector.image_threshold = None
-        if not isinstance(detector, TrainableDetector):
-            raise DDError(
-                f"detector {cfg.detector!r} cannot be trained by dd train-detector",
-                hint="it needs input_size, save_pretrained, load_pretrained_weights and "
-                "default_train_options (dd.detectors.TrainableDetector)",
-            )
-        return detector
 
     # -- the recipe ----------------------------------------------------------------------------
     def initial_state(self) -> dict[str, Any]:
@@ -763,7 +763,7 @@ class _DetectorTraining(Recipe):
             shutil.copytree(source, tmp)
             swap_in(tmp, model_dir)
             plot_curves(run.records, self.out / "curves.png", cfg.select_metric)
-            card = self._model_card(run, best, run.stopped_early)
+            card = _model_card(self, run, best, run.stopped_early)
             atomic_write_text(self.out / "README.md", card)
             self.log(f"model: {model_dir} (step {best['step'] if best else st['step']})")
         return TrainResult(
@@ -776,89 +776,91 @@ class _DetectorTraining(Recipe):
             main=self.main,
         )
 
-    def _model_card(self, run: Run, best: dict[str, Any] | None, stopped_early: bool) -> str:
-        cfg, st, det = self.cfg, run.state, self.detector
-        n_train, n_val = len(self.data.dataset), len(self.val)
-        sources: dict[str, int] = {}
-        for s in self.data.dataset.samples:
-            sources[s.source] = sources.get(s.source, 0) + 1
-        lines = [
-            f"# {cfg.detector} artifact detector (trained with `dd train-detector`)",
-            "",
-            "Predicts a per-pixel artifact confidence map (0-1) for an RGB image, as "
-            "DiffDoctor's detector does (seed 000, Sec. 3.2).",
-            "",
-            "## Model",
-            f"- Detector: {cfg.detector}"
-            + (f", variant {det.variant}" if getattr(det, "variant", None) else "")
-            + f", input size {det.input_size[0]}x{det.input_size[1]}",
-            f"- Initialised from: {cfg.init or 'random init (from scratch)'}",
-            f"- Weights here: step {best['step'] if best else st['step']} "
-            + (f"(best validation {cfg.select_metric})" if best else "(last step)"),
-            "",
-            "## Data",
-            f"- Training datasets: {', '.join(cfg.datasets)}",
-            f"- {n_train} training samples ("
-            + ", ".join(f"{k}: {v}" for k, v in sorted(sources.items()))
-            + f"), {n_val} validation samples"
-            + (f" ({', '.join(cfg.val)})" if cfg.val else f" (held out, seed {cfg.seed})"),
-            f"- Class balance: {cfg.balance or 'natural'} (see balance.json)",
-            "",
-            "## Training",
-            f"- {st['step']} of {cfg.steps} optimizer steps"
-            + (" (early stop)" if stopped_early else "")
-            + f", batch {cfg.batch_size} x {self.world} process(es) x {cfg.grad_accum} "
-            f"accumulation, crop {self.data.dataset.aug.size[0]}x{self.data.dataset.aug.size[1]}",
-            f"- AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, warmup + cosine, "
-            f"precision {cfg.precision}, seed {cfg.seed}",
-            "- Loss: MSE between sigmoid(upsampled logits) and the target map",
-            "",
-            "## Validation metrics",
-        ]
-        vals = [r for r in run.records if r.get("type") == "val"]
-        if best:
-            m = best["metrics"]
-            lines.append(f"Best {cfg.select_metric}, at step {best['step']}:")
-        elif vals:
-            m = vals[-1]
-            lines.append(
-                f"Last validation, at step {m['step']} ({cfg.select_metric} was never defined "
-                "on the validation set, so no best step was chosen):"
-            )
-        else:
-            m = None
-            lines.append("No validation was run.")
-        if m is not None:
-            lines += [
-                "",
-                "| metric | value |",
-                "| --- | --- |",
-                *(
-                    f"| {k} | {m[k]:.5f} |" if isinstance(m.get(k), float) else f"| {k} | - |"
-                    for k in METRIC_KEYS
-                ),
-                "",
-                f"Images: {m.get('n_images')}, clean: {m.get('n_clean')}, "
-                f"positive: {m.get('n_positive')}.",
-            ]
-        input_opt = (
-            f"--detector {cfg.detector} -O input_size={det.input_size[0]}x{det.input_size[1]}"
+
+def _model_card(
+    t: _DetectorTraining, run: Run, best: dict[str, Any] | None, stopped_early: bool
+) -> str:
+    """The run's README.md: model, data, training, validation metrics, use and limits."""
+    cfg, st, det = t.cfg, run.state, t.detector
+    n_train, n_val = len(t.data.dataset), len(t.val)
+    sources: dict[str, int] = {}
+    for s in t.data.dataset.samples:
+        sources[s.source] = sources.get(s.source, 0) + 1
+    lines = [
+        f"# {cfg.detector} artifact detector (trained with `dd train-detector`)",
+        "",
+        "Predicts a per-pixel artifact confidence map (0-1) for an RGB image, as "
+        "DiffDoctor's detector does (seed 000, Sec. 3.2).",
+        "",
+        "## Model",
+        f"- Detector: {cfg.detector}"
+        + (f", variant {det.variant}" if getattr(det, "variant", None) else "")
+        + f", input size {det.input_size[0]}x{det.input_size[1]}",
+        f"- Initialised from: {cfg.init or 'random init (from scratch)'}",
+        f"- Weights here: step {best['step'] if best else st['step']} "
+        + (f"(best validation {cfg.select_metric})" if best else "(last step)"),
+        "",
+        "## Data",
+        f"- Training datasets: {', '.join(cfg.datasets)}",
+        f"- {n_train} training samples ("
+        + ", ".join(f"{k}: {v}" for k, v in sorted(sources.items()))
+        + f"), {n_val} validation samples"
+        + (f" ({', '.join(cfg.val)})" if cfg.val else f" (held out, seed {cfg.seed})"),
+        f"- Class balance: {cfg.balance or 'natural'} (see balance.json)",
+        "",
+        "## Training",
+        f"- {st['step']} of {cfg.steps} optimizer steps"
+        + (" (early stop)" if stopped_early else "")
+        + f", batch {cfg.batch_size} x {t.world} process(es) x {cfg.grad_accum} "
+        f"accumulation, crop {t.data.dataset.aug.size[0]}x{t.data.dataset.aug.size[1]}",
+        f"- AdamW lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, warmup + cosine, "
+        f"precision {cfg.precision}, seed {cfg.seed}",
+        "- Loss: MSE between sigmoid(upsampled logits) and the target map",
+        "",
+        "## Validation metrics",
+    ]
+    vals = [r for r in run.records if r.get("type") == "val"]
+    if best:
+        m = best["metrics"]
+        lines.append(f"Best {cfg.select_metric}, at step {best['step']}:")
+    elif vals:
+        m = vals[-1]
+        lines.append(
+            f"Last validation, at step {m['step']} ({cfg.select_metric} was never defined "
+            "on the validation set, so no best step was chosen):"
         )
+    else:
+        m = None
+        lines.append("No validation was run.")
+    if m is not None:
         lines += [
             "",
-            "## Use",
-            f"`dd detect IMAGES --weights {self.out / 'model'} {input_opt}`",
+            "| metric | value |",
+            "| --- | --- |",
+            *(
+                f"| {k} | {m[k]:.5f} |" if isinstance(m.get(k), float) else f"| {k} | - |"
+                for k in METRIC_KEYS
+            ),
             "",
-            "## Intended use and limits",
-            "- Finds the kinds of artifacts present in the training data, on images like it; "
-            "it says nothing reliable about other artifact types or image domains.",
-            "- Validation numbers come from the held-out split above, which shares the "
-            "training data's distribution: expect lower numbers on other data.",
-            "- A confidence map is a hint for review or for DiffDoctor-style tuning, not a "
-            "verdict on an image.",
-            "",
+            f"Images: {m.get('n_images')}, clean: {m.get('n_clean')}, "
+            f"positive: {m.get('n_positive')}.",
         ]
-        return "\n".join(lines)
+    input_opt = f"--detector {cfg.detector} -O input_size={det.input_size[0]}x{det.input_size[1]}"
+    lines += [
+        "",
+        "## Use",
+        f"`dd detect IMAGES --weights {t.out / 'model'} {input_opt}`",
+        "",
+        "## Intended use and limits",
+        "- Finds the kinds of artifacts present in the training data, on images like it; "
+        "it says nothing reliable about other artifact types or image domains.",
+        "- Validation numbers come from the held-out split above, which shares the "
+        "training data's distribution: expect lower numbers on other data.",
+        "- A confidence map is a hint for review or for DiffDoctor-style tuning, not a "
+        "verdict on an image.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
