@@ -219,3 +219,19 @@ def test_patience_when_no_score_is_usable(tmp_path):
     assert res.step == 4 and res.stop_reason == (
         "the evaluation score did not improve in 2 evaluations (no evaluation had a usable score)"
     )
+
+
+def test_loop_settings_take_the_config_fields_of_the_same_name():
+    from dataclasses import dataclass
+
+    from dd.training.loop import loop_settings
+
+    @dataclass
+    class Cfg:
+        train_steps: int = 7
+        seed: int = 3
+        lr: float = 1.0  # not a loop setting
+        eval_every: int = 2
+
+    s = loop_settings(Cfg(), eval_every=5, title="x")
+    assert (s.train_steps, s.seed, s.eval_every, s.title) == (7, 3, 5, "x")

@@ -82,7 +82,16 @@ from dd.runtime.io import absolutize, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
 from dd.training.draws import EpochOrder, noise_seed
-from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
+from dd.training.loop import (
+    Evaluation,
+    LoopSettings,
+    Recipe,
+    Run,
+    Setup,
+    StepLoss,
+    fit,
+    loop_settings,
+)
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
 from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
@@ -598,20 +607,10 @@ class _DreamBooth(_DreamBoothData, Recipe):
         return result.output
 
     def _settings(self) -> LoopSettings:
-        c = self.cfg
-        return LoopSettings(
-            train_steps=c.train_steps,
-            seed=c.seed,
-            grad_accum=c.grad_accum,
-            clip_grad=c.clip_grad,
-            lr_schedule=c.lr_schedule,
-            warmup_steps=c.warmup_steps,
-            log_every=c.log_every,
-            eval_every=c.validation_every,
-            save_every=c.save_every,
+        return loop_settings(
+            self.cfg,
+            eval_every=self.cfg.validation_every,
             keep_step_checkpoints=True,
-            stop_at=c.stop_at,
-            report_to=c.report_to,
             run_name="dd-dreambooth",
             title="dreambooth",
             oom_hint=OOM_HINT,

@@ -66,7 +66,16 @@ from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import check_report_to
 from dd.training.draws import EpochOrder
-from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
+from dd.training.loop import (
+    Evaluation,
+    LoopSettings,
+    Recipe,
+    Run,
+    Setup,
+    StepLoss,
+    fit,
+    loop_settings,
+)
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
 from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
@@ -307,19 +316,8 @@ class _RangeTraining(Recipe):
         self.reporter.message(msg)
 
     def _settings(self) -> LoopSettings:
-        c = self.cfg
-        return LoopSettings(
-            train_steps=c.train_steps,
-            seed=c.seed,
-            grad_accum=c.grad_accum,
-            clip_grad=c.clip_grad,
-            lr_schedule=c.lr_schedule,
-            warmup_steps=c.warmup_steps,
-            log_every=c.log_every,
-            eval_every=c.eval_every,
-            save_every=c.save_every,
-            stop_at=c.stop_at,
-            report_to=c.report_to,
+        return loop_settings(
+            self.cfg,
             run_name="dd-refine-train",
             title="refine train",
             oom_hint="lower memory use: a smaller --batch-size with --grad-accum, a lower "

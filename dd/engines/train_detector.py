@@ -76,7 +76,16 @@ from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import check_report_to
-from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
+from dd.training.loop import (
+    Evaluation,
+    LoopSettings,
+    Recipe,
+    Run,
+    Setup,
+    StepLoss,
+    fit,
+    loop_settings,
+)
 from dd.training.outputs import plot_curves as write_curves
 from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
 
@@ -538,26 +547,18 @@ class _DetectorTraining(Recipe):
 
     def _settings(self) -> LoopSettings:
         c = self.cfg
-        return LoopSettings(
+        return loop_settings(
+            c,
             train_steps=c.steps,
-            seed=c.seed,
             device_specific_seed=True,
-            grad_accum=c.grad_accum,
-            clip_grad=c.clip_grad,
             lr_schedule="cosine",
             warmup_steps=c.warmup_steps if c.warmup_steps is not None else c.steps // 20,
-            min_lr_ratio=c.min_lr_ratio,
-            log_every=c.log_every,
             eval_every=c.val_every,
             eval_at_start=False,
             best_dir="checkpoints/best",
             before_step_records=("shrink_pad",),
-            save_every=c.save_every,
-            stop_at=c.stop_at,
-            patience=c.patience,
             higher_is_better=c.select_metric in HIGHER_IS_BETTER,
             score_name=f"validation {c.select_metric}",
-            report_to=c.report_to,
             run_name="dd-train-detector",
             title="train",
             oom_hint="lower memory use: a smaller --batch-size with --grad-accum, a smaller "

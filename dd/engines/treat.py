@@ -92,7 +92,16 @@ from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
 from dd.training.draws import EpochOrder, noise_seed
-from dd.training.loop import Evaluation, LoopSettings, Recipe, Run, Setup, StepLoss, fit
+from dd.training.loop import (
+    Evaluation,
+    LoopSettings,
+    Recipe,
+    Run,
+    Setup,
+    StepLoss,
+    fit,
+    loop_settings,
+)
 from dd.training.outputs import TIMING_FIELDS  # noqa: F401 - re-exported
 from dd.training.outputs import plot_curves as write_curves
 from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
@@ -597,22 +606,10 @@ class _Treater(Recipe):
 
     def _settings(self) -> LoopSettings:
         c = self.cfg
-        return LoopSettings(
-            train_steps=c.train_steps,
-            seed=c.seed,
-            grad_accum=c.grad_accum,
-            clip_grad=c.clip_grad,
-            lr_schedule=c.lr_schedule,
-            warmup_steps=c.warmup_steps,
-            log_every=c.log_every,
-            eval_every=c.eval_every,
-            save_every=c.save_every,
+        return loop_settings(
+            c,
             keep_step_checkpoints=True,
-            keep_checkpoints=c.keep_checkpoints,
-            stop_at=c.stop_at,
-            patience=c.patience,
             score_name="eval mean confidence",
-            report_to=c.report_to,
             run_name="dd-treat",
             title="treat",
             oom_hint=OOM_HINT,

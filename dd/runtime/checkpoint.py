@@ -307,64 +307,6 @@ def commit_checkpoint(tmp: Path, ckpt_dir: Path, step: int, keep_step: bool) -> 
         swap_in(tmp, ckpt_dir / "last")
 
 
-def save_lora_checkpoint(
-    acc: Any,
-    ckpt_dir: Path,
-    state: dict[str, Any],
-    backbone: Any,
-    names: Sequence[str],
-    params: Sequence[torch.nn.Parameter],
-    optimizer: Any,
-    scheduler: Any,
-    *,
-    keep_step: bool,
-) -> None:
-    """The checkpoint of a LoRA run at ``state["step"]`` (all processes call it): the
-    trained parameters, the diffusers-format LoRA, optimizer, scheduler and RNG states;
-    see :func:`commit_checkpoint` for ``keep_step``."""
-    from safetensors.torch import save_file
-
-    step = state["step"]
-    tmp = open_checkpoint(acc, ckpt_dir, step)
-    if acc.is_main_process:
-        save_file(trainable_weights(names, params), str(tmp / TRAINABLE_FILE))
-        save_lora_file(backbone, tmp)
-        save_optimizer_state(tmp, optimizer, acc)
-        write_trainer_state(tmp, state, scheduler, acc.num_processes)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        commit_checkpoint(tmp, ckpt_dir, step, keep_step)
-    acc.wait_for_everyone()
-
-
-def load_lora_checkpoint(
-    last: Path,
-    world_size: int,
-    names: Sequence[str],
-    params: Sequence[torch.nn.Parameter],
-    scheduler: Any,
-) -> dict[str, Any]:
-    """Copies the LoRA weights of checkpoint ``last`` into ``params`` and its learning-rate
-    schedule into ``scheduler``; returns its ``trainer.json``."""
-    from safetensors.torch import load_file
-
-    trainer = read_trainer_state(last, world_size)
-    try:
-        weights = load_file(str(last / TRAINABLE_FILE))
-    except Exception as e:
-        raise DDError(f"cannot read {last / TRAINABLE_FILE}: {type(e).__name__}: {e}") from None
-    if sorted(weights) != sorted(names):
-        raise DDError(
-            f"the LoRA in {last} does not match this run's LoRA layers",
-            hint="resume with the original --lora-* options",
-        )
-    with torch.no_grad():
-        for name, p in zip(names, params, strict=True):
-            p.copy_(weights[name].to(p.device, p.dtype))
-    scheduler.load_state_dict(trainer["scheduler"])
-    return trainer
-
-
 def load_optimizer_state(last: Path, optimizer: Any, acc: Any) -> None:
     """Restores what :func:`save_optimizer_state` and :func:`open_checkpoint` saved in
     ``last``: optimizer, grad scaler and this process's RNG states."""

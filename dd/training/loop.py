@@ -56,7 +56,17 @@ from dd.runtime.tracking import RunTracker
 from dd.training.outputs import open_metrics
 from dd.training.schedule import lr_schedule
 
-__all__ = ["Evaluation", "FitResult", "LoopSettings", "Recipe", "Run", "Setup", "StepLoss", "fit"]
+__all__ = [
+    "Evaluation",
+    "FitResult",
+    "LoopSettings",
+    "Recipe",
+    "Run",
+    "Setup",
+    "StepLoss",
+    "fit",
+    "loop_settings",
+]
 
 OOM_HINT = "lower memory use: a smaller batch with --grad-accum, a lower resolution, bf16"
 NONFINITE_HINT = "lower --lr, or train in fp32 or bf16"
@@ -106,6 +116,18 @@ class LoopSettings:
     nonfinite_hint: str = NONFINITE_HINT
     #: Keep only the newest N ``checkpoints/step-N`` folders (None: all).
     keep_checkpoints: int | None = None
+
+
+def loop_settings(config: Any, **settings: Any) -> LoopSettings:
+    """The :class:`LoopSettings` of a job: every field that ``config`` (an engine's config
+    dataclass) has under the same name (``train_steps``, ``seed``, ``grad_accum``,
+    ``clip_grad``, ``lr_schedule``, ``warmup_steps``, ``log_every``, ``save_every``,
+    ``stop_at``, ``patience``, ``report_to``, ...), then ``settings``."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(LoopSettings)}
+    found = {n: getattr(config, n) for n in names if hasattr(config, n) and n not in settings}
+    return LoopSettings(**{**found, **settings})
 
 
 @dataclass
