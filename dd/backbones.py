@@ -34,6 +34,7 @@ import abc
 import contextlib
 import hashlib
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,28 +129,150 @@ class Schedule:
 StepCallback = Callable[[int, torch.Tensor, bool], None]
 
 
-class _Sampling:
-    """The prompt and sampling part of :class:`Backbone` (prompt cache, scheduler steps,
-    guidance, denoising with gradients through the last steps, generation). A mixin:
-    ``Backbone`` supplies the model calls it uses."""
+class _Prompts:
+    """The prompt part of :class:`Backbone` (a mixin): embeddings from a bounded in-memory
+    cache, an on-disk :class:`dd.runtime.embeddings.EmbeddingStore`, or the text encoders;
+    embedding a whole prompt list once, and moving the encoders off the GPU afterwards."""
 
-    # ------------------------------------------------------------------ prompts
+    #: How many prompt embeddings stay in memory (the least recently used go first; the
+    #: store on disk keeps them all).
+    prompt_memory: ClassVar[int] = 64
+    #: Attribute names of the pipeline's text encoders.
+    text_encoder_names: ClassVar[tuple[str, ...]] = (
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+    )
+
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Encode prompts, caching each prompt's embedding (text encoders are frozen)."""
-        missing = [
-            p for p in dict.fromkeys(prompts) if self._cache_key(p) not in self._prompt_cache
-        ]
+        """Embed ``prompts`` (text encoders are frozen): each from memory, from the store
+        on disk, or from the encoders (then stored)."""
+        found: dict[str, Conditioning] = {}
+        missing = []
+        for p in dict.fromkeys(prompts):
+            key = self._cache_key(p)
+            cond = self._prompt_cache.get(key)
+            if cond is None and self.prompt_store is not None:
+                stored = self.prompt_store.get(key)
+                cond = Conditioning(stored) if stored is not None else None
+            if cond is None:
+                missing.append(p)
+            else:
+                found[p] = self._remember(key, cond)
         if missing:
+            if self.text_encoders_released:
+                raise DDError(
+                    f"the prompt {missing[0][:60]!r} was not embedded before the text "
+                    "encoders left the GPU",
+                    hint="embed every prompt first (Backbone.embed_prompts); this is a bug "
+                    "in the command that trained",
+                )
             with torch.no_grad():
                 enc = self.encode_prompts_uncached(list(missing))
             enc = enc.to("cpu")
             for i, p in enumerate(missing):
-                self._prompt_cache[self._cache_key(p)] = enc.select([i])
-        conds = [self._prompt_cache[self._cache_key(p)] for p in prompts]
-        return Conditioning.cat(conds).to(self.device, self.dtype)
+                key, cond = self._cache_key(p), enc.select([i])
+                if self.prompt_store is not None:
+                    self.prompt_store.put(key, cond.tensors)
+                found[p] = self._remember(key, cond)
+        return Conditioning.cat([found[p] for p in prompts]).to(self.device, self.dtype)
+
+    def _remember(self, key: str, cond: Conditioning) -> Conditioning:
+        cache = self._prompt_cache
+        cache[key] = cond
+        cache.move_to_end(key)
+        while len(cache) > self.prompt_memory:
+            cache.popitem(last=False)
+        return cond
 
     def _cache_key(self, prompt: str) -> str:
         return hashlib.sha1(prompt.encode()).hexdigest()
+
+    def embedding_namespace(self) -> str:
+        """A hash of what this backbone's prompt embeddings depend on: the family, the
+        model (and, for a local folder, its text-encoder and tokenizer files), the dtype,
+        the device type and the backbone's own settings (e.g. ``max_sequence_length``)."""
+        import json
+
+        skip = ("source", "gradient_checkpointing", "vae_checkpointing", "quantized")
+        settings = {
+            k: v
+            for k, v in sorted(vars(self).items())
+            if not k.startswith("_")
+            and isinstance(v, (int, float, str, bool, type(None)))
+            and k not in (*skip, "text_encoders_released")
+        }
+        files = []
+        root = Path(self.source)
+        if root.is_dir():
+            for sub in sorted(root.iterdir()):
+                if sub.is_dir() and sub.name.startswith(("text_encoder", "tokenizer")):
+                    for f in sorted(sub.rglob("*")):
+                        if f.is_file():
+                            st = f.stat()
+                            files.append([str(f.relative_to(root)), st.st_size, st.st_mtime_ns])
+        ident = {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "source": str(root.resolve()) if root.exists() else self.source,
+            "dtype": str(self.dtype),
+            "device": self.device.type,
+            "settings": settings,
+            "files": files,
+        }
+        text = json.dumps(ident, sort_keys=True, default=str)
+        return f"{self.name or 'backbone'}-{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+
+    def use_embedding_store(self, root: str | Path | None = None) -> Any:
+        """Keep prompt embeddings in ``root`` (default:
+        :func:`dd.runtime.embeddings.default_cache_root`); returns the store."""
+        from dd.runtime.embeddings import EmbeddingStore, default_cache_root
+
+        self.prompt_store = EmbeddingStore(root or default_cache_root(), self.embedding_namespace())
+        return self.prompt_store
+
+    def embed_prompts(
+        self,
+        prompts: Sequence[str],
+        *,
+        batch_size: int = 16,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> int:
+        """Embed every prompt not yet in the store (``batch_size`` at a time, without
+        keeping them in memory); returns how many were computed. ``on_batch(n)`` is told
+        after each batch."""
+        if self.prompt_store is None:
+            raise DDError("embed_prompts needs an embedding store", hint="use_embedding_store()")
+        todo = [p for p in dict.fromkeys(prompts) if self._cache_key(p) not in self.prompt_store]
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            with torch.no_grad():
+                enc = self.encode_prompts_uncached(chunk).to("cpu")
+            for i, p in enumerate(chunk):
+                self.prompt_store.put(self._cache_key(p), enc.select([i]).tensors)
+            if on_batch is not None:
+                on_batch(len(chunk))
+        return len(todo)
+
+    def release_text_encoders(self, *, free: bool = False) -> None:
+        """After :meth:`embed_prompts`: move the text encoders to the CPU (``free``: drop
+        them). Later prompts must come from memory or the store."""
+        for name in self.text_encoder_names:
+            enc = getattr(self.pipe, name, None)
+            if enc is None:
+                continue
+            if free:
+                setattr(self.pipe, name, None)
+            else:
+                enc.to("cpu")
+        self.text_encoders_released = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class _Sampling:
+    """The prompt and sampling part of :class:`Backbone` (prompt cache, scheduler steps,
+    guidance, denoising with gradients through the last steps, generation). A mixin:
+    ``Backbone`` supplies the model calls it uses."""
 
     # ------------------------------------------------------------------ sampling
     def step(
@@ -438,6 +561,14 @@ class _Training:
         return F.mse_loss(pred.float(), self.training_target(x0, noise, t).float())
 
     # ------------------------------------------------------------------ memory
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) in overlapping tiles, diffusers' ``enable_tiling``: the VAE's
+        activation memory no longer grows with the image (1024² FLUX decodes in 512² tiles;
+        the seams are blended)."""
+        if not hasattr(self.vae, "enable_tiling"):
+            raise DDError(f"the {self.name} VAE cannot decode in tiles", hint="drop --vae-tiling")
+        self.vae.enable_tiling()
+
     def enable_gradient_checkpointing(
         self, *, steps: bool = True, blocks: bool = True, vae: bool = True
     ) -> None:
@@ -557,7 +688,7 @@ class _LoRA:
             self.lora_parameters()
 
 
-class Backbone(_Sampling, _Training, _LoRA, abc.ABC):
+class Backbone(_Prompts, _Sampling, _Training, _LoRA, abc.ABC):
     """Base class of every backbone plugin (see the module docstring)."""
 
     name: ClassVar[str] = ""
@@ -612,7 +743,9 @@ class Backbone(_Sampling, _Training, _LoRA, abc.ABC):
         self.source = source
         self.gradient_checkpointing = False
         self.vae_checkpointing = False
-        self._prompt_cache: dict[str, Conditioning] = {}
+        self._prompt_cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self.prompt_store: Any = None  # see use_embedding_store()
+        self.text_encoders_released = False
         self.quantized = "none"  # see quantize()
         for module in self.frozen_modules():
             module.requires_grad_(False)

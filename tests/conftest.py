@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Spinning OpenMP threads make a loaded 2-core machine crawl; sleep instead of spinning.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Prompt embeddings of the test runs go to a folder of this session, never ~/.cache/dd.
+os.environ["DD_CACHE_DIR"] = tempfile.mkdtemp(prefix="dd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DD_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -16,6 +16,7 @@ from dd.cli import options as opt
 from dd.cli.groups import DefaultCommandGroup
 from dd.quantize import OPTIMIZER_HELP, QUANTIZE_HELP
 from dd.runtime.tracking import REPORT_TO_HELP
+from dd.training.setup import EMBEDDING_CACHE_HELP
 
 DEFAULT_COMMAND = "run"
 
@@ -234,6 +235,10 @@ def train(
     quantize: Annotated[str, typer.Option(help="sd15: " + QUANTIZE_HELP)] = "none",
     optimizer: Annotated[str, typer.Option(help=OPTIMIZER_HELP)] = "adamw",
     report_to: Annotated[str, typer.Option(help=REPORT_TO_HELP)] = "none",
+    embedding_cache: Annotated[str | None, typer.Option(help=EMBEDDING_CACHE_HELP)] = None,
+    offload_text_encoders: Annotated[
+        bool, typer.Option(help="sd15: move the text encoder to the CPU once prompts are embedded.")
+    ] = True,
     device: opt.TrainDevice = "auto",
     seed: Annotated[int, typer.Option(help="Seed of data order, noise and timesteps.")] = 0,
     eval_every: Annotated[int, typer.Option(min=1, help="Range loss every N steps.")] = 100,

@@ -78,7 +78,7 @@ from dd.training.loop import (
 )
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
-from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
+from dd.training.setup import PRECISIONS, RESUMABLE, embed_prompts, training_accelerator
 
 #: refine train takes accelerate's names for the precisions.
 MIXED_PRECISIONS = tuple(PRECISIONS.values())
@@ -108,6 +108,8 @@ class RefineTrainConfig:
     quantize: str = "none"
     optimizer: str = "adamw"
     report_to: str = "none"
+    embedding_cache: str | None = None
+    offload_text_encoders: bool = True
     device: str = "auto"
     seed: int = 0
     eval_every: int = 100
@@ -346,6 +348,14 @@ class _RangeTraining(Recipe):
         self.data = read_train_data(str(cfg.data), need_prompts=conditional)
         cfg.resolution = cfg.resolution or int(bb.default_resolution)
         bb.check_size(cfg.resolution, cfg.resolution)
+        if conditional:
+            embed_prompts(
+                bb,
+                [t for _, t in self.data],
+                cache=cfg.embedding_cache,
+                offload=cfg.offload_text_encoders,
+                reporter=self.reporter,
+            )
         n_eval = min(cfg.eval_images, len(self.data))
         self.eval_images = torch.stack([self._image(i) for i in range(n_eval)])
         self.eval_prompts = [self.data[i][1] for i in range(n_eval)]

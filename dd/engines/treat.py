@@ -104,7 +104,13 @@ from dd.training.loop import (
 )
 from dd.training.outputs import TIMING_FIELDS  # noqa: F401 - re-exported
 from dd.training.outputs import plot_curves as write_curves
-from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
+from dd.training.setup import (
+    EMBEDDING_CACHE_HELP,
+    PRECISIONS,
+    RESUMABLE,
+    embed_prompts,
+    training_accelerator,
+)
 
 __all__ = [
     "REDUCTIONS",
@@ -206,6 +212,13 @@ class TreatConfig:
     weighted_threshold: float = setting(0.1, help="Pixel threshold of the weighted reduction.")
     gradient_checkpointing: bool = setting(
         False, help="Recompute sampling steps, denoiser blocks, VAE and detector in backward."
+    )
+    vae_tiling: bool = setting(
+        False, help="Decode with the VAE in tiles (less memory at large resolutions)."
+    )
+    embedding_cache: str | None = setting(None, help=EMBEDDING_CACHE_HELP)
+    offload_text_encoders: bool = setting(
+        True, help="Move the text encoders to the CPU once every prompt is embedded."
     )
     quantize: str = setting("none", help=QUANTIZE_HELP)
     optimizer: str = setting("adamw", help=OPTIMIZER_HELP)
@@ -598,6 +611,16 @@ class _Treater(Recipe):
             parse_grad_steps_range(cfg.grad_steps_random, cfg.steps)
             if cfg.grad_steps_random
             else None
+        )
+        if cfg.vae_tiling:
+            bb.enable_vae_tiling()
+        reg_prompts = [t for _, t in self.reg_pairs]
+        embed_prompts(
+            bb,
+            [*self.prompts, *self.eval_prompts, *reg_prompts],
+            cache=cfg.embedding_cache,
+            offload=cfg.offload_text_encoders,
+            reporter=self.reporter,
         )
         self.bb, self.det = bb, det
         self.evaluator = _TreatEvaluator(self)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRECISIONS", "RESUMABLE", "training_accelerator"]
+__all__ = [
+    "EMBEDDING_CACHE_HELP",
+    "PRECISIONS",
+    "RESUMABLE",
+    "embed_prompts",
+    "training_accelerator",
+]
 
 #: dd's precision names (``--dtype``/``--precision``) -> accelerate's ``mixed_precision``.
 PRECISIONS: dict[str, str] = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -21,3 +27,38 @@ def training_accelerator(device: str, mixed_precision: str, hint: str | None = N
     from dd.runtime.device import make_accelerator
 
     return make_accelerator(device, mixed_precision, 1, hint=hint)
+
+
+#: Help of every training command's ``--embedding-cache``.
+EMBEDDING_CACHE_HELP = (
+    "Folder of prompt embeddings, reused across runs and by --resume (default "
+    "$DD_CACHE_DIR/embeddings or ~/.cache/dd/embeddings); 'none' keeps them in memory only."
+)
+
+
+def embed_prompts(
+    backbone: Any,
+    prompts: list[str],
+    *,
+    cache: str | None,
+    offload: bool,
+    reporter: Any,
+) -> None:
+    """A training job's prompts embedded once before its first step: into the store on
+    disk (``cache``: a folder, None for the default, ``"none"`` for none), then, with
+    ``offload``, the text encoders leave the GPU (a FLUX user gets T5-XXL's ~9.5 GB back).
+    Training then holds at most ``backbone.prompt_memory`` embeddings in memory."""
+    if cache == "none":
+        return
+    store = backbone.use_embedding_store(cache)
+    unique = list(dict.fromkeys(prompts))
+    bar = reporter.progress("embed prompts")
+    with bar:
+        task = bar.add_task("embed", total=len(unique))
+        done = len(unique) - backbone.embed_prompts(unique, on_batch=lambda n: bar.advance(task, n))
+        bar.update(task, completed=len(unique))
+    reporter.message(
+        f"prompt embeddings: {len(unique) - done} computed, {done} reused ({store.folder})"
+    )
+    if offload:
+        backbone.release_text_encoders()
