@@ -19,6 +19,9 @@ def _treat(ctx: typer.Context, values: dict, config: str | None) -> None:
     err = Console(stderr=True)
     if source is not None:
         err.print(f"preset {source}", highlight=False)
+    if cfg.plan or cfg.max_memory:
+        _plan(cfg)
+        return
     result = run(cfg, reporter=ConsoleReporter(err))
     if not result.main:
         return
@@ -34,6 +37,20 @@ def _treat(ctx: typer.Context, values: dict, config: str | None) -> None:
     console.print(f"best       {fmt(best)}  -> {result.best_lora.parent}", highlight=False)
     console.print(f"final      {fmt(last)}  -> {result.lora}", highlight=False)
     console.print(f"stopped: {result.stop_reason}", highlight=False)
+
+
+def _plan(cfg: TreatConfig) -> None:
+    """``dd treat --plan``: the memory estimate, nothing loaded, nothing written."""
+    from dd.engines.plan import plan_treat, render
+    from dd.errors import UsageError
+
+    if not cfg.plan:
+        raise UsageError("--max-memory goes with --plan", hint="dd treat --plan --max-memory 24GB")
+    for key in ("backbone", "model"):
+        if not getattr(cfg, key):
+            raise UsageError(f"--{key} is required", hint=f"pass --{key} or set {key} in --config")
+    for line in render(plan_treat(cfg, cfg.max_memory)):
+        Console().print(line, highlight=False)
 
 
 # Every option comes from TreatConfig's declarations (one declaration per setting).

@@ -560,6 +560,7 @@ class _DreamBooth(_DreamBoothData, Recipe):
             resuming=last is not None,
             resumable=RESUMABLE_CHANGES,
             main=self.main,
+            defaults=DreamBoothConfig().resolved(),
         )
         acc.wait_for_everyone()
 

@@ -271,8 +271,22 @@ class TreatConfig:
         False, help="Replace the run in --out (its checkpoints, metrics and LoRA) with a new one."
     )
 
+    plan: bool = setting(
+        False,
+        help="Print the estimated peak GPU memory of one treat step (weights, LoRA and "
+        "optimizer, activations, text encoders) from the models' configurations, and exit "
+        "without loading weights or training.",
+    )
+    max_memory: str | None = setting(
+        None, help="With --plan: the GPU's memory (e.g. 24GB); say what fits it."
+    )
+
     def resolved(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings of the run (``plan``/``max_memory`` only steer the command)."""
+        out = asdict(self)
+        out.pop("plan", None)
+        out.pop("max_memory", None)
+        return out
 
 
 @dataclass
@@ -673,6 +687,7 @@ class _Treater(Recipe):
             resuming=self.last is not None,
             resumable=RESUMABLE_CHANGES,
             main=self.main,
+            defaults=TreatConfig().resolved(),
         )
         self.acc.wait_for_everyone()
         cast_training_params(bb.denoiser, dtype=torch.float32)

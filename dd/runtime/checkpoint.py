@@ -190,9 +190,15 @@ def prepare_run_folder(
     return last
 
 
-def check_resume_config(out: Path, now: dict[str, Any], resumable: Collection[str]) -> None:
+def check_resume_config(
+    out: Path,
+    now: dict[str, Any],
+    resumable: Collection[str],
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Refuses to resume the run in ``out`` with settings (other than ``resumable`` ones)
-    that differ from its ``config.toml``."""
+    that differ from its ``config.toml``; a setting the file lacks (a run of an older dd)
+    counts as its default in ``defaults``."""
     from dd.runtime.config import load_toml
 
     saved = out / "config.toml"
@@ -200,7 +206,7 @@ def check_resume_config(out: Path, now: dict[str, Any], resumable: Collection[st
         before = load_toml(saved)
     except DDError:
         raise DDError(f"{saved} is missing or damaged; cannot resume") from None
-    check_same_settings(out, saved.name, before, now, resumable)
+    check_same_settings(out, saved.name, {**(defaults or {}), **before}, now, resumable)
 
 
 def check_same_settings(
@@ -229,6 +235,7 @@ def save_run_config(
     resuming: bool,
     resumable: Collection[str],
     main: bool,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """Checks a resumed run's settings against ``out/config.toml`` (see
     :func:`check_resume_config`), then (on the main process) writes ``resolved`` there."""
@@ -237,7 +244,7 @@ def save_run_config(
 
     resolved = record_paths(resolved)
     if resuming:
-        check_resume_config(out, resolved, resumable)
+        check_resume_config(out, resolved, resumable, record_paths(defaults or {}))
     if main:
         header = [
             f"dd {command}: resolved configuration of the run in {out}",
