@@ -95,3 +95,29 @@ def test_cli_plan_prints_the_breakdown_and_writes_nothing(detector, tmp_path_fac
     assert res.exit_code == 2 and "--model is required" in res.output
     res = cli("treat", "--plan", "--backbone", "flux", "--model", model, "--max-memory", "lots")
     assert res.exit_code == 2 and "bad --max-memory" in res.output
+
+
+@pytest.mark.parametrize("mode", ["naive", "checkpointed"])
+def test_the_traced_step_of_the_bench_model_matches_its_measured_peak(mode):
+    """`dd bench treat`'s CPU model (tiny FLUX pipeline, bench-sized transformer): the step
+    traced on the meta device against the profiler's peak of the real step."""
+    from dd.bench import tiny_treat_setup
+    from dd.engines.plan import estimate_step
+
+    cpu = torch.device("cpu")
+    setup = tiny_treat_setup("flux", device=cpu, steps=4, lora_rank=16, detector_size=64)
+    set_checkpointing(setup, mode)
+    latents = setup.latents(128)
+    treat_step(setup, 128, 1, latents)
+    setup.zero_grad()
+    measured, _ = peak_extra_memory(lambda: treat_step(setup, 128, 1, latents), cpu)
+    setup.zero_grad()
+    meta = torch.device("meta")
+    setup.backbone.pipe.to(meta)
+    setup.detector.to(meta)
+    setup.backbone.device = meta
+    setup.cond = setup.cond.to(meta)
+    parts = estimate_step(setup, resolution=128, grad_steps=1,
+                          checkpointing=mode == "checkpointed")  # fmt: skip
+    traced = parts["activations + LoRA gradients"]
+    assert 0.85 <= traced / measured <= 1.15, (traced, measured)

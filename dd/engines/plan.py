@@ -54,7 +54,9 @@ class MemoryPlan:
 
     parts: dict[str, int]
     settings: dict[str, Any]
-    #: Bytes on the GPU while the prompts are embedded (weights + text encoders).
+    #: Bytes on the GPU while the prompts are embedded (weights + text encoders); with
+    #: ``--quantize`` the denoiser is still at its load dtype then (it is quantised after
+    #: loading).
     embedding_phase: int = 0
     budget: int | None = None
     suggestions: list[dict[str, Any]] = field(default_factory=list)
@@ -297,18 +299,26 @@ def plan_treat(cfg: Any, max_memory: str | None = None) -> MemoryPlan:
         setup, resolution=resolution, grad_steps=k, checkpointing=cfg.gradient_checkpointing,
         quantize=cfg.quantize, optimizer=cfg.optimizer,
     )  # fmt: skip
-    weights = parts["denoiser (frozen)"] + parts["VAE"] + parts["detector"] + parts["LoRA"]
+    loaded = _frozen_bytes(setup)  # the denoiser as loaded, before --quantize
+    weights = loaded + parts["VAE"] + parts["detector"]
     plan = MemoryPlan(parts, settings, embedding_phase=weights + text)
     if not cfg.offload_text_encoders:
         plan.parts["text encoders"] = text
     plan.budget = parse_memory(max_memory) if max_memory else None
     if plan.budget is not None and not plan.fits:
-        plan.suggestions = _suggestions(setup, cfg, resolution, plan.budget, weights, text)
+        plan.suggestions = _suggestions(setup, cfg, resolution, plan.budget, weights + text)
     return plan
 
 
+def _frozen_bytes(setup: Any) -> int:
+    from dd.runtime.memory import tensor_bytes
+
+    lora = {id(p) for p in setup.lora}
+    return tensor_bytes([t for t in _params(setup.backbone.denoiser) if id(t) not in lora])
+
+
 def _suggestions(
-    setup: Any, cfg: Any, resolution: int, budget: int, weights: int, text: int
+    setup: Any, cfg: Any, resolution: int, budget: int, loading: int
 ) -> list[dict[str, Any]]:
     """Cheaper variants of the configuration, each estimated; the ones that fit first."""
     from dd.quantize import QUANTIZE_MODES
@@ -337,8 +347,8 @@ def _suggestions(
         }
         parts = estimate_step(setup, **args)
         step = sum(parts.values())
-        phase = parts["denoiser (frozen)"] + parts["VAE"] + parts["detector"] + parts["LoRA"]
-        peak = max(step + (0 if cfg.offload_text_encoders else text), phase + text)
+        text = loading - _frozen_bytes(setup) - parts["VAE"] - parts["detector"]
+        peak = max(step + (0 if cfg.offload_text_encoders else text), loading)
         out.append({"flags": flags, "peak_bytes": peak, "fits": peak <= budget})
     out.sort(key=lambda r: (not r["fits"], r["peak_bytes"]))
     return out
@@ -359,8 +369,8 @@ def render(plan: MemoryPlan) -> list[str]:
     ]
     lines += [f"  {name:<30} {g(n)}" for name, n in plan.parts.items()]
     lines.append(f"  {'one treat step (peak)':<30} {g(plan.step_total)}")
-    lines.append(f"  {'while embedding prompts':<30} {g(plan.embedding_phase)}  (weights + "
-                 "text encoders, before the first step)")  # fmt: skip
+    lines.append(f"  {'loading, embedding prompts':<30} {g(plan.embedding_phase)}  (weights as "
+                 "loaded + text encoders, before the first step)")  # fmt: skip
     verdict = ""
     if plan.budget is not None:
         verdict = (
