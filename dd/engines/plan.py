@@ -101,6 +101,8 @@ def _config_folder(model: str) -> Path:
                 "no configuration)",
             )
         return path
+    if str(model).startswith(("/", "./", "../", "~")) and not path.exists():
+        raise DDError(f"model folder not found: {model}", hint="check --model")
     if path.suffix in (".safetensors", ".ckpt") or path.exists():
         raise DDError(
             f"--plan cannot read a configuration from {model}",
@@ -118,8 +120,8 @@ def _config_folder(model: str) -> Path:
     except Exception as e:
         raise DDError(
             f"--plan needs the configuration files of {model}: {type(e).__name__}",
-            hint="run once online (only the JSON and tokenizer files are fetched) or pass a "
-            "local diffusers folder",
+            hint="run once online (only the JSON and tokenizer files are fetched; a gated "
+            "model needs `hf auth login`) or pass a local diffusers folder",
         ) from None
 
 
