@@ -539,6 +539,8 @@ class _DetectorTraining(Recipe):
         last = self._prepare_out()
         self.detector = _load_detector(cfg)
         self.detector.untrained = False
+        if cfg.init:
+            self.log(f"initial weights: {self.detector.source}")
         with warnings.catch_warnings():
             # DDP warns that depthwise-conv gradients have other (equivalent) strides.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")

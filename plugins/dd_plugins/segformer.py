@@ -531,6 +531,46 @@ def _model_from_state_dict(sd: dict[str, torch.Tensor], variant: str | None, sou
     return model, name
 
 
+def _is_classifier(config) -> bool:
+    """A MiT ImageNet classifier (``SegformerForImageClassification``, e.g. the
+    ``nvidia/mit-b0``..``mit-b5`` checkpoints SegFormer's paper starts from)."""
+    return "SegformerForImageClassification" in (getattr(config, "architectures", None) or [])
+
+
+def _from_classifier(ref: str, config, variant: str | None):
+    """The detector of a MiT classifier's size with the classifier's encoder and a fresh
+    one-channel decode head (from the seeded global generator), as SegFormer and DiffDoctor
+    start training from ImageNet weights."""
+    from transformers import SegformerForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    encoder = {f: getattr(config, f) for f in _ARCH_FIELDS if f != "decoder_hidden_size"}
+    names = [
+        n
+        for n, v in VARIANTS.items()
+        if all(list(encoder[f]) == list(v[f]) for f in encoder)  # type: ignore[arg-type]
+    ]
+    name = variant or (names[-1] if names else None)
+    if name is None or (variant is not None and variant not in names):
+        raise DDError(
+            f"{ref} is a MiT classifier of an encoder no detector variant has "
+            f"(depths {list(config.depths)}, hidden sizes {list(config.hidden_sizes)})",
+            hint="use nvidia/mit-b0..b5 (or a folder in that format)",
+        )
+    hf_logging.disable_progress_bar()
+    try:
+        classifier = SegformerForImageClassification.from_pretrained(ref)
+    except Exception as exc:
+        raise DDError(
+            f"could not load the MiT classifier {ref}: {type(exc).__name__}: {exc}"[:400],
+            hint="a save_pretrained folder or hub id of SegformerForImageClassification",
+        ) from None
+    model = _build_model(segformer_config(name))
+    model.segformer.load_state_dict(classifier.segformer.state_dict(), strict=True)
+    model.config.dd_init_note = "ImageNet MiT encoder; decode head initialised fresh"
+    return model, name
+
+
 def _check_num_labels(config, source: str) -> None:
     if config.num_labels != 1:
         raise DDError(
@@ -576,6 +616,8 @@ def _load_dir(path: Path, variant: str | None):
                 f"{path}/config.json is not a SegFormer config: {type(exc).__name__}: {exc}",
                 hint="pass a save_pretrained folder of SegformerForSemanticSegmentation",
             ) from None
+        if _is_classifier(config):
+            return _from_classifier(str(path), config, variant)
         _check_num_labels(config, str(path))
         name = _config_variant(config)
         if variant is not None and variant != name:
@@ -609,6 +651,11 @@ def _load_dir(path: Path, variant: str | None):
 
 def _load_hub(ref: str, variant: str | None):
     try:
+        from transformers import SegformerConfig
+
+        config = SegformerConfig.from_pretrained(ref)
+        if _is_classifier(config):
+            return _from_classifier(ref, config, variant)
         model = _from_pretrained(ref, ref)
     except DDError:
         raise
@@ -749,21 +796,27 @@ class SegformerDetector(Detector):
         else:
             ref = os.path.expanduser(os.fspath(weights))
             path = Path(ref)
-            if path.is_dir():
-                model, name = _load_dir(path, variant)
-            elif path.is_file():
-                model, name = _model_from_state_dict(_read_state_dict(path), variant, ref)
-            elif _looks_like_hub_id(ref):
-                model, name = _load_hub(ref, variant)
-            else:
-                raise DDError(
-                    f"weights not found: {ref}",
-                    hint="pass an existing file (e.g. ad_pytorch_model.bin), folder or hub id",
-                )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # a MiT classifier's fresh decode head draws here
+                if path.is_dir():
+                    model, name = _load_dir(path, variant)
+                elif path.is_file():
+                    model, name = _model_from_state_dict(_read_state_dict(path), variant, ref)
+                elif _looks_like_hub_id(ref):
+                    model, name = _load_hub(ref, variant)
+                else:
+                    raise DDError(
+                        f"weights not found: {ref}",
+                        hint="pass an existing file (e.g. ad_pytorch_model.bin), folder or hub id",
+                    )
             saved = getattr(model.config, "dd_input_size", None)
             size = _parse_size(input_size if input_size is not None else (saved or 512))
             det = cls(model, variant=name, input_size=size)
             det.source = ref if Path(ref) != DEFAULT_WEIGHTS else "dd default (synthetic artifacts)"
+            note = getattr(model.config, "dd_init_note", None)
+            if note:
+                det.source = f"{ref} ({note})"
+                del model.config.dd_init_note
             det.image_threshold = _image_threshold(model.config, ref)
         det.to(device=device, dtype=dtype)
         det.eval()
