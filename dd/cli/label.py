@@ -231,6 +231,13 @@ def pseudo(
     shrink_scale: Annotated[
         str, typer.Option(help="Shrink-and-pad scale LO,HI recorded for those images.")
     ] = "0.3,0.7",
+    positive_threshold: Annotated[
+        float,
+        typer.Option(
+            help="An image counts as showing an artifact (a positive for class balance) when "
+            "its max confidence is at least this; recorded in the manifest."
+        ),
+    ] = 0.5,
     floor: Annotated[float, typer.Option(help="Confidences below this are stored as 0.")] = 0.0,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 16,
     workers: Annotated[int, typer.Option(min=1, help="Threads decoding and writing.")] = 4,
@@ -273,6 +280,7 @@ def pseudo(
         resume=resume,
         overwrite=overwrite,
         shrink_threshold=shrink_threshold,
+        positive_threshold=positive_threshold,
         shrink_scale=parse_pair(shrink_scale, "--shrink-scale"),
         floor=floor,
         rank=env_rank if rank is None else rank,

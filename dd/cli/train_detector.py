@@ -127,6 +127,13 @@ def train_detector(
     shrink_pad_every: Annotated[
         int, typer.Option(min=1, help="Steps between on-the-fly shrink-pad checks.")
     ] = 500,
+    shrink_pad_scope: Annotated[
+        str,
+        typer.Option(
+            help="Samples the on-the-fly check may flag: pseudo (pseudo labels, as the paper) "
+            "or all (human labels and real photos too)."
+        ),
+    ] = "pseudo",
     shrink_pad_scale: Annotated[
         str, typer.Option(help="Scale range LO,HI of on-the-fly shrink-and-pad.")
     ] = "0.3,0.7",
@@ -207,6 +214,7 @@ def train_detector(
         shrink_prob=shrink_pad_prob,
         shrink_fill=shrink_pad_fill,
         shrink_threshold=shrink_pad_threshold,
+        shrink_scope=shrink_pad_scope,
         shrink_every=shrink_pad_every,
         shrink_scale=parse_pair(shrink_pad_scale, "--shrink-pad-scale"),
         val_every=val_every,

@@ -46,7 +46,11 @@ class Sample:
 
     @property
     def positive(self) -> bool:
-        """Has a mask file (which may still be all zero)."""
+        """Shows an artifact: the manifest's ``positive`` field when it has one (``dd label
+        pseudo`` decides it from the map's maximum, ``positive_threshold``), else whether
+        it has a mask file (a human label's mask marks an artifact)."""
+        if "positive" in self.meta:
+            return bool(self.meta["positive"])
         return self.mask is not None
 
     def to_json(self, root: Path) -> dict[str, Any]:

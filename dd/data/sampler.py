@@ -1,10 +1,12 @@
 """Class balance (DiffDoctor, seed 000, Sec. 3.2) and the deterministic epoch order.
 
-Positives and negatives: a sample is a *positive* when it has a mask and its source is not
-``real``; everything else (no mask, or a real photo) is a *negative*. A labelled but
-artifact-free synthesized image is a negative when its manifest line has ``"mask": null``
-(an all-zero mask file still counts as a positive for the balance; its loss target is 0
-either way).
+Positives and negatives: a sample is a *positive* when it shows an artifact and its source
+is not ``real``; everything else is a *negative*. Whether it shows one: its manifest's
+``positive`` field when present (``dd label pseudo`` writes it from the map: max confidence
+>= ``positive_threshold``, recorded beside it, since it writes a soft map for every image),
+else whether it has a mask (a human label's mask marks an artifact; a labelled but
+artifact-free image has ``"mask": null``, and an all-zero mask file still counts as a
+positive; its loss target is 0 either way).
 
 Balance spec (``--balance``): ``"hand=1:1,face=1:2,*=1:1"`` sets, per category, the ratio of
 positive to negative draws; ``*`` applies to categories not listed (and to positives without
@@ -105,8 +107,9 @@ def parse_balance(spec: str | None) -> dict[str, Ratio]:
 
 
 def is_positive(sample: Sample) -> bool:
-    """A sample with a mask whose source is not a real photo."""
-    return sample.mask is not None and sample.source != "real"
+    """A sample that shows an artifact (:attr:`Sample.positive`: the manifest's ``positive``
+    decision, else a mask) and is not a real photo."""
+    return sample.positive and sample.source != "real"
 
 
 def category_of(sample: Sample) -> str | None:

@@ -105,6 +105,8 @@ HIGHER_IS_BETTER = frozenset({"cc", "iou", "f1", "pixel_auroc", "image_auroc"})
 LOWER_IS_BETTER = frozenset({"mse", "mse_clean", "kl_fn", "kl_fp"})
 # Config fields a resumed run may change: they do not affect the results.
 _RESUMABLE_CHANGES = RESUMABLE | {"workers"}
+#: What a run saved before a setting existed did: its check flagged every sample.
+_OLDER_DEFAULTS = {"shrink_scope": "all"}
 
 
 @dataclass
@@ -149,6 +151,9 @@ class TrainConfig:
     shrink_prob: float = 0.5
     shrink_fill: str = "0"
     shrink_threshold: float | None = None
+    #: Which samples the on-the-fly check may flag: ``pseudo`` (the paper: pseudo labels
+    #: whose predicted max confidence is low) or ``all`` (human labels and photos too).
+    shrink_scope: str = "pseudo"
     shrink_every: int = 500
     shrink_scale: tuple[float, float] = (0.3, 0.7)
     val_every: int = 500
@@ -368,6 +373,7 @@ def _check_train_config(c: TrainConfig) -> None:
         (c.pos_weight > 0, "--pos-weight must be positive"),
         (c.pos_weight == 1.0 or c.loss == "bce", "--pos-weight needs --loss bce"),
         (0.0 <= c.shrink_prob <= 1.0, "--shrink-pad-prob must be in [0, 1]"),
+        (c.shrink_scope in ("pseudo", "all"), "--shrink-pad-scope must be pseudo or all"),
         (0.0 < c.shrink_scale[0] <= c.shrink_scale[1] <= 1.0, "bad --shrink-pad-scale"),
         (c.val_fraction is None or 0.0 <= c.val_fraction < 1.0, "bad --val-fraction"),
         (min(c.val_every, c.save_every, c.log_every, c.shrink_every) >= 1, "bad interval"),
@@ -588,6 +594,7 @@ class _DetectorTraining(Recipe):
                 before = json.loads(saved.read_text())
             except (OSError, ValueError):
                 raise DDError(f"{saved} is missing or damaged; cannot resume") from None
+            before = {**_OLDER_DEFAULTS, **before}  # a run of an older dd
             check_same_settings(self.out, saved.name, before, cfg.resolved(), _RESUMABLE_CHANGES)
         if self.main:
             mark_run_folder(self.out, "train-detector")
@@ -656,7 +663,8 @@ class _DetectorTraining(Recipe):
         return {"epoch": run.state["epoch"]}
 
     def _refresh_shrink(self, run: Run) -> None:
-        """On-the-fly shrink-and-pad: flag training samples whose predicted max confidence
+        """On-the-fly shrink-and-pad (seed 000, Sec. 3.2): flag the pseudo-labelled training
+        samples (``shrink_scope="all"``: every sample) whose predicted max confidence
         (current model, no augmentation, in batches of ``val_batch_size``) is below the
         threshold."""
         from accelerate.utils import gather_object
@@ -665,7 +673,11 @@ class _DetectorTraining(Recipe):
 
         cfg, det = self.cfg, self.detector
         samples = self.data.dataset.samples
-        mine = list(range(self.rank, len(samples), self.world))
+        mine = [
+            i
+            for i in range(self.rank, len(samples), self.world)
+            if cfg.shrink_scope == "all" or samples[i].source == "pseudo"
+        ]
 
         def load(i: int) -> _ShrinkItem:
             img = load_image(samples[i].image)

@@ -65,6 +65,8 @@ class PseudoConfig:
     overwrite: bool = False
     shrink_threshold: float = 0.3
     shrink_scale: tuple[float, float] = (0.3, 0.7)
+    #: A pseudo label is a positive (shows an artifact) when its map's max is at least this.
+    positive_threshold: float = 0.5
     floor: float = 0.0
     rank: int = 0
     world_size: int = 1
@@ -78,6 +80,10 @@ class PseudoConfig:
             raise UsageError(f"--shrink-scale must be LO,HI with 0 < LO <= HI <= 1, got {lo},{hi}")
         if not 0.0 <= self.shrink_threshold <= 1.0:
             raise UsageError(f"--shrink-threshold must be in [0, 1], got {self.shrink_threshold}")
+        if not 0.0 < self.positive_threshold <= 1.0:
+            raise UsageError(
+                f"--positive-threshold must be in (0, 1], got {self.positive_threshold}"
+            )
         if not 0.0 <= self.floor < 1.0:
             raise UsageError(f"--floor must be in [0, 1), got {self.floor}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -306,6 +312,8 @@ def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, An
         "weight": 1.0,
         "max": round(mx, 6),
         "mean": round(mean, 6),
+        "positive": mx >= cfg.positive_threshold,
+        "positive_threshold": cfg.positive_threshold,
         "height": int(prob.shape[0]),
         "width": int(prob.shape[1]),
     }
@@ -365,6 +373,7 @@ def run_pseudo(
         "detector": detector.describe(),
         "shrink_threshold": cfg.shrink_threshold,
         "shrink_scale": list(cfg.shrink_scale),
+        "positive_threshold": cfg.positive_threshold,
         "floor": cfg.floor,
     }
     info_path = shard_dir / "run.json"
@@ -393,6 +402,8 @@ def run_pseudo(
             prev = json.loads(info_path.read_text())
         except ValueError:
             prev = None
+        if prev is not None:  # a run of an older dd recorded no positive threshold
+            prev = {"positive_threshold": PseudoConfig.positive_threshold, **prev}
         if prev is not None and prev != run_info:
             raise DDError(
                 f"{out} was labelled with other settings or another detector ({prev})",
