@@ -61,3 +61,23 @@ def test_train_detector_starts_from_the_classifier(mit_classifier, tmp_path, cli
     # lr 1e-9 for 2 steps: the trained encoder is still the classifier's (to float precision)
     for k, v in encoder.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)
+
+
+def test_a_bare_state_dict_says_its_input_size_is_assumed(tmp_path, cli):
+    seg = get_host().detectors.get("segformer")
+    det = seg.load(None, variant="tiny", input_size=64)
+    torch.save(det.model.state_dict(), tmp_path / "det.bin")
+    loaded = seg.load(str(tmp_path / "det.bin"))
+    assert tuple(loaded.input_size) == (512, 512) and loaded.describe()["input_size_assumed"]
+    given = seg.load(str(tmp_path / "det.bin"), input_size=64)
+    assert "input_size_assumed" not in given.describe()
+    data = make_dataset(tmp_path / "ds", n=8)
+    res = cli("train-detector", data, "--out", tmp_path / "run", "--init", tmp_path / "det.bin",
+              "--batch-size", "2", "--steps", "1", "--workers", "0", "--val-fraction", "0",
+              "--size", "64")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "records no input size" in " ".join(res.output.split())
+    trained = seg.load(str(tmp_path / "run" / "model"))
+    assert (
+        tuple(trained.input_size) == (512, 512) and "input_size_assumed" not in trained.describe()
+    )

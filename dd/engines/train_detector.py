@@ -547,6 +547,13 @@ class _DetectorTraining(Recipe):
         self.detector.untrained = False
         if cfg.init:
             self.log(f"initial weights: {self.detector.source}")
+            if getattr(self.detector, "input_size_assumed", False):
+                size = "x".join(map(str, self.detector.input_size))
+                self.log(
+                    f"[yellow]note:[/yellow] {cfg.init} records no input size; training at "
+                    f"{size} (what DiffDoctor's released weights use): pass --input-size if "
+                    "it was trained at another; the trained detector records its size"
+                )
         with warnings.catch_warnings():
             # DDP warns that depthwise-conv gradients have other (equivalent) strides.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")

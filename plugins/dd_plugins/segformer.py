@@ -812,6 +812,8 @@ class SegformerDetector(Detector):
             saved = getattr(model.config, "dd_input_size", None)
             size = _parse_size(input_size if input_size is not None else (saved or 512))
             det = cls(model, variant=name, input_size=size)
+            # A bare state dict (DiffDoctor's .bin) records no input size: 512 is assumed.
+            det.input_size_assumed = input_size is None and saved is None
             det.source = ref if Path(ref) != DEFAULT_WEIGHTS else "dd default (synthetic artifacts)"
             note = getattr(model.config, "dd_init_note", None)
             if note:
@@ -900,6 +902,8 @@ class SegformerDetector(Detector):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update(variant=self.variant, input_size=list(self.input_size))
+        if getattr(self, "input_size_assumed", False):
+            d["input_size_assumed"] = True  # the weights record none; 512 as DiffDoctor's
         return d
 
 
