@@ -199,6 +199,9 @@ def build_app(*, with_plugins: bool = True) -> typer.Typer:
     from dd.cli import refine as refine_cli
 
     app.add_typer(refine_cli.app, name="refine")
+    from dd.cli import lora as lora_cli
+
+    app.add_typer(lora_cli.app, name="lora")
 
     @app.callback(invoke_without_command=True)
     def _root(
