@@ -519,17 +519,36 @@ class _Training:
         a = a.view(-1, *[1] * (x0.ndim - 1))
         return (a.sqrt() * noise.float() - (1 - a).sqrt() * x0.float()).to(x0.dtype)
 
+    def training_shift(self) -> float:
+        """The noise-level shift of training draws for flow models: the scheduler's static
+        ``shift`` (SD3: 3.0, FLUX schnell: 1.0), 1.0 where it shifts by resolution at
+        sampling time (FLUX dev), as diffusers' DreamBooth scripts and DiffDoctor's code
+        train. ``dd treat``'s regulariser and ``dd dreambooth`` both draw through it."""
+        sc = self.pipe.scheduler.config
+        if sc.get("use_dynamic_shifting", False):
+            return 1.0
+        return float(sc.get("shift", 1.0))
+
     def sample_training_timesteps(
-        self, batch: int, generator: torch.Generator | None = None, weighting: str = "logit_normal"
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        weighting: str = "logit_normal",
+        shift: float | None = None,
     ) -> torch.Tensor:
-        """Training timesteps in [0, T): logit-normal (SD3 paper) or uniform for flow
-        models, uniform integers for DDPM models."""
+        """Training timesteps in [0, T): for flow models a noise level ``s`` logit-normal
+        (SD3 paper) or uniform, shifted like the scheduler (``shift * s / (1 + (shift - 1)
+        s)``, ``shift`` defaulting to :meth:`training_shift`), times T; uniform integers for
+        DDPM models."""
         T = self.num_train_timesteps
         if self.prediction_type == FLOW:
             if weighting == "logit_normal":
                 u = torch.sigmoid(torch.randn(batch, generator=generator))
             else:
                 u = torch.rand(batch, generator=generator)
+            shift = self.training_shift() if shift is None else shift
+            if shift != 1.0:
+                u = shift * u / (1 + (shift - 1) * u)
             return (u * T).clamp(max=T - 1)
         return torch.randint(0, T, (batch,), generator=generator)
 

@@ -544,9 +544,7 @@ class _DreamBooth(_DreamBoothData, Recipe):
         cfg.validation_prompt = cfg.validation_prompt or cfg.instance_prompt
         self.flow = bb.prediction_type == FLOW
         if self.flow and cfg.timestep_shift is None:
-            sc = bb.pipe.scheduler.config
-            static = not sc.get("use_dynamic_shifting", False)
-            cfg.timestep_shift = float(sc.get("shift", 1.0)) if static else 1.0
+            cfg.timestep_shift = bb.training_shift()  # the one rule (treat's regulariser too)
         # no CFG in training; FLUX-dev's guidance embedding takes --guidance (default 3.5)
         self.train_guidance = (
             (cfg.guidance if cfg.guidance is not None else bb.default_guidance)
