@@ -57,6 +57,9 @@ def test_the_default_root_follows_dd_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("DD_CACHE_DIR", str(tmp_path))
     assert default_cache_root() == tmp_path / "embeddings"
     monkeypatch.delenv("DD_CACHE_DIR")
+    monkeypatch.setenv("DD_HOME", str(tmp_path / "home"))
+    assert default_cache_root() == tmp_path / "home" / "embeddings"
+    monkeypatch.delenv("DD_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_root() == tmp_path / "xdg" / "dd" / "embeddings"
 

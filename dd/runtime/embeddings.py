@@ -8,7 +8,7 @@ its text-encoder files, dtype, device type, encoder options: see
 ``dd.backbones.Backbone.embedding_namespace``); ``key`` is the backbone's cache key of the
 prompt (a hash of the prompt and anything the encoding adds to it, such as SD1.5's negative
 prompt). ``ROOT`` is ``--embedding-cache``, else ``$DD_CACHE_DIR/embeddings``, else
-``$XDG_CACHE_HOME/dd/embeddings`` (``~/.cache/dd/embeddings``). Delete the folder to
+``$DD_HOME/embeddings``, else ``$XDG_CACHE_HOME/dd/embeddings`` (``~/.cache/dd/embeddings``). Delete the folder to
 reclaim the space: everything in it is recomputed on demand.
 """
 
@@ -26,9 +26,12 @@ __all__ = ["EmbeddingStore", "default_cache_root"]
 
 
 def default_cache_root() -> Path:
-    """Where embeddings go unless a command is told otherwise."""
-    if os.environ.get("DD_CACHE_DIR"):
-        return Path(os.environ["DD_CACHE_DIR"]).expanduser() / "embeddings"
+    """Where embeddings go unless a command is told otherwise: ``$DD_CACHE_DIR/embeddings``,
+    else ``$DD_HOME/embeddings`` (dd's data folder, as ``dd eval gen`` uses it), else
+    ``$XDG_CACHE_HOME/dd/embeddings`` (``~/.cache/dd/embeddings``)."""
+    for var in ("DD_CACHE_DIR", "DD_HOME"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser() / "embeddings"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "dd" / "embeddings"
 
