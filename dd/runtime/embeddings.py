@@ -8,8 +8,8 @@ its text-encoder files, dtype, device type, encoder options: see
 ``dd.backbones.Backbone.embedding_namespace``); ``key`` is the backbone's cache key of the
 prompt (a hash of the prompt and anything the encoding adds to it, such as SD1.5's negative
 prompt). ``ROOT`` is ``--embedding-cache``, else ``$DD_CACHE_DIR/embeddings``, else
-``$DD_HOME/embeddings``, else ``$XDG_CACHE_HOME/dd/embeddings`` (``~/.cache/dd/embeddings``). Delete the folder to
-reclaim the space: everything in it is recomputed on demand.
+``$DD_HOME/embeddings``, else ``$XDG_CACHE_HOME/dd/embeddings`` (``~/.cache/dd/embeddings``).
+Delete the folder to reclaim the space: everything in it is recomputed on demand.
 """
 
 from __future__ import annotations
