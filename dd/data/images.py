@@ -24,6 +24,7 @@ import json
 import os
 import re
 import stat
+import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +114,16 @@ def load_image(
     p = Path(path)
     try:
         st = p.stat()
-    except FileNotFoundError:
-        raise ImageLoadError(p, "not found", "check the path") from None
+    except (FileNotFoundError, NotADirectoryError):  # or SHARD.tar/MEMBER
+        from dd.data.shards import open_member
+
+        try:
+            member = open_member(p)  # SHARD.tar/MEMBER: a WebDataset sample's image
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise ImageLoadError(p, f"cannot read from its shard: {e}") from None
+        if member is None:
+            raise ImageLoadError(p, "not found", "check the path") from None
+        return _decode(member, p, max_pixels)
     except OSError as e:
         raise ImageLoadError(p, f"cannot read: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
@@ -123,9 +132,13 @@ def load_image(
         raise ImageLoadError(p, "not a regular file")
     if st.st_size == 0:
         raise ImageLoadError(p, "empty file")
+    return _decode(p, p, max_pixels)
 
+
+def _decode(source: Any, p: Path, max_pixels: int | None) -> np.ndarray:
+    """Decode ``source`` (a path or a file object) as :func:`load_image` describes."""
     try:
-        with Image.open(p, formats=_ALLOWED_FORMATS) as im:
+        with Image.open(source, formats=_ALLOWED_FORMATS) as im:
             width, height = im.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageLoadError(
@@ -353,8 +366,15 @@ def _expand_spec(
     skip: tuple[str, ...] = (),
 ) -> None:
     """Expand one command-line spec into ``found`` (or a reason into ``failures``)."""
+    from dd.data.shards import expand_shards, is_shard_spec
+
     if any(c in spec for c in "*?[") and not os.path.lexists(os.path.expanduser(spec)):
         matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+        shards = [m for m in matches if is_shard_spec(m) and os.path.isfile(m)]
+        if shards and len(shards) == len(matches):  # a glob of WebDataset shards
+            for m in shards:
+                expand_shards(m, found, failures)
+            return
         images = [
             _abs(m)
             for m in matches
@@ -364,6 +384,9 @@ def _expand_spec(
             reason = "no files match" if not matches else "no image files match"
             failures.append((spec, reason))
         found.extend((m, {}) for m in images)
+        return
+    if is_shard_spec(spec):  # WebDataset shards: shards/{000000..000099}.tar
+        expand_shards(spec, found, failures)
         return
     path = _abs(spec)
     if path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():

@@ -129,7 +129,19 @@ def _walk(folder: Path) -> Iterator[Path]:
 def stream_inputs(specs: list[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
     """``(absolute path, manifest fields)`` for files, folders and ``.txt``/``.jsonl``
     manifests, one at a time. Unreadable specs raise a one-line :class:`DDError`."""
+    from dd.data.shards import expand_shards, is_shard_spec
+
     for spec in specs:
+        if is_shard_spec(spec):  # WebDataset shards, one shard at a time
+            for shard in _shard_paths(spec):
+                found: list[tuple[Path, dict[str, Any]]] = []
+                failures: list[tuple[str, str]] = []
+                expand_shards(str(shard), found, failures)
+                bad = [f for f in failures if "sample has no image" not in f[1]]
+                if bad:
+                    raise DDError(f"{bad[0][0]}: {bad[0][1]}", hint="repair or drop the shard")
+                yield from found
+            continue
         path = Path(os.path.abspath(os.path.expanduser(spec)))
         if path.is_dir():
             yield from ((p, {}) for p in _walk(path))
@@ -139,6 +151,12 @@ def stream_inputs(specs: list[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
             yield path, {}
         else:
             raise DDError(f"pool input not found or not an image/folder/manifest: {spec}")
+
+
+def _shard_paths(spec: str) -> list[Path]:
+    from dd.data.shards import expand_shard_spec
+
+    return expand_shard_spec(spec)
 
 
 def _stream_manifest(manifest: Path) -> Iterator[tuple[Path, dict[str, Any]]]:

@@ -1,0 +1,158 @@
+"""WebDataset shards as image pools: ``shards/{000000..000099}.tar`` wherever a command reads
+images (``dd detect``, ``dd label mine``, ``dd label pseudo``).
+
+A shard is a tar file whose members are grouped into samples by key, the WebDataset
+convention (img2dataset writes it): ``0001.jpg``, ``0001.txt``, ``0001.json`` are the image,
+caption and metadata of sample ``0001`` (the key is the member's path up to the first dot of
+its file name). A spec names shards by path, with brace ranges as ``webdataset`` expands
+them (``{000000..000099}``, ``{a,b}``).
+
+Each sample with an image becomes one input whose path is *virtual*:
+``SHARD.tar/MEMBER`` (e.g. ``/data/shards/000003.tar/000317.jpg``); :func:`member_of` tells
+such a path apart and :func:`read_member` reads its bytes (random access through the tar's
+header index, kept per thread), so every reader that takes a path (``load_image``) reads
+shards too, and output names follow the shard and the key. The ``.txt`` caption becomes the
+input's ``prompt`` and the ``.json`` object's fields its metadata, as a manifest line's do.
+
+A shard that cannot be read (truncated, not a tar) is named in one line and skipped, and so
+is a sample without an image, as the commands' other bad inputs are.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["expand_shard_spec", "is_shard_spec", "member_of", "read_member", "shard_samples"]
+
+SHARD_SUFFIXES = (".tar",)
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+_local = threading.local()
+
+
+def is_shard_spec(spec: str) -> bool:
+    """A shard path or a brace pattern of shard paths."""
+    s = str(spec)
+    return s.lower().endswith(SHARD_SUFFIXES) or ("{" in s and ".tar" in s.lower())
+
+
+def expand_shard_spec(spec: str) -> list[Path]:
+    """The shard paths of ``spec`` (braces expanded as webdataset does), in order."""
+    from braceexpand import braceexpand
+
+    return [Path(os.path.abspath(os.path.expanduser(p))) for p in braceexpand(str(spec))]
+
+
+def _split(name: str) -> tuple[str, str]:
+    """``dir/0001.seg.png`` -> ``("dir/0001", "seg.png")`` (WebDataset's key rule)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def shard_samples(path: Path) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """``(key, {extension: member})`` of every sample of the shard ``path``, in tar order.
+    Raises ``tarfile.TarError``/``OSError`` for a shard that cannot be read to its end."""
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    size = path.stat().st_size
+    with tarfile.open(path, mode="r:") as tar:
+        for info in tar:
+            if info.offset_data + info.size > size:  # tarfile stops quietly at a cut header
+                raise tarfile.ReadError(f"{info.name} is cut off at byte {size}")
+            if not info.isfile() or Path(info.name).name.startswith("."):
+                continue
+            key, ext = _split(info.name)
+            samples.setdefault(key, {})[ext] = info
+    return list(samples.items())
+
+
+def expand_shards(
+    spec: str,
+    found: list[tuple[Path, dict[str, Any]]],
+    failures: list[tuple[str, str]],
+) -> None:
+    """Add every sample with an image of the shards of ``spec`` to ``found`` (virtual path,
+    metadata); a missing or unreadable shard, or a sample without an image, to
+    ``failures``."""
+    shards = expand_shard_spec(spec)
+    for shard in shards:
+        if not shard.is_file():
+            failures.append((str(shard), "shard not found"))
+            continue
+        try:
+            samples = shard_samples(shard)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            failures.append((str(shard), f"truncated or unreadable shard ({e}); skipped"))
+            continue
+        if not samples:
+            failures.append((str(shard), "empty shard"))
+            continue
+        with tarfile.open(shard, mode="r:") as tar:
+            for key, members in samples:
+                image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+                if image is None:
+                    failures.append((f"{shard}:{key}", "sample has no image; skipped"))
+                    continue
+                meta: dict[str, Any] = {"shard": str(shard), "shard_key": key}
+                if "json" in members:
+                    try:
+                        extra = json.loads(_read(tar, members["json"]))
+                        if isinstance(extra, dict):
+                            meta.update({k: v for k, v in extra.items() if k != "image"})
+                    except ValueError:
+                        failures.append((f"{shard}:{key}.json", "not JSON; metadata ignored"))
+                if "txt" in members and "prompt" not in meta:
+                    meta["prompt"] = _read(tar, members["txt"]).decode("utf-8").strip()
+                found.append((shard / image.name, meta))
+
+
+def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(info)
+    if f is None:
+        raise OSError(f"{info.name} is not a file")
+    with f:
+        return f.read()
+
+
+def member_of(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """``(shard, member)`` when ``path`` is a virtual ``SHARD.tar/MEMBER`` path of an
+    existing shard file, else None."""
+    p = Path(path)
+    if os.path.lexists(p):
+        return None
+    for parent in p.parents:
+        if parent.suffix.lower() in SHARD_SUFFIXES and parent.is_file():
+            return parent, p.relative_to(parent).as_posix()
+    return None
+
+
+def read_member(shard: Path, member: str) -> bytes:
+    """The bytes of ``member`` of ``shard`` (this thread keeps the shard open and its index:
+    readers go through a pool's shards in order)."""
+    cache: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = (
+        getattr(_local, "tars", None) or {}
+    )
+    _local.tars = cache
+    key = str(shard)
+    if key not in cache:
+        for old in list(cache):  # one open shard per thread
+            cache.pop(old)[0].close()
+        tar = tarfile.open(shard, mode="r:")  # noqa: SIM115 - kept open for the next reads
+        cache[key] = (tar, {i.name: i for i in tar.getmembers()})
+    tar, index = cache[key]
+    if member not in index:
+        raise FileNotFoundError(f"{member} is not in {shard}")
+    return _read(tar, index[member])
+
+
+def open_member(path: str | os.PathLike[str]) -> io.BytesIO | None:
+    """A file object of the shard member at the virtual ``path``, or None (a real path)."""
+    found = member_of(path)
+    if found is None:
+        return None
+    return io.BytesIO(read_member(*found))
