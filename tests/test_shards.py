@@ -102,3 +102,40 @@ def test_label_pseudo_refuses_a_truncated_shard_in_one_line(tmp_path, weights, c
               "--weights", weights)  # fmt: skip
     assert res.exit_code == 1 and "truncated or unreadable shard" in res.output
     assert "Traceback" not in res.output
+
+
+def _add_masks(folder: Path) -> None:
+    """KEY.mask.png beside every other sample's image, a json with source and category."""
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            keys = sorted({m.name.split(".")[0] for m in tar.getmembers()})
+        with tarfile.open(shard, "a") as tar:
+            for i, key in enumerate(keys):
+                if i % 2 == 0:
+                    mask = np.zeros((24, 20), np.uint8)
+                    mask[4:12, 4:12] = 255
+                    buf = io.BytesIO()
+                    Image.fromarray(mask).save(buf, format="PNG")
+                    _add(tar, f"{key}.mask.png", buf.getvalue())
+
+
+def test_train_detector_and_reg_data_read_shards(tmp_path, cli):
+    from dd.data.datasets import load_mask, read_dataset
+    from dd.data.prompts import read_reg_data
+
+    folder = make_shards(tmp_path / "shards")
+    _add_masks(folder)
+    spec = str(folder / "{000000..000001}.tar")
+    samples = read_dataset(spec)
+    assert len(samples) == 6
+    with_mask = [s for s in samples if s.mask is not None]
+    assert len(with_mask) == 4 and all(s.source == "pseudo" for s in with_mask)
+    assert all(s.source == "real" for s in samples if s.mask is None)  # photos: negatives
+    assert load_mask(with_mask[0].mask, (24, 20)).max() == 1.0
+    pairs = read_reg_data(spec)
+    assert len(pairs) == 6 and pairs[0][1] == "a photo number 0-0"
+    res = cli("train-detector", spec, "--out", tmp_path / "run", "--variant", "tiny",
+              "--input-size", "32", "--batch-size", "2", "--steps", "2", "--workers", "2",
+              "--val-fraction", "0")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -71,6 +71,10 @@ def _rel(p: Path, root: Path) -> str:
 def read_dataset(root: str | Path, *, allow_incomplete: bool = False) -> list[Sample]:
     """Samples of a dataset folder, from its manifest or by scanning ``images/``; a folder
     that a dd command did not finish writing is refused (unless ``allow_incomplete``)."""
+    from dd.data.shards import is_shard_spec, shard_dataset
+
+    if is_shard_spec(str(root)):  # WebDataset shards: masks beside their images
+        return shard_dataset(str(root))
     root = Path(root)
     if not root.is_dir():
         raise DDError(
@@ -153,8 +157,10 @@ def load_mask(path: str | Path | None, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if path is None:
         return np.zeros((h, w), np.float32)
+    from dd.data.shards import open_member
+
     try:
-        with Image.open(path) as im:
+        with Image.open(open_member(path) or path) as im:
             im = im.convert("L") if im.mode not in ("L", "I;16", "I") else im
             if im.mode != "L":
                 arr = np.asarray(im, np.float32) / 65535.0

@@ -96,7 +96,17 @@ def read_reg_data(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     to the folder) and ``prompt``, or else every image (recursively) with a sidecar ``.txt``
     of the same stem holding its prompt."""
     from dd.data.images import IMAGE_SUFFIXES
+    from dd.data.shards import is_shard_spec, shard_dataset
 
+    if is_shard_spec(str(folder)):  # WebDataset shards (img2dataset: KEY.jpg + KEY.txt)
+        samples = shard_dataset(str(folder))
+        missing = [s.meta.get("shard_key") for s in samples if not s.meta.get("prompt")]
+        if missing:
+            raise DDError(
+                f"{len(missing)} shard sample(s) have no caption (.txt), e.g. {missing[0]}",
+                hint="regularisation pairs need KEY.txt captions beside the images",
+            )
+        return [(s.image, str(s.meta["prompt"])) for s in samples]
     root = Path(folder)
     if not root.is_dir():
         raise DDError(f"--reg-data folder not found: {root}")

@@ -28,7 +28,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["expand_shard_spec", "is_shard_spec", "member_of", "read_member", "shard_samples"]
+__all__ = [
+    "expand_shard_spec",
+    "is_shard_spec",
+    "member_of",
+    "read_member",
+    "shard_dataset",
+    "shard_samples",
+]
 
 SHARD_SUFFIXES = (".tar",)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
@@ -137,6 +144,9 @@ def read_member(shard: Path, member: str) -> bytes:
     cache: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = (
         getattr(_local, "tars", None) or {}
     )
+    if getattr(_local, "pid", None) != os.getpid():  # a forked loader worker: its own file
+        cache = {}
+        _local.pid = os.getpid()
     _local.tars = cache
     key = str(shard)
     if key not in cache:
@@ -156,3 +166,41 @@ def open_member(path: str | os.PathLike[str]) -> io.BytesIO | None:
     if found is None:
         return None
     return io.BytesIO(read_member(*found))
+
+
+#: The extension of a sample's mask inside a shard (``KEY.mask.png`` beside ``KEY.png``).
+MASK_EXTENSION = "mask.png"
+
+
+def shard_dataset(spec: str) -> list[Any]:
+    """The samples of shards as a dataset (``dd train-detector``): the image, the mask
+    member ``KEY.mask.png`` when there is one, and the ``.json`` fields (``source``,
+    ``category``, ``weight``, ``positive``, ...) as a manifest line's. A sample without a
+    mask and without a ``source`` is a real photo (a negative), as img2dataset's output is.
+    A bad shard is refused in one line (training data must be complete)."""
+    from dd.data.datasets import Sample
+    from dd.errors import DDError
+
+    found: list[tuple[Path, dict[str, Any]]] = []
+    failures: list[tuple[str, str]] = []
+    expand_shards(spec, found, failures)
+    bad = [f for f in failures if "sample has no image" not in f[1]]
+    if bad:
+        raise DDError(f"{bad[0][0]}: {bad[0][1]}", hint="repair or drop the shard")
+    if not found:
+        raise DDError(f"no samples in {spec}", hint="shards of KEY.png (+ KEY.mask.png) samples")
+    names: dict[Path, set[str]] = {}
+    samples = []
+    for image, meta in found:
+        shard = Path(meta["shard"])
+        if shard not in names:
+            with tarfile.open(shard, mode="r:") as tar:
+                names[shard] = set(tar.getnames())
+        mask_name = f"{meta['shard_key']}.{MASK_EXTENSION}"
+        mask = shard / mask_name if mask_name in names[shard] else None
+        fields = {k: v for k, v in meta.items() if k not in ("mask", "image")}
+        source = str(fields.pop("source", "pseudo" if mask is not None else "real"))
+        category = fields.pop("category", None)
+        weight = float(fields.pop("weight", 1.0))
+        samples.append(Sample(image, mask, source, category, weight, fields))
+    return samples
