@@ -139,3 +139,13 @@ def test_train_detector_and_reg_data_read_shards(tmp_path, cli):
               "--val-fraction", "0")  # fmt: skip
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_refine_train_reads_shards(tmp_path):
+    from dd.engines.refine_train import read_train_data
+
+    folder = make_shards(tmp_path / "shards")
+    spec = str(folder / "{000000..000001}.tar")
+    for need in (True, False):
+        pairs = read_train_data(spec, need_prompts=need)
+        assert len(pairs) == 6 and pairs[0][1] == "a photo number 0-0"

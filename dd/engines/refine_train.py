@@ -152,18 +152,25 @@ def read_train_data(folder: str | os.PathLike, need_prompts: bool) -> list[tuple
     (recursively) with its sidecar prompt if any."""
     from dd.data.images import collect_inputs
     from dd.data.prompts import read_reg_data
+    from dd.data.shards import is_shard_spec
 
     root = Path(folder)
-    if not root.is_dir():
+    shards = is_shard_spec(str(folder))  # WebDataset shards (docs/datasets.md)
+    if not shards and not root.is_dir():
         raise DDError(f"--data folder not found: {root}")
     if need_prompts:
         try:
             return read_reg_data(root)
         except DDError as e:
             raise DDError(str(e.message).replace("--reg-data", "--data"), hint=e.hint) from None
-    items, _ = collect_inputs([str(root)])
+    items, failures = collect_inputs([str(folder)])
+    if shards and failures:
+        raise DDError(f"{failures[0][0]}: {failures[0][1]}", hint="repair or drop the shard")
     pairs = []
     for it in items:
+        if shards:
+            pairs.append((it.path, str(it.meta.get("prompt", ""))))
+            continue
         txt = it.path.with_suffix(".txt")
         pairs.append((it.path, txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""))
     if not pairs:
