@@ -91,6 +91,28 @@ def import_richhf_cmd(
         )
 
 
+@app.command("pack")
+def pack(
+    dataset: Annotated[str, typer.Argument(help="Dataset folder (or shards) to pack.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the shards to write.")],
+    shard_size: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = 1000,
+    resume: Annotated[
+        bool, typer.Option(help="Keep complete shards in --out, write the rest.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the shards in --out.")] = False,
+) -> None:
+    """Write a dataset as WebDataset shards (KEY.png, KEY.mask.png, KEY.json, KEY.txt), each
+    shard atomically; every command that reads datasets reads them (docs/datasets.md)."""
+    from dd.data.shards import pack_dataset
+
+    counts = pack_dataset(dataset, out, shard_size=shard_size, resume=resume, overwrite=overwrite)
+    Console().print(
+        f"{counts['samples']} samples: {counts['shards_written']} shard(s) written, "
+        f"{counts['shards_kept']} kept, in {out}",
+        highlight=False,
+    )
+
+
 def _balance_table(title: str, label: str, groups: dict[str, dict[str, int]]) -> Table:
     table = Table(title=title)
     table.add_column(label)
