@@ -39,7 +39,9 @@ def _imports(name: str, path: Path) -> set[str]:
                 pkg = pkg[: len(pkg) - (node.level - 1)]
                 base = ".".join([*pkg, *([base] if base else [])])
             subs = [f"{base}.{a.name}" for a in node.names]
-            targets = [t for t in subs if t in MODULES] or [base]
+            # ``from pkg import module`` runs ``pkg/__init__`` first: an edge to the package
+            # too (``import pkg.module`` / ``from pkg.module import x`` name only the module)
+            targets = [t for t in subs if t in MODULES] + [base]
         else:
             continue
         for t in targets:

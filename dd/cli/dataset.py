@@ -103,7 +103,7 @@ def pack(
 ) -> None:
     """Write a dataset as WebDataset shards (KEY.png, KEY.mask.png, KEY.json, KEY.txt), each
     shard atomically; every command that reads datasets reads them (docs/datasets.md)."""
-    from dd.data.shards import pack_dataset
+    from dd.data.pack import pack_dataset
 
     counts = pack_dataset(dataset, out, shard_size=shard_size, resume=resume, overwrite=overwrite)
     Console().print(

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dd.cli import options as opt
+import dd.cli.options as opt
 from dd.cli.groups import DefaultCommandGroup
 from dd.quantize import OPTIMIZER_HELP, QUANTIZE_HELP
 from dd.runtime.tracking import REPORT_TO_HELP

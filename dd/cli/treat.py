@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from dd.cli import options as opt
+import dd.cli.options as opt
 from dd.engines.treat import TreatConfig
 from dd.runtime.progress import ConsoleReporter
 

@@ -71,10 +71,10 @@ def _rel(p: Path, root: Path) -> str:
 def read_dataset(root: str | Path, *, allow_incomplete: bool = False) -> list[Sample]:
     """Samples of a dataset folder, from its manifest or by scanning ``images/``; a folder
     that a dd command did not finish writing is refused (unless ``allow_incomplete``)."""
-    from dd.data.shards import is_shard_spec, shard_dataset
+    from dd.data.shards import is_shard_spec
 
     if is_shard_spec(str(root)):  # WebDataset shards: masks beside their images
-        return shard_dataset(str(root))
+        return _read_shards(str(root))
     root = Path(root)
     if not root.is_dir():
         raise DDError(
@@ -106,6 +106,21 @@ def read_dataset(root: str | Path, *, allow_incomplete: bool = False) -> list[Sa
         )
     if not samples:
         raise DDError(f"no images found under {images_dir}")
+    return samples
+
+
+def _read_shards(spec: str) -> list[Sample]:
+    """The samples of shards: the ``.json`` fields as a manifest line's; a sample without a
+    mask and without a ``source`` is a real photo (a negative), as img2dataset's are."""
+    from dd.data.shards import shard_records
+
+    samples = []
+    for image, mask, meta in shard_records(spec):
+        fields = {k: v for k, v in meta.items() if k not in ("mask", "image")}
+        source = str(fields.pop("source", "pseudo" if mask is not None else "real"))
+        category = fields.pop("category", None)
+        weight = float(fields.pop("weight", 1.0))
+        samples.append(Sample(image, mask, source, category, weight, fields))
     return samples
 
 

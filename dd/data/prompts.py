@@ -95,11 +95,12 @@ def read_reg_data(folder: str | os.PathLike) -> list[tuple[Path, str]]:
     """(image, prompt) pairs of a folder: ``manifest.jsonl`` lines with ``image`` (relative
     to the folder) and ``prompt``, or else every image (recursively) with a sidecar ``.txt``
     of the same stem holding its prompt."""
+    from dd.data.datasets import read_dataset
     from dd.data.images import IMAGE_SUFFIXES
-    from dd.data.shards import is_shard_spec, shard_dataset
+    from dd.data.shards import is_shard_spec
 
     if is_shard_spec(str(folder)):  # WebDataset shards (img2dataset: KEY.jpg + KEY.txt)
-        samples = shard_dataset(str(folder))
+        samples = read_dataset(str(folder))
         missing = [s.meta.get("shard_key") for s in samples if not s.meta.get("prompt")]
         if missing:
             raise DDError(

@@ -32,9 +32,8 @@ __all__ = [
     "expand_shard_spec",
     "is_shard_spec",
     "member_of",
-    "pack_dataset",
     "read_member",
-    "shard_dataset",
+    "shard_records",
     "shard_samples",
 ]
 
@@ -173,13 +172,10 @@ def open_member(path: str | os.PathLike[str]) -> io.BytesIO | None:
 MASK_EXTENSION = "mask.png"
 
 
-def shard_dataset(spec: str) -> list[Any]:
-    """The samples of shards as a dataset (``dd train-detector``): the image, the mask
-    member ``KEY.mask.png`` when there is one, and the ``.json`` fields (``source``,
-    ``category``, ``weight``, ``positive``, ...) as a manifest line's. A sample without a
-    mask and without a ``source`` is a real photo (a negative), as img2dataset's output is.
+def shard_records(spec: str) -> list[tuple[Path, Path | None, dict[str, Any]]]:
+    """``(image, mask or None, metadata)`` of every sample of the shards of ``spec``, for a
+    dataset (``dd.data.datasets.read_dataset``): the mask is the member ``KEY.mask.png``.
     A bad shard is refused in one line (training data must be complete)."""
-    from dd.data.datasets import Sample
     from dd.errors import DDError
 
     found: list[tuple[Path, dict[str, Any]]] = []
@@ -191,95 +187,12 @@ def shard_dataset(spec: str) -> list[Any]:
     if not found:
         raise DDError(f"no samples in {spec}", hint="shards of KEY.png (+ KEY.mask.png) samples")
     names: dict[Path, set[str]] = {}
-    samples = []
+    out = []
     for image, meta in found:
         shard = Path(meta["shard"])
         if shard not in names:
             with tarfile.open(shard, mode="r:") as tar:
                 names[shard] = set(tar.getnames())
         mask_name = f"{meta['shard_key']}.{MASK_EXTENSION}"
-        mask = shard / mask_name if mask_name in names[shard] else None
-        fields = {k: v for k, v in meta.items() if k not in ("mask", "image")}
-        source = str(fields.pop("source", "pseudo" if mask is not None else "real"))
-        category = fields.pop("category", None)
-        weight = float(fields.pop("weight", 1.0))
-        samples.append(Sample(image, mask, source, category, weight, fields))
-    return samples
-
-
-def pack_dataset(
-    dataset: str,
-    out: Path,
-    *,
-    shard_size: int = 1000,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> dict[str, int]:
-    """Write the dataset ``dataset`` (a folder, or shards) as WebDataset shards
-    ``out/NNNNNN.tar`` of ``shard_size`` samples: ``KEY.<image ext>``, ``KEY.mask.png`` (when
-    the sample has a mask) and ``KEY.json`` (source, category, weight and the manifest's other
-    fields; ``KEY.txt`` too when it has a prompt). Each shard is written under a temporary
-    name and renamed when complete, so a killed run leaves whole shards only; ``resume``
-    keeps the complete shards and writes the rest (samples are assigned to shards by their
-    order, so a resumed run writes what a straight run would). Returns counts."""
-    from dd.data.datasets import read_dataset
-    from dd.errors import DDError, UsageError
-    from dd.runtime.io import check_output_folder, mark_run_folder
-
-    if shard_size < 1:
-        raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
-    samples = read_dataset(dataset)
-    existing = sorted(out.glob("[0-9]" * 6 + ".tar")) if out.is_dir() else []
-    if existing and not (resume or overwrite):
-        raise DDError(
-            f"{out} already holds shards",
-            hint="pass --resume to finish them, --overwrite to replace them, or a new --out",
-        )
-    check_output_folder(out, "dataset pack", overwrite=overwrite, allowed=tuple(
-        p.name for p in existing))  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for p in existing:
-            p.unlink()
-    for stale in out.glob(".*.tar.tmp"):  # a shard a killed run did not finish
-        stale.unlink()
-    mark_run_folder(out, "dataset pack")
-    written = kept = 0
-    for index, start in enumerate(range(0, len(samples), shard_size)):
-        final = out / f"{index:06d}.tar"
-        if resume and final.is_file():
-            kept += 1
-            continue
-        tmp = out / f".{index:06d}.tar.tmp"
-        with tarfile.open(tmp, "w") as tar:
-            for n, sample in enumerate(samples[start : start + shard_size]):
-                _add_sample(tar, f"{start + n:09d}", sample)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        written += 1
-    return {"samples": len(samples), "shards_written": written, "shards_kept": kept}
-
-
-def _add_sample(tar: tarfile.TarFile, key: str, sample: Any) -> None:
-    def add(name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0  # the same bytes for the same data
-        tar.addfile(info, io.BytesIO(data))
-
-    def raw(path: Path) -> bytes:
-        member = open_member(path)
-        return member.getvalue() if member is not None else Path(path).read_bytes()
-
-    ext = Path(sample.image).suffix.lower().lstrip(".") or "png"
-    add(f"{key}.{ext}", raw(sample.image))
-    if sample.mask is not None:
-        add(f"{key}.{MASK_EXTENSION}", raw(sample.mask))
-    meta = {k: v for k, v in sample.meta.items() if k not in ("shard", "shard_key")}
-    meta.update(source=sample.source, category=sample.category, weight=sample.weight)
-    add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-    if isinstance(meta.get("prompt"), str):
-        add(f"{key}.txt", meta["prompt"].encode())
+        out.append((image, shard / mask_name if mask_name in names[shard] else None, meta))
+    return out
