@@ -242,6 +242,30 @@ def load_detector(
     return cls.load(weights, device=dev, dtype=dt, **opts)
 
 
+def load_detector_warned(
+    name: str,
+    weights: str | None,
+    options: dict[str, Any],
+    device: Any,
+    dtype: Any,
+    reporter: Any = None,
+    *,
+    meaning: str = "its maps",
+) -> Any:
+    """:func:`load_detector`, and a warning through ``reporter`` (a
+    :class:`dd.runtime.progress.Reporter`) when the detector has random weights: what a
+    command computes with it (``meaning``) then means nothing."""
+    from dd.runtime.progress import as_reporter
+
+    det = load_detector(name, weights, options, device, dtype)
+    if det.untrained:
+        as_reporter(reporter).warning(
+            f"[bold]the {name!r} detector is UNTRAINED (random weights): {meaning} mean "
+            "nothing.[/bold] Pass --weights (see README)."
+        )
+    return det
+
+
 def load_backbone(name: str, model: str, *, device: Any, dtype: Any, options: dict) -> Any:
     """The backbone plugin ``name`` loaded from ``model`` (hub id, folder or file), with
     ``options`` checked against the types its ``from_pretrained`` declares."""

@@ -83,7 +83,8 @@ def detect(
     from dd.data.images import collect_inputs
     from dd.engines.detect import DetectConfig, check_out, run_detect
     from dd.errors import DDError
-    from dd.plugins import load_detector
+    from dd.plugins import load_detector_warned
+    from dd.runtime.progress import ConsoleReporter
 
     err = Console(stderr=True)
     items, failures = collect_inputs(paths, exclude=[out])
@@ -104,13 +105,8 @@ def detect(
         full_size_outputs=full_size_outputs,
     )
     check_out(cfg)  # before the detector loads
-    det = load_detector(detector, weights, parse_options(option), device, dtype)
-    if det.untrained:
-        err.print(
-            f"[bold yellow]Warning: the {detector!r} detector is UNTRAINED (random weights): "
-            "its maps mean nothing.[/bold yellow] Pass --weights (see README).",
-            highlight=False,
-        )
+    det = load_detector_warned(detector, weights, parse_options(option), device, dtype,
+                               ConsoleReporter(err))  # fmt: skip
     with progress_bar("detect", console=err) as progress:
         task = progress.add_task("detect", total=len(items))
         result = run_detect(

@@ -74,8 +74,9 @@ def eval_detector(
         image_level_summary,
         json_safe,
     )
-    from dd.plugins import load_detector
+    from dd.plugins import load_detector_warned
     from dd.runtime.io import atomic_write_json, check_output_folder, mark_run_folder
+    from dd.runtime.progress import ConsoleReporter
 
     if save_threshold and calibrate is None:
         raise typer.BadParameter("needs --calibrate", param_hint="'--save-threshold'")
@@ -94,13 +95,8 @@ def eval_detector(
             )
     err = Console(stderr=True)
     samples = read_dataset(dataset)
-    det = load_detector(detector, weights, parse_options(option), device, dtype)
-    if det.untrained:
-        err.print(
-            f"[bold yellow]Warning: the {detector!r} detector is UNTRAINED (random weights): "
-            "these metrics mean nothing.[/bold yellow] Pass --weights.",
-            highlight=False,
-        )
+    det = load_detector_warned(detector, weights, parse_options(option), device, dtype,
+                               ConsoleReporter(err), meaning="these metrics")  # fmt: skip
     with progress_bar("eval", console=err) as progress:
         task = progress.add_task("eval", total=len(samples))
         pixel = DetectorMetrics()

@@ -33,16 +33,11 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON report to std
 
 def _detector(name, weights, option, device, dtype, err: Console):
     from dd.cli.options import parse_options
-    from dd.plugins import load_detector
+    from dd.plugins import load_detector_warned
+    from dd.runtime.progress import ConsoleReporter
 
-    det = load_detector(name, weights, parse_options(option), device, dtype)
-    if det.untrained:
-        err.print(
-            f"[bold yellow]Warning: the {name!r} detector is UNTRAINED (random weights): "
-            "its confidences mean nothing.[/bold yellow] Pass --weights.",
-            highlight=False,
-        )
-    return det
+    return load_detector_warned(name, weights, parse_options(option), device, dtype,
+                                ConsoleReporter(err), meaning="its confidences")  # fmt: skip
 
 
 @app.command("mine")

@@ -60,7 +60,7 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
     from dd.data.prompts import parse_seeds, read_prompts
     from dd.errors import UsageError
     from dd.inference import generate_batches
-    from dd.plugins import load_backbone, load_detector
+    from dd.plugins import load_backbone, load_detector_warned
     from dd.report.grid import image_grid, to_uint8
     from dd.runtime.device import resolve_device, resolve_dtype
     from dd.runtime.io import (
@@ -136,18 +136,15 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
             bb.load_lora(lora, trainable=False)
         det = None
         if detect or guide or best_of > 1:
-            det = load_detector(
+            det = load_detector_warned(
                 settings["detector"],
                 settings["detector_weights"],
                 settings["detector_options"],
                 str(dev),
                 settings["dtype"],
+                rep,
+                meaning="its scores",
             )
-            if det.untrained:
-                rep.warning(
-                    f"[bold]the {settings['detector']!r} detector is UNTRAINED (random "
-                    "weights): its scores mean nothing.[/bold] Pass --weights."
-                )
             det.eval()
             det.requires_grad_(False)
             if guide_plan is not None:
