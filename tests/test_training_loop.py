@@ -235,3 +235,12 @@ def test_loop_settings_take_the_config_fields_of_the_same_name():
 
     s = loop_settings(Cfg(), eval_every=5, title="x")
     assert (s.train_steps, s.seed, s.eval_every, s.title) == (7, 3, 5, "x")
+
+
+def test_a_recipe_must_supply_setup_micro_batches_and_the_loss():
+    class Incomplete(Recipe):
+        def setup(self, run):
+            return None
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete()

@@ -289,9 +289,6 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-_seed = noise_seed  # seeds of draws: dd.training.draws (one formula for every job)
-
-
 # ------------------------------------------------------------------------------------------
 # The objective (the module accelerate wraps)
 # ------------------------------------------------------------------------------------------
@@ -436,7 +433,7 @@ class _DreamBoothData:
                         with torch.no_grad(), self.acc.autocast():
                             images = bb.generate(
                                 [cfg.class_prompt] * len(chunk),  # type: ignore[list-item]
-                                seeds=[_seed(cfg.seed, _S_CLASS_GEN, i) for i in chunk],
+                                seeds=[noise_seed(cfg.seed, _S_CLASS_GEN, i) for i in chunk],
                                 height=cfg.resolution,
                                 width=cfg.resolution,
                                 steps=cfg.steps,
@@ -464,12 +461,12 @@ class _DreamBoothData:
         def encode(paths: list[Path], offset: int) -> list[dict[bool, torch.Tensor]]:
             out: list[dict[bool, torch.Tensor]] = []
             for j, p in enumerate(paths):
-                rng = np.random.default_rng(_seed(cfg.seed, _S_VAE, offset + j))
+                rng = np.random.default_rng(noise_seed(cfg.seed, _S_VAE, offset + j))
                 img = load_training_image(p, size, center_crop=cfg.center_crop, rng=rng)
                 entry = {}
                 for flip in flips:
                     x = img.flip(-1) if flip else img
-                    g = torch.Generator("cpu").manual_seed(_seed(cfg.seed, _S_VAE, offset + j))
+                    g = torch.Generator("cpu").manual_seed(noise_seed(cfg.seed, _S_VAE, offset + j))
                     with torch.no_grad(), self.acc.autocast():
                         z = bb.encode_images(x[None].to(bb.device), generator=g)
                     entry[flip] = z[0].to("cpu", torch.float32)
@@ -636,17 +633,17 @@ class _DreamBooth(_DreamBoothData, Recipe):
         lat, prompts, is_class = [], [], []
         for i in range(first, first + bs):
             j = self.order.at(i, len(self.instance_latents), _S_ORDER)
-            flip = cfg.random_flip and _seed(cfg.seed, _S_FLIP, i) % 2 == 1
+            flip = cfg.random_flip and noise_seed(cfg.seed, _S_FLIP, i) % 2 == 1
             lat.append(self.instance_latents[j][bool(flip)])
             prompts.append(cfg.instance_prompt)
             is_class.append(False)
             if self.class_latents:
                 c = self.order.at(i, len(self.class_latents), _S_CLASS_ORDER)
-                cflip = cfg.random_flip and _seed(cfg.seed, _S_FLIP + 100, i) % 2 == 1
+                cflip = cfg.random_flip and noise_seed(cfg.seed, _S_FLIP + 100, i) % 2 == 1
                 lat.append(self.class_latents[c][bool(cflip)])
                 prompts.append(cfg.class_prompt)
                 is_class.append(True)
-        g = torch.Generator("cpu").manual_seed(_seed(cfg.seed, _S_NOISE, first))
+        g = torch.Generator("cpu").manual_seed(noise_seed(cfg.seed, _S_NOISE, first))
         x0 = torch.stack(lat)
         noise = torch.randn(x0.shape, generator=g)
         t = self._timesteps(len(lat), g)
@@ -680,7 +677,7 @@ class _DreamBooth(_DreamBoothData, Recipe):
         cond = self.conds[cfg.instance_prompt]  # type: ignore[index]
         for j, entry in enumerate(self.instance_latents):
             x0 = entry[False][None].expand(len(quantiles), *entry[False].shape)
-            g = torch.Generator("cpu").manual_seed(_seed(cfg.seed, _S_EVAL, j))
+            g = torch.Generator("cpu").manual_seed(noise_seed(cfg.seed, _S_EVAL, j))
             noise = torch.randn(x0.shape, generator=g)
             if self.flow:
                 s = flow_sigmas(

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from dd.errors import DDError, UsageError
+from dd.runtime.checkpoint import LORA_FILE
 
 __all__ = ["FORMATS", "export_kohya", "lora_info", "read_lora"]
 
 FORMATS = ("kohya",)
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def lora_file(path: str | Path, *, best: bool = False) -> Path:

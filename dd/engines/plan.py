@@ -208,10 +208,8 @@ def estimate_step(
     bb, det = setup.backbone, setup.detector
     set_checkpointing(setup, "checkpointed" if checkpointing else "naive")
     lora = setup.lora
-    lora_ids = {id(p) for p in lora}
-    frozen = [t for t in _params(bb.denoiser) if id(t) not in lora_ids]
     parts = {
-        "denoiser (frozen)": tensor_bytes(frozen),
+        "denoiser (frozen)": _frozen_bytes(setup),
         "VAE": tensor_bytes(_params(bb.vae)),
         "detector": tensor_bytes(_params(det)),
         "LoRA": tensor_bytes(lora),

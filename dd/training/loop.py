@@ -30,6 +30,7 @@ what every training job shares, written once:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import time
@@ -232,9 +233,10 @@ class Run:
         return list(self.journal.records) if self.journal is not None else []
 
 
-class Recipe:
+class Recipe(abc.ABC):
     """A training job's model, data and objective. Subclasses set :attr:`acc` (the
-    accelerator the engine made) and override the hooks; defaults do nothing."""
+    accelerator the engine made) and implement :meth:`setup`, :meth:`micro_batch` and
+    :meth:`loss`; the other hooks are optional (they do nothing by default)."""
 
     acc: Any
     #: Values the loop logs in ``train`` lines (missing ones are logged as null).
@@ -244,26 +246,29 @@ class Recipe:
         """The recipe's part of the loop state (data positions...), saved in checkpoints."""
         return {}
 
+    @abc.abstractmethod
     def setup(self, run: Run) -> Setup:
         """Add the trainable weights (after seeding) and build the optimizer."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def micro_batch(self, run: Run, micro: int) -> Any:
         """This process's micro-batch ``micro`` of the coming step."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, run: Run, batch: Any) -> StepLoss:
         """Forward ``batch`` through ``run.wrapped``."""
-        raise NotImplementedError
 
     def before_step(self, run: Run) -> None:
         """Called before each step's first micro-batch."""
+        return None  # optional hook
 
     def after_optimizer_step(self, run: Run) -> None:
         """Called once per step after the optimizer stepped (e.g. an EMA update)."""
+        return None  # optional hook
 
     def end_step(self, run: Run) -> None:
         """Advance the data positions in ``run.state`` past this step's micro-batches."""
+        return None  # optional hook
 
     def evaluate(self, run: Run) -> Evaluation | None:
         """Evaluate the current weights (step 0, every ``eval_every`` and at the end)."""
@@ -272,9 +277,11 @@ class Recipe:
     def save_best(self, run: Run, folder: Path, evaluation: Evaluation) -> None:
         """Write the weights that just scored best into the empty ``folder`` (main process;
         the loop then swaps it in as ``OUT/best``)."""
+        return None  # optional hook
 
     def after_evaluation(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
         """Called after each evaluation was logged (``improved``: a new best)."""
+        return None  # optional hook
 
     def save_weights(self, run: Run, folder: Path) -> None:
         """The trained weights in a checkpoint (main process): by default
@@ -312,13 +319,16 @@ class Recipe:
 
     def save_checkpoint(self, run: Run, folder: Path) -> None:
         """Extra files of a checkpoint (main process), e.g. EMA weights or the LoRA file."""
+        return None  # optional hook
 
     def start(self, run: Run) -> None:
         """Called once ``metrics.jsonl`` is open, before the first step (or the step-0
         evaluation): e.g. a resumed run reads back what its evaluations compare against."""
+        return None  # optional hook
 
     def load_checkpoint(self, run: Run, folder: Path, trainer: dict[str, Any]) -> None:
         """Read back :meth:`save_checkpoint`'s files; may refuse ``trainer.json``'s record."""
+        return None  # optional hook
 
     def trainer_record(self, run: Run) -> dict[str, Any]:
         """Extra ``trainer.json`` fields (e.g. the settings a resume must keep)."""
