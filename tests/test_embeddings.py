@@ -183,3 +183,23 @@ def test_vae_tiling_reaches_the_vae(tiny_flux, tmp_path, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "decode", decode)
     treat(_treat_cfg(tiny_flux, det, files, tmp_path / "run", train_steps=1, vae_tiling=True))
     assert seen and all(seen)
+
+
+@pytest.mark.parametrize("cache, offload", [("none", True), ("store", False)])
+def test_embedding_cache_none_and_no_offload(cache, offload, tiny_flux, tmp_path, monkeypatch):
+    """`--embedding-cache none` writes nothing to disk and keeps the encoders (the bounded
+    memory cache is all there is); `--no-offload-text-encoders` keeps them too."""
+    from dd.backbones import Backbone
+    from dd.engines.treat import treat
+
+    released: list[bool] = []
+    monkeypatch.setattr(Backbone, "release_text_encoders", lambda self, **kw: released.append(True))
+    monkeypatch.setenv("DD_CACHE_DIR", str(tmp_path / "default-cache"))
+    det = fit_redness_detector(tmp_path / "det")
+    files = _prompt_files(tmp_path / "prompts", 2)
+    store = "none" if cache == "none" else str(tmp_path / "store")
+    treat(_treat_cfg(tiny_flux, det, files, tmp_path / "run", train_steps=1,
+                     embedding_cache=store, offload_text_encoders=offload))  # fmt: skip
+    assert released == []
+    assert not (tmp_path / "default-cache").exists()
+    assert (tmp_path / "store").is_dir() == (cache == "store")

@@ -77,3 +77,17 @@ def test_info_of_dd_files_and_refusals(tmp_path, tmp_path_factory, cli):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     res = cli("lora", "info", tmp_path / "bad.safetensors")
     assert res.exit_code == 1 and "cannot read" in res.output
+
+
+def test_export_best_takes_the_runs_best_lora(tmp_path, tmp_path_factory, cli):
+    model = tiny_pipeline_path("sd15", tmp_path_factory)
+    run = tmp_path / "run"
+    _lora("sd15", model, run / "best", rank=2, alpha=2.0)
+    out = tmp_path / "k.safetensors"
+    res = cli("lora", "export", run, "--best", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert json.loads(cli("lora", "info", out, "--json").output)["rank"] == 2
+    res = cli("lora", "export", run, "--out", tmp_path / "k2.safetensors")  # no final LoRA
+    assert res.exit_code == 1 and "LoRA not found" in res.output
+    res = cli("lora", "export", run, "--best", "--out", tmp_path / "k.txt")
+    assert res.exit_code == 2 and ".safetensors" in res.output

@@ -121,3 +121,13 @@ def test_the_traced_step_of_the_bench_model_matches_its_measured_peak(mode):
                           checkpointing=mode == "checkpointed")  # fmt: skip
     traced = parts["activations + LoRA gradients"]
     assert 0.85 <= traced / measured <= 1.15, (traced, measured)
+
+
+def test_plan_refuses_what_has_no_configuration(tmp_path, cli):
+    (tmp_path / "empty").mkdir()
+    res = cli("treat", "--plan", "--backbone", "flux", "--model", tmp_path / "empty")
+    assert res.exit_code == 1 and "has no model_index.json" in res.output
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    res = cli("treat", "--plan", "--backbone", "flux", "--model", tmp_path / "m.safetensors")
+    assert res.exit_code == 1 and "cannot read a configuration" in res.output
+    assert "Traceback" not in res.output

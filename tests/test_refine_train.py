@@ -267,3 +267,16 @@ def test_metrics_of_a_resumed_run_equal_the_straight_runs(tiny_ldm, dataset, tmp
 def _metrics(out: Path) -> list[dict]:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "step_time_s"} for r in recs]
+
+
+def test_refine_train_embedding_cache_flag(tmp_path_factory, dataset, tmp_path, cli):
+    sd15 = tiny_pipeline_path("sd15", tmp_path_factory)
+    cache = tmp_path / "cache"
+    res = cli(
+        "refine", "train", "--backbone", "sd15", "--late-steps", "500-750", "--data", dataset,
+        "--init", sd15, "--out", tmp_path / "run", "--resolution", "32", "--train-steps", "1",
+        "--batch-size", "2", "--lora-rank", "2", "--device", "cpu", "--eval-images", "2",
+        "--embedding-cache", cache, "--no-offload-text-encoders",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert len(list(cache.glob("sd15-*/*/*.safetensors"))) == 8  # one per caption

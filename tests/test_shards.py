@@ -180,3 +180,24 @@ def test_pack_writes_shards_that_read_back_as_the_dataset(tmp_path, cli):
     assert "1 shard(s) written, 2 kept" in " ".join(res.output.split())
     assert (out / "000001.tar").read_bytes() == straight
     assert not list(out.glob(".*.tmp"))
+
+
+def test_pack_overwrite_replaces_and_a_corrupt_member_is_one_failed_input(tmp_path, weights, cli):
+    from test_train_detector import make_dataset
+
+    data = make_dataset(tmp_path / "ds", n=4)
+    out = tmp_path / "packed"
+    assert cli("dataset", "pack", data, "--out", out, "--shard-size", "2").exit_code == 0
+    res = cli("dataset", "pack", data, "--out", out, "--shard-size", "4", "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000000.tar"]
+    res = cli("dataset", "pack", data, "--out", out, "--resume", "--overwrite")
+    assert res.exit_code == 2
+    # a shard member that is not an image: named, the rest processed, exit code 4
+    folder = make_shards(tmp_path / "shards", n_shards=1)
+    with tarfile.open(folder / "000000.tar", "a") as tar:
+        _add(tar, "broken.png", b"not a png at all")
+    res = cli("detect", str(folder / "000000.tar"), "--out", tmp_path / "det", "--weights", weights)
+    assert res.exit_code == 4, res.output
+    assert "broken.png" in res.output and "Traceback" not in res.output
+    assert len((tmp_path / "det" / "report.jsonl").read_text().splitlines()) == 3
