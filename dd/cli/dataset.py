@@ -12,7 +12,8 @@ from rich.table import Table
 
 app = typer.Typer(
     name="dataset",
-    help="Import artifact datasets (RichHF-18K) and show their class balance.",
+    help="Import artifact datasets (RichHF-18K), show their class balance, pack them "
+    "into WebDataset shards.",
     no_args_is_help=True,
 )
 
