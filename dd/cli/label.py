@@ -209,12 +209,27 @@ def serve(
 @app.command("pseudo")
 def pseudo(
     pool: Annotated[
-        list[str], typer.Argument(help="Images: folders, files, .txt/.jsonl manifests.")
+        list[str],
+        typer.Argument(
+            help="Images: folders, files, .txt/.jsonl manifests, WebDataset shards "
+            "('shards/{000000..000099}.tar')."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write.")],
     weights: Weights = None,
     detector: DetectorName = "segformer",
     option: Options = None,
+    shards: Annotated[
+        bool,
+        typer.Option(
+            "--shards",
+            help="Write WebDataset shards OUT/shards/r<rank>-<n>.tar (image, KEY.mask.png, "
+            "KEY.json per sample) instead of OUT/masks/.",
+        ),
+    ] = False,
+    shard_size: Annotated[
+        int, typer.Option(min=1, help="Samples per written shard (with --shards).")
+    ] = 1000,
     exclude: Annotated[
         list[Path] | None,
         typer.Option(help="Human-labelled datasets or queues whose images are skipped."),
@@ -281,6 +296,8 @@ def pseudo(
         rank=env_rank if rank is None else rank,
         world_size=env_world if world_size is None else world_size,
         rules=load_rules(categories),
+        shards=shards,
+        shard_size=shard_size,
     )
     cfg.check()
     if device == "auto" and torch.cuda.is_available() and cfg.world_size > 1:

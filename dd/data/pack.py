@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
 from dd.data.datasets import read_dataset
-from dd.data.shards import MASK_EXTENSION, open_member
+from dd.data.shards import MASK_EXTENSION, ShardWriter, member_bytes, remove_unfinished
 from dd.errors import DDError, UsageError
 
 __all__ = ["pack_dataset"]
@@ -50,8 +47,7 @@ def pack_dataset(
     if overwrite:
         for p in existing:
             p.unlink()
-    for stale in out.glob(".*.tar.tmp"):  # a shard a killed run did not finish
-        stale.unlink()
+    remove_unfinished(out)  # a shard a killed run did not finish
     mark_run_folder(out, "dataset pack")
     written = kept = 0
     for index, start in enumerate(range(0, len(samples), shard_size)):
@@ -59,34 +55,26 @@ def pack_dataset(
         if resume and final.is_file():
             kept += 1
             continue
-        tmp = out / f".{index:06d}.tar.tmp"
-        with tarfile.open(tmp, "w") as tar:
+        writer = ShardWriter(final)
+        try:
             for n, sample in enumerate(samples[start : start + shard_size]):
-                _add_sample(tar, f"{start + n:09d}", sample)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+                writer.add(f"{start + n:09d}", _members(sample))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
         written += 1
     return {"samples": len(samples), "shards_written": written, "shards_kept": kept}
 
 
-def _add_sample(tar: tarfile.TarFile, key: str, sample: Any) -> None:
-    def add(name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0  # the same bytes for the same data
-        tar.addfile(info, io.BytesIO(data))
-
-    def raw(path: Path) -> bytes:
-        member = open_member(path)
-        return member.getvalue() if member is not None else Path(path).read_bytes()
-
+def _members(sample: Any) -> dict[str, bytes]:
     ext = Path(sample.image).suffix.lower().lstrip(".") or "png"
-    add(f"{key}.{ext}", raw(sample.image))
+    members = {ext: member_bytes(sample.image)}
     if sample.mask is not None:
-        add(f"{key}.{MASK_EXTENSION}", raw(sample.mask))
+        members[MASK_EXTENSION] = member_bytes(sample.mask)
     meta = {k: v for k, v in sample.meta.items() if k not in ("shard", "shard_key")}
     meta.update(source=sample.source, category=sample.category, weight=sample.weight)
-    add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+    members["json"] = json.dumps(meta, sort_keys=True).encode()
     if isinstance(meta.get("prompt"), str):
-        add(f"{key}.txt", meta["prompt"].encode())
+        members["txt"] = meta["prompt"].encode()
+    return members

@@ -20,6 +20,7 @@ is a sample without an image, as the commands' other bad inputs are.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -30,9 +31,13 @@ from typing import Any
 
 __all__ = [
     "expand_shard_spec",
+    "ShardWriter",
     "is_shard_spec",
+    "member_bytes",
+    "remove_unfinished",
     "member_of",
     "read_member",
+    "shard_index",
     "shard_records",
     "shard_samples",
 ]
@@ -66,15 +71,20 @@ def shard_samples(path: Path) -> list[tuple[str, dict[str, tarfile.TarInfo]]]:
     """``(key, {extension: member})`` of every sample of the shard ``path``, in tar order.
     Raises ``tarfile.TarError``/``OSError`` for a shard that cannot be read to its end."""
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    index: dict[str, tuple[int, int]] = {}
     size = path.stat().st_size
     with tarfile.open(path, mode="r:") as tar:
         for info in tar:
             if info.offset_data + info.size > size:  # tarfile stops quietly at a cut header
                 raise tarfile.ReadError(f"{info.name} is cut off at byte {size}")
-            if not info.isfile() or Path(info.name).name.startswith("."):
+            if not info.isfile():
+                continue
+            index[info.name] = (info.offset_data, info.size)
+            if Path(info.name).name.startswith("."):
                 continue
             key, ext = _split(info.name)
             samples.setdefault(key, {})[ext] = info
+    _remember_index(path, index)
     return list(samples.items())
 
 
@@ -138,26 +148,62 @@ def member_of(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
     return None
 
 
-def read_member(shard: Path, member: str) -> bytes:
-    """The bytes of ``member`` of ``shard`` (this thread keeps the shard open and its index:
-    readers go through a pool's shards in order)."""
-    cache: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = (
-        getattr(_local, "tars", None) or {}
-    )
-    if getattr(_local, "pid", None) != os.getpid():  # a forked loader worker: its own file
-        cache = {}
-        _local.pid = os.getpid()
-    _local.tars = cache
+#: Shards whose member index this process keeps (name -> (data offset, size)); an index
+#: costs ~100 bytes per member, so 256 shards of 10,000 samples are ~250 MB at most.
+INDEX_CACHE_SHARDS = 256
+_indexes: collections.OrderedDict[str, dict[str, tuple[int, int]]] = collections.OrderedDict()
+_index_lock = threading.Lock()
+
+
+def _remember_index(shard: Path, index: dict[str, tuple[int, int]]) -> None:
+    with _index_lock:
+        _indexes[str(shard)] = index
+        _indexes.move_to_end(str(shard))
+        while len(_indexes) > INDEX_CACHE_SHARDS:
+            _indexes.popitem(last=False)
+
+
+def shard_index(shard: Path) -> dict[str, tuple[int, int]]:
+    """``{member name: (data offset, size)}`` of ``shard``: one pass over its tar headers,
+    kept for the process (and inherited by forked loader workers), so reading a member in any
+    order is one seek and one read."""
     key = str(shard)
-    if key not in cache:
-        for old in list(cache):  # one open shard per thread
-            cache.pop(old)[0].close()
-        tar = tarfile.open(shard, mode="r:")  # noqa: SIM115 - kept open for the next reads
-        cache[key] = (tar, {i.name: i for i in tar.getmembers()})
-    tar, index = cache[key]
+    with _index_lock:
+        if key in _indexes:
+            _indexes.move_to_end(key)
+            return _indexes[key]
+    index: dict[str, tuple[int, int]] = {}
+    with tarfile.open(shard, mode="r:") as tar:
+        for info in tar:
+            if info.isfile():
+                index[info.name] = (info.offset_data, info.size)
+    _remember_index(shard, index)
+    return index
+
+
+def read_member(shard: Path, member: str) -> bytes:
+    """The bytes of ``member`` of ``shard``: a seek through the shard's cached index
+    (:func:`shard_index`); each thread keeps its last few shards open."""
+    index = shard_index(shard)
     if member not in index:
         raise FileNotFoundError(f"{member} is not in {shard}")
-    return _read(tar, index[member])
+    offset, size = index[member]
+    files: collections.OrderedDict[str, Any] | None = getattr(_local, "files", None)
+    if files is None or getattr(_local, "pid", None) != os.getpid():  # a forked worker
+        files = _local.files = collections.OrderedDict()
+        _local.pid = os.getpid()
+    key = str(shard)
+    f = files.get(key)
+    if f is None:
+        f = files[key] = open(shard, "rb")  # noqa: SIM115 - kept open for the next reads
+        while len(files) > 4:
+            files.popitem(last=False)[1].close()
+    files.move_to_end(key)
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"{shard} is cut off inside {member}")
+    return data
 
 
 def open_member(path: str | os.PathLike[str]) -> io.BytesIO | None:
@@ -166,6 +212,12 @@ def open_member(path: str | os.PathLike[str]) -> io.BytesIO | None:
     if found is None:
         return None
     return io.BytesIO(read_member(*found))
+
+
+def member_bytes(path: Path) -> bytes:
+    """The bytes of a file or of a shard member (a virtual ``SHARD.tar/MEMBER`` path)."""
+    member = open_member(path)
+    return member.getvalue() if member is not None else Path(path).read_bytes()
 
 
 #: The extension of a sample's mask inside a shard (``KEY.mask.png`` beside ``KEY.png``).
@@ -186,13 +238,48 @@ def shard_records(spec: str) -> list[tuple[Path, Path | None, dict[str, Any]]]:
         raise DDError(f"{bad[0][0]}: {bad[0][1]}", hint="repair or drop the shard")
     if not found:
         raise DDError(f"no samples in {spec}", hint="shards of KEY.png (+ KEY.mask.png) samples")
-    names: dict[Path, set[str]] = {}
     out = []
     for image, meta in found:
         shard = Path(meta["shard"])
-        if shard not in names:
-            with tarfile.open(shard, mode="r:") as tar:
-                names[shard] = set(tar.getnames())
         mask_name = f"{meta['shard_key']}.{MASK_EXTENSION}"
-        out.append((image, shard / mask_name if mask_name in names[shard] else None, meta))
+        has_mask = mask_name in shard_index(shard)
+        out.append((image, shard / mask_name if has_mask else None, meta))
     return out
+
+
+class ShardWriter:
+    """One WebDataset shard written atomically: members go to a hidden ``.NAME.tmp`` beside
+    ``path``; :meth:`close` fsyncs it and renames it to ``path``, so a reader (or a resumed
+    run) sees whole shards only. Members get mtime 0: the same samples give the same bytes."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._tar = tarfile.open(self.tmp, "w")  # noqa: SIM115 - closed in close()/abort()
+        self.samples = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Add the sample ``key`` with ``{extension: bytes}`` members (``KEY.EXT``)."""
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def close(self) -> Path:
+        self._tar.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._tar.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def remove_unfinished(folder: Path) -> None:
+    """Delete the temporary shards a killed :class:`ShardWriter` left in ``folder``."""
+    for stale in Path(folder).glob(".*.tar.tmp"):
+        stale.unlink()

@@ -9,6 +9,21 @@ Output (a dataset folder, ``docs/datasets.md``)::
     OUT/pseudo/run.json                settings and detector (checked on --resume)
     OUT/manifest.jsonl                 the merged manifest (written once every rank is done)
 
+With ``shards`` (``dd label pseudo --shards``) the labels go into WebDataset shards instead
+of ``masks/``::
+
+    OUT/shards/r<rank>-<n>.tar         KEY.<ext> (the image's bytes), KEY.mask.png (the map,
+                                       absent when it is all zero), KEY.json (the manifest
+                                       line), KEY.txt (the prompt); KEY = the path's hash
+
+and the manifest lines name the members (``image``: ``shards/r00000-000000.tar/KEY.jpg``,
+relative to OUT) and keep the pool path as ``source_image``. Each shard is written under a
+temporary name and renamed when it holds ``shard_size`` samples (or the rank's last ones);
+its lines are appended to the rank's ``shard-r<rank>.jsonl`` after that, so ``resume``
+redoes at most the images of one unfinished shard per rank (a shard that was renamed but
+whose lines were not written is read back, not redone). ``OUT`` is then a dataset folder
+(``--data OUT``), and ``OUT/shards/*.tar`` a dataset by itself.
+
 Each manifest line: ``image`` (absolute path), ``mask``, ``source: "pseudo"``, ``category``,
 ``prompt``, ``max``, ``mean``, and ``shrink_pad: {"scale": [lo, hi]}`` when the image's max
 confidence is below ``shrink_threshold`` (seed 000's dynamic augmentation: the training
@@ -27,6 +42,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -52,6 +68,8 @@ from dd.runtime.io import (
 )
 
 SHARDS = "pseudo"
+#: Where ``--shards`` writes its WebDataset shards (inside OUT).
+TAR_DIR = "shards"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -73,6 +91,10 @@ class PseudoConfig:
     max_pixels: int = 178_956_970
     #: Keyword rules giving each image a category from its prompt (None: dd's defaults).
     rules: Any = None
+    #: Write WebDataset shards (image, mask, metadata per sample) instead of masks/.
+    shards: bool = False
+    #: Samples per written shard.
+    shard_size: int = 1000
 
     def check(self) -> None:
         lo, hi = self.shrink_scale
@@ -90,6 +112,8 @@ class PseudoConfig:
             raise DDError(f"bad rank {self.rank} of world size {self.world_size}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.shard_size < 1:
+            raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -236,8 +260,14 @@ def iter_shard_records(out: Path) -> Iterator[dict[str, Any]]:
                     yield rec
 
 
+def source_of(rec: dict[str, Any]) -> str:
+    """The pool path a manifest line labels (``source_image`` when the image is a member of
+    a written shard)."""
+    return str(rec.get("source_image") or rec["image"])
+
+
 def done_images(out: Path) -> set[str]:
-    return {rec["image"] for rec in iter_shard_records(out)}
+    return {source_of(rec) for rec in iter_shard_records(out)}
 
 
 def excluded_images(paths: list[Path]) -> set[str]:
@@ -270,9 +300,9 @@ def merge_shards(out: Path, world_size: int) -> Path | None:
     seen: set[str] = set()
     with atomic_open(out / MANIFEST, "w") as f:
         for rec in iter_shard_records(out):
-            if rec["image"] in seen:
+            if source_of(rec) in seen:
                 continue
-            seen.add(rec["image"])
+            seen.add(source_of(rec))
             f.write(json.dumps(rec, sort_keys=True) + "\n")
     return out / MANIFEST
 
@@ -310,9 +340,20 @@ def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, An
         prob = np.where(prob >= cfg.floor, prob, 0.0)
     u8 = to_uint8_map(prob)
     mx, mean = float(prob.max()), float(prob.mean())
-    rel = item.key
-    if u8.any():
-        save_image_atomic(Image.fromarray(u8, mode="L"), cfg.out / rel, compress_level=1)
+    rel: str | None = item.key
+    members: dict[str, bytes] = {}
+    if cfg.shards:  # the shard writer (the drain) names the members
+        from dd.data.shards import MASK_EXTENSION, member_bytes
+
+        ext = item.path.suffix.lower().lstrip(".") or "png"
+        members[ext] = member_bytes(item.path)
+        if u8.any():
+            buf = io.BytesIO()
+            Image.fromarray(u8, mode="L").save(buf, format="PNG", compress_level=1)
+            members[MASK_EXTENSION] = buf.getvalue()
+        rel = None
+    elif u8.any():
+        save_image_atomic(Image.fromarray(u8, mode="L"), cfg.out / str(rel), compress_level=1)
     else:
         rel = None
     meta = dict(item.meta)
@@ -340,7 +381,86 @@ def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, An
     if mx < cfg.shrink_threshold:
         lo, hi = cfg.shrink_scale
         rec["shrink_pad"] = {"scale": [lo, hi] if lo != hi else lo}
+    if cfg.shards:
+        rec["_members"] = members
     return rec
+
+
+class _TarOutput:
+    """``--shards``: this rank's records go into ``OUT/shards/r<rank>-<n>.tar``; their
+    manifest lines are released (for the rank's JSONL) when their shard is complete."""
+
+    def __init__(self, out: Path, rank: int, shard_size: int):
+        self.dir = out / TAR_DIR
+        self.prefix = f"r{rank:05d}-"
+        self.shard_size = shard_size
+        self.writer: Any = None
+        self.lines: list[bytes] = []
+
+    def own_shards(self) -> list[Path]:
+        return sorted(self.dir.glob(f"{self.prefix}[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+    def start(self, overwrite: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(f".{self.prefix}*.tar.tmp"):  # a killed run's last shard
+            stale.unlink()
+        if overwrite:
+            for old in self.own_shards():
+                old.unlink()
+
+    def recover(self, done: set[str]) -> list[bytes]:
+        """Manifest lines of complete shards that the JSONL lacks (a kill between the
+        shard's rename and its lines): read back from the shards' ``KEY.json``."""
+        from dd.data.shards import shard_index
+
+        lines = []
+        for shard in self.own_shards():
+            index = shard_index(shard)
+            with open(shard, "rb") as f:
+                for name, (offset, size) in index.items():
+                    if not name.endswith(".json"):
+                        continue
+                    f.seek(offset)
+                    rec = json.loads(f.read(size))
+                    if source_of(rec) not in done:
+                        done.add(source_of(rec))
+                        lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
+        return lines
+
+    def add(self, rec: dict[str, Any]) -> list[bytes]:
+        """Add a record; returns the lines of a shard this completed (else [])."""
+        from dd.data.shards import MASK_EXTENSION, ShardWriter
+
+        members = rec.pop("_members")
+        if self.writer is None:
+            shards = self.own_shards()
+            n = int(shards[-1].stem[len(self.prefix) :]) + 1 if shards else 0
+            self.writer = ShardWriter(self.dir / f"{self.prefix}{n:06d}.tar")
+        key = path_hash(Path(rec["image"]))[:16]
+        rel = f"{TAR_DIR}/{self.writer.path.name}"
+        ext = next(e for e in members if e not in (MASK_EXTENSION,))
+        rec["source_image"] = rec["image"]
+        rec["image"] = f"{rel}/{key}.{ext}"
+        rec["mask"] = f"{rel}/{key}.{MASK_EXTENSION}" if MASK_EXTENSION in members else None
+        members["json"] = json.dumps(rec, sort_keys=True).encode()
+        if isinstance(rec.get("prompt"), str):
+            members["txt"] = rec["prompt"].encode()
+        self.writer.add(key, members)
+        self.lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
+        return self.finish() if self.writer.samples >= self.shard_size else []
+
+    def finish(self) -> list[bytes]:
+        """Close the current shard (renamed into place); its lines."""
+        if self.writer is None:
+            return []
+        self.writer.close()
+        self.writer, lines, self.lines = None, self.lines, []
+        return lines
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
 
 
 def _check_some_labelled(res: PseudoResult, specs: list[str]) -> None:
@@ -393,6 +513,7 @@ def run_pseudo(
         "shrink_scale": list(cfg.shrink_scale),
         "positive_threshold": cfg.positive_threshold,
         "floor": cfg.floor,
+        "shards": cfg.shards,
     }
     info_path = shard_dir / "run.json"
     # Each rank checks only its own shard: other ranks of this run may have created theirs.
@@ -402,7 +523,7 @@ def run_pseudo(
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
     # Other ranks of this run create its entries (shards, masks) at any moment.
-    own = (SHARDS, "masks", MANIFEST)
+    own = (SHARDS, "masks", TAR_DIR, MANIFEST)
     check_output_folder(out, "label pseudo", overwrite=cfg.overwrite, allowed=own)
     if cfg.overwrite:  # this rank's labels only: other ranks of the run handle their own
         shard.unlink(missing_ok=True)
@@ -421,7 +542,7 @@ def run_pseudo(
         except ValueError:
             prev = None
         if prev is not None:  # a run of an older dd recorded no positive threshold
-            prev = {"positive_threshold": PseudoConfig.positive_threshold, **prev}
+            prev = {"positive_threshold": PseudoConfig.positive_threshold, "shards": False, **prev}
         if prev is not None and prev != run_info:
             raise DDError(
                 f"{out} was labelled with other settings or another detector ({prev})",
@@ -429,13 +550,19 @@ def run_pseudo(
             )
     with undo_if_nothing_written(out, bookkeeping=(f"{SHARDS}/run.json",)):
         shard_dir.mkdir(parents=True, exist_ok=True)
-        mark_run_folder(out, "label pseudo", not_inputs=("masks",))
+        mark_run_folder(out, "label pseudo", not_inputs=("masks", TAR_DIR))
         if cfg.rank == 0 and not (cfg.resume and info_path.exists()):
             atomic_write_json(info_path, run_info)
         with contextlib.suppress(FileNotFoundError):
             (shard_dir / f"done-r{cfg.rank:05d}-of-{cfg.world_size:05d}.json").unlink()
         _repair(shard)
         done = done_images(out) if cfg.resume else set()
+        tars = _TarOutput(out, cfg.rank, cfg.shard_size) if cfg.shards else None
+        recovered: list[bytes] = []
+        if tars is not None:
+            tars.start(overwrite=cfg.overwrite)
+            if cfg.resume:
+                recovered = tars.recover(done)
         skip = excluded_images(exclude or [])
         res = PseudoResult(failures=[])
 
@@ -460,12 +587,15 @@ def run_pseudo(
             with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer:
                 pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
 
-                def drain(block: bool) -> None:
-                    lines = []
+                def drain(block: bool, last: bool = False) -> None:
+                    lines, recovered[:] = recovered[:], []
                     stop = False
                     while pending and (block or pending[0].done()):
                         rec = pending.popleft().result()
-                        lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
+                        if tars is None:
+                            lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
+                        else:  # lines follow their shard once it is complete
+                            lines.extend(tars.add(rec))
                         res.processed += 1
                         res.shrink += "shrink_pad" in rec
                         # The test hook stops at exactly ``stop_after`` records, however the
@@ -473,6 +603,8 @@ def run_pseudo(
                         if stop_after is not None and res.processed >= stop_after:
                             stop = True
                             break
+                    if last and tars is not None and not stop:
+                        lines.extend(tars.finish())
                     if lines:
                         f.write(b"".join(lines))
                         f.flush()
@@ -497,9 +629,11 @@ def run_pseudo(
                         continue
                     pending.append(writer.submit(_write, cfg, loaded.item, prob.cpu().numpy()))
                     drain(block=False)
-                drain(block=True)
+                drain(block=True, last=True)
         finally:
             f.close()
+            if tars is not None:
+                tars.abort()  # an unfinished shard (an error or an interrupt): not kept
         res.seconds = time.perf_counter() - t0
         _check_some_labelled(res, specs)
         if res.failures:
