@@ -2,6 +2,8 @@
 (docs/performance.md). Same images, same tiny detector, one process, in one run.
 
     python scripts/bench_shards.py [--images 400] [--size 256]
+
+Then an epoch's access pattern (each sample once, random order) from both.
 """
 
 from __future__ import annotations
@@ -66,6 +68,32 @@ def main() -> None:
         print(f"{name:<13} {args.images / dt:7.1f} images/s ({dt:.1f} s)")
     base = (rows[0][1] + rows[2][1]) / 2
     print(f"shards / folder: {rows[1][1] / base:.2f}x")
+    random_reads(folder, spec, args.images)
+
+
+def random_reads(folder: Path, spec: str, n: int) -> None:
+    """Training's access pattern: every sample once, in a random order (an epoch of
+    train-detector), decoded, from the folder and from the shards (offset index)."""
+    import resource
+
+    from dd.data.datasets import read_dataset
+    from dd.data.images import load_image
+
+    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    samples = read_dataset(spec)
+    index_s = time.perf_counter() - t0
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(f"index {len(samples)} shard samples: {index_s:.2f} s (max RSS grew {grown} KiB)")
+    order = np.random.default_rng(0).permutation(n)
+    files = sorted(folder.glob("*.jpg"))
+    for name, paths in (("folder", files), ("shards", [s.image for s in samples]),
+                        ("folder again", files)):  # fmt: skip
+        t0 = time.perf_counter()
+        for i in order:
+            load_image(paths[i])
+        dt = time.perf_counter() - t0
+        print(f"random order, {name:<13} {n / dt:7.1f} images/s")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from dd.data.sampler import (
     EpochSampler,
     balance_table,
     balance_weights,
+    epoch_loader,
     parse_balance,
     rows_to_json,
 )
@@ -457,15 +458,13 @@ class _TrainData:
         self.sampler = EpochSampler(
             len(train), cfg.seed, weights=weights if ratios else None, multiple=self.global_batch
         )
-        self.loader = torch.utils.data.DataLoader(
+        self.loader = epoch_loader(
             self.dataset,
+            self.sampler,
             batch_size=cfg.batch_size,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=cfg.workers,
+            workers=cfg.workers,
+            seed=cfg.seed,
             collate_fn=_collate,
-            generator=torch.Generator().manual_seed(cfg.seed),
-            persistent_workers=False,
         )
         self.restart = False
         self._it: Iterator[dict[str, Any]] | None = None

@@ -544,8 +544,13 @@ def run_pseudo(
         if prev is not None:  # a run of an older dd recorded no positive threshold
             prev = {"positive_threshold": PseudoConfig.positive_threshold, "shards": False, **prev}
         if prev is not None and prev != run_info:
+            diff = ", ".join(
+                f"{k}: {prev.get(k)!r} there, {run_info.get(k)!r} now"
+                for k in sorted(set(prev) | set(run_info))
+                if prev.get(k) != run_info.get(k)
+            )
             raise DDError(
-                f"{out} was labelled with other settings or another detector ({prev})",
+                f"{out} was labelled with other settings or another detector ({diff})",
                 hint="resume with the same --weights and options, or pick a new --out",
             )
     with undo_if_nothing_written(out, bookkeeping=(f"{SHARDS}/run.json",)):
