@@ -724,6 +724,12 @@ class Backbone(_Prompts, _Sampling, _Training, _LoRA, abc.ABC):
     #: diffusers pipeline class names (``model_index.json`` ``_class_name``) this family
     #: loads: a folder of another family gets a hint naming the right ``--backbone``.
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    #: Options of :meth:`from_pretrained` besides ``device`` and ``dtype`` (``-B NAME=VALUE``),
+    #: name -> type (:mod:`dd.plugin_options` converts and checks them); each is passed to the
+    #: constructor as a keyword when given.
+    load_options: ClassVar[dict[str, Any]] = {}
+    #: Extra keywords for the pipeline class's ``from_pretrained`` (e.g. no safety checker).
+    pipeline_load_kwargs: ClassVar[dict[str, Any]] = {}
     #: How ``dd refine train`` trains this family on a late-step range: ``"full"``
     #: (fine-tune the denoiser), ``"lora"``, or None (not supported).
     late_step_training: ClassVar[str | None] = None
@@ -771,9 +777,32 @@ class Backbone(_Prompts, _Sampling, _Training, _LoRA, abc.ABC):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    @abc.abstractmethod
-    def from_pretrained(cls, model: str, **options: Any) -> Backbone:
-        """Load the model from a hub id, a local diffusers folder or a single file."""
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **options: Any,
+    ) -> Backbone:
+        """Load the model from a hub id or a local diffusers folder as the family's first
+        ``pipeline_classes`` entry (``pipeline_load_kwargs`` added), with the declared
+        ``load_options``; an undeclared option is an error. A family whose loading differs
+        (several pipeline classes, other components) overrides this."""
+        import diffusers
+
+        if not cls.pipeline_classes:
+            raise DDError(f"backbone {cls.name} declares no pipeline class to load")
+        pipeline_cls = getattr(diffusers, cls.pipeline_classes[0])
+        return cls.load_with_options(
+            pipeline_cls,
+            model,
+            device=device,
+            dtype=dtype,
+            options=options,
+            allowed=tuple(cls.load_options),
+            **cls.pipeline_load_kwargs,
+        )
 
     # ------------------------------------------------------------------ components
     @property

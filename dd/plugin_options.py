@@ -2,7 +2,9 @@
 
 A plugin declares its options as the keyword parameters of its loader, with type
 annotations: ``Detector.load(weights, *, device, dtype, variant: str | None = None, ...)``,
-``Backbone.from_pretrained(model, *, device, dtype, max_sequence_length: int | None = None)``.
+``Backbone.from_pretrained(model, *, device, dtype, max_sequence_length: int | None = None)``,
+or, for a backbone on the generic loader, in ``load_options = {"max_sequence_length": int |
+None}``.
 dd reads those annotations and converts or refuses each value before calling the loader,
 so a value that does not parse is one line (``Error: option seed='abc' of detector
 segformer must be an integer``), not a ``TypeError`` from inside the plugin. A loader that
@@ -49,6 +51,13 @@ def declared_options(loader: Callable[..., Any]) -> tuple[dict[str, Any], bool]:
             var_kw = True
         elif p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and name not in RESERVED:
             out[name] = hints.get(name, p.annotation)
+    # A class method on a generic loader (``Backbone.from_pretrained``) whose class declares
+    # ``load_options``: those are its options, and no others.
+    owner = getattr(loader, "__self__", None)
+    elsewhere = getattr(owner, "load_options", None) if isinstance(owner, type) else None
+    if var_kw and isinstance(elsewhere, dict) and elsewhere:
+        out.update(elsewhere)
+        var_kw = False
     return out, var_kw
 
 

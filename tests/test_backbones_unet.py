@@ -361,3 +361,20 @@ def test_lora_of_the_other_family_is_refused(tiny_paths, tmp_path, caplog):
     assert "another architecture" in (info.value.hint or "")
     assert "\n" not in str(info.value) and "size mismatch(es)" in str(info.value)
     assert not [r for r in caplog.records if r.name.startswith("diffusers")], caplog.text
+
+
+def test_generic_loader_passes_declared_options_and_pipeline_keywords(tiny_paths):
+    """sd15 and sdxl load through Backbone.from_pretrained (no loader of their own): the
+    declared option reaches the constructor, sd15's pipeline has no safety checker."""
+    assert "from_pretrained" not in vars(SD15Backbone) and "from_pretrained" not in vars(
+        SDXLBackbone
+    )
+    bb = SD15Backbone.from_pretrained(str(tiny_paths["sd15"]), negative_prompt="blurry")
+    assert bb.negative_prompt == "blurry" and bb.pipe.safety_checker is None
+    assert bb.source == str(tiny_paths["sd15"])
+    from dd.plugin_options import declared_options
+
+    assert declared_options(SDXLBackbone.from_pretrained) == (
+        {"negative_prompt": str | None},
+        False,
+    )

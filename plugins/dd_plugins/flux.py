@@ -8,7 +8,7 @@ schnell (no guidance embedding): 4 steps, no guidance. dev (guidance embedding):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ class FluxBackbone(Backbone):
 
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+    load_options: ClassVar[dict[str, Any]] = {"max_sequence_length": int | None}
     description = "FLUX.1 schnell / dev: flow-matching transformer (diffusers FluxPipeline)"
     prediction_type = FLOW
     lora_layers_kwarg = "transformer_lora_layers"
@@ -36,27 +37,6 @@ class FluxBackbone(Backbone):
         # T5 tokens of the prompt (schnell 256, dev 512), clamped to the tokenizer's limit.
         self.max_sequence_length = int(
             max_sequence_length or (512 if self.guidance_embeds else 256)
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        max_sequence_length: int | None = None,
-        **options: Any,
-    ) -> FluxBackbone:
-        from diffusers import FluxPipeline
-
-        return cls.load_with_options(
-            FluxPipeline,
-            model,
-            device=device,
-            dtype=dtype,
-            options={**options, "max_sequence_length": max_sequence_length},
-            allowed=("max_sequence_length",),
         )
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:

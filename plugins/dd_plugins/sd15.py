@@ -29,15 +29,13 @@ from dd.backbones import Backbone, Conditioning, DDIMBackbone, cfg_mix
 from dd.errors import DDError
 from dd.hookspecs import hookimpl
 
-#: Options ``from_pretrained`` accepts besides ``device`` and ``dtype``.
-OPTIONS = ("negative_prompt",)
-
 
 class UNetBackbone(DDIMBackbone):
     """Shared by the UNet families (SD1.5, SDXL): DDIM sampling from the pipeline's betas,
     classifier-free guidance with row-aligned negative embeddings, AutoencoderKL."""
 
     lora_layers_kwarg = "unet_lora_layers"
+    load_options: ClassVar[dict[str, Any]] = {"negative_prompt": str | None}
     #: Decode (and encode) in fp32 when the model runs in fp16 and the VAE config says
     #: ``force_upcast`` (SDXL's VAE overflows in fp16).
     upcast_vae_in_fp16: ClassVar[bool] = False
@@ -147,6 +145,10 @@ class SD15Backbone(UNetBackbone):
 
     name = "sd15"
     pipeline_classes = ("StableDiffusionPipeline",)
+    pipeline_load_kwargs: ClassVar[dict[str, Any]] = {
+        "safety_checker": None,
+        "requires_safety_checker": False,
+    }
     late_step_training = "lora"
     description = (
         "Stable Diffusion 1.x/2.x: UNet + CLIP, epsilon or v-prediction, DDIM sampling "
@@ -155,30 +157,6 @@ class SD15Backbone(UNetBackbone):
     default_steps = 25
     default_guidance = 7.5
     default_resolution = 512
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        negative_prompt: str | None = None,
-        **options: Any,
-    ) -> SD15Backbone:
-        """Load a hub id, folder or single file; option ``negative_prompt``."""
-        from diffusers import StableDiffusionPipeline
-
-        return cls.load_with_options(
-            StableDiffusionPipeline,
-            model,
-            device=device,
-            dtype=dtype,
-            options={**options, "negative_prompt": negative_prompt},
-            allowed=OPTIONS,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
 
     def encode_prompts_uncached(self, prompts: list[str]) -> Conditioning:
         embeds, negative = self.pipe.encode_prompt(

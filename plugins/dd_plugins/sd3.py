@@ -10,7 +10,7 @@ VAE's ``shift_factor`` and ``scaling_factor`` are applied both ways.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,6 +24,7 @@ class SD3Backbone(Backbone):
 
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    load_options: ClassVar[dict[str, Any]] = {"max_sequence_length": int | None}
     description = "Stable Diffusion 3 / 3.5: flow-matching MMDiT (StableDiffusion3Pipeline)"
     prediction_type = FLOW
     lora_layers_kwarg = "transformer_lora_layers"
@@ -36,27 +37,6 @@ class SD3Backbone(Backbone):
     def __init__(self, pipe: Any, *, max_sequence_length: int | None = None, **kwargs: Any):
         super().__init__(pipe, **kwargs)
         self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        max_sequence_length: int | None = None,
-        **options: Any,
-    ) -> SD3Backbone:
-        from diffusers import StableDiffusion3Pipeline
-
-        return cls.load_with_options(
-            StableDiffusion3Pipeline,
-            model,
-            device=device,
-            dtype=dtype,
-            options={**options, "max_sequence_length": max_sequence_length},
-            allowed=("max_sequence_length",),
-        )
 
     # ------------------------------------------------------------------ geometry
     @property

@@ -28,7 +28,7 @@ import torch
 
 from dd.backbones import Conditioning
 from dd.hookspecs import hookimpl
-from dd_plugins.sd15 import OPTIONS, UNetBackbone
+from dd_plugins.sd15 import UNetBackbone
 
 
 class SDXLBackbone(UNetBackbone):
@@ -44,28 +44,6 @@ class SDXLBackbone(UNetBackbone):
     default_guidance = 5.0
     default_resolution = 1024
     upcast_vae_in_fp16 = True
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        negative_prompt: str | None = None,
-        **options: Any,
-    ) -> SDXLBackbone:
-        """Load a hub id, folder or single file; option ``negative_prompt``."""
-        from diffusers import StableDiffusionXLPipeline
-
-        return cls.load_with_options(
-            StableDiffusionXLPipeline,
-            model,
-            device=device,
-            dtype=dtype,
-            options={**options, "negative_prompt": negative_prompt},
-            allowed=OPTIONS,
-        )
 
     def encode_prompts_uncached(self, prompts: list[str]) -> Conditioning:
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(

@@ -10,14 +10,15 @@ timestep divided by 1000 (``t = 1`` is noise), classifier-free guidance (default
 <= 1 disables it) mixes the predictions of the empty and the real prompt from one batched
 call, and the VAE's ``scaling_factor`` is applied both ways. What makes it a dd backbone:
 
-* ``from_pretrained`` (loading, with its options' types declared in the signature),
+* loading: ``pipeline_classes`` (the generic ``Backbone.from_pretrained`` loads the first)
+  and ``load_options`` (the ``-B`` options and their types, passed to ``__init__``),
 * ``encode_prompts_uncached``, ``prepare_latents``, ``make_schedule``, ``predict``,
 * class attributes: ``name``, ``prediction_type``, ``lora_layers_kwarg`` (the keyword of the
   pipeline's ``save_lora_weights``, so ``dd treat`` writes a LoRA that
-  ``AuraFlowPipeline.load_lora_weights`` reads), defaults, ``pipeline_classes``,
+  ``AuraFlowPipeline.load_lora_weights`` reads), defaults,
 * ``build_tiny_pipeline`` for offline tests (``python -m dd.testing.tiny auraflow DIR``).
 
-Deliberate copy: the loading, prompt and guidance code follows ``dd_plugins/sd3.py`` line
+Deliberate copy: the prompt and guidance code follows ``dd_plugins/sd3.py`` line
 for line where the families agree; a third-party package depends on dd's public API
 (``dd.backbones``), never on dd's built-in plugins.
 
@@ -28,7 +29,7 @@ steps, decoding, LoRA save/load and ``dd refine``'s late-step repair come from
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,6 +45,7 @@ class AuraFlowBackbone(Backbone):
     prediction_type = FLOW
     lora_layers_kwarg = "transformer_lora_layers"
     pipeline_classes = ("AuraFlowPipeline",)
+    load_options: ClassVar[dict[str, Any]] = {"max_sequence_length": int | None}
     default_steps = 50
     default_guidance = 3.5
     default_resolution = 1024
@@ -52,27 +54,6 @@ class AuraFlowBackbone(Backbone):
     def __init__(self, pipe: Any, *, max_sequence_length: int | None = None, **kwargs: Any):
         super().__init__(pipe, **kwargs)
         self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        max_sequence_length: int | None = None,
-        **options: Any,
-    ) -> AuraFlowBackbone:
-        from diffusers import AuraFlowPipeline
-
-        return cls.load_with_options(
-            AuraFlowPipeline,
-            model,
-            device=device,
-            dtype=dtype,
-            options={**options, "max_sequence_length": max_sequence_length},
-            allowed=("max_sequence_length",),
-        )
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts_uncached(self, prompts: list[str]) -> Conditioning:
