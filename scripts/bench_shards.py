@@ -27,8 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     from typer.testing import CliRunner
 
+    from dd.api.plugins import get_host
     from dd.cli import build_app
-    from dd.plugins import get_host
 
     tmp = Path(tempfile.mkdtemp(prefix="dd-bench-shards-"))
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """The `dd treat --plan` estimates of FLUX.1-dev in docs/performance.md (no GPU, no weights).
 
-FLUX.1-dev's transformer and VAE from their real configurations (dd.bench), built on the
+FLUX.1-dev's transformer and VAE from their real configurations (dd.engines.bench), built on the
 meta device with a rank-16 LoRA and a SegFormer-b5 detector at 512 (DiffDoctor's); the
 flux-dev preset's sampling (10 steps, guidance 3.5, 256 T5 tokens); one treat step at
 1024², K=1, batch 1, checkpointed, for bf16 and each --quantize mode. Text encoders
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dd.bench import full_size_flux_setup
+from dd.engines.bench import full_size_flux_setup
 from dd.engines.plan import GIB, estimate_step
 from dd.runtime.memory import tensor_bytes
 

@@ -25,7 +25,7 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _fresh_plugins(monkeypatch):
     """Each test starts with freshly loaded plugins and no DD_* overrides."""
-    from dd.plugins import reset_host
+    from dd.api.plugins import reset_host
 
     for var in ("DD_LOAD_PLUGINS", "DD_DEBUG"):
         monkeypatch.delenv(var, raising=False)

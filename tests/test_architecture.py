@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,11 +100,11 @@ def test_no_import_cycles():
 
 
 def test_the_checker_sees_function_level_imports():
-    assert "dd.plugins" in GRAPH["dd.cli.detect"]  # imported inside detect()
+    assert "dd.api.plugins" in GRAPH["dd.cli.detect"]  # imported inside detect()
 
 
 def test_the_core_never_imports_a_built_in_plugin():
-    """Built-ins come through the entry points like third-party plugins (dd.plugins)."""
+    """Built-ins come through the entry points like third-party plugins (dd.api.plugins)."""
     offenders = {
         name: sorted(t for t in deps if t.startswith("dd_plugins"))
         for name, deps in GRAPH.items()
@@ -122,15 +123,60 @@ def _below(name: str, allowed: tuple[str, ...]) -> list[str]:
     )
 
 
+#: Each layer folder and what it may import (docs/architecture.md, bottom to top).
+LAYERS = {
+    "dd.runtime": ("dd.runtime", "dd.errors"),
+    "dd.ops": ("dd.ops", "dd.errors", "dd.runtime"),
+    "dd.api": ("dd.api", "dd.ops", "dd.errors", "dd.runtime"),
+    "dd.testing": ("dd.testing", "dd.api", "dd.ops", "dd.errors", "dd.runtime"),
+    "dd.data": ("dd.data", "dd.runtime", "dd.errors"),
+    "dd.report": ("dd.report", "dd.data", "dd.runtime", "dd.errors"),
+    "dd.label": ("dd.label", "dd.report", "dd.data", "dd.runtime", "dd.errors"),
+    "dd.inference": (
+        "dd.inference",
+        "dd.api",
+        "dd.ops",
+        "dd.data",
+        "dd.report",
+        "dd.runtime",
+        "dd.errors",
+    ),  # fmt: skip
+    "dd.training": ("dd.training", "dd.report", "dd.runtime", "dd.errors"),
+}
+
+
+def test_every_module_is_in_a_layer_folder():
+    """The folders tell the layers: no dd module outside one (but the package's own files)."""
+    loose = [
+        name
+        for name in MODULES
+        if name.startswith("dd.") and name.count(".") == 1
+        and name not in ("dd.errors", "dd.__main__")
+        and not (ROOT / "dd" / name.split(".")[1]).is_dir()
+    ]  # fmt: skip
+    assert not loose
+
+
+def test_moved_modules_still_import_under_their_old_names():
+    import warnings
+
+    import dd
+    import dd.api.backbones
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import dd.backbones  # noqa: F401 - the old name
+        from dd.plugins import get_host  # noqa: F401
+    assert sys.modules["dd.backbones"] is dd.api.backbones
+    assert any("dd.backbones moved to dd.api.backbones" in str(w.message) for w in caught)
+    for old, new in dd.MOVED.items():
+        assert new in MODULES and old not in MODULES, (old, new)
+
+
 def test_layers_import_only_layers_below():
-    """runtime <- plugin APIs (backbones, detectors) <- data, reports <- training <- engines
-    <- cli."""
-    rules = {
-        "dd.runtime": ("dd.runtime", "dd.errors"),
-        "dd.data": ("dd.runtime", "dd.errors", "dd.data"),
-        "dd.report": ("dd.runtime", "dd.errors", "dd.data", "dd.report"),
-        "dd.training": ("dd.runtime", "dd.errors", "dd.report", "dd.training"),
-    }
+    """runtime <- ops <- plugin APIs <- data <- report <- label, inference <- training <-
+    engines <- cli."""
+    rules = LAYERS
     bad = {
         name: _below(name, allowed)
         for prefix, allowed in rules.items()

@@ -20,9 +20,9 @@ from dd_plugins.sd3 import SD3Backbone
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from dd.backbones import LORA_WEIGHT_NAME, Backbone
+from dd.api.backbones import LORA_WEIGHT_NAME, Backbone
+from dd.api.plugins import get_backbone_class
 from dd.errors import DDError
-from dd.plugins import get_backbone_class
 from dd.testing.tiny import tiny_pipeline_path
 
 #: family -> (tiny backbone, tiny variants, backbone class, pipeline class)

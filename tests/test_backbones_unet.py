@@ -19,7 +19,7 @@ from dd_plugins.sd15 import SD15Backbone
 from dd_plugins.sdxl import SDXLBackbone
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from dd.backbones import LORA_WEIGHT_NAME, Conditioning
+from dd.api.backbones import LORA_WEIGHT_NAME, Conditioning
 from dd.errors import DDError
 from dd.testing.tiny import tiny_pipeline_path
 
@@ -340,7 +340,7 @@ def test_wrong_pairing_names_the_right_backbone(family, other, tiny_paths):
 def test_unknown_option_and_registration(tiny_paths):
     with pytest.raises(DDError, match="unknown option.*guidance_rescale"):
         SD15Backbone.from_pretrained(str(tiny_paths["sd15"]), guidance_rescale=0.7)
-    from dd.plugins import get_backbone_class
+    from dd.api.plugins import get_backbone_class
 
     assert get_backbone_class("sd15") is SD15Backbone
     assert get_backbone_class("sdxl") is SDXLBackbone
@@ -372,7 +372,7 @@ def test_generic_loader_passes_declared_options_and_pipeline_keywords(tiny_paths
     bb = SD15Backbone.from_pretrained(str(tiny_paths["sd15"]), negative_prompt="blurry")
     assert bb.negative_prompt == "blurry" and bb.pipe.safety_checker is None
     assert bb.source == str(tiny_paths["sd15"])
-    from dd.plugin_options import declared_options
+    from dd.api.plugin_options import declared_options
 
     assert declared_options(SDXLBackbone.from_pretrained) == (
         {"negative_prompt": str | None},

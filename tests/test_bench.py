@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dd.bench import (
+from dd.engines.bench import (
     bench_treat,
     count_flops,
     full_size_flux_setup,

@@ -17,9 +17,9 @@ import types
 import pytest
 import typer
 
+from dd.api.hookspecs import hookimpl
+from dd.api.plugins import PluginHost, reset_host
 from dd.cli import build_app, main
-from dd.hookspecs import hookimpl
-from dd.plugins import PluginHost, reset_host
 
 
 def _plugin_commands(app: typer.Typer) -> None:

@@ -15,10 +15,15 @@ from pathlib import Path
 import pytest
 from dd_plugins.segformer import DEFAULT_WEIGHTS
 
+from dd.api.plugins import get_detector_class
 from dd.data.datasets import read_dataset
 from dd.data.synth import synthesize
-from dd.metrics import DetectorMetrics, evaluate_detector, image_level_scores, image_level_summary
-from dd.plugins import get_detector_class
+from dd.inference.metrics import (
+    DetectorMetrics,
+    evaluate_detector,
+    image_level_scores,
+    image_level_summary,
+)
 
 HELD_OUT_PHOTOS = Path(__file__).parent / "data" / "heldout-photos"
 

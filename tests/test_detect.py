@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from dd.api.plugins import get_host
 from dd.cli import main
 from dd.data.images import collect_inputs, load_image
 from dd.engines.detect import JOURNAL, DetectConfig, resize_for, run_detect
-from dd.plugins import get_host
 
 TINY = ["-O", "variant=tiny", "-O", "input_size=64"]
 

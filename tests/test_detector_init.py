@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_train_detector import TINY, make_dataset
 
-from dd.plugins import get_host
+from dd.api.plugins import get_host
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from test_train_detector import TINY, make_dataset
 
+from dd.api.plugins import get_host
 from dd.data.datasets import Sample, read_dataset
 from dd.data.sampler import balance_weights, is_positive, parse_balance
-from dd.plugins import get_host
 
 
 def test_a_pseudo_label_is_positive_by_its_recorded_decision(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dd.api.plugins import get_host
 from dd.engines.dreambooth import (
     DreamBoothConfig,
     dreambooth,
@@ -19,7 +20,6 @@ from dd.engines.dreambooth import (
     load_training_image,
 )
 from dd.errors import DDError
-from dd.plugins import get_host
 from dd.testing.tiny import tiny_pipeline_path
 
 SIZE = 32

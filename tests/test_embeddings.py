@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_treat import base_config, fit_redness_detector
 
-from dd.backbones import Conditioning
+from dd.api.backbones import Conditioning
+from dd.api.plugins import load_backbone
 from dd.errors import DDError
-from dd.plugins import load_backbone
 from dd.runtime.embeddings import EmbeddingStore, default_cache_root
 from dd.testing.tiny import tiny_pipeline_path
 
@@ -122,7 +122,7 @@ def _prompt_files(folder: Path, n: int) -> tuple[Path, Path]:
 
 def test_treat_memory_stays_flat_as_prompts_grow(tiny_flux, tmp_path, monkeypatch):
     """The embeddings a treat run holds in memory do not grow with the prompt list."""
-    from dd.backbones import Backbone
+    from dd.api.backbones import Backbone
     from dd.engines.treat import treat
 
     det = fit_redness_detector(tmp_path / "det")
@@ -189,7 +189,7 @@ def test_vae_tiling_reaches_the_vae(tiny_flux, tmp_path, monkeypatch):
 def test_embedding_cache_none_and_no_offload(cache, offload, tiny_flux, tmp_path, monkeypatch):
     """`--embedding-cache none` writes nothing to disk and keeps the encoders (the bounded
     memory cache is all there is); `--no-offload-text-encoders` keeps them too."""
-    from dd.backbones import Backbone
+    from dd.api.backbones import Backbone
     from dd.engines.treat import treat
 
     released: list[bool] = []

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from dd.api.detectors import Detector
+from dd.api.plugins import get_host
 from dd.data.datasets import Sample, load_mask, read_dataset, save_mask, write_manifest
 from dd.data.images import load_image
-from dd.detectors import Detector
-from dd.metrics import METRIC_KEYS, DetectorMetrics, evaluate_detector
-from dd.plugins import get_host
+from dd.inference.metrics import METRIC_KEYS, DetectorMetrics, evaluate_detector
 
 TINY = ["-O", "input_size=64"]
 
@@ -167,7 +167,7 @@ def test_cli_reports_unreadable_image(tmp_path, cli):
 
 
 def test_image_level_scores_keep_dataset_order_across_working_sizes(tmp_path):
-    from dd.metrics import image_level_scores, image_level_summary
+    from dd.inference.metrics import image_level_scores, image_level_summary
 
     samples = read_dataset(_dataset(tmp_path / "ds")[0].image.parents[1])
     pixel = DetectorMetrics()
@@ -187,7 +187,7 @@ def test_image_level_scores_keep_dataset_order_across_working_sizes(tmp_path):
 
 def test_calibrated_threshold_passes_the_asked_share_of_clean_images():
     from dd.errors import DDError
-    from dd.metrics import calibrate_image_threshold, image_level_summary
+    from dd.inference.metrics import calibrate_image_threshold, image_level_summary
 
     clean = [0.05 * k for k in range(1, 21)]  # 0.05 .. 1.0
     t = calibrate_image_threshold(clean, pass_rate=0.9)
@@ -243,7 +243,7 @@ def test_cli_calibrates_and_stores_the_image_threshold(tmp_path, cli):
 
 
 def image_level_rows(weights, ds):
-    from dd.metrics import image_level_scores
+    from dd.inference.metrics import image_level_scores
 
     det = get_host().detectors.get("segformer").load(str(weights), input_size=64)
     return image_level_scores(det, read_dataset(ds), batch_size=4)

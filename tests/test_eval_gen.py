@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from dd.api.plugins import get_host
 from dd.engines.eval_gen import EvalGenConfig, eval_gen, fid, kid, psnr, ssim
 from dd.errors import DDError
-from dd.plugins import get_host
 from dd.testing.tiny import tiny_pipeline_path
 
 SIZE = 32
@@ -287,7 +287,7 @@ def test_each_model_folder_records_prompt_and_seed(run):
 def test_clip_score_from_local_weights(run, tmp_path):
     from transformers import CLIPModel, CLIPProcessor
 
-    from dd.image_scores import ClipModel, clip_scores, pick_scores
+    from dd.inference.image_scores import ClipModel, clip_scores, pick_scores
     from dd.testing.tiny import build_tiny_clip
 
     folder = build_tiny_clip(tmp_path / "clip")

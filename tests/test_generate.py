@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dd.plugins import get_host
+from dd.api.plugins import get_host
 from dd.testing.tiny import tiny_pipeline_path
 
 PROMPTS = ["a red cat on a table", "a blue house"]

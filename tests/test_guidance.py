@@ -16,8 +16,8 @@ import pytest
 import torch
 from test_treat import detector_dir, tiny_flux  # noqa: F401
 
-from dd.guidance import Guide, parse_guide_steps
-from dd.plugins import get_host
+from dd.api.plugins import get_host
+from dd.inference.guidance import Guide, parse_guide_steps
 from dd.testing.tiny import tiny_pipeline_path
 
 MARGIN = 0.08

@@ -6,7 +6,7 @@ import inspect
 import re
 from pathlib import Path
 
-from dd import hookspecs
+from dd.api import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
 

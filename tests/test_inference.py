@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dd.detectors import Detector
+from dd.api.detectors import Detector
 from dd.inference import detect_batches, prefetch
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dd.errors import DDError
-from dd.label.mine import (
+from dd.engines.mine import (
     OTHER,
     MineConfig,
     category_stats,
@@ -18,6 +17,7 @@ from dd.label.mine import (
     load_rules,
     select_hard_cases,
 )
+from dd.errors import DDError
 from dd.label.queue import Queue
 
 TINY = ["-O", "variant=tiny", "-O", "input_size=64"]

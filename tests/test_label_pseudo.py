@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dd.api.plugins import get_host
 from dd.data.augment import ShrinkSpec, parse_shrink_spec
 from dd.data.datasets import read_dataset
-from dd.label.pseudo import PseudoConfig, run_pseudo
+from dd.engines.pseudo import PseudoConfig, run_pseudo
 from dd.label.queue import write_queue
-from dd.plugins import get_host
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(
     tmp_path, weights, monkeypatch, slow_writer
 ):
     if slow_writer:  # a busy machine: no write has finished when the next batch arrives
-        import dd.label.pseudo as pseudo
+        import dd.engines.pseudo as pseudo
 
         real = pseudo._write
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dd.label.queue import DECISIONS, Queue, write_queue
 from dd.label.serve import make_server
-from dd.web import read_jsonl
+from dd.runtime.web import read_jsonl
 
 W, H = 64, 48
 
@@ -204,7 +204,7 @@ def test_page_draw_save_and_no_artifact(server, page):
 
 
 def test_web_helpers(tmp_path):
-    from dd.web import JsonlLog, safe_join
+    from dd.runtime.web import JsonlLog, safe_join
 
     (tmp_path / "root" / "a").mkdir(parents=True)
     (tmp_path / "root" / "a" / "f.txt").write_text("x")
@@ -225,7 +225,7 @@ def test_web_helpers(tmp_path):
 def test_beyond_loopback_every_request_needs_the_token(tmp_path, page):
     """--host 0.0.0.0: no token, a wrong token -> 401 on the page, the API and uploads; the
     annotator's link opens the page in a real browser, and each label records its owner."""
-    from dd.web import make_tokens
+    from dd.runtime.web import make_tokens
 
     q = _queue(tmp_path)
     tokens = make_tokens(["alice", "bob"])
@@ -268,7 +268,7 @@ def test_beyond_loopback_every_request_needs_the_token(tmp_path, page):
 
 
 def test_cli_prints_private_links_beyond_loopback(tmp_path, monkeypatch, cli):
-    from dd.web import LocalServer
+    from dd.runtime.web import LocalServer
 
     q = _queue(tmp_path)
     monkeypatch.setattr(LocalServer, "serve_forever", lambda self: self.httpd.server_close())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dd.plugins import load_backbone
+from dd.api.plugins import load_backbone
 from dd.testing.tiny import tiny_pipeline_path
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dd.errors import DDError
-from dd.metrics import (
+from dd.inference.metrics import (
     COUNT_KEYS,
     METRIC_KEYS,
     DetectorMetrics,

@@ -321,7 +321,7 @@ def test_setup_py_hook_describes_the_extension():
 
 
 def test_kernel_status_rows_come_from_the_registry():
-    from dd.kernels import kernel_status
+    from dd.ops.kernels import kernel_status
 
     rows = {r["name"]: r for r in kernel_status()}
     assert rows["cpp (csrc, CPU)"]["available"] is True

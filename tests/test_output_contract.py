@@ -365,7 +365,7 @@ def test_folders_yield_inputs_not_dds_own_pictures(tmp_path):
 
 def test_pseudo_labelling_a_dataset_folder_skips_its_masks(tmp_path):
     from dd.data.synth import synthesize
-    from dd.label.pseudo import stream_inputs
+    from dd.engines.pseudo import stream_inputs
 
     ds = tmp_path / "ds"
     synthesize(ds, 4, size=64, use_skimage=False, progress=False)

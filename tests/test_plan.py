@@ -9,7 +9,12 @@ import pytest
 import torch
 from test_treat import fit_redness_detector
 
-from dd.bench import peak_extra_memory, pretrained_treat_setup, set_checkpointing, treat_step
+from dd.engines.bench import (
+    peak_extra_memory,
+    pretrained_treat_setup,
+    set_checkpointing,
+    treat_step,
+)
 from dd.engines.plan import GIB, parse_memory, plan_treat
 from dd.engines.treat import TreatConfig
 from dd.errors import UsageError
@@ -101,7 +106,7 @@ def test_cli_plan_prints_the_breakdown_and_writes_nothing(detector, tmp_path_fac
 def test_the_traced_step_of_the_bench_model_matches_its_measured_peak(mode):
     """`dd bench treat`'s CPU model (tiny FLUX pipeline, bench-sized transformer): the step
     traced on the meta device against the profiler's peak of the real step."""
-    from dd.bench import tiny_treat_setup
+    from dd.engines.bench import tiny_treat_setup
     from dd.engines.plan import estimate_step
 
     cpu = torch.device("cpu")

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
+from dd.api.plugin_options import check_options
 from dd.errors import DDError
-from dd.plugin_options import check_options
 
 
 def loader(
@@ -89,7 +89,7 @@ def test_unknown_keys():
 
 
 def test_builtin_backbones_declare_their_option_types():
-    from dd.plugins import get_host
+    from dd.api.plugins import get_host
 
     host = get_host()
     for name in ("flux", "sd3"):

@@ -15,11 +15,11 @@ import torch
 from helpers import make_dist
 from PIL import Image
 
-from dd.backbones import Backbone
-from dd.detectors import Detector
+from dd.api.backbones import Backbone
+from dd.api.detectors import Detector
+from dd.api.hookspecs import hookimpl
+from dd.api.plugins import PluginHost, get_host, reset_host
 from dd.errors import DDError
-from dd.hookspecs import hookimpl
-from dd.plugins import PluginHost, get_host, reset_host
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "plugins" / "dd-example-plugin"
@@ -129,7 +129,7 @@ def test_alias_clash_with_a_name():
 def test_registering_the_wrong_kind_is_refused():
     host = PluginHost(load_entrypoints=False)
     host.add(_module("bad", dd_register_detectors=lambda register: register(_Backbone)), name="bad")
-    with pytest.raises(DDError, match="not a subclass of dd.detectors.Detector"):
+    with pytest.raises(DDError, match="not a subclass of dd.api.detectors.Detector"):
         host.fill()
     host = PluginHost(load_entrypoints=False)
     host.add(
@@ -183,7 +183,7 @@ def test_broken_plugin_warns_and_others_load(site, capsys):
 def test_dd_load_plugins_limits_third_party(site, monkeypatch):
     for n in ("one", "two"):
         (site / f"plug_{n}.py").write_text(
-            "from dd.hookspecs import hookimpl\n"
+            "from dd.api.hookspecs import hookimpl\n"
             "@hookimpl\n"
             "def dd_register_commands(app):\n"
             f"    app.command('cmd-{n}')(lambda: None)\n"

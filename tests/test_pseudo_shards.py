@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dd.api.plugins import get_host
 from dd.data.datasets import load_mask, read_dataset
 from dd.data.images import load_image
-from dd.label.pseudo import PseudoConfig, run_pseudo
-from dd.plugins import get_host
+from dd.engines.pseudo import PseudoConfig, run_pseudo
 
 
 @pytest.fixture(scope="module")

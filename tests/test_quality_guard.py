@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from test_treat import base_config, prompt_files, records, tiny_flux  # noqa: F401
 
-from dd.detectors import Detector
+from dd.api.detectors import Detector
+from dd.api.hookspecs import hookimpl
+from dd.api.plugins import PluginHost, load_quality_guard, reset_host
+from dd.api.scorers import QualityScorer, parse_quality
 from dd.engines.treat import plot_curves, treat
 from dd.errors import DDError
-from dd.hookspecs import hookimpl
-from dd.plugins import PluginHost, load_quality_guard, reset_host
-from dd.scorers import QualityScorer, parse_quality
 
 
 class HighFrequencyDetector(Detector):

@@ -1,5 +1,5 @@
 """``--quantize int8|fp8|nf4`` and ``--optimizer adamw8bit``: a quantised frozen denoiser under
-a trainable LoRA (dd.quantize), on tiny FLUX and SD1.5 of the real classes, CPU.
+a trainable LoRA (dd.ops.quantize), on tiny FLUX and SD1.5 of the real classes, CPU.
 
 Measured on this machine (the treat runs below, seeded; eval mean confidence, step 0 -> 10):
 unquantised 0.5153 -> 0.3848 (gain 0.131); int8 0.5151 -> 0.3852 (0.130); fp8 0.5150 ->
@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 from test_treat import base_config, detector_dir, prompt_files, records, tiny_flux  # noqa: F401 - fixtures below come with it  # noqa: F401
 
+from dd.api.plugins import get_host
 from dd.engines.treat import treat
 from dd.errors import DDError
-from dd.plugins import get_host
-from dd.quantize import make_optimizer, parameter_bytes, quantize_module, quantized_mode
+from dd.ops.quantize import make_optimizer, parameter_bytes, quantize_module, quantized_mode
 from dd.testing.tiny import tiny_pipeline_path
 
 MODES = ["int8", "fp8", "nf4"]
@@ -162,7 +162,7 @@ def test_adamw8bit_keeps_8bit_states_for_large_tensors():
 def test_a_missing_library_is_one_line_naming_pip(monkeypatch):
     import builtins
 
-    from dd.quantize import check_available
+    from dd.ops.quantize import check_available
 
     real = builtins.__import__
 

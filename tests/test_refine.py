@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dd.api.plugins import get_host
 from dd.engines.refine import (
     Segment,
     build_plan,
@@ -26,7 +27,6 @@ from dd.engines.refine import (
     strength_plan,
 )
 from dd.errors import DDError
-from dd.plugins import get_host
 from dd.testing.tiny import build_tiny, tiny_pipeline_path
 
 DET = ["-O", "variant=tiny", "-O", "input_size=32"]

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dd.api.plugins import get_host
 from dd.engines.refine_train import (
     RefineTrainConfig,
     eval_range_loss,
@@ -26,7 +27,6 @@ from dd.engines.refine_train import (
     sample_range_timesteps,
     train_timestep_range,
 )
-from dd.plugins import get_host
 from dd.testing.tiny import tiny_pipeline_path
 
 DET = ["-O", "variant=tiny", "-O", "input_size=32"]

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+from dd.api.plugins import load_backbone
 from dd.engines.dreambooth import flow_sigmas
-from dd.plugins import load_backbone
 from dd.testing.tiny import tiny_pipeline_path
 
 

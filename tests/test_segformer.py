@@ -21,7 +21,7 @@ from transformers import (
     SegformerImageProcessor,
 )
 
-from dd.detectors import logits_to_probs
+from dd.api.detectors import logits_to_probs
 from dd.errors import DDError
 
 MEAN = [0.485, 0.456, 0.406]
@@ -486,7 +486,7 @@ def test_b5_config_on_meta():
 
 # -- 5. plugin registration -------------------------------------------------------------------
 def test_plugin_registers_segformer():
-    from dd.plugins import get_host
+    from dd.api.plugins import get_host
 
     assert get_host().detectors.get("segformer") is SegformerDetector
 

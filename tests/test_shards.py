@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dd.api.plugins import get_host
 from dd.data.images import collect_inputs, load_image
-from dd.plugins import get_host
 
 
 def _png(seed: int, size=(24, 20)) -> bytes:

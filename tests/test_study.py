@@ -20,7 +20,7 @@ from dd.engines.study import (
     wilson_interval,
 )
 from dd.errors import DDError
-from dd.web import LocalServer
+from dd.runtime.web import LocalServer
 
 
 def make_dirs(tmp: Path) -> tuple[Path, Path]:
@@ -212,7 +212,7 @@ def test_contact_sheets_are_not_paired(tmp_path):
 
 
 def test_study_beyond_loopback_needs_a_token_and_records_the_participant(study, page, cli):
-    from dd.web import make_tokens
+    from dd.runtime.web import make_tokens
 
     tokens = make_tokens(["carol"])
     (carol,) = tokens

@@ -14,7 +14,7 @@ import torch
 from helpers import make_dist
 from PIL import Image
 
-from dd.plugins import reset_host
+from dd.api.plugins import reset_host
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "plugins" / "dd-example-plugin"
@@ -42,7 +42,7 @@ def tiny_aura(tmp_path_factory, installed):
 
 
 def test_registered_through_the_entry_point_only(cli):
-    from dd.plugins import get_host
+    from dd.api.plugins import get_host
 
     entry = get_host().backbones.entry("auraflow")
     assert entry.plugin == "example"

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from dd.api.plugins import get_host
 from dd.engines.train_detector import (
     detector_loss,
     dilate_targets,
     is_better,
     plot_curves,
 )
-from dd.plugins import get_host
 from dd.training.schedule import lr_schedule
 
 TINY = ["--variant", "tiny", "--input-size", "64", "--batch-size", "4", "--log-every", "1"]
@@ -358,7 +358,7 @@ def test_tiny_detector_learns_synthetic_watermarks(tmp_path, cli):
     CC 0.02, MSE 0.24)."""
     from dd.data.datasets import read_dataset
     from dd.data.synth import synthesize
-    from dd.metrics import evaluate_detector
+    from dd.inference.metrics import evaluate_detector
 
     kw = {"size": 64, "kinds": ["watermark"], "watermark_opacity": (0.9, 1.0)}
     kw.update(negative_ratio=0.2, use_skimage=False, progress=False)
@@ -407,14 +407,14 @@ def test_any_trainable_detector_plugin_can_be_trained(data, tmp_path, cli):
 
     from dd_plugins.segformer import SegformerDetector
 
-    from dd.hookspecs import hookimpl
-    from dd.plugins import PluginHost, reset_host
+    from dd.api.hookspecs import hookimpl
+    from dd.api.plugins import PluginHost, reset_host
 
     class Mini(SegformerDetector):  # a third party's trainable detector
         name = "mini"
         default_train_options = {"variant": "tiny"}
 
-    from dd.detectors import Detector
+    from dd.api.detectors import Detector
 
     class Untrainable(Detector):
         name = "untrainable"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from dd.api.plugins import get_host
 from dd.data.prompts import parse_seeds, read_prompts, read_reg_data
 from dd.engines.treat import (
     TIMING_FIELDS,
@@ -33,8 +34,7 @@ from dd.engines.treat import (
     treat,
 )
 from dd.errors import DDError
-from dd.plugins import get_host
-from dd.scores import map_scores
+from dd.inference.scores import map_scores
 from dd.testing.tiny import tiny_pipeline_path
 from dd.training.schedule import lr_schedule
 

@@ -214,7 +214,7 @@ def build_app(*, with_plugins: bool = True) -> typer.Typer:
             raise typer.Exit()
 
     if with_plugins:
-        from dd.plugins import get_host
+        from dd.api.plugins import get_host
 
         get_host().add_commands(app)
     return app

@@ -121,7 +121,7 @@ def kernels(
     Forward + backward of loss.mean() on the same logits, each kernel interleaved with the
     reference; ratios = reference / kernel time and kernel / reference memory.
     """
-    from dd.bench import bench_kernels, kernels_markdown, kernels_panels
+    from dd.engines.bench import bench_kernels, kernels_markdown, kernels_panels
     from dd.runtime.device import resolve_device
 
     _setup_threads(threads)
@@ -219,7 +219,7 @@ def treat(
     detector, loss, backward. With checkpointing, peak memory should not grow with K; naive
     backprop keeps every tracked step's activations.
     """
-    from dd.bench import (
+    from dd.engines.bench import (
         bench_treat,
         full_size_flux_setup,
         parse_grad_steps,
@@ -361,8 +361,8 @@ def detect(
     """
     import torch
 
-    from dd.bench import bench_detect, detect_markdown, detect_panels
-    from dd.plugins import get_detector_class
+    from dd.api.plugins import get_detector_class
+    from dd.engines.bench import bench_detect, detect_markdown, detect_panels
     from dd.runtime.device import resolve_device
 
     _setup_threads(threads)
@@ -422,9 +422,9 @@ def quantize(
     0.2B parameters); it is built in bf16 and quantised as `dd treat --quantize` does. The
     ratios to bf16 are what a 24/48/80 GB card budget needs (docs/performance.md).
     """
-    from dd.bench import bench_quantize, quantize_markdown
+    from dd.engines.bench import bench_quantize, quantize_markdown
     from dd.errors import UsageError
-    from dd.quantize import QUANTIZE_MODES
+    from dd.ops.quantize import QUANTIZE_MODES
 
     _setup_threads(threads)
     names = _names(modes)

@@ -79,11 +79,11 @@ def detect(
     (calibrated for the embedded default, docs/models.md; else 0.5).
     Exit codes: 0 all done; 4 some inputs failed; 3 --fail-above tripped (takes precedence).
     """
+    from dd.api.plugins import load_detector_warned
     from dd.cli.options import parse_options
     from dd.data.images import collect_inputs
     from dd.engines.detect import DetectConfig, check_out, run_detect
     from dd.errors import DDError
-    from dd.plugins import load_detector_warned
     from dd.runtime.progress import ConsoleReporter
 
     err = Console(stderr=True)

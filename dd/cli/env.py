@@ -53,7 +53,7 @@ def collect_env() -> dict[str, Any]:
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         devices.append({"device": "mps", "name": "Apple MPS"})
-    from dd.kernels import kernel_status
+    from dd.ops.kernels import kernel_status
 
     return {
         "versions": versions,

@@ -62,11 +62,12 @@ def eval_detector(
     calibrated one, else 0.5). See docs/datasets.md for the definitions. In JSON, undefined
     metrics (e.g. MSE on clean images when there are none) are null.
     """
+    from dd.api.detectors import store_image_threshold
+    from dd.api.plugins import load_detector_warned
     from dd.cli.options import parse_options
     from dd.data.datasets import read_dataset
-    from dd.detectors import store_image_threshold
     from dd.errors import DDError
-    from dd.metrics import (
+    from dd.inference.metrics import (
         DetectorMetrics,
         calibrate_image_threshold,
         format_table,
@@ -74,7 +75,6 @@ def eval_detector(
         image_level_summary,
         json_safe,
     )
-    from dd.plugins import load_detector_warned
     from dd.runtime.io import atomic_write_json, check_output_folder, mark_run_folder
     from dd.runtime.progress import ConsoleReporter
 

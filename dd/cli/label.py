@@ -32,8 +32,8 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON report to std
 
 
 def _detector(name, weights, option, device, dtype, err: Console):
+    from dd.api.plugins import load_detector_warned
     from dd.cli.options import parse_options
-    from dd.plugins import load_detector_warned
     from dd.runtime.progress import ConsoleReporter
 
     return load_detector_warned(name, weights, parse_options(option), device, dtype,
@@ -91,7 +91,7 @@ def mine(
     prompt (`prompt` field or a sidecar .txt). Writes OUT/queue.jsonl (with the detector's
     map per item) for `dd label serve` and prints the per-category table.
     """
-    from dd.label.mine import MineConfig, check_mine_out, load_rules, run_mine
+    from dd.engines.mine import MineConfig, check_mine_out, load_rules, run_mine
     from dd.runtime.progress import progress_bar
 
     err = Console(stderr=True)
@@ -277,8 +277,8 @@ def pseudo(
     """
     import torch
 
-    from dd.label.mine import load_rules
-    from dd.label.pseudo import PseudoConfig, dist_env, run_pseudo
+    from dd.engines.mine import load_rules
+    from dd.engines.pseudo import PseudoConfig, dist_env, run_pseudo
     from dd.runtime.progress import progress_bar
 
     err = Console(stderr=True)

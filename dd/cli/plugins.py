@@ -15,7 +15,7 @@ def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List plugins, their versions, the hooks they implement and what they registered."""
-    from dd.plugins import get_host
+    from dd.api.plugins import get_host
 
     host = get_host()
     info = host.info()

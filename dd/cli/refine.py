@@ -14,7 +14,7 @@ import typer
 
 import dd.cli.options as opt
 from dd.cli.groups import DefaultCommandGroup
-from dd.quantize import OPTIMIZER_HELP, QUANTIZE_HELP
+from dd.ops.quantize import OPTIMIZER_HELP, QUANTIZE_HELP
 from dd.runtime.tracking import REPORT_TO_HELP
 from dd.training.setup import EMBEDDING_CACHE_HELP
 

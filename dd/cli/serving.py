@@ -10,7 +10,7 @@ from rich.console import Console
 
 def team_tokens(host: str, names: list[str]) -> dict[str, str | None] | None:
     """Access tokens for a bind beyond loopback: one per name, or one shared link."""
-    from dd.web import is_loopback, make_tokens
+    from dd.runtime.web import is_loopback, make_tokens
 
     return None if is_loopback(host) else make_tokens(names)
 

@@ -166,7 +166,7 @@ def train_detector(
 ) -> None:
     """Train an artifact detector (SegFormer by default; DiffDoctor's loss, balance, augmentation).
 
-    --detector NAME trains any detector plugin that implements dd.detectors.TrainableDetector.
+    --detector NAME trains any detector plugin that implements dd.api.detectors.TrainableDetector.
 
     Writes to --out: model/ (best weights; load with dd detect --weights RUN/model), checkpoints/,
     metrics.jsonl, balance.json, train_config.json, curves.png and README.md. Several GPUs:
@@ -177,7 +177,7 @@ def train_detector(
     from dd.cli.options import parse_options
     from dd.engines.train_detector import TrainConfig
     from dd.engines.train_detector import train_detector as run
-    from dd.metrics import format_table
+    from dd.inference.metrics import format_table
     from dd.runtime.progress import ConsoleReporter
 
     cfg = TrainConfig(

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dd.api.detectors import Detector
 from dd.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, load_image
-from dd.detectors import Detector
 from dd.errors import DDError, UsageError
 from dd.inference import detect_batches, resize_for
+from dd.inference.scores import map_scores
 from dd.report.viz import overlay, to_uint8_map
 from dd.runtime.io import (
     Journal,
@@ -46,7 +47,6 @@ from dd.runtime.io import (
     output_dir,
     save_image_atomic,
 )
-from dd.scores import map_scores
 
 JOURNAL = ".dd/detect-journal.jsonl"
 RUN_INFO = ".dd/detect-run.json"

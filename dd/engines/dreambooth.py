@@ -59,10 +59,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from dd.backbones import Conditioning
+from dd.api.backbones import Conditioning
 from dd.data.images import load_training_image
 from dd.errors import DDError, UsageError
-from dd.quantize import (
+from dd.ops.quantize import (
     OPTIMIZER_HELP,
     OPTIMIZERS,
     QUANTIZE_HELP,
@@ -520,8 +520,8 @@ class _DreamBooth(_DreamBoothData, Recipe):
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> DreamBoothResult:
 
-        from dd.backbones import FLOW
-        from dd.plugins import load_backbone
+        from dd.api.backbones import FLOW
+        from dd.api.plugins import load_backbone
         from dd.runtime.device import resolve_dtype
 
         cfg, acc = self.cfg, self.acc

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from dd.errors import DDError, UsageError
-from dd.image_scores import ClipModel, ImageRewardModel, clip_scores, pick_scores
+from dd.inference.image_scores import ClipModel, ImageRewardModel, clip_scores, pick_scores
 
 __all__ = [
     "EvalGenConfig",
@@ -424,15 +424,15 @@ def eval_gen(
     detector plugin (tests inject small ones)."""
     from PIL import Image
 
+    from dd.api.plugins import load_backbone, load_detector
     from dd.data.images import load_image
     from dd.data.prompts import read_prompts
     from dd.inference import generate_batches
-    from dd.plugins import load_backbone, load_detector
+    from dd.inference.scores import ARTIFACT_THRESHOLD, map_scores
     from dd.report.grid import to_uint8
     from dd.runtime.device import resolve_device, resolve_dtype
     from dd.runtime.io import atomic_write_json, atomic_write_text, save_image_atomic
     from dd.runtime.progress import progress_or_quiet
-    from dd.scores import ARTIFACT_THRESHOLD, map_scores
 
     _check(cfg)
     from dd.runtime.io import check_output_folder

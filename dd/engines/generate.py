@@ -57,10 +57,11 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
     import torch
     from PIL import Image
 
+    from dd.api.plugins import load_backbone, load_detector_warned
     from dd.data.prompts import parse_seeds, read_prompts
     from dd.errors import UsageError
     from dd.inference import generate_batches
-    from dd.plugins import load_backbone, load_detector_warned
+    from dd.inference.scores import map_scores
     from dd.report.grid import image_grid, to_uint8
     from dd.runtime.device import resolve_device, resolve_dtype
     from dd.runtime.io import (
@@ -73,7 +74,6 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
         save_image_atomic,
         undo_if_nothing_written,
     )
-    from dd.scores import map_scores
 
     settings = dict(cfg.settings)
     prompts, seeds, lora, out = cfg.prompts, cfg.seeds, cfg.lora, Path(cfg.out)
@@ -93,7 +93,7 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
         raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
     check_output_folder(out, "generate", overwrite=overwrite)
     if lora:
-        from dd.backbones import check_lora_source
+        from dd.api.backbones import check_lora_source
 
         check_lora_source(lora, "--lora")
     prompt_list = read_prompts(prompts)
@@ -113,7 +113,7 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
     }
     guide_plan = None
     if guide:
-        from dd.guidance import Guide, parse_guide_steps
+        from dd.inference.guidance import Guide, parse_guide_steps
 
         # checked now (usage errors), the detector is filled in once loaded
         guide_plan = Guide(None, guide_scale, parse_guide_steps(guide_steps), guide_loss,

@@ -200,9 +200,9 @@ def estimate_step(
     quantize: str = "none",
     optimizer: str = "adamw",
 ) -> dict[str, int]:
-    """Bytes per part of one treat step of ``setup`` (a ``dd.bench.TreatSetup`` on the meta
+    """Bytes per part of one treat step of ``setup`` (a ``dd.engines.bench.TreatSetup`` on the meta
     device, or on the CPU: the trace then also runs the step)."""
-    from dd.bench import set_checkpointing, treat_step
+    from dd.engines.bench import set_checkpointing, treat_step
     from dd.runtime.memory import PeakTracker, fused_attention, tensor_bytes
 
     bb, det = setup.backbone, setup.detector
@@ -247,8 +247,8 @@ def meta_treat_setup(
 ) -> tuple[Any, int]:
     """``(setup, text encoder bytes)``: the backbone of ``model`` on the meta device with a
     rank-``lora_rank`` LoRA, ``detector`` moved there, and meta prompt embeddings."""
-    from dd.bench import _add_lora, _finish_setup
-    from dd.plugins import get_host
+    from dd.api.plugins import get_host
+    from dd.engines.bench import _add_lora, _finish_setup
 
     cls = get_host().backbones.get(backbone)
     pipe = meta_pipeline(model, dtype)
@@ -268,7 +268,7 @@ def meta_treat_setup(
 
 def plan_treat(cfg: Any, max_memory: str | None = None) -> MemoryPlan:
     """The memory plan of the treat configuration ``cfg`` (a ``TreatConfig``)."""
-    from dd.plugins import load_detector
+    from dd.api.plugins import load_detector
     from dd.runtime.device import resolve_dtype
 
     dtype = resolve_dtype(cfg.dtype)
@@ -321,7 +321,7 @@ def _suggestions(
     setup: Any, cfg: Any, resolution: int, budget: int, loading: int
 ) -> list[dict[str, Any]]:
     """Cheaper variants of the configuration, each estimated; the ones that fit first."""
-    from dd.quantize import QUANTIZE_MODES
+    from dd.ops.quantize import QUANTIZE_MODES
 
     tries: list[tuple[str, dict[str, Any]]] = []
     if not cfg.gradient_checkpointing:

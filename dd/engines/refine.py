@@ -14,7 +14,7 @@ timesteps, 1000):
   generation; a segment spanning ``L`` of the T timesteps gets ``round(N * L / T)`` steps (at
   least 1), spaced evenly between its boundaries, so every boundary timestep is exact.
 * DDPM models (SD1.5, SDXL, LDM) step with deterministic DDIM between those timesteps
-  (:meth:`dd.backbones.Backbone.step`). Flow-matching models (FLUX, SD3) place the steps
+  (:meth:`dd.api.backbones.Backbone.step`). Flow-matching models (FLUX, SD3) place the steps
   evenly in the *unshifted* time ``u = t / T`` and go through the scheduler's shift (static,
   or FLUX's resolution-dependent ``mu``): step A of T is sigma ``shift(1 - A/T)``, exactly
   where a full sampling run would be after that share of its steps. The resolved timesteps
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd.backbones import FLOW, Backbone, Schedule, flow_schedule
+from dd.api.backbones import FLOW, Backbone, Schedule, flow_schedule
 from dd.errors import DDError, UsageError
 from dd.runtime.checkpoint import LORA_FILE
 from dd.runtime.io import (
@@ -856,8 +856,8 @@ class _Refiner(_RefineOutputs):
 
     # -- run -------------------------------------------------------------------------------
     def run(self) -> RefineResult:
+        from dd.api.plugins import load_backbone, load_detector
         from dd.data.images import collect_inputs
-        from dd.plugins import load_backbone, load_detector
         from dd.runtime.device import resolve_device, resolve_dtype
 
         c = self.cfg

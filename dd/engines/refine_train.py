@@ -13,8 +13,8 @@ at, ``T - B``), so the seed's ``[250, 500)`` plus the starting timestep 500.
 * ``--backbone sd15``: a LoRA on the UNet of ``--init``; the output holds
   ``pytorch_lora_weights.safetensors`` (diffusers format) and is loaded on top of the base.
 * The loss is the model's own epsilon / v-prediction MSE on latents from the autoencoder
-  (with its shift and scale), through :meth:`dd.backbones.Backbone.add_noise`,
-  :meth:`~dd.backbones.Backbone.predict` and :meth:`~dd.backbones.Backbone.training_target`.
+  (with its shift and scale), through :meth:`dd.api.backbones.Backbone.add_noise`,
+  :meth:`~dd.api.backbones.Backbone.predict` and :meth:`~dd.api.backbones.Backbone.training_target`.
 * EMA of the trained weights (diffusers' ``EMAModel`` with warmup; the saved model and the
   range-loss evaluation use the EMA weights), AdamW, warmup + constant/cosine learning rate,
   gradient clipping and accumulation, mixed precision, all through ``accelerate`` (one
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from dd.errors import DDError, UsageError
-from dd.quantize import (
+from dd.ops.quantize import (
     OPTIMIZERS,
     QUANTIZE_MODES,
     check_available,
@@ -239,7 +239,7 @@ def eval_range_loss(
 
 def training_mode(backbone: str) -> str | None:
     """``full`` or ``lora`` as the backbone plugin declares (``late_step_training``)."""
-    from dd.plugins import get_host
+    from dd.api.plugins import get_host
 
     return getattr(get_host().backbones.get(backbone), "late_step_training", None)
 
@@ -257,7 +257,7 @@ def _check_config(c: RefineTrainConfig) -> None:
             raise UsageError(f"{flag} is required", hint=hint)
     mode = training_mode(c.backbone)
     if mode is None:
-        from dd.plugins import get_host
+        from dd.api.plugins import get_host
 
         able = [
             f"{e.name} ({e.obj.late_step_training})"
@@ -336,7 +336,7 @@ class _RangeTraining(Recipe):
 
     # -- run -------------------------------------------------------------------------------
     def run(self) -> RefineTrainResult:
-        from dd.plugins import get_host
+        from dd.api.plugins import get_host
 
         cfg, acc = self.cfg, self.acc
         last = prepare_run_folder(

@@ -278,9 +278,9 @@ $('form').onsubmit = async (ev) => {
 
 
 def make_app(folder: str | Path) -> Any:
-    """The study page and its API on :class:`dd.web.WebApp`."""
+    """The study page and its API on :class:`dd.runtime.web.WebApp`."""
     from dd.runtime.io import JsonlLog
-    from dd.web import HTTPError, Response, WebApp, now_iso, safe_join
+    from dd.runtime.web import HTTPError, Response, WebApp, now_iso, safe_join
 
     root = Path(folder)
     study = load_study(root)
@@ -385,8 +385,8 @@ def serve_study(
     tokens: dict[str, str | None] | None = None,
 ) -> Any:
     """Bind the study page (call ``.serve_forever()`` or ``.start()`` on the result); beyond
-    loopback every request needs an access token (see :class:`dd.web.LocalServer`)."""
-    from dd.web import serve
+    loopback every request needs an access token (see :class:`dd.runtime.web.LocalServer`)."""
+    from dd.runtime.web import serve
 
     return serve(make_app(folder), host=host, port=port, tokens=tokens)
 

@@ -71,7 +71,7 @@ from dd.data.sampler import (
     rows_to_json,
 )
 from dd.errors import DDError, UsageError
-from dd.metrics import METRIC_KEYS
+from dd.inference.metrics import METRIC_KEYS
 from dd.runtime.checkpoint import check_same_settings, prepare_run_folder, swap_in
 from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
@@ -116,7 +116,7 @@ class TrainConfig:
 
     datasets: list[str]
     out: str
-    #: A detector plugin that implements ``dd.detectors.TrainableDetector``.
+    #: A detector plugin that implements ``dd.api.detectors.TrainableDetector``.
     detector: str = "segformer"
     detector_options: dict[str, Any] = field(default_factory=dict)
     val: list[str] = field(default_factory=list)
@@ -410,9 +410,9 @@ def _check_train_config(c: TrainConfig) -> None:
 
 def _load_detector(cfg: TrainConfig) -> Any:
     """The ``--detector`` plugin, built to be trained (see ``TrainableDetector``)."""
-    from dd.detectors import TrainableDetector
-    from dd.plugin_options import declared_options
-    from dd.plugins import get_host, load_detector
+    from dd.api.detectors import TrainableDetector
+    from dd.api.plugin_options import declared_options
+    from dd.api.plugins import get_host, load_detector
 
     cls = get_host().detectors.get(cfg.detector)
     declared, _ = declared_options(cls.load)
@@ -432,7 +432,7 @@ def _load_detector(cfg: TrainConfig) -> Any:
         raise DDError(
             f"detector {cfg.detector!r} cannot be trained by dd train-detector",
             hint="it needs input_size, save_pretrained, load_pretrained_weights and "
-            "default_train_options (dd.detectors.TrainableDetector)",
+            "default_train_options (dd.api.detectors.TrainableDetector)",
         )
     return detector
 
@@ -709,7 +709,7 @@ class _DetectorTraining(Recipe):
         """Metrics on the held-out split (all processes; gathered)."""
         from accelerate.utils import gather_object
 
-        from dd.metrics import DetectorMetrics, evaluate_detector, json_safe
+        from dd.inference.metrics import DetectorMetrics, evaluate_detector, json_safe
 
         if not self.val:
             return None
@@ -740,7 +740,7 @@ class _DetectorTraining(Recipe):
         )
 
     def save_best(self, run: Run, folder: Path, evaluation: Evaluation) -> None:
-        from dd.metrics import json_safe
+        from dd.inference.metrics import json_safe
 
         _save_model(self.detector, folder / "model")
         atomic_write_json(

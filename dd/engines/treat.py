@@ -5,7 +5,7 @@ finds fewer artifacts in what the model generates:
 
 * each micro-batch samples prompts (a seeded permutation per epoch) and initial noise (one
   seed per sample, derived from the run seed and the sample's position), generates with
-  :meth:`dd.backbones.Backbone.sample` so that gradients flow only through the last ``K``
+  :meth:`dd.api.backbones.Backbone.sample` so that gradients flow only through the last ``K``
   denoising steps (``grad_steps``, or ``K`` drawn per sample from ``grad_steps_random``),
   decodes to images in [0, 1] with gradient and runs the detector on them;
 * the loss is ``loss_scale`` times the detector map reduced per image (:func:`confidence_loss`:
@@ -24,7 +24,7 @@ before/after grid and a line of ``metrics.jsonl``. ``drift`` is the mean absolut
 difference (in [0, 1] units, on the 8-bit images) between an eval image and the untreated
 model's image at the same prompt and seed, averaged over the eval images; ``psnr`` of the
 same pairs is logged too. With ``--quality`` (the presets: ``detail`` and ``drift``), each
-quality scorer (:mod:`dd.scorers`) measures the eval images and the untreated model's at
+quality scorer (:mod:`dd.api.scorers`) measures the eval images and the untreated model's at
 the same seeds (``quality`` and ``base_quality`` in the eval row). The best LoRA by eval mean
 confidence among evals within every scorer's tolerance (and ``max_drift``) is kept in
 ``OUT/best/``; the run's README says which rule chose it and why each other eval was
@@ -70,7 +70,7 @@ from dd.data.images import load_training_image
 from dd.data.prompts import read_prompts, read_reg_data
 from dd.errors import DDError, UsageError
 from dd.inference import generate_batches
-from dd.quantize import (
+from dd.ops.quantize import (
     OPTIMIZER_HELP,
     OPTIMIZERS,
     QUANTIZE_HELP,
@@ -467,7 +467,7 @@ def _check_treat_config(c: TreatConfig) -> None:
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"{flag} is required", hint=f"pass {flag} or set {key} in --config")
     if c.init_lora:
-        from dd.backbones import check_lora_source
+        from dd.api.backbones import check_lora_source
 
         check_lora_source(c.init_lora, "--init-lora")
     choices = [
@@ -538,7 +538,7 @@ class _Treater(Recipe):
         # a copy (filled in with the backbone's defaults below), inputs by absolute path
         self.cfg = absolutize(cfg)
         _check_treat_config(self.cfg)
-        from dd.plugins import load_quality_guard
+        from dd.api.plugins import load_quality_guard
 
         assert cfg.out is not None
         self.out = Path(cfg.out)
@@ -564,7 +564,7 @@ class _Treater(Recipe):
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> TreatResult:
-        from dd.plugins import load_backbone, load_detector
+        from dd.api.plugins import load_backbone, load_detector
         from dd.runtime.device import resolve_dtype
 
         cfg, acc = self.cfg, self.acc
@@ -845,7 +845,7 @@ class _TreatEvaluator:
         """Every eval image of this process, gathered over processes in item order."""
         from accelerate.utils import gather_object
 
-        from dd.scores import map_scores
+        from dd.inference.scores import map_scores
 
         t, cfg = self.t, self.t.cfg
         mine = list(range(t.rank, len(self.items), t.world))

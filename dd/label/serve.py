@@ -27,7 +27,15 @@ import numpy as np
 from PIL import Image
 
 from dd.label.queue import Queue
-from dd.web import HTTPError, LocalServer, Request, Response, WebApp, atomic_write_png, now_iso
+from dd.runtime.web import (
+    HTTPError,
+    LocalServer,
+    Request,
+    Response,
+    WebApp,
+    atomic_write_png,
+    now_iso,
+)
 
 STATIC = Path(__file__).parent / "static"
 BROWSER_FORMATS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
@@ -191,7 +199,7 @@ def make_server(
     tokens: dict[str, str | None] | None = None,
 ) -> LocalServer:
     """The labelling server for a queue folder (call ``.start()`` or ``.serve_forever()``);
-    beyond loopback it needs access tokens (:func:`dd.web.make_tokens`; one shared token is
+    beyond loopback it needs access tokens (:func:`dd.runtime.web.make_tokens`; one shared token is
     made when ``tokens`` is None)."""
     queue = Queue.open(queue_dir)
     return LocalServer(build_app(queue, annotator=annotator), host, port, tokens=tokens)

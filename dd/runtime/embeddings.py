@@ -5,7 +5,7 @@ the text encoders can leave the GPU before the first step.
 Layout: ``ROOT/<namespace>/<key[:2]>/<key>.safetensors``, one file per prompt, written
 atomically. ``namespace`` is a hash of what the embedding depends on (the backbone's model,
 its text-encoder files, dtype, device type, encoder options: see
-``dd.backbones.Backbone.embedding_namespace``); ``key`` is the backbone's cache key of the
+``dd.api.backbones.Backbone.embedding_namespace``); ``key`` is the backbone's cache key of the
 prompt (a hash of the prompt and anything the encoding adds to it, such as SD1.5's negative
 prompt). ``ROOT`` is ``--embedding-cache``, else ``$DD_CACHE_DIR/embeddings``, else
 ``$DD_HOME/embeddings``, else ``$XDG_CACHE_HOME/dd/embeddings`` (``~/.cache/dd/embeddings``).

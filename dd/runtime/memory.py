@@ -6,7 +6,7 @@ creates (views and in-place results share an input's storage and add nothing) an
 it when that storage is freed (storages' Python objects live as long as the storage, so a
 weak reference tells). Its ``peak`` is the peak of the bytes allocated inside the ``with``
 block above what existed before, the figure ``dd bench treat`` measures with the profiler
-on the CPU (``dd.bench.peak_extra_memory``). On the meta device nothing is allocated and
+on the CPU (``dd.engines.bench.peak_extra_memory``). On the meta device nothing is allocated and
 nothing is computed, so a FLUX.1-dev step at 1024² is traced in seconds on any machine.
 
 :func:`fused_attention` makes ``scaled_dot_product_attention`` take the fused (flash)

@@ -694,7 +694,7 @@ def _build_plugin_tiny(
 ) -> Path:
     """The tiny pipeline a backbone plugin builds itself (``Backbone.build_tiny_pipeline``):
     how a third-party family gets offline tests without dd knowing its name."""
-    from dd.plugins import get_host
+    from dd.api.plugins import get_host
 
     cls = get_host().backbones.get(backbone)  # an unknown name lists the installed ones
     if variants:

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from dd.backbones import FLOW, Backbone, Conditioning, Schedule, flow_schedule
-from dd.hookspecs import hookimpl
+from dd.api.backbones import FLOW, Backbone, Conditioning, Schedule, flow_schedule
+from dd.api.hookspecs import hookimpl
 
 
 class FluxBackbone(Backbone):

@@ -11,7 +11,7 @@ LDMBert). It is the small model ``dd refine train`` fine-tunes in full on a late
   divides by ``vqvae.config.scaling_factor`` before decoding; a ``VQModel`` decode quantizes
   (as the pipeline does). Encoding a ``VQModel`` is deterministic.
 * Sampling is deterministic DDIM (eta 0) from the pipeline's own betas
-  (:func:`dd.backbones.ddim_schedule`); epsilon and v-prediction are read from the scheduler.
+  (:func:`dd.api.backbones.ddim_schedule`); epsilon and v-prediction are read from the scheduler.
 * Unconditional UNets ignore prompts (the conditioning only carries the batch size); the
   text-to-image UNet uses LDMBert with classifier-free guidance above 1 (negative prompt "").
 """
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from dd.backbones import Conditioning, DDIMBackbone, cfg_mix
+from dd.api.backbones import Conditioning, DDIMBackbone, cfg_mix
+from dd.api.hookspecs import hookimpl
 from dd.errors import DDError
-from dd.hookspecs import hookimpl
 
 
 class LDMBackbone(DDIMBackbone):

@@ -2,7 +2,7 @@
 and ``imagereward`` (local weights through ``--quality-weights NAME=PATH``).
 
 Both compare a treat evaluation's images with the untreated model's at the same prompts and
-seeds (see :mod:`dd.scorers`). Collapse, as DiffDoctor (Sec. 4.2) describes it, is
+seeds (see :mod:`dd.api.scorers`). Collapse, as DiffDoctor (Sec. 4.2) describes it, is
 over-smoothing: ``detail`` falls. ``drift`` catches the other failure, images that moved far
 from what the model drew (a different picture rather than a repaired one).
 """
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dd.api.hookspecs import hookimpl
+from dd.api.scorers import QualityScorer
 from dd.errors import UsageError
-from dd.hookspecs import hookimpl
-from dd.scorers import QualityScorer
 
 
 def _luma(images: np.ndarray) -> np.ndarray:
@@ -74,7 +74,7 @@ class DriftScorer(QualityScorer):
 
 
 # ------------------------------------------------------------------------------------------
-# Scorers with local weights (the models of `dd eval gen`'s columns: dd.image_scores)
+# Scorers with local weights (the models of `dd eval gen`'s columns: dd.inference.image_scores)
 # ------------------------------------------------------------------------------------------
 class _ModelScorer(QualityScorer):
     """A scorer whose model loads from ``--quality-weights NAME=PATH`` (dd downloads
@@ -108,12 +108,12 @@ class ClipScorer(_ModelScorer):
     what, pick = "CLIP score", False
 
     def load_model(self, weights: str) -> Any:
-        from dd.image_scores import ClipModel
+        from dd.inference.image_scores import ClipModel
 
         return ClipModel(weights, torch.device(self.device), what=self.what)
 
     def score(self, images: np.ndarray, base: np.ndarray, prompts: list[str]) -> float:
-        from dd.image_scores import clip_scores, pick_scores
+        from dd.inference.image_scores import clip_scores, pick_scores
 
         scores = (pick_scores if self.pick else clip_scores)(self.model, images, prompts)
         return float(np.mean(scores))
@@ -137,7 +137,7 @@ class ImageRewardScorer(_ModelScorer):
     tolerance_text = "at least the untreated value - t"
 
     def load_model(self, weights: str) -> Any:
-        from dd.image_scores import ImageRewardModel
+        from dd.inference.image_scores import ImageRewardModel
 
         return ImageRewardModel(weights, torch.device(self.device))
 

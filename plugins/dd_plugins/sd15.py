@@ -11,7 +11,7 @@ computes.
 Classifier-free guidance: default 7.5; a guidance scale <= 1 disables it and skips the
 unconditional pass. The negative prompt is ``""`` (the pipeline's default) unless the
 ``negative_prompt`` option sets one; the negative embeddings travel row-aligned with the
-positive ones in the :class:`~dd.backbones.Conditioning`. Generation defaults to 25 DDIM
+positive ones in the :class:`~dd.api.backbones.Conditioning`. Generation defaults to 25 DDIM
 steps at the UNet's native size (``unet.sample_size * vae_scale_factor``: 512 px for SD1.5,
 768 for SD2-v). The VAE's scale (and shift, where its config sets one; SD VAEs set none) is
 applied both ways.
@@ -25,9 +25,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from dd.backbones import Backbone, Conditioning, DDIMBackbone, cfg_mix
+from dd.api.backbones import Backbone, Conditioning, DDIMBackbone, cfg_mix
+from dd.api.hookspecs import hookimpl
 from dd.errors import DDError
-from dd.hookspecs import hookimpl
 
 
 class UNetBackbone(DDIMBackbone):

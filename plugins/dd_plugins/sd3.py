@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from dd.backbones import FLOW, Backbone, Conditioning, Schedule, cfg_mix, flow_schedule
+from dd.api.backbones import FLOW, Backbone, Conditioning, Schedule, cfg_mix, flow_schedule
+from dd.api.hookspecs import hookimpl
 from dd.errors import DDError
-from dd.hookspecs import hookimpl
 
 
 class SD3Backbone(Backbone):

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from dd.backbones import Conditioning
-from dd.hookspecs import hookimpl
+from dd.api.backbones import Conditioning
+from dd.api.hookspecs import hookimpl
 from dd_plugins.sd15 import UNetBackbone
 
 

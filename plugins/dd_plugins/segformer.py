@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dd.detectors import Detector, check_images
+from dd.api.detectors import Detector, check_images
+from dd.api.hookspecs import hookimpl
 from dd.errors import DDError
-from dd.hookspecs import hookimpl
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -17,16 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from dd.api.detectors import store_image_threshold
+from dd.api.plugins import load_detector
 from dd.data.datasets import read_dataset
-from dd.detectors import store_image_threshold
-from dd.metrics import (
+from dd.inference.metrics import (
     DetectorMetrics,
     calibrate_image_threshold,
     image_level_scores,
     image_level_summary,
     json_safe,
 )
-from dd.plugins import load_detector
 from dd.runtime.io import atomic_write_json
 
 

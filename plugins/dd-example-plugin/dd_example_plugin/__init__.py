@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from dd.detectors import Detector
-from dd.hookspecs import hookimpl
+from dd.api.detectors import Detector
+from dd.api.hookspecs import hookimpl
 
 
 class ClippingDetector(Detector):

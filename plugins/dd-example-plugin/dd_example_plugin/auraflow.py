@@ -20,11 +20,11 @@ call, and the VAE's ``scaling_factor`` is applied both ways. What makes it a dd 
 
 Deliberate copy: the prompt and guidance code follows ``dd_plugins/sd3.py`` line
 for line where the families agree; a third-party package depends on dd's public API
-(``dd.backbones``), never on dd's built-in plugins.
+(``dd.api.backbones``), never on dd's built-in plugins.
 
 Training (``dd treat``'s regularisation, DreamBooth), truncated backprop through the last
 steps, decoding, LoRA save/load and ``dd refine``'s late-step repair come from
-``dd.backbones.Backbone``.
+``dd.api.backbones.Backbone``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dd.backbones import FLOW, Backbone, Conditioning, Schedule, cfg_mix, flow_schedule
+from dd.api.backbones import FLOW, Backbone, Conditioning, Schedule, cfg_mix, flow_schedule
 from dd.errors import DDError
 
 

@@ -333,7 +333,7 @@ class PseudoResult:
 
 
 def _write(cfg: PseudoConfig, item: InputItem, prob: np.ndarray) -> dict[str, Any]:
-    from dd.label.mine import item_category, load_rules
+    from dd.engines.mine import item_category, load_rules
     from dd.report.viz import to_uint8_map
 
     if cfg.floor > 0:

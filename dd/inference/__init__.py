@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd.detectors import Detector, logits_to_probs
+from dd.api.detectors import Detector, logits_to_probs
 
 
 class Loaded(Protocol):

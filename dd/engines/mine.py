@@ -282,7 +282,7 @@ def run_mine(
     from dd.data.images import collect_inputs
     from dd.engines.detect import DetectConfig, run_detect
     from dd.label.queue import write_queue
-    from dd.web import now_iso
+    from dd.runtime.web import now_iso
 
     cfg.check()
     out = Path(out)

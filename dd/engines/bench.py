@@ -616,7 +616,7 @@ def _add_lora(bb: Any, rank: int, seed: int) -> None:
 
 
 def _detector(variant: str, size: int, device: torch.device, dtype: torch.dtype, seed: int):
-    from dd.plugins import get_host
+    from dd.api.plugins import get_host
 
     return (
         get_host()
@@ -640,7 +640,7 @@ def tiny_treat_setup(
 ) -> TreatSetup:
     """The CPU benchmark model: ``dd.testing.tiny``'s pipeline of ``backbone`` with its denoiser
     rebuilt with :data:`BENCH_DENOISERS` (or ``denoiser``) settings, seeded random weights."""
-    from dd.plugins import get_backbone_class
+    from dd.api.plugins import get_backbone_class
     from dd.testing.tiny import BACKBONES, build_tiny, tiny_defaults
 
     if backbone not in BENCH_DENOISERS or backbone not in BACKBONES:
@@ -688,7 +688,7 @@ def pretrained_treat_setup(
 ) -> TreatSetup:
     """A user's model (folder, single file or hub id) through its backbone plugin, with a
     randomly initialised detector of ``detector_variant`` (weights do not change the cost)."""
-    from dd.plugins import get_backbone_class
+    from dd.api.plugins import get_backbone_class
 
     with _quiet_libraries():
         bb = get_backbone_class(backbone).from_pretrained(model, device=device, dtype=dtype)
@@ -784,8 +784,8 @@ def full_size_flux_setup(
     once and caches it, so a step sees only the embeddings, here random ones of FLUX.1-dev's
     shapes (``max_sequence_length`` T5 tokens as the flux-dev preset, pooled CLIP).
     """
-    from dd.backbones import Conditioning
-    from dd.plugins import get_host
+    from dd.api.backbones import Conditioning
+    from dd.api.plugins import get_host
 
     FluxBackbone = get_host().backbones.get("flux")  # noqa: N806 - a class
     with _quiet_libraries():  # importing diffusers' pipelines makes transformers warn
@@ -1303,12 +1303,12 @@ def bench_quantize(
 ) -> dict[str, Any]:
     """Build the transformer of ``config`` (default :data:`QUANT_BENCH_FLUX`) in bf16, as
     users load it, and quantise a fresh copy per mode; each row has its parameter bytes
-    (:func:`dd.quantize.parameter_bytes`), the ratio to bf16 and the seconds it took."""
+    (:func:`dd.ops.quantize.parameter_bytes`), the ratio to bf16 and the seconds it took."""
     import copy
 
     from diffusers import FluxTransformer2DModel
 
-    from dd.quantize import check_available, parameter_bytes, quantize_module
+    from dd.ops.quantize import check_available, parameter_bytes, quantize_module
 
     for mode in modes:
         check_available(mode)

@@ -25,7 +25,7 @@ def dd_register_detectors(register: Callable[..., Any]) -> None:
     """Register artifact detectors.
 
     Call ``register(detector_class, name=None, aliases=())`` once per detector. The class
-    must subclass :class:`dd.detectors.Detector`; ``name`` defaults to its ``name`` attribute.
+    must subclass :class:`dd.api.detectors.Detector`; ``name`` defaults to its ``name`` attribute.
     """
 
 
@@ -34,7 +34,7 @@ def dd_register_backbones(register: Callable[..., Any]) -> None:
     """Register diffusion backbones.
 
     Call ``register(backbone_class, name=None, aliases=())`` once per backbone. The class
-    must subclass :class:`dd.backbones.Backbone`; ``name`` defaults to its ``name`` attribute.
+    must subclass :class:`dd.api.backbones.Backbone`; ``name`` defaults to its ``name`` attribute.
     """
 
 
@@ -43,7 +43,7 @@ def dd_register_scorers(register: Callable[..., Any]) -> None:
     """Register quality scorers (what guards ``dd treat``'s ``best/`` against collapse).
 
     Call ``register(scorer_class, name=None, aliases=())`` once per scorer. The class must
-    subclass :class:`dd.scorers.QualityScorer`; ``name`` defaults to its ``name`` attribute.
+    subclass :class:`dd.api.scorers.QualityScorer`; ``name`` defaults to its ``name`` attribute.
     """
 
 

@@ -333,8 +333,8 @@ class _Sampling:
         width: int,
         guide: Any,
     ) -> torch.Tensor:
-        """Step ``index`` with detector guidance (see :mod:`dd.guidance`): the ordinary step,
-        then a push down the gradient of the artifact confidence of the clean image
+        """Step ``index`` with detector guidance (see :mod:`dd.inference.guidance`): the
+        ordinary step, then a push down the gradient of the artifact confidence of the clean image
         estimated at this step. The model's prediction is held fixed (no backward pass
         through the denoiser: only through the VAE decode and the detector)."""
         t = schedule.timesteps[index].expand(latents.shape[0]).to(latents.device)
@@ -366,7 +366,7 @@ class _Sampling:
     ) -> torch.Tensor:
         """Run steps ``start .. end-1`` of ``schedule``; only the last ``grad_steps`` of the
         *whole* schedule track gradients (when grad mode is on). With ``guide``
-        (:class:`dd.guidance.Guide`) its active steps move the latents first."""
+        (:class:`dd.inference.guidance.Guide`) its active steps move the latents first."""
         n = len(schedule)
         end = n if end is None else end
         if not 0 <= start <= end <= n:
@@ -420,7 +420,7 @@ class _Sampling:
     ) -> torch.Tensor:
         """Generate latents from noise. Gradients flow only through the last
         ``grad_steps`` steps; with ``grad_steps=0`` (or grad mode off) none do. ``guide``:
-        detector guidance (:mod:`dd.guidance`)."""
+        detector guidance (:mod:`dd.inference.guidance`)."""
         steps = steps or self.default_steps
         guidance = self.default_guidance if guidance is None else guidance
         if latents is None:
@@ -451,7 +451,7 @@ class _Sampling:
         guide: Any | None = None,
     ) -> torch.Tensor:
         """Prompts and seeds (one each per image) to images in [0, 1]; ``guide``: detector
-        guidance (:mod:`dd.guidance`)."""
+        guidance (:mod:`dd.inference.guidance`)."""
         if len(seeds) != len(prompts):
             raise DDError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         height = height or self.default_resolution
@@ -725,7 +725,7 @@ class Backbone(_Prompts, _Sampling, _Training, _LoRA, abc.ABC):
     #: loads: a folder of another family gets a hint naming the right ``--backbone``.
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
     #: Options of :meth:`from_pretrained` besides ``device`` and ``dtype`` (``-B NAME=VALUE``),
-    #: name -> type (:mod:`dd.plugin_options` converts and checks them); each is passed to the
+    #: name -> type (:mod:`dd.api.plugin_options` converts and checks them); each is passed to the
     #: constructor as a keyword when given.
     load_options: ClassVar[dict[str, Any]] = {}
     #: Extra keywords for the pipeline class's ``from_pretrained`` (e.g. no safety checker).
@@ -954,10 +954,10 @@ class Backbone(_Prompts, _Sampling, _Training, _LoRA, abc.ABC):
     # ------------------------------------------------------------------ misc
     def quantize(self, mode: str) -> dict[str, int]:
         """Quantise the frozen denoiser's linear weights to ``mode`` (``int8``, ``fp8``,
-        ``nf4``; see :mod:`dd.quantize`) before a LoRA is attached; returns its parameter
+        ``nf4``; see :mod:`dd.ops.quantize`) before a LoRA is attached; returns its parameter
         bytes ``before`` and ``after``. Afterwards :meth:`to` moves it between devices but
         never casts it."""
-        from dd.quantize import parameter_bytes, quantize_module
+        from dd.ops.quantize import parameter_bytes, quantize_module
 
         if mode == "none":
             return {}

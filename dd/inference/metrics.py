@@ -49,8 +49,8 @@ from dd.errors import DDError
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from dd.api.detectors import Detector
     from dd.data.datasets import Sample
-    from dd.detectors import Detector
 
 __all__ = [
     "COUNT_KEYS",

@@ -17,9 +17,9 @@ from typing import Any
 
 import pluggy
 
-from dd import hookspecs
+from dd.api import hookspecs
+from dd.api.registry import Registry
 from dd.errors import DDError, UsageError
-from dd.registry import Registry
 
 GROUP = "dd"
 DIST_NAME = "dd-doctor"
@@ -52,9 +52,9 @@ class PluginHost:
     """Owns the pluggy manager, the registries and what each plugin contributed."""
 
     def __init__(self, *, load_entrypoints: bool = True):
-        from dd.backbones import Backbone
-        from dd.detectors import Detector
-        from dd.scorers import QualityScorer
+        from dd.api.backbones import Backbone
+        from dd.api.detectors import Detector
+        from dd.api.scorers import QualityScorer
 
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
@@ -131,9 +131,9 @@ class PluginHost:
         """Call the registration hooks, one plugin at a time, so provenance is known."""
         if self._filled:
             return
-        from dd.backbones import Backbone
-        from dd.detectors import Detector
-        from dd.scorers import QualityScorer
+        from dd.api.backbones import Backbone
+        from dd.api.detectors import Detector
+        from dd.api.scorers import QualityScorer
 
         self.detectors = Registry("detector", Detector)
         self.backbones = Registry("backbone", Backbone)
@@ -231,8 +231,8 @@ def load_detector(
 ) -> Any:
     """The detector plugin ``name`` built with ``weights`` on ``device`` in ``dtype``
     (``"auto"``/``"fp32"`` strings or torch objects); ``options`` are checked against the
-    types its ``load`` declares before it is called (:mod:`dd.plugin_options`)."""
-    from dd.plugin_options import check_options
+    types its ``load`` declares before it is called (:mod:`dd.api.plugin_options`)."""
+    from dd.api.plugin_options import check_options
     from dd.runtime.device import resolve_device, resolve_inference_dtype
 
     cls = get_host().detectors.get(name)
@@ -269,7 +269,7 @@ def load_detector_warned(
 def load_backbone(name: str, model: str, *, device: Any, dtype: Any, options: dict) -> Any:
     """The backbone plugin ``name`` loaded from ``model`` (hub id, folder or file), with
     ``options`` checked against the types its ``from_pretrained`` declares."""
-    from dd.plugin_options import check_options
+    from dd.api.plugin_options import check_options
 
     cls = get_host().backbones.get(name)
     opts = check_options("backbone", name, cls.from_pretrained, options)
@@ -279,10 +279,10 @@ def load_backbone(name: str, model: str, *, device: Any, dtype: Any, options: di
 def load_quality_guard(
     specs: list[str] | None, *, device: str = "cpu", weights: dict[str, Any] | None = None
 ) -> Any:
-    """The :class:`dd.scorers.QualityGuard` of ``--quality`` specs (None when there are
+    """The :class:`dd.api.scorers.QualityGuard` of ``--quality`` specs (None when there are
     none), its scorers looked up in the plugin registry; an unknown name is one line
     listing the registered ones."""
-    from dd.scorers import QualityGuard, parse_quality
+    from dd.api.scorers import QualityGuard, parse_quality
 
     parsed = parse_quality(specs)
     stray = sorted(set(weights or {}) - {name for name, _ in parsed})

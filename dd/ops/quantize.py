@@ -19,7 +19,7 @@ nf4    bitsandbytes     every ``nn.Linear`` becomes ``Linear4bit(quant_type="nf4
 Only the denoiser is quantised (the VAE and text encoders are frozen and run without
 gradients, or once per prompt); embeddings and norms keep their dtype. A quantised
 denoiser is never cast to another dtype afterwards (both libraries refuse or break on it):
-:meth:`dd.backbones.Backbone.to` moves it between devices only.
+:meth:`dd.api.backbones.Backbone.to` moves it between devices only.
 
 ``--optimizer adamw8bit`` is bitsandbytes' ``AdamW8bit`` (8-bit optimizer states).
 """
