@@ -217,3 +217,34 @@ def test_no_class_is_longer_than_300_lines():
                     if length > 300:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {length}")
     assert not long, long
+
+
+def test_no_cli_module_loads_models_or_writes_results():
+    """The CLI parses, calls an engine and prints: loading a model and writing a result
+    happen below it (the names a command would call to do either itself)."""
+    forbidden = {
+        "load_backbone",
+        "load_detector",
+        "load_detector_warned",
+        "from_pretrained",
+        "save_pretrained",
+        "atomic_write_json",
+        "atomic_write_text",
+        "atomic_open",
+        "save_image_atomic",
+        "write_text",
+        "write_bytes",
+        "open",
+        "save",
+    }
+    found = []
+    for name, path in MODULES.items():
+        if not name.startswith("dd.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                called = f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)
+                if called in forbidden:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {called}")
+    assert not found, found

@@ -266,6 +266,34 @@ def load_detector_warned(
     return det
 
 
+@dataclass(frozen=True)
+class DetectorRef:
+    """Which detector a job runs (``--detector``, ``--weights``, ``-O``, ``--device``,
+    ``--dtype``): engines take one and load it themselves (:meth:`load`), so a command's CLI
+    never loads a model."""
+
+    name: str = "segformer"
+    weights: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    device: Any = "auto"
+    dtype: Any = "fp32"
+
+    def load(self, reporter: Any = None, *, meaning: str = "its maps") -> Any:
+        """The detector, with the untrained-weights warning through ``reporter``."""
+        return load_detector_warned(
+            self.name, self.weights, dict(self.options), self.device, self.dtype, reporter,
+            meaning=meaning,
+        )  # fmt: skip
+
+
+def as_detector(detector: Any, reporter: Any = None, *, meaning: str = "its maps") -> Any:
+    """A loaded detector for an engine given a :class:`DetectorRef` (loaded here, warning
+    through ``reporter``) or an already loaded detector (returned as it is)."""
+    if isinstance(detector, DetectorRef):
+        return detector.load(reporter, meaning=meaning)
+    return detector
+
+
 def load_backbone(name: str, model: str, *, device: Any, dtype: Any, options: dict) -> Any:
     """The backbone plugin ``name`` loaded from ``model`` (hub id, folder or file), with
     ``options`` checked against the types its ``from_pretrained`` declares."""

@@ -8,7 +8,6 @@ start is recorded with the results.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,8 +69,7 @@ def _report(
     """Print the tables and targets; write JSON and the plot."""
     from rich.markdown import Markdown
 
-    from dd.report.plot import plot_panels
-    from dd.runtime.io import atomic_write_text
+    from dd.engines.bench import save_outputs
 
     console = Console()
     if markdown:
@@ -81,10 +79,7 @@ def _report(
     for t in result.get("targets", []):
         mark = "[green]met[/green]" if t["met"] else "[bold red]MISSED[/bold red]"
         console.print(f"target {t['name']}: {t['value']} (target {t['target']}) {mark}")
-    if json_out is not None:
-        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
-    if plot is not None:
-        plot_panels(panels, plot)
+    save_outputs(result, panels, json_out=json_out, plot=plot)
 
 
 def _setup_threads(threads: int) -> None:

@@ -18,7 +18,6 @@ from dd.cli.options import (
     Device,
 )
 from dd.errors import EXIT_GATE, EXIT_SOME_INPUTS_FAILED
-from dd.runtime.progress import progress_bar
 
 
 def detect(
@@ -79,20 +78,10 @@ def detect(
     (calibrated for the embedded default, docs/models.md; else 0.5).
     Exit codes: 0 all done; 4 some inputs failed; 3 --fail-above tripped (takes precedence).
     """
-    from dd.api.plugins import load_detector_warned
+    from dd.api.plugins import DetectorRef
     from dd.cli.options import parse_options
-    from dd.data.images import collect_inputs
-    from dd.engines.detect import DetectConfig, check_out, run_detect
-    from dd.errors import DDError
+    from dd.engines.detect import DetectConfig, detect_job
     from dd.runtime.progress import ConsoleReporter
-
-    err = Console(stderr=True)
-    items, failures = collect_inputs(paths, exclude=[out])
-    if not items:
-        reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(paths)
-        raise DDError(f"no images to process ({reasons})", exit_code=EXIT_SOME_INPUTS_FAILED)
-    for p, r in failures:
-        err.print(f"[yellow]skipped[/yellow] {p}: {r}", highlight=False)
 
     cfg = DetectConfig(
         out=out,
@@ -104,22 +93,10 @@ def detect(
         save_overlays=overlays,
         full_size_outputs=full_size_outputs,
     )
-    check_out(cfg)  # before the detector loads
-    det = load_detector_warned(detector, weights, parse_options(option), device, dtype,
-                               ConsoleReporter(err))  # fmt: skip
-    with progress_bar("detect", console=err) as progress:
-        task = progress.add_task("detect", total=len(items))
-        result = run_detect(
-            items,
-            det,
-            cfg,
-            failures=failures,
-            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    for f in result.failures[len(failures) :]:
-        err.print(f"[yellow]skipped[/yellow] {f['reason']}", highlight=False)
+    ref = DetectorRef(detector, weights, parse_options(option), device, dtype)
+    result = detect_job(paths, ref, cfg, reporter=ConsoleReporter(Console(stderr=True)))
 
-    limit = det.flag_threshold if fail_above == "auto" else fail_above
+    limit = result.flag_threshold if fail_above == "auto" else fail_above
     gate = limit is not None and any(r["max"] > limit for r in result.records)
     if as_json:
         typer.echo(

@@ -17,7 +17,6 @@ from dd.cli.options import (
     Device,
     Dtype,
 )
-from dd.runtime.progress import progress_bar
 
 
 def eval_detector(
@@ -62,20 +61,10 @@ def eval_detector(
     calibrated one, else 0.5). See docs/datasets.md for the definitions. In JSON, undefined
     metrics (e.g. MSE on clean images when there are none) are null.
     """
-    from dd.api.detectors import store_image_threshold
-    from dd.api.plugins import load_detector_warned
+    from dd.api.plugins import DetectorRef
     from dd.cli.options import parse_options
-    from dd.data.datasets import read_dataset
-    from dd.errors import DDError
-    from dd.inference.metrics import (
-        DetectorMetrics,
-        calibrate_image_threshold,
-        format_table,
-        image_level_scores,
-        image_level_summary,
-        json_safe,
-    )
-    from dd.runtime.io import atomic_write_json, check_output_folder, mark_run_folder
+    from dd.engines.eval_detector import EvalDetectorConfig, evaluate_detector
+    from dd.inference.metrics import format_table
     from dd.runtime.progress import ConsoleReporter
 
     if save_threshold and calibrate is None:
@@ -85,49 +74,19 @@ def eval_detector(
             "needs --weights FOLDER with a config.json (e.g. a train-detector run's model/)",
             param_hint="'--save-threshold'",
         )
-
-    if out is not None:  # checked before the evaluation, not after it
-        check_output_folder(out, "eval-detector", overwrite=overwrite)
-        if (out / "metrics.json").exists() and not overwrite:
-            raise DDError(
-                f"{out} already holds a metrics.json",
-                hint="pass --overwrite to replace it, or choose a new --out",
-            )
-    err = Console(stderr=True)
-    samples = read_dataset(dataset)
-    det = load_detector_warned(detector, weights, parse_options(option), device, dtype,
-                               ConsoleReporter(err), meaning="these metrics")  # fmt: skip
-    with progress_bar("eval", console=err) as progress:
-        task = progress.add_task("eval", total=len(samples))
-        pixel = DetectorMetrics()
-        rows = image_level_scores(
-            det,
-            samples,
-            batch_size,
-            workers=workers,
-            metrics=pixel,
-            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    metrics = pixel.compute()
-    threshold = det.flag_threshold
-    if calibrate is not None:
-        threshold = calibrate_image_threshold(
-            [r["max"] for r in rows if r["max_in_mask"] is None], calibrate
-        )
-    image_level = image_level_summary(rows, threshold)
-    image_level["calibrated_here"] = calibrate is not None
-    report = json_safe(
-        {
-            "dataset": str(dataset),
-            "detector": det.describe(),
-            "metrics": metrics,
-            "image_level": image_level,
-        }
+    cfg = EvalDetectorConfig(
+        dataset=dataset,
+        batch_size=batch_size,
+        workers=workers,
+        out=out,
+        overwrite=overwrite,
+        calibrate=calibrate,
+        save_threshold=save_threshold,
     )
-    saved = store_image_threshold(weights, threshold) if save_threshold else None
-    if out is not None:
-        mark_run_folder(out, "eval-detector")
-        atomic_write_json(out / "metrics.json", report)
+    ref = DetectorRef(detector, weights, parse_options(option), device, dtype)
+    res = evaluate_detector(cfg, ref, reporter=ConsoleReporter(Console(stderr=True)))
+    report, threshold, saved = res.report, res.threshold, res.saved
+    metrics, image_level = res.metrics, res.image_level
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -137,7 +96,7 @@ def eval_detector(
         f"calibrated here for {calibrate:.0%} of clean images"
         if calibrate is not None
         else "the detector's calibrated threshold"
-        if det.image_threshold is not None
+        if res.calibrated_detector
         else "default; not calibrated for these weights"
     )
     s = image_level
@@ -152,5 +111,5 @@ def eval_detector(
         console.print(
             f"Stored dd_image_threshold = {threshold} in {saved[0]}{was}", highlight=False
         )
-    if out is not None:
-        console.print(f"Metrics: {out / 'metrics.json'}", highlight=False)
+    if res.metrics_file is not None:
+        console.print(f"Metrics: {res.metrics_file}", highlight=False)

@@ -31,13 +31,12 @@ Options = DetectorOptions
 AsJson = Annotated[bool, typer.Option("--json", help="Print a JSON report to stdout.")]
 
 
-def _detector(name, weights, option, device, dtype, err: Console):
-    from dd.api.plugins import load_detector_warned
+def _detector(name, weights, option, device, dtype):
+    """The detector the engine loads (``--detector``, ``--weights``, ``-O``, ...)."""
+    from dd.api.plugins import DetectorRef
     from dd.cli.options import parse_options
-    from dd.runtime.progress import ConsoleReporter
 
-    return load_detector_warned(name, weights, parse_options(option), device, dtype,
-                                ConsoleReporter(err), meaning="its confidences")  # fmt: skip
+    return DetectorRef(name, weights, parse_options(option), device, dtype)
 
 
 @app.command("mine")
@@ -92,7 +91,7 @@ def mine(
     map per item) for `dd label serve` and prints the per-category table.
     """
     from dd.engines.mine import MineConfig, check_mine_out, load_rules, run_mine
-    from dd.runtime.progress import progress_bar
+    from dd.runtime.progress import ConsoleReporter
 
     err = Console(stderr=True)
     cfg = MineConfig(
@@ -106,22 +105,18 @@ def mine(
     )
     cfg.check()
     check_mine_out(out, resume=resume, overwrite=overwrite)
-    rules = load_rules(categories)
-    det = _detector(detector, weights, option, device, dtype, err)
-    with progress_bar("mine", console=err) as progress:
-        task = progress.add_task("mine", total=None)
-        res = run_mine(
-            pool,
-            det,
-            out,
-            cfg,
-            rules=rules,
-            batch_size=batch_size,
-            workers=workers,
-            resume=resume,
-            overwrite=overwrite,
-            on_progress=lambda d, t: progress.update(task, completed=d, total=t),
-        )
+    res = run_mine(
+        pool,
+        _detector(detector, weights, option, device, dtype),
+        out,
+        cfg,
+        rules=load_rules(categories),
+        batch_size=batch_size,
+        workers=workers,
+        resume=resume,
+        overwrite=overwrite,
+        reporter=ConsoleReporter(err),
+    )
     for f in res.failures:
         err.print(f"[yellow]skipped[/yellow] {f['path']}: {f['reason']}", highlight=False)
     if as_json:
@@ -279,7 +274,7 @@ def pseudo(
 
     from dd.engines.mine import load_rules
     from dd.engines.pseudo import PseudoConfig, dist_env, run_pseudo
-    from dd.runtime.progress import progress_bar
+    from dd.runtime.progress import ConsoleReporter
 
     err = Console(stderr=True)
     env_rank, env_world, local_rank = dist_env()
@@ -302,19 +297,14 @@ def pseudo(
     cfg.check()
     if device == "auto" and torch.cuda.is_available() and cfg.world_size > 1:
         device = f"cuda:{local_rank % torch.cuda.device_count()}"
-    det = _detector(detector, weights, option, device, dtype, err)
     tag = f"pseudo r{cfg.rank}/{cfg.world_size}" if cfg.world_size > 1 else "pseudo"
-    with progress_bar(tag, "{task.fields[msg]}", console=err, unit="open") as progress:
-        task = progress.add_task(tag, total=None, msg="starting")
-        res = run_pseudo(
-            pool,
-            det,
-            cfg,
-            exclude=exclude,
-            on_progress=lambda r: progress.update(
-                task, msg=f"{r.processed} images, {r.images_per_second:.1f} img/s"
-            ),
-        )
+    res = run_pseudo(
+        pool,
+        _detector(detector, weights, option, device, dtype),
+        cfg,
+        exclude=exclude,
+        reporter=ConsoleReporter(err),
+    )
     for f in (res.failures or [])[:20]:
         err.print(f"[yellow]skipped[/yellow] {f['reason']}", highlight=False)
     if as_json:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import platform
 import re
@@ -1372,3 +1373,17 @@ def quantize_markdown(result: dict[str, Any]) -> str:
             f"{r['ratio_to_bf16']:.3f}x | {r['seconds']:.2f} s |"
         )
     return "\n".join(lines) + "\n"
+
+
+def save_outputs(
+    result: dict[str, Any], panels: list, *, json_out: Path | None, plot: Path | None
+) -> None:
+    """Write a benchmark's result as JSON (atomically) and its panels as a PNG plot, where
+    asked (``--json-out``, ``--plot``)."""
+    from dd.report.plot import plot_panels
+    from dd.runtime.io import atomic_write_text
+
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+    if plot is not None:
+        plot_panels(panels, plot)

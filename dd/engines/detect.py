@@ -93,6 +93,8 @@ class DetectResult:
     processed: int = 0
     resumed: int = 0
     summary: dict[str, Any] = field(default_factory=dict)
+    #: The detector's image threshold (calibrated, else None): ``--fail-above auto``.
+    flag_threshold: float | None = None
 
 
 @dataclass
@@ -174,6 +176,47 @@ def check_out(cfg: DetectConfig) -> None:
             f"{cfg.out} already holds a detect run",
             hint="pass --resume to continue it, --overwrite to replace it, or a new --out",
         )
+
+
+def detect_job(
+    paths: list[str],
+    detector: Any,
+    cfg: DetectConfig,
+    *,
+    reporter: Any = None,
+) -> DetectResult:
+    """``dd detect``: collect the inputs of ``paths`` (files, folders, globs, manifests,
+    shards; never ``cfg.out``), check the output folder before anything loads, load
+    ``detector`` (a :class:`dd.api.plugins.DetectorRef`, or a loaded detector), and run
+    :func:`run_detect` with a progress bar; skipped inputs are reported through
+    ``reporter``."""
+    from dd.api.plugins import as_detector
+    from dd.data.images import collect_inputs
+    from dd.errors import EXIT_SOME_INPUTS_FAILED
+    from dd.runtime.progress import as_reporter
+
+    rep = as_reporter(reporter)
+    items, failures = collect_inputs(paths, exclude=[cfg.out])
+    if not items:
+        reasons = "; ".join(f"{p}: {r}" for p, r in failures) or ", ".join(paths)
+        raise DDError(f"no images to process ({reasons})", exit_code=EXIT_SOME_INPUTS_FAILED)
+    for p, r in failures:
+        rep.message(f"[yellow]skipped[/yellow] {p}: {r}")
+    check_out(cfg)  # before the detector loads
+    det = as_detector(detector, rep)
+    with rep.progress("detect") as progress:
+        task = progress.add_task("detect", total=len(items))
+        result = run_detect(
+            items,
+            det,
+            cfg,
+            failures=failures,
+            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    for f in result.failures[len(failures) :]:
+        rep.message(f"[yellow]skipped[/yellow] {f['reason']}")
+    result.flag_threshold = det.flag_threshold
+    return result
 
 
 def run_detect(

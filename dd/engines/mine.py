@@ -276,12 +276,16 @@ def run_mine(
     resume: bool = False,
     overwrite: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    reporter: Any = None,
 ) -> MineResult:
     """Run the detector over the pool and write the labelling queue to ``out`` (see
-    :func:`check_mine_out` for an existing one)."""
+    :func:`check_mine_out` for an existing one). ``detector``: a
+    :class:`dd.api.plugins.DetectorRef` (loaded here, once the pool is known) or a loaded
+    detector; ``reporter`` shows its warning and a progress bar."""
+    from dd.api.plugins import as_detector
     from dd.data.images import collect_inputs
-    from dd.engines.detect import DetectConfig, run_detect
     from dd.label.queue import write_queue
+    from dd.runtime.progress import as_reporter
     from dd.runtime.web import now_iso
 
     cfg.check()
@@ -294,25 +298,21 @@ def run_mine(
         raise DDError(f"no images in the pool ({reasons})", exit_code=EXIT_SOME_INPUTS_FAILED)
     from dd.runtime.io import mark_run_folder
 
+    rep = as_reporter(reporter)
+    detector = as_detector(detector, rep, meaning="its confidences")
     mark_run_folder(out, "label mine")
     cats: dict[str, tuple[str, str | None]] = {
         it.key: item_category(it.path, it.meta, rules) for it in items
     }
-    res = run_detect(
-        items,
-        detector,
-        DetectConfig(
-            out=out / "detect",
-            batch_size=batch_size,
-            workers=workers,
-            resume=resume,
-            overwrite=True,  # decisions are guarded above; the detector pass is derived
-            save_overlays=False,
-            full_size_outputs=True,  # the labelling page paints over the image's own size
-        ),
-        failures=failures,
-        on_progress=on_progress,
-    )
+    bar = rep.progress("mine")
+    with bar:
+        task = bar.add_task("mine", total=None)
+        if on_progress is None:
+
+            def on_progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+        res = _detect_pool(items, detector, out, batch_size, workers, resume, failures, on_progress)
     records = []
     for r in res.records:
         cat, prompt = cats[r["key"]]
@@ -361,3 +361,24 @@ def run_mine(
 
         atomic_write_json(out / INFO_FILE, info)
     return MineResult(stats, queue_items, len(records), res.failures, res.resumed, out)
+
+
+def _detect_pool(items, detector, out, batch_size, workers, resume, failures, on_progress):
+    """The detector pass of ``dd label mine`` (``OUT/detect``, full-size maps)."""
+    from dd.engines.detect import DetectConfig, run_detect
+
+    return run_detect(
+        items,
+        detector,
+        DetectConfig(
+            out=out / "detect",
+            batch_size=batch_size,
+            workers=workers,
+            resume=resume,
+            overwrite=True,  # decisions are guarded above; the detector pass is derived
+            save_overlays=False,
+            full_size_outputs=True,  # the labelling page paints over the image's own size
+        ),
+        failures=failures,
+        on_progress=on_progress,
+    )

@@ -493,20 +493,43 @@ def run_pseudo(
     exclude: list[Path] | None = None,
     on_progress: Callable[[PseudoResult], None] | None = None,
     stop_after: int | None = None,
+    reporter: Any = None,
 ) -> PseudoResult:
-    """Pseudo-label this rank's share of the pool; see the module docstring.
+    """Pseudo-label this rank's share of the pool; see the module docstring. ``detector``:
+    a :class:`dd.api.plugins.DetectorRef` (loaded once the output folder is checked) or a
+    loaded detector; ``reporter`` shows its warning and a progress line (unless
+    ``on_progress`` is given).
 
     ``stop_after`` (tests) raises ``KeyboardInterrupt`` once exactly that many records are
     in the shard, like a kill between two writes (deterministic: it does not depend on how
     the writer threads were scheduled).
     """
+    from dd.api.plugins import as_detector
+    from dd.data.datasets import MANIFEST
     from dd.engines.detect import load_input
     from dd.inference import detect_batches
+    from dd.runtime.io import check_output_folder
+    from dd.runtime.progress import as_reporter
 
     cfg.check()
     out = Path(cfg.out)
     shard_dir = out / SHARDS
     shard = shard_dir / f"shard-r{cfg.rank:05d}.jsonl"
+    info_path = shard_dir / "run.json"
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
+    # Each rank checks only its own shard: other ranks of this run may have created theirs
+    # (shards, masks) at any moment.
+    own = (SHARDS, "masks", TAR_DIR, MANIFEST)
+    check_output_folder(out, "label pseudo", overwrite=cfg.overwrite, allowed=own)
+    if not (cfg.resume or cfg.overwrite) and (shard.exists() or (out / MANIFEST).exists()):
+        raise DDError(
+            f"{out} already holds pseudo-labels",
+            hint="add --resume to continue that run, --overwrite to label afresh, or pick a "
+            "new --out",
+        )
+    rep = as_reporter(reporter)
+    detector = as_detector(detector, rep, meaning="its confidences")
     run_info = {
         "detector": detector.describe(),
         "shrink_threshold": cfg.shrink_threshold,
@@ -515,27 +538,11 @@ def run_pseudo(
         "floor": cfg.floor,
         "shards": cfg.shards,
     }
-    info_path = shard_dir / "run.json"
-    # Each rank checks only its own shard: other ranks of this run may have created theirs.
-    from dd.data.datasets import MANIFEST
-    from dd.runtime.io import check_output_folder
-
-    if cfg.resume and cfg.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other", hint="pick one")
-    # Other ranks of this run create its entries (shards, masks) at any moment.
-    own = (SHARDS, "masks", TAR_DIR, MANIFEST)
-    check_output_folder(out, "label pseudo", overwrite=cfg.overwrite, allowed=own)
     if cfg.overwrite:  # this rank's labels only: other ranks of the run handle their own
         shard.unlink(missing_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)
         if cfg.rank == 0:
             info_path.unlink(missing_ok=True)
-    if not cfg.resume and (shard.exists() or (out / MANIFEST).exists()):
-        raise DDError(
-            f"{out} already holds pseudo-labels",
-            hint="add --resume to continue that run, --overwrite to label afresh, or pick a "
-            "new --out",
-        )
     if cfg.resume and info_path.exists():
         try:
             prev = json.loads(info_path.read_text())
@@ -570,6 +577,13 @@ def run_pseudo(
                 recovered = tars.recover(done)
         skip = excluded_images(exclude or [])
         res = PseudoResult(failures=[])
+        tag = f"pseudo r{cfg.rank}/{cfg.world_size}" if cfg.world_size > 1 else "pseudo"
+        bar = rep.progress(tag, "{task.fields[msg]}", unit="open")
+        if on_progress is None:
+            task = bar.add_task(tag, total=None, msg="starting")
+
+            def on_progress(r: PseudoResult) -> None:
+                bar.update(task, msg=f"{r.processed} images, {r.images_per_second:.1f} img/s")
 
         def mine() -> Iterator[InputItem]:
             for path, meta in stream_inputs(specs):
@@ -589,7 +603,10 @@ def run_pseudo(
         t0 = time.perf_counter()
         f = open(shard, "ab")  # noqa: SIM115 - closed below
         try:
-            with ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer:
+            with (
+                bar,
+                ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="dd-write") as writer,
+            ):
                 pending: collections.deque[Future[dict[str, Any]]] = collections.deque()
 
                 def drain(block: bool, last: bool = False) -> None:
