@@ -194,8 +194,12 @@ def config_parameters(cls: type) -> list[Any]:
             default = ",".join(default) if default else None
         elif text == "seeds":
             tp, default = str, ",".join(str(s) for s in default)
+        elif text == "pair":
+            tp, default = str, ",".join(f"{x:g}" for x in default)
         else:
             tp = hints[f.name]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            default = inspect.Parameter.empty  # a required option
         option = typer.Option(*flags, help=meta["help"], **extra)
         params.append(
             inspect.Parameter(
@@ -225,6 +229,9 @@ def read_config_values(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
             from dd.data.prompts import parse_seeds
 
             value = parse_seeds(value)
+        elif text == "pair":
+            flag = (f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",))[0]
+            value = parse_pair(value, flag)
         out[f.name] = value
     return out
 

@@ -51,7 +51,7 @@ import math
 import shutil
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,11 @@ from dd.data.sampler import (
 from dd.errors import DDError, UsageError
 from dd.inference.metrics import METRIC_KEYS
 from dd.runtime.checkpoint import check_same_settings, prepare_run_folder, swap_in
+from dd.runtime.config import setting
 from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
-from dd.runtime.tracking import check_report_to
+from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
 from dd.training.loop import (
     Evaluation,
     LoopSettings,
@@ -112,61 +113,143 @@ _OLDER_DEFAULTS = {"shrink_scope": "all"}
 
 @dataclass
 class TrainConfig:
-    """Everything ``dd train-detector`` takes (see its ``--help`` for each field)."""
+    """Everything ``dd train-detector`` takes: each field declared once (its default, help
+    and flag), the source of the command's options (``dd.cli.options.config_command``)."""
 
-    datasets: list[str]
-    out: str
+    datasets: list[str] = setting(
+        help="Dataset folders or shards (images/, masks/, manifest.jsonl).", cli=False
+    )
+    out: str = setting(help="Run folder for all outputs.", flags=("--out", "-o"))
     #: A detector plugin that implements ``dd.api.detectors.TrainableDetector``.
-    detector: str = "segformer"
-    detector_options: dict[str, Any] = field(default_factory=dict)
-    val: list[str] = field(default_factory=list)
-    val_fraction: float | None = None
-    init: str | None = None
-    variant: str | None = None
-    input_size: int | None = None
-    size: int | None = None
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 6e-5
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int | None = None
-    min_lr_ratio: float = 0.0
-    clip_grad: float = 1.0
+    detector: str = setting(
+        "segformer", help="Detector plugin to train (one that implements TrainableDetector)."
+    )
+    detector_options: dict[str, Any] = setting(
+        factory=dict,
+        help="Detector option KEY=VALUE (e.g. variant=b5).",
+        flags=("--option", "--detector-option", "-O"),
+        text="options",
+    )
+    val: list[str] = setting(
+        factory=list,
+        help="Validation dataset (repeatable); default: hold out --val-fraction.",
+    )
+    val_fraction: float | None = setting(
+        None, help="Fraction of the data held out for validation (default 0.1)."
+    )
+    init: str | None = setting(
+        None, help="Start from these weights: a file, a save_pretrained folder, hub id."
+    )
+    variant: str | None = setting(
+        None,
+        help="SegFormer variant: tiny, small or b0..b5 (b5: DiffDoctor's released detector); "
+        "from scratch the default is b0, with --init the file's.",
+    )
+    input_size: int | None = setting(None, help="Detector input size (default 512).")
+    size: int | None = setting(
+        None, help="Training crop size; the loss is computed at it (default: input size)."
+    )
+    steps: int = setting(1000, help="Optimizer steps in total.", min=1)
+    batch_size: int = setting(8, help="Samples per process per batch.", min=1)
+    grad_accum: int = setting(1, help="Batches accumulated per optimizer step.", min=1)
+    lr: float = setting(6e-5, help="Peak learning rate (AdamW).")
+    weight_decay: float = setting(0.01, help="AdamW weight decay.")
+    betas: tuple[float, float] = setting((0.9, 0.999), help="AdamW betas B1,B2.", text="pair")
+    warmup_steps: int | None = setting(
+        None, help="Linear warmup steps (default: 5% of --steps).", min=0
+    )
+    min_lr_ratio: float = setting(
+        0.0, help="Final learning rate of the cosine, as a fraction of --lr."
+    )
+    clip_grad: float = setting(1.0, help="Clip the gradient norm to this (0: off).")
     #: ``mse`` (seed 000, Eq. 1) or ``bce`` (binary cross-entropy on the same maps).
-    loss: str = "mse"
+    loss: str = setting(
+        "mse", help="mse (seed 000, Eq. 1) or bce (stronger gradient from scratch)."
+    )
     #: BCE only: weight of the artifact (positive) term, see :func:`detector_loss`.
-    pos_weight: float = 1.0
-    precision: str = "fp32"
-    cpu: bool = False
-    workers: int = 2
-    seed: int = 0
-    balance: str | None = None
-    crop_scale: float = 0.5
-    hflip: bool = True
+    pos_weight: float = setting(
+        1.0,
+        help="BCE weight of artifact pixels against clean ones (sparse masks: 2-10 lifts "
+        "detections over 0.5 sooner).",
+    )
+    precision: str = setting(
+        "fp32", help="fp32, bf16 (GPU or CPU) or fp16 (GPU, with loss scaling)."
+    )
+    cpu: bool = setting(False, help="Train on the CPU even with a GPU.", flags=("--cpu",))
+    workers: int = setting(2, help="Data loader worker processes.", min=0)
+    seed: int = setting(0, help="Seed of everything (split, order, init).")
+    balance: str | None = setting(
+        None,
+        help='Positive:negative draws per category, e.g. "hand=1:1,face=1:2,*=1:1" '
+        "(negatives without a category, e.g. real photos, are shared).",
+    )
+    crop_scale: float = setting(0.5, help="Smallest random crop, as a fraction of the image area.")
+    hflip: bool = setting(True, help="Random horizontal flips.")
     #: Grow training targets by this many pixels (a max filter at the training size) before
     #: the loss; validation always compares with the exact masks. See :func:`dilate_targets`.
-    mask_dilate: int = 0
-    strong_pseudo: bool = True
-    shrink_prob: float = 0.5
-    shrink_fill: str = "0"
-    shrink_threshold: float | None = None
+    mask_dilate: int = setting(
+        0,
+        help="Grow training targets by this many pixels at the training size (thin masks, "
+        "e.g. watermark strokes, train faster as regions); validation uses exact masks.",
+    )
+    strong_pseudo: bool = setting(True, help="Strong augmentation for pseudo-labelled samples.")
+    shrink_prob: float = setting(
+        0.5,
+        help="Probability of shrink-and-pad for a flagged sample.",
+        flags=("--shrink-pad-prob",),
+    )
+    shrink_fill: str = setting(
+        "0",
+        help="Image padding of shrink-and-pad: a value in [0, 1] or 'reflect'.",
+        flags=("--shrink-pad-fill",),
+    )
+    shrink_threshold: float | None = setting(
+        None,
+        help="Flag samples whose predicted max confidence is below this, checked on the fly "
+        "every --shrink-pad-every steps (manifest shrink_pad fields apply always).",
+        flags=("--shrink-pad-threshold",),
+    )
+    shrink_every: int = setting(
+        500,
+        help="Steps between on-the-fly shrink-pad checks.",
+        flags=("--shrink-pad-every",),
+        min=1,
+    )
     #: Which samples the on-the-fly check may flag: ``pseudo`` (the paper: pseudo labels
     #: whose predicted max confidence is low) or ``all`` (human labels and photos too).
-    shrink_scope: str = "pseudo"
-    shrink_every: int = 500
-    shrink_scale: tuple[float, float] = (0.3, 0.7)
-    val_every: int = 500
-    val_batch_size: int = 8
-    select_metric: str = "mse"
-    patience: int | None = None
-    save_every: int = 500
-    log_every: int = 10
-    stop_at: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    report_to: str = "none"
+    shrink_scope: str = setting(
+        "pseudo",
+        help="Samples the on-the-fly check may flag: pseudo (pseudo labels, as the paper) or "
+        "all (human labels and real photos too).",
+        flags=("--shrink-pad-scope",),
+    )
+    shrink_scale: tuple[float, float] = setting(
+        (0.3, 0.7),
+        help="Scale range LO,HI of on-the-fly shrink-and-pad.",
+        flags=("--shrink-pad-scale",),
+        text="pair",
+    )
+    val_every: int = setting(500, help="Validate every N steps.", min=1)
+    val_batch_size: int = setting(8, help="Validation batch size.", min=1)
+    select_metric: str = setting(
+        "mse",
+        help="Validation metric choosing the best model: mse, mse_clean, kl_fn, kl_fp (lower "
+        "is better), cc, iou, f1, pixel_auroc, image_auroc (higher is better).",
+    )
+    patience: int | None = setting(
+        None, help="Stop after this many validations without improvement.", min=1
+    )
+    save_every: int = setting(500, help="Checkpoint every N steps.", min=1)
+    log_every: int = setting(10, help="Log the loss every N steps.", min=1)
+    stop_at: int | None = setting(
+        None, help="Stop (with a checkpoint) at this step; continue later with --resume.", min=1
+    )
+    resume: bool = setting(False, help="Continue the run in --out from its last checkpoint.")
+    overwrite: bool = setting(
+        False,
+        help="Replace the run in --out (its checkpoints, metrics and model) with a new one.",
+    )
+    report_to: str = setting("none", help=REPORT_TO_HELP)
 
     def resolved(self) -> dict[str, Any]:
         d = asdict(self)

@@ -366,7 +366,7 @@ def check_settings(
 
 # ------------------------------------------------------------------------------- declaring
 #: How the command line reads a setting that is not a plain str/int/float/bool.
-TEXT_FORMS = ("options", "list", "seeds")
+TEXT_FORMS = ("options", "list", "seeds", "pair")
 
 
 def setting(
@@ -387,8 +387,10 @@ def setting(
     ``flags``: the option's spellings (default ``--field-name``); ``min``: a lower bound the
     CLI enforces; ``text``: how the CLI reads it when it is no plain value: ``options``
     (repeatable ``KEY=VALUE`` into a dict), ``list`` (comma-separated into a list of str),
-    ``seeds`` (``0,1``, a count ``N`` or a range ``A-B`` into a list of int); ``cli=False``:
-    presets only.
+    ``seeds`` (``0,1``, a count ``N`` or a range ``A-B`` into a list of int), ``pair``
+    (``LO,HI`` or one number into a tuple of two floats); ``cli=False``: not an option (the
+    command takes it otherwise, e.g. as an argument, or only presets set it). A field
+    without a default is a required option.
     """
     if text is not None and text not in TEXT_FORMS:
         raise ValueError(f"text must be one of {TEXT_FORMS}, not {text!r}")
