@@ -40,7 +40,6 @@ Outputs (all written atomically; a journal makes ``--resume`` skip finished imag
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from dd.api.backbones import FLOW, Backbone, Schedule, flow_schedule
 from dd.errors import DDError, UsageError
 from dd.runtime.checkpoint import LORA_FILE
+from dd.runtime.config import setting
 from dd.runtime.io import (
     Journal,
     absolutize,
@@ -68,7 +68,7 @@ from dd.runtime.io import (
     save_image_atomic,
     undo_if_nothing_written,
 )
-from dd.runtime.progress import progress_bar
+from dd.runtime.progress import Reporter, as_reporter
 
 JOURNAL = ".dd/refine-journal.jsonl"
 RUN_INFO = ".dd/refine-run.json"
@@ -552,32 +552,85 @@ def composite(original: np.ndarray, refined: np.ndarray, mask: np.ndarray) -> np
 # ------------------------------------------------------------------------------------------
 @dataclass
 class RefineConfig:
-    inputs: list[str] = field(default_factory=list)
-    out: str = "dd-refine"
-    backbone: str | None = None
-    model: str | None = None
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    late_steps: str | None = None
-    segments: list[str] = field(default_factory=list)
-    strength: float | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    prompt: str | None = None
-    mask: str | None = None
-    threshold: float = 0.5
-    dilate: int = 8
-    feather: int = 8
-    until_clean: int | None = None
-    clean_threshold: float | None = None
-    detector: str = "segformer"
-    detector_weights: str | None = None
-    detector_options: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    batch_size: int = 1
-    device: str = "auto"
-    dtype: str = "fp32"
-    resume: bool = False
-    overwrite: bool = False
+    """Everything ``dd refine`` takes: each field declared once (default, help, flag), the
+    source of the command's options."""
+
+    inputs: list[str] = setting(
+        factory=list,
+        help="Image files, folders (recursive), globs, or .txt/.jsonl manifests.",
+        cli=False,
+    )
+    out: str = setting("dd-refine", help="Output folder.", flags=("--out", "-o"))
+    backbone: str | None = setting(
+        None, help="Backbone plugin: sd15, sdxl, sd3, flux, ldm (default: a trained segment's)."
+    )
+    model: str | None = setting(
+        None, help="Base model: diffusers folder, .safetensors file or hub id."
+    )
+    backbone_options: dict[str, Any] = setting(
+        factory=dict,
+        help="Backbone option KEY=VALUE.",
+        flags=("--backbone-option", "-B"),
+        text="options",
+    )
+    late_steps: str | None = setting(
+        None,
+        help="Steps A-B out of 1000 from pure noise: noise to t = 1000 - A, denoise to "
+        "t = 1000 - B with --model, the rest with the next segment's model (e.g. 500-750).",
+    )
+    segments: list[str] = setting(
+        factory=list,
+        help="A-B=MODEL: steps A-B run by MODEL (a `dd refine train` output, pipeline folder "
+        "or LoRA); repeat to chain; a train output alone uses its own range.",
+        flags=("--segment",),
+    )
+    strength: float | None = setting(
+        None, help="diffusers img2img strength in (0, 1] instead of --late-steps."
+    )
+    steps: int | None = setting(
+        None,
+        help="Steps of a full run from pure noise; a segment gets its share (default: the "
+        "backbone's).",
+        min=1,
+    )
+    guidance: float | None = setting(None, help="Guidance scale (default: the backbone's).")
+    prompt: str | None = setting(
+        None, help="Prompt for images without a manifest 'prompt' or a sidecar .txt."
+    )
+    mask: str | None = setting(
+        None,
+        help="auto (repaint what the detector flags), a mask PNG (white = repaint) for every "
+        "image, or a folder of masks named like the images.",
+    )
+    threshold: float = setting(
+        0.5, help="--mask auto: pixels with confidence >= this are repainted."
+    )
+    dilate: int = setting(8, help="Grow the mask by this many pixels.", min=0)
+    feather: int = setting(8, help="Soft mask edge width in pixels (outside the mask).", min=0)
+    until_clean: int | None = setting(
+        None, help="Repeat up to N rounds until the max confidence is under the threshold.", min=1
+    )
+    clean_threshold: float | None = setting(
+        None, help="--until-clean stops under this max confidence (default --threshold)."
+    )
+    detector: str = setting("segformer", help="Detector plugin.")
+    detector_weights: str | None = setting(
+        None, help="Detector weights: file or folder.", flags=("--detector-weights", "--weights")
+    )
+    detector_options: dict[str, Any] = setting(
+        factory=dict,
+        help="Detector option KEY=VALUE.",
+        flags=("--option", "--detector-option", "-O"),
+        text="options",
+    )
+    seed: int = setting(0, help="Run seed (each image's noise derives from it).")
+    batch_size: int = setting(1, help="Images per batch.", min=1)
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:N or mps.")
+    dtype: str = setting("fp32", help="fp32, bf16 or fp16.")
+    resume: bool = setting(False, help="Skip images already refined in --out.")
+    overwrite: bool = setting(
+        False, help="Replace the refine run in --out (or write into a non-empty folder)."
+    )
 
 
 @dataclass
@@ -819,17 +872,16 @@ class _RefineOutputs:
 
 
 class _Refiner(_RefineOutputs):
-    def __init__(self, cfg: RefineConfig, console: Any | None):
+    def __init__(self, cfg: RefineConfig, reporter: Reporter | None):
         self.cfg = absolutize(cfg)  # records name inputs by absolute path
-        self.console = console
+        self.reporter = as_reporter(reporter)
         self.out = Path(cfg.out)
         self.replace = False
         self.plans: dict[tuple[int, int], RefinePlan] = {}
         self.printed_plan: list[str] = []
 
     def log(self, msg: str) -> None:
-        if self.console is not None:
-            self.console.print(msg, highlight=False)
+        self.reporter.message(msg)
 
     # -- setup -----------------------------------------------------------------------------
     def plan_for(self, h: int, w: int) -> RefinePlan:
@@ -917,16 +969,15 @@ class _Refiner(_RefineOutputs):
         todo = [it for it in items if it.key not in done]
         if done:
             self.log(f"resuming: {len(done)} image(s) already refined")
-        progress = progress_bar("refine", console=self.console)
+        progress = self.reporter.progress("refine")
         try:
-            with progress if progress is not None else contextlib.nullcontext():
-                task = progress.add_task("refine", total=len(todo)) if progress else None
+            with progress:
+                task = progress.add_task("refine", total=len(todo))
                 for start in range(0, len(todo), c.batch_size):
                     chunk = todo[start : start + c.batch_size]
                     for rec in self._refine_chunk(chunk, failures):
                         journal.append(rec)
-                    if progress is not None:
-                        progress.update(task, advance=len(chunk))
+                    progress.update(task, advance=len(chunk))
         finally:
             journal.close()
         by_key = {r["key"]: r for r in journal.records if "key" in r}
@@ -1090,9 +1141,9 @@ def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def refine(cfg: RefineConfig, *, console: Any | None = None) -> RefineResult:
+def refine(cfg: RefineConfig, *, reporter: Reporter | None = None) -> RefineResult:
     """Refine images with late-step SDEdit; see the module docstring."""
-    return _Refiner(cfg, console).run()
+    return _Refiner(cfg, reporter).run()
 
 
 __all__ = [

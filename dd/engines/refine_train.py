@@ -46,7 +46,9 @@ import torch.nn.functional as F
 
 from dd.errors import DDError, UsageError
 from dd.ops.quantize import (
+    OPTIMIZER_HELP,
     OPTIMIZERS,
+    QUANTIZE_HELP,
     QUANTIZE_MODES,
     check_available,
     make_optimizer,
@@ -60,11 +62,11 @@ from dd.runtime.checkpoint import (
     save_tensors,
     swap_in,
 )
-from dd.runtime.config import check_settings
+from dd.runtime.config import check_settings, setting
 from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
-from dd.runtime.tracking import check_report_to
+from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
 from dd.training.draws import EpochOrder
 from dd.training.loop import (
     Evaluation,
@@ -78,7 +80,13 @@ from dd.training.loop import (
 )
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
-from dd.training.setup import PRECISIONS, RESUMABLE, embed_prompts, training_accelerator
+from dd.training.setup import (
+    EMBEDDING_CACHE_HELP,
+    PRECISIONS,
+    RESUMABLE,
+    embed_prompts,
+    training_accelerator,
+)
 
 #: refine train takes accelerate's names for the precisions.
 MIXED_PRECISIONS = tuple(PRECISIONS.values())
@@ -86,39 +94,59 @@ MIXED_PRECISIONS = tuple(PRECISIONS.values())
 
 @dataclass
 class RefineTrainConfig:
-    backbone: str = "ldm"
-    late_steps: str | None = None
-    data: str | None = None
-    init: str | None = None
-    out: str | None = None
-    from_scratch: bool = False
-    resolution: int | None = None
-    train_steps: int = 1000
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    clip_grad: float = 1.0
-    ema_decay: float = 0.999
-    mixed_precision: str = "no"
-    lora_rank: int = 16
-    lora_alpha: float | None = None
-    quantize: str = "none"
-    optimizer: str = "adamw"
-    report_to: str = "none"
-    embedding_cache: str | None = None
-    offload_text_encoders: bool = True
-    device: str = "auto"
-    seed: int = 0
-    eval_every: int = 100
-    eval_images: int = 8
-    save_every: int = 500
-    log_every: int = 10
-    stop_at: int | None = None
-    resume: bool = False
-    overwrite: bool = False
+    """Everything ``dd refine train`` takes: each field declared once (default, help, flag),
+    the source of the command's options."""
+
+    backbone: str = setting("ldm", help="ldm (full fine-tune) or sd15 (LoRA).")
+    late_steps: str | None = setting(
+        None,
+        help="Step range A-B out of 1000 to train: timesteps t in [1000 - B, 1000 - A] "
+        "(e.g. 500-750 trains t 250..500).",
+    )
+    data: str | None = setting(
+        None, help="Folder of images (manifest.jsonl or sidecar .txt prompts), or shards."
+    )
+    init: str | None = setting(
+        None, help="Model to start from: diffusers folder or hub id (the base of a LoRA)."
+    )
+    out: str | None = setting(None, help="Run folder.", flags=("--out", "-o"))
+    from_scratch: bool = setting(
+        False, help="ldm: re-initialise the UNet (keep --init's autoencoder)."
+    )
+    resolution: int | None = setting(None, help="Square crop size (default: the model's).", min=8)
+    train_steps: int = setting(1000, help="Optimizer steps.", min=1)
+    batch_size: int = setting(4, help="Images per process per step.", min=1)
+    grad_accum: int = setting(1, help="Micro-batches per step.", min=1)
+    lr: float = setting(1e-4, help="AdamW learning rate.")
+    weight_decay: float = setting(1e-2, help="AdamW weight decay.")
+    lr_schedule: str = setting("constant", help="constant or cosine.")
+    warmup_steps: int = setting(0, help="Linear warmup steps.", min=0)
+    clip_grad: float = setting(1.0, help="Gradient norm clip (0: off).")
+    ema_decay: float = setting(0.999, help="EMA decay of the saved weights (0: no EMA).")
+    mixed_precision: str = setting("no", help="no, bf16 or fp16.")
+    lora_rank: int = setting(16, help="sd15: LoRA rank.", min=1)
+    lora_alpha: float | None = setting(None, help="sd15: LoRA alpha (default rank).")
+    quantize: str = setting("none", help="sd15: " + QUANTIZE_HELP)
+    optimizer: str = setting("adamw", help=OPTIMIZER_HELP)
+    report_to: str = setting("none", help=REPORT_TO_HELP)
+    embedding_cache: str | None = setting(None, help=EMBEDDING_CACHE_HELP)
+    offload_text_encoders: bool = setting(
+        True, help="sd15: move the text encoder to the CPU once prompts are embedded."
+    )
+    device: str = setting("auto", help="auto, cpu or cuda.")
+    seed: int = setting(0, help="Seed of data order, noise and timesteps.")
+    eval_every: int = setting(100, help="Range loss every N steps.", min=1)
+    eval_images: int = setting(8, help="Images in the range-loss eval.", min=1)
+    save_every: int = setting(500, help="Checkpoint every N steps.", min=1)
+    log_every: int = setting(10, help="Log the loss every N steps.", min=1)
+    stop_at: int | None = setting(
+        None, help="Stop (with a checkpoint) here; --resume later.", min=1
+    )
+    resume: bool = setting(False, help="Continue the run in --out.")
+    overwrite: bool = setting(
+        False,
+        help="Replace the run in --out (its checkpoints, metrics and model) with a new one.",
+    )
 
 
 @dataclass
