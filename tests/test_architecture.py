@@ -141,7 +141,7 @@ LAYERS = {
         "dd.runtime",
         "dd.errors",
     ),  # fmt: skip
-    "dd.training": ("dd.training", "dd.report", "dd.runtime", "dd.errors"),
+    "dd.training": ("dd.training", "dd.report", "dd.ops", "dd.runtime", "dd.errors"),
 }
 
 

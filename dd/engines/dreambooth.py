@@ -59,13 +59,12 @@ from typing import Any
 import numpy as np
 import torch
 
+import dd.training.settings as shared
 from dd.api.backbones import Conditioning
 from dd.data.images import load_training_image
 from dd.errors import DDError, UsageError
 from dd.ops.quantize import (
-    OPTIMIZER_HELP,
     OPTIMIZERS,
-    QUANTIZE_HELP,
     QUANTIZE_MODES,
     check_available,
     make_optimizer,
@@ -76,7 +75,7 @@ from dd.runtime.config import check_settings, setting
 from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
-from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
+from dd.runtime.tracking import check_report_to
 from dd.training.draws import EpochOrder, noise_seed
 from dd.training.loop import (
     Evaluation,
@@ -91,7 +90,6 @@ from dd.training.loop import (
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
 from dd.training.setup import (
-    EMBEDDING_CACHE_HELP,
     PRECISIONS,
     RESUMABLE,
     embed_prompts,
@@ -128,15 +126,8 @@ class DreamBoothConfig:
     backbone: str | None = setting(
         None, help="Backbone plugin: sd3, flux, sd15 (see `dd plugins`)."
     )
-    model: str | None = setting(
-        None, help="Diffusers folder, single .safetensors file or hub id of the model."
-    )
-    backbone_options: dict[str, Any] = setting(
-        factory=dict,
-        flags=("--backbone-option", "-B"),
-        text="options",
-        help="Backbone option KEY=VALUE.",
-    )
+    model: str | None = shared.model()
+    backbone_options: dict[str, Any] = shared.backbone_options()
     instance_dir: str | None = setting(
         None, help="Folder of exemplar images (the 'good' renderings)."
     )
@@ -157,7 +148,7 @@ class DreamBoothConfig:
     num_class_images: int = setting(100, min=1, help="Class images to use (generated if missing).")
     prior_loss_weight: float = setting(1.0, help="Weight of the prior-preservation loss.")
     class_batch_size: int = setting(4, min=1, help="Images per batch when generating class images.")
-    out: str | None = setting(None, flags=("--out", "-o"), help="Run folder.")
+    out: str | None = shared.run_folder()
     resolution: int | None = setting(None, help="Training size (square); default: the backbone's.")
     center_crop: bool = setting(
         True, help="Centre crop after resizing (--no-center-crop: one random crop per image)."
@@ -166,14 +157,14 @@ class DreamBoothConfig:
     dtype: str = setting("fp32", help="Frozen models' dtype / mixed precision: fp32, bf16, fp16.")
     device: str = setting("auto", help="auto, cpu or cuda.")
     seed: int = setting(0, help="Seed of data order, noise, LoRA init.")
-    train_steps: int = setting(500, min=1, help="Optimizer steps.")
+    train_steps: int = shared.train_steps(500)
     batch_size: int = setting(1, min=1, help="Instance images per micro-batch.")
-    grad_accum: int = setting(1, min=1, help="Micro-batches per optimizer step.")
-    lr: float = setting(1e-4, help="AdamW learning rate.")
-    weight_decay: float = setting(1e-4, help="AdamW weight decay.")
-    lr_schedule: str = setting("constant", help="constant or cosine.")
-    warmup_steps: int = setting(0, min=0, help="Linear warmup steps.")
-    clip_grad: float = setting(1.0, help="Clip the gradient norm (0: off).")
+    grad_accum: int = shared.grad_accum()
+    lr: float = shared.lr(1e-4)
+    weight_decay: float = shared.weight_decay(1e-4)
+    lr_schedule: str = shared.lr_schedule()
+    warmup_steps: int = shared.warmup_steps()
+    clip_grad: float = shared.clip_grad()
     lora_rank: int = setting(4, min=1, help="LoRA rank.")
     lora_alpha: float | None = setting(None, help="LoRA alpha (default: rank).")
     lora_targets: list[str] | None = setting(
@@ -195,13 +186,13 @@ class DreamBoothConfig:
     gradient_checkpointing: bool = setting(
         False, help="Recompute the denoiser's blocks in backward (less memory)."
     )
-    report_to: str = setting("none", help=REPORT_TO_HELP)
-    quantize: str = setting("none", help=QUANTIZE_HELP)
-    optimizer: str = setting("adamw", help=OPTIMIZER_HELP)
+    report_to: str = shared.report_to()
+    quantize: str = shared.quantize()
+    optimizer: str = shared.optimizer()
     offload_text_encoders: bool = setting(
         True, help="Move text encoders to the CPU after encoding the prompts."
     )
-    embedding_cache: str | None = setting(None, help=EMBEDDING_CACHE_HELP)
+    embedding_cache: str | None = shared.embedding_cache()
     steps: int | None = setting(None, min=1, help="Sampling steps of class and validation images.")
     sample_guidance: float | None = setting(None, help="Guidance of class and validation images.")
     validation_prompt: str | None = setting(
@@ -213,13 +204,11 @@ class DreamBoothConfig:
         text="seeds",
         help="Validation seeds: a list 0,1, a count N or a range A-B.",
     )
-    save_every: int = setting(100, min=1, help="Checkpoint every N steps.")
-    log_every: int = setting(1, min=1, help="Log the loss every N steps.")
-    stop_at: int | None = setting(None, min=1, help="Stop (with a checkpoint) at this step.")
-    resume: bool = setting(False, help="Continue the run in --out.")
-    overwrite: bool = setting(
-        False, help="Replace the run in --out (its checkpoints, metrics and LoRA) with a new one."
-    )
+    save_every: int = shared.save_every(100)
+    log_every: int = shared.log_every(1)
+    stop_at: int | None = shared.stop_at()
+    resume: bool = shared.resume()
+    overwrite: bool = shared.overwrite("LoRA")
 
     def resolved(self) -> dict[str, Any]:
         return asdict(self)

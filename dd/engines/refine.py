@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import dd.training.settings as shared
 from dd.api.backbones import FLOW, Backbone, Schedule, flow_schedule
 from dd.errors import DDError, UsageError
 from dd.runtime.checkpoint import LORA_FILE
@@ -560,19 +561,12 @@ class RefineConfig:
         help="Image files, folders (recursive), globs, or .txt/.jsonl manifests.",
         cli=False,
     )
-    out: str = setting("dd-refine", help="Output folder.", flags=("--out", "-o"))
+    out: str = shared.run_folder("dd-refine", "Output folder.")
     backbone: str | None = setting(
         None, help="Backbone plugin: sd15, sdxl, sd3, flux, ldm (default: a trained segment's)."
     )
-    model: str | None = setting(
-        None, help="Base model: diffusers folder, .safetensors file or hub id."
-    )
-    backbone_options: dict[str, Any] = setting(
-        factory=dict,
-        help="Backbone option KEY=VALUE.",
-        flags=("--backbone-option", "-B"),
-        text="options",
-    )
+    model: str | None = shared.model("Base model: diffusers folder, .safetensors file or hub id.")
+    backbone_options: dict[str, Any] = shared.backbone_options()
     late_steps: str | None = setting(
         None,
         help="Steps A-B out of 1000 from pure noise: noise to t = 1000 - A, denoise to "
@@ -614,15 +608,8 @@ class RefineConfig:
         None, help="--until-clean stops under this max confidence (default --threshold)."
     )
     detector: str = setting("segformer", help="Detector plugin.")
-    detector_weights: str | None = setting(
-        None, help="Detector weights: file or folder.", flags=("--detector-weights", "--weights")
-    )
-    detector_options: dict[str, Any] = setting(
-        factory=dict,
-        help="Detector option KEY=VALUE.",
-        flags=("--option", "--detector-option", "-O"),
-        text="options",
-    )
+    detector_weights: str | None = shared.detector_weights()
+    detector_options: dict[str, Any] = shared.detector_options("Detector option KEY=VALUE.")
     seed: int = setting(0, help="Run seed (each image's noise derives from it).")
     batch_size: int = setting(1, help="Images per batch.", min=1)
     device: str = setting("auto", help="auto, cpu, cuda, cuda:N or mps.")

@@ -44,11 +44,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import dd.training.settings as shared
 from dd.errors import DDError, UsageError
 from dd.ops.quantize import (
-    OPTIMIZER_HELP,
     OPTIMIZERS,
-    QUANTIZE_HELP,
     QUANTIZE_MODES,
     check_available,
     make_optimizer,
@@ -66,7 +65,7 @@ from dd.runtime.config import check_settings, setting
 from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
-from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
+from dd.runtime.tracking import check_report_to
 from dd.training.draws import EpochOrder
 from dd.training.loop import (
     Evaluation,
@@ -81,7 +80,6 @@ from dd.training.loop import (
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
 from dd.training.setup import (
-    EMBEDDING_CACHE_HELP,
     PRECISIONS,
     RESUMABLE,
     embed_prompts,
@@ -109,44 +107,39 @@ class RefineTrainConfig:
     init: str | None = setting(
         None, help="Model to start from: diffusers folder or hub id (the base of a LoRA)."
     )
-    out: str | None = setting(None, help="Run folder.", flags=("--out", "-o"))
+    out: str | None = shared.run_folder()
     from_scratch: bool = setting(
         False, help="ldm: re-initialise the UNet (keep --init's autoencoder)."
     )
     resolution: int | None = setting(None, help="Square crop size (default: the model's).", min=8)
-    train_steps: int = setting(1000, help="Optimizer steps.", min=1)
+    train_steps: int = shared.train_steps(1000)
     batch_size: int = setting(4, help="Images per process per step.", min=1)
-    grad_accum: int = setting(1, help="Micro-batches per step.", min=1)
-    lr: float = setting(1e-4, help="AdamW learning rate.")
-    weight_decay: float = setting(1e-2, help="AdamW weight decay.")
-    lr_schedule: str = setting("constant", help="constant or cosine.")
-    warmup_steps: int = setting(0, help="Linear warmup steps.", min=0)
-    clip_grad: float = setting(1.0, help="Gradient norm clip (0: off).")
+    grad_accum: int = shared.grad_accum()
+    lr: float = shared.lr(1e-4)
+    weight_decay: float = shared.weight_decay(1e-2)
+    lr_schedule: str = shared.lr_schedule()
+    warmup_steps: int = shared.warmup_steps()
+    clip_grad: float = shared.clip_grad()
     ema_decay: float = setting(0.999, help="EMA decay of the saved weights (0: no EMA).")
     mixed_precision: str = setting("no", help="no, bf16 or fp16.")
     lora_rank: int = setting(16, help="sd15: LoRA rank.", min=1)
     lora_alpha: float | None = setting(None, help="sd15: LoRA alpha (default rank).")
-    quantize: str = setting("none", help="sd15: " + QUANTIZE_HELP)
-    optimizer: str = setting("adamw", help=OPTIMIZER_HELP)
-    report_to: str = setting("none", help=REPORT_TO_HELP)
-    embedding_cache: str | None = setting(None, help=EMBEDDING_CACHE_HELP)
-    offload_text_encoders: bool = setting(
-        True, help="sd15: move the text encoder to the CPU once prompts are embedded."
+    quantize: str = shared.quantize("sd15: ")
+    optimizer: str = shared.optimizer()
+    report_to: str = shared.report_to()
+    embedding_cache: str | None = shared.embedding_cache()
+    offload_text_encoders: bool = shared.offload_text_encoders(
+        "sd15: move the text encoder to the CPU once prompts are embedded."
     )
     device: str = setting("auto", help="auto, cpu or cuda.")
     seed: int = setting(0, help="Seed of data order, noise and timesteps.")
     eval_every: int = setting(100, help="Range loss every N steps.", min=1)
     eval_images: int = setting(8, help="Images in the range-loss eval.", min=1)
-    save_every: int = setting(500, help="Checkpoint every N steps.", min=1)
-    log_every: int = setting(10, help="Log the loss every N steps.", min=1)
-    stop_at: int | None = setting(
-        None, help="Stop (with a checkpoint) here; --resume later.", min=1
-    )
-    resume: bool = setting(False, help="Continue the run in --out.")
-    overwrite: bool = setting(
-        False,
-        help="Replace the run in --out (its checkpoints, metrics and model) with a new one.",
-    )
+    save_every: int = shared.save_every(500)
+    log_every: int = shared.log_every(10)
+    stop_at: int | None = shared.stop_at()
+    resume: bool = shared.resume()
+    overwrite: bool = shared.overwrite()
 
 
 @dataclass

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import dd.training.settings as shared
 from dd.data.augment import AugmentConfig, ShrinkSpec, parse_shrink_spec, to_tensor, train_pair
 from dd.data.datasets import Sample, load_mask, read_dataset
 from dd.data.images import load_image
@@ -77,7 +78,7 @@ from dd.runtime.config import setting
 from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
-from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
+from dd.runtime.tracking import check_report_to
 from dd.training.loop import (
     Evaluation,
     LoopSettings,
@@ -124,12 +125,7 @@ class TrainConfig:
     detector: str = setting(
         "segformer", help="Detector plugin to train (one that implements TrainableDetector)."
     )
-    detector_options: dict[str, Any] = setting(
-        factory=dict,
-        help="Detector option KEY=VALUE (e.g. variant=b5).",
-        flags=("--option", "--detector-option", "-O"),
-        text="options",
-    )
+    detector_options: dict[str, Any] = shared.detector_options()
     val: list[str] = setting(
         factory=list,
         help="Validation dataset (repeatable); default: hold out --val-fraction.",
@@ -149,19 +145,19 @@ class TrainConfig:
     size: int | None = setting(
         None, help="Training crop size; the loss is computed at it (default: input size)."
     )
-    steps: int = setting(1000, help="Optimizer steps in total.", min=1)
+    steps: int = shared.train_steps(1000)
     batch_size: int = setting(8, help="Samples per process per batch.", min=1)
-    grad_accum: int = setting(1, help="Batches accumulated per optimizer step.", min=1)
-    lr: float = setting(6e-5, help="Peak learning rate (AdamW).")
-    weight_decay: float = setting(0.01, help="AdamW weight decay.")
+    grad_accum: int = shared.grad_accum("Batches accumulated per optimizer step.")
+    lr: float = shared.lr(6e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = shared.weight_decay(0.01)
     betas: tuple[float, float] = setting((0.9, 0.999), help="AdamW betas B1,B2.", text="pair")
-    warmup_steps: int | None = setting(
-        None, help="Linear warmup steps (default: 5% of --steps).", min=0
+    warmup_steps: int | None = shared.warmup_steps(
+        None, "Linear warmup steps (default: 5% of --steps)."
     )
     min_lr_ratio: float = setting(
         0.0, help="Final learning rate of the cosine, as a fraction of --lr."
     )
-    clip_grad: float = setting(1.0, help="Clip the gradient norm to this (0: off).")
+    clip_grad: float = shared.clip_grad()
     #: ``mse`` (seed 000, Eq. 1) or ``bce`` (binary cross-entropy on the same maps).
     loss: str = setting(
         "mse", help="mse (seed 000, Eq. 1) or bce (stronger gradient from scratch)."
@@ -239,17 +235,12 @@ class TrainConfig:
     patience: int | None = setting(
         None, help="Stop after this many validations without improvement.", min=1
     )
-    save_every: int = setting(500, help="Checkpoint every N steps.", min=1)
-    log_every: int = setting(10, help="Log the loss every N steps.", min=1)
-    stop_at: int | None = setting(
-        None, help="Stop (with a checkpoint) at this step; continue later with --resume.", min=1
-    )
-    resume: bool = setting(False, help="Continue the run in --out from its last checkpoint.")
-    overwrite: bool = setting(
-        False,
-        help="Replace the run in --out (its checkpoints, metrics and model) with a new one.",
-    )
-    report_to: str = setting("none", help=REPORT_TO_HELP)
+    save_every: int = shared.save_every(500)
+    log_every: int = shared.log_every(10)
+    stop_at: int | None = shared.stop_at()
+    resume: bool = shared.resume()
+    overwrite: bool = shared.overwrite()
+    report_to: str = shared.report_to()
 
     def resolved(self) -> dict[str, Any]:
         d = asdict(self)

@@ -66,14 +66,13 @@ from typing import Any
 import numpy as np
 import torch
 
+import dd.training.settings as shared
 from dd.data.images import load_training_image
 from dd.data.prompts import read_prompts, read_reg_data
 from dd.errors import DDError, UsageError
 from dd.inference import generate_batches
 from dd.ops.quantize import (
-    OPTIMIZER_HELP,
     OPTIMIZERS,
-    QUANTIZE_HELP,
     QUANTIZE_MODES,
     check_available,
     make_optimizer,
@@ -90,7 +89,7 @@ from dd.runtime.config import check_settings, setting
 from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
-from dd.runtime.tracking import REPORT_TO_HELP, check_report_to
+from dd.runtime.tracking import check_report_to
 from dd.training.draws import EpochOrder, noise_seed
 from dd.training.loop import (
     Evaluation,
@@ -105,7 +104,6 @@ from dd.training.loop import (
 from dd.training.outputs import TIMING_FIELDS  # noqa: F401 - re-exported
 from dd.training.outputs import plot_curves as write_curves
 from dd.training.setup import (
-    EMBEDDING_CACHE_HELP,
     PRECISIONS,
     RESUMABLE,
     embed_prompts,
@@ -147,32 +145,18 @@ class TreatConfig:
     backbone: str | None = setting(
         None, help="Backbone plugin: flux, sd15, sd3, sdxl (see `dd plugins`)."
     )
-    model: str | None = setting(
-        None, help="Diffusers folder, single .safetensors file or hub id of the model."
-    )
-    backbone_options: dict[str, Any] = setting(
-        factory=dict,
-        flags=("--backbone-option", "-B"),
-        text="options",
-        help="Backbone option KEY=VALUE (e.g. max_sequence_length=256).",
+    model: str | None = shared.model()
+    backbone_options: dict[str, Any] = shared.backbone_options(
+        "Backbone option KEY=VALUE (e.g. max_sequence_length=256)."
     )
     detector: str = setting("segformer", help="Detector plugin.")
-    detector_weights: str | None = setting(
-        None,
-        flags=("--detector-weights", "--weights"),
-        help="Detector weights: file, folder or hub id.",
-    )
-    detector_options: dict[str, Any] = setting(
-        factory=dict,
-        flags=("--option", "--detector-option", "-O"),
-        text="options",
-        help="Detector option KEY=VALUE (e.g. variant=b5).",
-    )
+    detector_weights: str | None = shared.detector_weights()
+    detector_options: dict[str, Any] = shared.detector_options()
     prompts: str | None = setting(
         None, help="Training prompts: .txt (one per line), .jsonl or .json."
     )
     eval_prompts: str | None = setting(None, help="Held-out prompts evaluated at fixed seeds.")
-    out: str | None = setting(None, flags=("--out", "-o"), help="Run folder.")
+    out: str | None = shared.run_folder()
     resolution: int | None = setting(None, help="Image size (square); default: the backbone's.")
     steps: int | None = setting(None, help="Sampling (denoising) steps; default: the backbone's.")
     guidance: float | None = setting(None, help="Guidance scale (FLUX dev: embedded; SD: CFG).")
@@ -181,14 +165,14 @@ class TreatConfig:
         "auto", help="auto, cpu or cuda (under accelerate launch: one GPU per process)."
     )
     seed: int = setting(0, help="Seed of prompt order, noise and LoRA init.")
-    train_steps: int = setting(1000, min=1, help="Optimizer steps in total.")
+    train_steps: int = shared.train_steps(1000)
     batch_size: int = setting(1, min=1, help="Samples per process per micro-batch.")
-    grad_accum: int = setting(1, min=1, help="Micro-batches accumulated per optimizer step.")
-    lr: float = setting(1e-4, help="AdamW learning rate (paper: 1e-4).")
-    weight_decay: float = setting(1e-2, help="AdamW weight decay.")
-    lr_schedule: str = setting("constant", help="constant or cosine (after warmup).")
-    warmup_steps: int = setting(0, min=0, help="Linear warmup steps.")
-    clip_grad: float = setting(1.0, help="Clip the gradient norm (0: off).")
+    grad_accum: int = shared.grad_accum()
+    lr: float = shared.lr(1e-4, "AdamW learning rate (paper: 1e-4).")
+    weight_decay: float = shared.weight_decay(1e-2)
+    lr_schedule: str = shared.lr_schedule()
+    warmup_steps: int = shared.warmup_steps()
+    clip_grad: float = shared.clip_grad()
     lora_rank: int = setting(16, min=1, help="LoRA rank (paper 16; the released code used 8).")
     lora_alpha: float | None = setting(None, help="LoRA alpha (default: the rank).")
     lora_targets: list[str] | None = setting(
@@ -216,12 +200,10 @@ class TreatConfig:
     vae_tiling: bool = setting(
         False, help="Decode with the VAE in tiles (less memory at large resolutions)."
     )
-    embedding_cache: str | None = setting(None, help=EMBEDDING_CACHE_HELP)
-    offload_text_encoders: bool = setting(
-        True, help="Move the text encoders to the CPU once every prompt is embedded."
-    )
-    quantize: str = setting("none", help=QUANTIZE_HELP)
-    optimizer: str = setting("adamw", help=OPTIMIZER_HELP)
+    embedding_cache: str | None = shared.embedding_cache()
+    offload_text_encoders: bool = shared.offload_text_encoders()
+    quantize: str = shared.quantize()
+    optimizer: str = shared.optimizer()
     reg_data: str | None = setting(
         None, help="Folder of real (image, prompt) pairs for the diffusion-loss regulariser."
     )
@@ -238,7 +220,7 @@ class TreatConfig:
     )
     eval_batch_size: int = setting(4, min=1, help="Images per eval batch.")
     patience: int | None = setting(None, min=1, help="Stop after P evals without a better mean.")
-    report_to: str = setting("none", help=REPORT_TO_HELP)
+    report_to: str = shared.report_to()
     quality: list[str] | None = setting(
         None,
         text="list",
@@ -258,18 +240,14 @@ class TreatConfig:
         help="Stop when eval images drift more than this from the untreated model's at the "
         "same seeds: mean |difference| of pixels in [0, 1] (collapse guard, e.g. 0.1).",
     )
-    save_every: int = setting(100, min=1, help="Checkpoint every N steps.")
+    save_every: int = shared.save_every(100)
     keep_checkpoints: int | None = setting(
         None, min=1, help="Keep only the newest N step-N checkpoints."
     )
-    log_every: int = setting(1, min=1, help="Log the loss every N steps.")
-    stop_at: int | None = setting(
-        None, min=1, help="Stop (with a checkpoint) at this step; --resume later."
-    )
-    resume: bool = setting(False, help="Continue the run in --out from its checkpoint.")
-    overwrite: bool = setting(
-        False, help="Replace the run in --out (its checkpoints, metrics and LoRA) with a new one."
-    )
+    log_every: int = shared.log_every(1)
+    stop_at: int | None = shared.stop_at()
+    resume: bool = shared.resume()
+    overwrite: bool = shared.overwrite("LoRA")
 
     plan: bool = setting(
         False,

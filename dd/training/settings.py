@@ -1,0 +1,115 @@
+"""The settings several commands share, declared once: each function returns the
+:func:`dd.runtime.config.setting` of one config field (flag, help, bound), so ``--lr`` or
+``--save-every`` reads and checks the same in ``dd treat``, ``dd dreambooth``,
+``dd refine train`` and ``dd train-detector``. A job passes its own default (and, where
+the job gives the setting a more specific meaning, its own help)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dd.ops.quantize import OPTIMIZER_HELP, QUANTIZE_HELP
+from dd.runtime.config import setting
+from dd.runtime.tracking import REPORT_TO_HELP
+from dd.training.setup import EMBEDDING_CACHE_HELP
+
+OVERWRITE_HELP = "Replace the run in --out (its checkpoints, metrics and {what}) with a new one."
+
+
+# -- models and plugins ------------------------------------------------------------------------
+def backbone_options(help: str = "Backbone option KEY=VALUE.") -> Any:
+    return setting(factory=dict, flags=("--backbone-option", "-B"), text="options", help=help)
+
+
+def detector_options(help: str = "Detector option KEY=VALUE (e.g. variant=b5).") -> Any:
+    return setting(
+        factory=dict, flags=("--option", "--detector-option", "-O"), text="options", help=help
+    )
+
+
+def detector_weights(help: str = "Detector weights: file, folder or hub id.") -> Any:
+    return setting(None, flags=("--detector-weights", "--weights"), help=help)
+
+
+def model(help: str = "Diffusers folder, single .safetensors file or hub id of the model.") -> Any:
+    return setting(None, help=help)
+
+
+# -- the run folder ----------------------------------------------------------------------------
+def run_folder(default: str | None = None, help: str = "Run folder.") -> Any:
+    return setting(default, flags=("--out", "-o"), help=help)
+
+
+def resume(help: str = "Continue the run in --out from its last checkpoint.") -> Any:
+    return setting(False, help=help)
+
+
+def overwrite(what: str = "model") -> Any:
+    return setting(False, help=OVERWRITE_HELP.format(what=what))
+
+
+# -- optimisation ------------------------------------------------------------------------------
+def train_steps(default: int, help: str = "Optimizer steps in total.") -> Any:
+    return setting(default, min=1, help=help)
+
+
+def grad_accum(help: str = "Micro-batches accumulated per optimizer step.") -> Any:
+    return setting(1, min=1, help=help)
+
+
+def lr(default: float = 1e-4, help: str = "AdamW learning rate.") -> Any:
+    return setting(default, help=help)
+
+
+def weight_decay(default: float = 1e-2) -> Any:
+    return setting(default, help="AdamW weight decay.")
+
+
+def lr_schedule() -> Any:
+    return setting("constant", help="constant or cosine (after warmup).")
+
+
+def warmup_steps(default: int | None = 0, help: str = "Linear warmup steps.") -> Any:
+    return setting(default, min=0, help=help)
+
+
+def clip_grad() -> Any:
+    return setting(1.0, help="Clip the gradient norm (0: off).")
+
+
+def quantize(help_prefix: str = "") -> Any:
+    return setting("none", help=help_prefix + QUANTIZE_HELP)
+
+
+def optimizer() -> Any:
+    return setting("adamw", help=OPTIMIZER_HELP)
+
+
+# -- memory ------------------------------------------------------------------------------------
+def embedding_cache() -> Any:
+    return setting(None, help=EMBEDDING_CACHE_HELP)
+
+
+def offload_text_encoders(
+    help: str = "Move the text encoders to the CPU once every prompt is embedded.",
+) -> Any:
+    return setting(True, help=help)
+
+
+# -- logging and checkpoints -------------------------------------------------------------------
+def report_to() -> Any:
+    return setting("none", help=REPORT_TO_HELP)
+
+
+def save_every(default: int) -> Any:
+    return setting(default, min=1, help="Checkpoint every N steps.")
+
+
+def log_every(default: int) -> Any:
+    return setting(default, min=1, help="Log the loss every N steps.")
+
+
+def stop_at() -> Any:
+    return setting(
+        None, min=1, help="Stop (with a checkpoint) at this step; continue later with --resume."
+    )
