@@ -76,25 +76,11 @@ from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import check_report_to
+from dd.training import loop
 from dd.training.draws import EpochOrder, noise_seed
-from dd.training.loop import (
-    Evaluation,
-    LoopSettings,
-    Recipe,
-    Run,
-    Setup,
-    StepLoss,
-    fit,
-    loop_settings,
-)
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
-from dd.training.setup import (
-    PRECISIONS,
-    RESUMABLE,
-    embed_prompts,
-    training_accelerator,
-)
+from dd.training.setup import PRECISIONS, RESUMABLE, embed_prompts, training_accelerator
 
 __all__ = [
     "WEIGHTINGS",
@@ -469,7 +455,7 @@ class _DreamBoothData:
     # -- data ---------------------------------------------------------------------------------
 
 
-class _DreamBooth(_DreamBoothData, Recipe):
+class _DreamBooth(_DreamBoothData, loop.Recipe):
     """The recipe of ``dd dreambooth`` for :func:`dd.training.loop.fit`: the model, the
     cached latents and prompt embeddings, the DreamBooth objective and validation."""
 
@@ -555,11 +541,11 @@ class _DreamBooth(_DreamBoothData, Recipe):
             bb.enable_gradient_checkpointing(steps=False, vae=False)
         self._cache_latents()
 
-        result = fit(self, self._settings(), self.out, self.reporter, resume_from=last)
+        result = loop.fit(self, self._settings(), self.out, self.reporter, resume_from=last)
         return result.output
 
-    def _settings(self) -> LoopSettings:
-        return loop_settings(
+    def _settings(self) -> loop.LoopSettings:
+        return loop.loop_settings(
             self.cfg,
             eval_every=self.cfg.validation_every,
             keep_step_checkpoints=True,
@@ -572,7 +558,7 @@ class _DreamBooth(_DreamBoothData, Recipe):
     def initial_state(self) -> dict[str, Any]:
         return {"position": 0, "validated": []}
 
-    def setup(self, run: Run) -> Setup:
+    def setup(self, run: loop.Run) -> loop.Setup:
         cfg, bb = self.cfg, self.bb
         bb.add_lora(
             rank=cfg.lora_rank,
@@ -597,7 +583,7 @@ class _DreamBooth(_DreamBoothData, Recipe):
             + f", {cfg.resolution}px, batch {cfg.batch_size} x {self.world} x {cfg.grad_accum}"
             + (f", {cfg.weighting} timesteps (shift {cfg.timestep_shift:g})" if self.flow else "")
         )
-        return Setup(objective, names, params, optimizer)
+        return loop.Setup(objective, names, params, optimizer)
 
     def _timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         cfg, bb = self.cfg, self.bb
@@ -615,7 +601,7 @@ class _DreamBooth(_DreamBoothData, Recipe):
         )
         return s * bb.num_train_timesteps
 
-    def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
+    def micro_batch(self, run: loop.Run, micro: int) -> dict[str, Any]:
         cfg, st = self.cfg, run.state
         bs = cfg.batch_size
         first = st["position"] + (micro * self.world + self.rank) * bs
@@ -639,17 +625,17 @@ class _DreamBooth(_DreamBoothData, Recipe):
         cond = Conditioning.cat([self.conds[p] for p in prompts])
         return {"x0": x0, "cond": cond, "noise": noise, "t": t, "is_class": is_class}
 
-    def loss(self, run: Run, b: dict[str, Any]) -> StepLoss:
+    def loss(self, run: loop.Run, b: dict[str, Any]) -> loop.StepLoss:
         per = run.wrapped(b["x0"], b["cond"], b["noise"], b["t"])
         mask = torch.tensor(b["is_class"], device=per.device)
         inst = per[~mask].mean()
         if not mask.any():
-            return StepLoss(inst, {"loss": inst})
+            return loop.StepLoss(inst, {"loss": inst})
         prior = per[mask].mean()
         loss = inst + self.cfg.prior_loss_weight * prior
-        return StepLoss(loss, {"loss": inst, "prior_loss": prior})
+        return loop.StepLoss(loss, {"loss": inst, "prior_loss": prior})
 
-    def end_step(self, run: Run) -> None:
+    def end_step(self, run: loop.Run) -> None:
         run.state["position"] += self.cfg.batch_size * self.world * self.cfg.grad_accum
 
     # -- validation ---------------------------------------------------------------------------
@@ -686,7 +672,7 @@ class _DreamBooth(_DreamBoothData, Recipe):
                 losses.append(objective(x0, c, noise, t).mean().item())
         return float(np.mean(losses))
 
-    def evaluate(self, run: Run) -> Evaluation:
+    def evaluate(self, run: loop.Run) -> loop.Evaluation:
         from PIL import Image
 
         from dd.report.grid import image_grid, to_uint8
@@ -729,14 +715,14 @@ class _DreamBooth(_DreamBoothData, Recipe):
         }
         st["validated"] = sorted(set(st["validated"]) | {step})
         self.log(f"step {step}: instance loss {inst_loss:.5f}")
-        return Evaluation(rec, summary=f"instance loss {inst_loss:.4f}")
+        return loop.Evaluation(rec, summary=f"instance loss {inst_loss:.4f}")
 
     # -- checkpoints --------------------------------------------------------------------------
-    def save_checkpoint(self, run: Run, folder: Path) -> None:
+    def save_checkpoint(self, run: loop.Run, folder: Path) -> None:
         save_lora_file(self.bb, folder)
 
     # -- outputs ------------------------------------------------------------------------------
-    def finish(self, run: Run, reason: str) -> DreamBoothResult:
+    def finish(self, run: loop.Run, reason: str) -> DreamBoothResult:
         st = run.state
         records = run.records
         vals = [r for r in records if r.get("type") == "validation"]

@@ -66,25 +66,11 @@ from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import check_report_to
+from dd.training import loop
 from dd.training.draws import EpochOrder
-from dd.training.loop import (
-    Evaluation,
-    LoopSettings,
-    Recipe,
-    Run,
-    Setup,
-    StepLoss,
-    fit,
-    loop_settings,
-)
 from dd.training.outputs import plot_curves
 from dd.training.schedule import SCHEDULES
-from dd.training.setup import (
-    PRECISIONS,
-    RESUMABLE,
-    embed_prompts,
-    training_accelerator,
-)
+from dd.training.setup import PRECISIONS, RESUMABLE, embed_prompts, training_accelerator
 
 #: refine train takes accelerate's names for the precisions.
 MIXED_PRECISIONS = tuple(PRECISIONS.values())
@@ -325,7 +311,7 @@ def _check_config(c: RefineTrainConfig) -> None:
     train_timestep_range(c.late_steps or "")
 
 
-class _RangeTraining(Recipe):
+class _RangeTraining(loop.Recipe):
     """The recipe of ``dd refine train`` for :func:`dd.training.loop.fit`: the model, the
     data and the range objective; the loop does the rest."""
 
@@ -345,8 +331,8 @@ class _RangeTraining(Recipe):
     def log(self, msg: str) -> None:
         self.reporter.message(msg)
 
-    def _settings(self) -> LoopSettings:
-        return loop_settings(
+    def _settings(self) -> loop.LoopSettings:
+        return loop.loop_settings(
             self.cfg,
             run_name="dd-refine-train",
             title="refine train",
@@ -389,7 +375,7 @@ class _RangeTraining(Recipe):
         self.eval_prompts = [self.data[i][1] for i in range(n_eval)]
         if self.main:
             mark_run_folder(self.out, "refine train")
-        result = fit(self, self._settings(), self.out, self.reporter, resume_from=last)
+        result = loop.fit(self, self._settings(), self.out, self.reporter, resume_from=last)
         st = result.state
         return RefineTrainResult(
             self.out,
@@ -404,7 +390,7 @@ class _RangeTraining(Recipe):
     def initial_state(self) -> dict[str, Any]:
         return {"position": 0, "first_loss": None, "last": None}
 
-    def setup(self, run: Run) -> Setup:
+    def setup(self, run: loop.Run) -> loop.Setup:
         cfg, bb, acc = self.cfg, self.bb, self.acc
         if training_mode(cfg.backbone) == "full":
             self.kind = "full"
@@ -435,7 +421,7 @@ class _RangeTraining(Recipe):
             f"(--late-steps {cfg.late_steps}) with {len(self.data)} images at "
             f"{cfg.resolution}px; batch {cfg.batch_size} x {self.world} x {cfg.grad_accum}"
         )
-        return Setup(RangeObjective(bb, self.lo, self.hi), names, self.params, optimizer)
+        return loop.Setup(RangeObjective(bb, self.lo, self.hi), names, self.params, optimizer)
 
     def _image(self, index: int) -> torch.Tensor:
         from dd.data.images import load_training_image
@@ -447,7 +433,7 @@ class _RangeTraining(Recipe):
             return img
         return self._cache[index]
 
-    def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
+    def micro_batch(self, run: loop.Run, micro: int) -> dict[str, Any]:
         from dd.training.draws import noise_seed
 
         cfg = self.cfg
@@ -459,14 +445,14 @@ class _RangeTraining(Recipe):
             "seed": noise_seed(cfg.seed, 12, first),
         }
 
-    def loss(self, run: Run, batch: dict[str, Any]) -> StepLoss:
-        return StepLoss(run.wrapped(**batch))
+    def loss(self, run: loop.Run, batch: dict[str, Any]) -> loop.StepLoss:
+        return loop.StepLoss(run.wrapped(**batch))
 
-    def after_optimizer_step(self, run: Run) -> None:
+    def after_optimizer_step(self, run: loop.Run) -> None:
         if self.ema is not None:
             self.ema.step(self.params)
 
-    def end_step(self, run: Run) -> None:
+    def end_step(self, run: loop.Run) -> None:
         run.state["position"] += self.cfg.batch_size * run.world * self.cfg.grad_accum
 
     @contextlib.contextmanager
@@ -481,7 +467,7 @@ class _RangeTraining(Recipe):
         finally:
             self.ema.restore(self.params)
 
-    def evaluate(self, run: Run) -> Evaluation:
+    def evaluate(self, run: loop.Run) -> loop.Evaluation:
         """The range loss of the weights that get saved (the EMA ones)."""
         den, st = self.bb.denoiser, run.state
         den.eval()
@@ -501,7 +487,7 @@ class _RangeTraining(Recipe):
             st["first_loss"] = loss
         st["last"] = loss
         self.log(f"step {st['step']}: range loss {loss:.5f}")
-        return Evaluation(
+        return loop.Evaluation(
             {"type": "eval", "step": st["step"], "range_loss": loss},
             summary=f"range loss {st['first_loss']:.4f} -> {loss:.4f}",
         )
@@ -510,14 +496,14 @@ class _RangeTraining(Recipe):
     def _config_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self.cfg).items() if k not in RESUMABLE}
 
-    def trainer_record(self, run: Run) -> dict[str, Any]:
+    def trainer_record(self, run: loop.Run) -> dict[str, Any]:
         return {"config": self._config_dict()}
 
-    def save_checkpoint(self, run: Run, folder: Path) -> None:
+    def save_checkpoint(self, run: loop.Run, folder: Path) -> None:
         if self.ema is not None:
             save_tensors(folder / "ema.pt", self.ema.state_dict())
 
-    def load_checkpoint(self, run: Run, folder: Path, trainer: dict[str, Any]) -> None:
+    def load_checkpoint(self, run: loop.Run, folder: Path, trainer: dict[str, Any]) -> None:
         check_same_settings(
             self.out, "checkpoints/last/trainer.json", trainer.get("config", {}),
             self._config_dict(), RESUMABLE,
@@ -526,7 +512,7 @@ class _RangeTraining(Recipe):
             self.ema.load_state_dict(load_tensors(folder / "ema.pt"))
 
     # -- outputs ---------------------------------------------------------------------------
-    def finish(self, run: Run, reason: str) -> None:
+    def finish(self, run: loop.Run, reason: str) -> None:
         cfg, st = self.cfg, run.state
         if not self.main:
             return

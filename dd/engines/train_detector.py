@@ -79,16 +79,7 @@ from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import check_report_to
-from dd.training.loop import (
-    Evaluation,
-    LoopSettings,
-    Recipe,
-    Run,
-    Setup,
-    StepLoss,
-    fit,
-    loop_settings,
-)
+from dd.training import loop
 from dd.training.outputs import plot_curves as write_curves
 from dd.training.setup import PRECISIONS, RESUMABLE, training_accelerator
 
@@ -579,7 +570,7 @@ class _TrainData:
             return batch
 
 
-class _DetectorTraining(Recipe):
+class _DetectorTraining(loop.Recipe):
     """The recipe of ``dd train-detector`` for :func:`dd.training.loop.fit`: the detector,
     its data (:class:`_TrainData`), the map loss, shrink-and-pad checks and validation."""
 
@@ -630,12 +621,12 @@ class _DetectorTraining(Recipe):
         with warnings.catch_warnings():
             # DDP warns that depthwise-conv gradients have other (equivalent) strides.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-            result = fit(self, self._settings(), self.out, self.reporter, resume_from=last)
+            result = loop.fit(self, self._settings(), self.out, self.reporter, resume_from=last)
         return result.output
 
-    def _settings(self) -> LoopSettings:
+    def _settings(self) -> loop.LoopSettings:
         c = self.cfg
-        return loop_settings(
+        return loop.loop_settings(
             c,
             train_steps=c.steps,
             device_specific_seed=True,
@@ -693,7 +684,7 @@ class _DetectorTraining(Recipe):
             "dynamic": [],
         }
 
-    def setup(self, run: Run) -> Setup:
+    def setup(self, run: loop.Run) -> loop.Setup:
         cfg, detector = self.cfg, self.detector
         input_size = tuple(detector.input_size)
         size = (cfg.size, cfg.size) if cfg.size else input_size
@@ -720,29 +711,29 @@ class _DetectorTraining(Recipe):
         names = [n for n, _ in detector.named_parameters()]
         params = list(detector.parameters())
         module = _LogitsModule(detector)
-        return Setup(module, names, params, optimizer, extra=[self.data.loader])
+        return loop.Setup(module, names, params, optimizer, extra=[self.data.loader])
 
-    def before_step(self, run: Run) -> None:
+    def before_step(self, run: loop.Run) -> None:
         cfg = self.cfg
         if cfg.shrink_threshold is not None and run.state["step"] % cfg.shrink_every == 0:
             self._refresh_shrink(run)
         run.wrapped.train()
 
-    def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
+    def micro_batch(self, run: loop.Run, micro: int) -> dict[str, Any]:
         return self.data.next_batch(run.prepared[0], run.state)
 
-    def loss(self, run: Run, batch: dict[str, Any]) -> StepLoss:
+    def loss(self, run: loop.Run, batch: dict[str, Any]) -> loop.StepLoss:
         cfg = self.cfg
         logits = run.wrapped(batch["image"])
         target = dilate_targets(batch["target"], cfg.mask_dilate)
-        return StepLoss(
+        return loop.StepLoss(
             detector_loss(logits, target, batch["weight"], cfg.loss, pos_weight=cfg.pos_weight)
         )
 
-    def train_fields(self, run: Run) -> dict[str, Any]:
+    def train_fields(self, run: loop.Run) -> dict[str, Any]:
         return {"epoch": run.state["epoch"]}
 
-    def _refresh_shrink(self, run: Run) -> None:
+    def _refresh_shrink(self, run: loop.Run) -> None:
         """On-the-fly shrink-and-pad (seed 000, Sec. 3.2): flag the pseudo-labelled training
         samples (``shrink_scope="all"``: every sample) whose predicted max confidence
         (current model, no augmentation, in batches of ``val_batch_size``) is below the
@@ -779,7 +770,7 @@ class _DetectorTraining(Recipe):
         run.record({"type": "shrink_pad", "step": run.state["step"], "flagged": len(flagged)})
 
     # -- validation ------------------------------------------------------------------------------
-    def evaluate(self, run: Run) -> Evaluation | None:
+    def evaluate(self, run: loop.Run) -> loop.Evaluation | None:
         """Metrics on the held-out split (all processes; gathered)."""
         from accelerate.utils import gather_object
 
@@ -802,9 +793,9 @@ class _DetectorTraining(Recipe):
         value = result[cfg.select_metric]
         score = float("nan") if value is None else float(value)  # never the best
         rec = {"type": "val", "step": st["step"], "epoch": st["epoch"]} | json_safe(result)
-        return Evaluation(rec, score=score, summary=f"{cfg.select_metric} {score:.4f}")
+        return loop.Evaluation(rec, score=score, summary=f"{cfg.select_metric} {score:.4f}")
 
-    def after_evaluation(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
+    def after_evaluation(self, run: loop.Run, evaluation: loop.Evaluation, improved: bool) -> None:
         cfg, st = self.cfg, run.state
         value = evaluation.score
         shown = f"{value:.5f}" if value is not None and not math.isnan(value) else "n/a"
@@ -813,7 +804,7 @@ class _DetectorTraining(Recipe):
             + (" (best)" if improved else f" (best: step {st['best_step'] or '-'})")
         )
 
-    def save_best(self, run: Run, folder: Path, evaluation: Evaluation) -> None:
+    def save_best(self, run: loop.Run, folder: Path, evaluation: loop.Evaluation) -> None:
         from dd.inference.metrics import json_safe
 
         _save_model(self.detector, folder / "model")
@@ -824,18 +815,18 @@ class _DetectorTraining(Recipe):
         )
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def save_weights(self, run: Run, folder: Path) -> None:
+    def save_weights(self, run: loop.Run, folder: Path) -> None:
         _save_model(self.detector, folder / "model")
 
-    def load_weights(self, run: Run, folder: Path) -> None:
+    def load_weights(self, run: loop.Run, folder: Path) -> None:
         self.detector.load_pretrained_weights(folder / "model")
 
-    def load_checkpoint(self, run: Run, folder: Path, trainer: dict[str, Any]) -> None:
+    def load_checkpoint(self, run: loop.Run, folder: Path, trainer: dict[str, Any]) -> None:
         dynamic = trainer["state"].get("dynamic", [])
         self.data.dataset.dynamic = {i: ShrinkSpec(*self.cfg.shrink_scale) for i in dynamic}
 
     # -- outputs ---------------------------------------------------------------------------------
-    def finish(self, run: Run, reason: str) -> TrainResult:
+    def finish(self, run: loop.Run, reason: str) -> TrainResult:
         cfg, st = self.cfg, run.state
         ckpt_dir = self.out / "checkpoints"
         model_dir = self.out / "model"
@@ -873,7 +864,7 @@ class _DetectorTraining(Recipe):
 
 
 def _model_card(
-    t: _DetectorTraining, run: Run, best: dict[str, Any] | None, stopped_early: bool
+    t: _DetectorTraining, run: loop.Run, best: dict[str, Any] | None, stopped_early: bool
 ) -> str:
     """The run's README.md: model, data, training, validation metrics, use and limits."""
     cfg, st, det = t.cfg, run.state, t.detector

@@ -90,25 +90,11 @@ from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
 from dd.runtime.tracking import check_report_to
+from dd.training import loop
 from dd.training.draws import EpochOrder, noise_seed
-from dd.training.loop import (
-    Evaluation,
-    LoopSettings,
-    Recipe,
-    Run,
-    Setup,
-    StepLoss,
-    fit,
-    loop_settings,
-)
 from dd.training.outputs import TIMING_FIELDS  # noqa: F401 - re-exported
 from dd.training.outputs import plot_curves as write_curves
-from dd.training.setup import (
-    PRECISIONS,
-    RESUMABLE,
-    embed_prompts,
-    training_accelerator,
-)
+from dd.training.setup import PRECISIONS, RESUMABLE, embed_prompts, training_accelerator
 
 __all__ = [
     "REDUCTIONS",
@@ -505,7 +491,7 @@ def _adopt_lora_shape(cfg: TreatConfig, bb: Any, log: Callable[[str], None]) -> 
     cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets = rank, alpha, targets
 
 
-class _Treater(Recipe):
+class _Treater(loop.Recipe):
     """The recipe of ``dd treat`` for :func:`dd.training.loop.fit`: the backbone with its
     LoRA, the frozen detector, the prompts and the treat objective; evaluation is
     :class:`_TreatEvaluator`'s."""
@@ -616,12 +602,12 @@ class _Treater(Recipe):
         )
         self.bb, self.det = bb, det
         self.evaluator = _TreatEvaluator(self)
-        result = fit(self, self._settings(), self.out, self.reporter, resume_from=self.last)
+        result = loop.fit(self, self._settings(), self.out, self.reporter, resume_from=self.last)
         return result.output
 
-    def _settings(self) -> LoopSettings:
+    def _settings(self) -> loop.LoopSettings:
         c = self.cfg
-        return loop_settings(
+        return loop.loop_settings(
             c,
             keep_step_checkpoints=True,
             score_name="eval mean confidence",
@@ -645,7 +631,7 @@ class _Treater(Recipe):
             "bad_evals": 0,
         }
 
-    def setup(self, run: Run) -> Setup:
+    def setup(self, run: loop.Run) -> loop.Setup:
         """The LoRA (its gaussian init draws from the generators ``fit`` seeded), the
         resolved config, the objective and the optimizer."""
         from diffusers.training_utils import cast_training_params
@@ -693,16 +679,16 @@ class _Treater(Recipe):
             f"K={cfg.grad_steps_random or cfg.grad_steps}, {cfg.reduction} loss"
             + (f", {len(self.reg_pairs)} regularisation pairs" if self.reg_pairs else "")
         )
-        return Setup(objective, names, params, optimizer)
+        return loop.Setup(objective, names, params, optimizer)
 
     # -- data ---------------------------------------------------------------------------------
-    def before_step(self, run: Run) -> None:
+    def before_step(self, run: loop.Run) -> None:
         cfg = self.cfg
         self._reg_now = (
             bool(self.reg_pairs) and cfg.reg_weight > 0 and run.state["step"] % cfg.reg_every == 0
         )
 
-    def micro_batch(self, run: Run, micro: int) -> dict[str, Any]:
+    def micro_batch(self, run: loop.Run, micro: int) -> dict[str, Any]:
         cfg, st = self.cfg, run.state
         bs = cfg.batch_size
         first = st["position"] + (micro * self.world + self.rank) * bs
@@ -729,14 +715,14 @@ class _Treater(Recipe):
             batch["reg_seed"] = noise_seed(cfg.seed, 5, rfirst)
         return batch
 
-    def loss(self, run: Run, batch: dict[str, Any]) -> StepLoss:
+    def loss(self, run: loop.Run, batch: dict[str, Any]) -> loop.StepLoss:
         out = run.wrapped(**batch)
         logged = {"loss": out["confidence"]}
         if self._reg_now:
             logged["reg_loss"] = out["reg"]
-        return StepLoss(out["loss"], logged)
+        return loop.StepLoss(out["loss"], logged)
 
-    def end_step(self, run: Run) -> None:
+    def end_step(self, run: loop.Run) -> None:
         cfg, st = self.cfg, run.state
         st["position"] += cfg.batch_size * self.world * cfg.grad_accum
         if self._reg_now:
@@ -745,18 +731,18 @@ class _Treater(Recipe):
             )
 
     # -- evaluation, best/ and checkpoints ----------------------------------------------------
-    def start(self, run: Run) -> None:
+    def start(self, run: loop.Run) -> None:
         if run.state["step"] > 0:  # resumed: the untreated model's images are on disk
             self.evaluator.load_base_images(run)
             run.eval_summary = self.evaluator.summary()
 
-    def evaluate(self, run: Run) -> Evaluation:
+    def evaluate(self, run: loop.Run) -> loop.Evaluation:
         return self.evaluator.evaluate(run)
 
-    def after_evaluation(self, run: Run, evaluation: Evaluation, improved: bool) -> None:
+    def after_evaluation(self, run: loop.Run, evaluation: loop.Evaluation, improved: bool) -> None:
         self.evaluator.report(run, evaluation, improved)
 
-    def save_best(self, run: Run, folder: Path, evaluation: Evaluation) -> None:
+    def save_best(self, run: loop.Run, folder: Path, evaluation: loop.Evaluation) -> None:
         rec = evaluation.record or {}
         save_lora_file(self.bb, folder)
         skip = ("images", "best", "eval_time_s")
@@ -766,11 +752,11 @@ class _Treater(Recipe):
             | {k: v for k, v in rec.items() if k not in skip},
         )
 
-    def save_checkpoint(self, run: Run, folder: Path) -> None:
+    def save_checkpoint(self, run: loop.Run, folder: Path) -> None:
         save_lora_file(self.bb, folder)
 
     # -- outputs ------------------------------------------------------------------------------
-    def finish(self, run: Run, reason: str) -> TreatResult:
+    def finish(self, run: loop.Run, reason: str) -> TreatResult:
         st = run.state
         evals = list(self.evaluator.evals)
         best = None
@@ -851,7 +837,7 @@ class _TreatEvaluator:
         gathered = sorted(gather_object(results), key=lambda r: r[0])
         return [r[1] for r in gathered], np.stack([r[2] for r in gathered])
 
-    def evaluate(self, run: Run) -> Evaluation:
+    def evaluate(self, run: loop.Run) -> loop.Evaluation:
         """Score the eval prompts at the eval seeds (all processes compute the same decision
         from gathered results); the loop keeps the best score and applies patience."""
         t, cfg, st = self.t, self.t.cfg, run.state
@@ -920,11 +906,11 @@ class _TreatEvaluator:
             )
         if t.main:
             self._write_grid(run, step, images_u8, scores)
-        return Evaluation(
+        return loop.Evaluation(
             rec, score=rec["mean"], eligible=not rejected, stop=stop, summary=self.summary()
         )
 
-    def report(self, run: Run, ev: Evaluation, improved: bool) -> None:
+    def report(self, run: loop.Run, ev: loop.Evaluation, improved: bool) -> None:
         rec, st = ev.record or {}, run.state
         quality = "".join(f" {k} {v:.4g}" for k, v in rec.get("quality", {}).items())
         rejected = rec.get("rejected")
@@ -936,7 +922,7 @@ class _TreatEvaluator:
             + (f" [rejected: {'; '.join(rejected)}]" if rejected else "")
         )
 
-    def load_base_images(self, run: Run) -> None:
+    def load_base_images(self, run: loop.Run) -> None:
         from dd.data.images import load_image
 
         folder = self.t.out / "eval" / "base"
@@ -951,7 +937,7 @@ class _TreatEvaluator:
         self.evals = [r for r in run.records if r.get("type") == "eval"]
 
     def _write_grid(
-        self, run: Run, step: int, images: np.ndarray, scores: list[dict[str, Any]]
+        self, run: loop.Run, step: int, images: np.ndarray, scores: list[dict[str, Any]]
     ) -> None:
         from dd.runtime.io import save_image_atomic
 
