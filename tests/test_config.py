@@ -147,3 +147,33 @@ def test_unknown_preset_key_stops_the_cli_before_loading_anything(cli, tmp_path)
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: unknown key 'steps_per_eval'")
     assert not (tmp_path / "o").exists()
+
+
+def test_declared_choices_and_bounds_are_checked_for_any_config():
+    """A config made in Python (not through the CLI's option checks) is held to its fields'
+    declared choices and lower bounds: one usage error naming the flag."""
+    import dataclasses
+
+    from dd.engines.refine_train import RefineTrainConfig
+    from dd.engines.treat import TreatConfig
+    from dd.errors import UsageError
+    from dd.runtime.config import check_declared, setting
+
+    @dataclasses.dataclass
+    class Toy:
+        mode: str = setting("a", help="A mode.", choices=("a", "b"))
+        steps: int | None = setting(None, help="Steps.", min=1, flags=("--n-steps",))
+
+    check_declared(Toy())
+    check_declared(Toy(mode="b", steps=3))
+    with pytest.raises(UsageError, match=r"unknown --mode 'c'.*") as e:
+        check_declared(Toy(mode="c", steps=0))  # the choice is reported first
+    assert "one of a, b" in e.value.hint
+    with pytest.raises(UsageError, match=r"--n-steps must be at least 1, got 0"):
+        check_declared(Toy(steps=0))
+    with pytest.raises(UsageError, match=r"unknown --quantize 'int3'"):
+        check_declared(TreatConfig(quantize="int3"))
+    with pytest.raises(UsageError, match=r"--save-every must be at least 1, got 0"):
+        check_declared(RefineTrainConfig(save_every=0))
+    with pytest.raises(UsageError, match=r"unknown --lr-schedule 'linear'"):
+        check_declared(RefineTrainConfig(lr_schedule="linear"))

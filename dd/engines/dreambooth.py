@@ -64,14 +64,12 @@ from dd.api.backbones import Conditioning
 from dd.data.images import load_training_image
 from dd.errors import DDError, UsageError
 from dd.ops.quantize import (
-    OPTIMIZERS,
-    QUANTIZE_MODES,
     check_available,
     make_optimizer,
     quantize_backbone,
 )
 from dd.runtime.checkpoint import LORA_FILE, prepare_run_folder, save_lora_file, save_run_config
-from dd.runtime.config import check_settings, setting
+from dd.runtime.config import check_declared, check_settings, setting
 from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
@@ -135,13 +133,15 @@ class DreamBoothConfig:
     prior_loss_weight: float = setting(1.0, help="Weight of the prior-preservation loss.")
     class_batch_size: int = setting(4, min=1, help="Images per batch when generating class images.")
     out: str | None = shared.run_folder()
-    resolution: int | None = setting(None, help="Training size (square); default: the backbone's.")
+    resolution: int | None = setting(
+        None, min=1, help="Training size (square); default: the backbone's."
+    )
     center_crop: bool = setting(
         True, help="Centre crop after resizing (--no-center-crop: one random crop per image)."
     )
     random_flip: bool = setting(False, help="Random horizontal flips.")
-    dtype: str = setting("fp32", help="Frozen models' dtype / mixed precision: fp32, bf16, fp16.")
-    device: str = setting("auto", help="auto, cpu or cuda.")
+    dtype: str = shared.dtype("Frozen models' dtype / mixed precision: fp32, bf16, fp16.")
+    device: str = shared.device()
     seed: int = setting(0, help="Seed of data order, noise, LoRA init.")
     train_steps: int = shared.train_steps(500)
     batch_size: int = setting(1, min=1, help="Instance images per micro-batch.")
@@ -160,7 +160,9 @@ class DreamBoothConfig:
     )
     lora_dropout: float = setting(0.0, help="LoRA dropout.")
     weighting: str = setting(
-        "logit_normal", help="Flow-matching timestep density: logit_normal, uniform or mode."
+        "logit_normal",
+        help="Flow-matching timestep density: logit_normal, uniform or mode.",
+        choices=WEIGHTINGS,
     )
     logit_mean: float = setting(0.0, help="logit_normal mean.")
     logit_std: float = setting(1.0, help="logit_normal std.")
@@ -306,33 +308,9 @@ def _check_dreambooth_config(c: DreamBoothConfig) -> None:
             "--prior-preservation needs --class-prompt",
             hint='e.g. --class-prompt "a photo of a man"',
         )
-    choices = [
-        ("quantize", c.quantize, QUANTIZE_MODES),
-        ("optimizer", c.optimizer, OPTIMIZERS),
-        ("weighting", c.weighting, WEIGHTINGS),
-        ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
-        ("dtype", c.dtype, tuple(PRECISIONS)),
-        ("device", c.device, DEVICES),
-    ]
-    positive = {
-        "num-class-images": c.num_class_images,
-        "class-batch-size": c.class_batch_size,
-        "train-steps": c.train_steps,
-        "batch-size": c.batch_size,
-        "grad-accum": c.grad_accum,
-        "lora-rank": c.lora_rank,
-        "validation-every": c.validation_every,
-        "save-every": c.save_every,
-        "log-every": c.log_every,
-        "stop-at": c.stop_at,
-        "resolution": c.resolution,
-        "steps": c.steps,
-    }
+    check_declared(c)  # choices and lower bounds of the fields
     checks = [
-        (c.lr > 0, "--lr must be above 0"),
-        (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-        (c.clip_grad >= 0, "--clip-grad must be 0 (off) or more"),
-        (c.weight_decay >= 0, "--weight-decay must be 0 or more"),
+        *shared.optimisation_checks(c),
         (c.prior_loss_weight >= 0, "--prior-loss-weight must be 0 or more"),
         (c.logit_std > 0, "--logit-std must be above 0"),
         (c.timestep_shift is None or c.timestep_shift > 0, "--timestep-shift must be > 0"),
@@ -340,7 +318,7 @@ def _check_dreambooth_config(c: DreamBoothConfig) -> None:
         (c.lora_alpha is None or c.lora_alpha > 0, "--lora-alpha must be above 0"),
         (len(set(c.validation_seeds)) == len(c.validation_seeds), "validation seeds repeat"),
     ]
-    check_settings(choices, positive, checks)
+    check_settings(checks=checks)
     check_available(c.quantize, c.optimizer)
     check_report_to(c.report_to)
     check_training_device(c.device, c.dtype)

@@ -47,8 +47,6 @@ import torch.nn.functional as F
 import dd.training.settings as shared
 from dd.errors import DDError, UsageError
 from dd.ops.quantize import (
-    OPTIMIZERS,
-    QUANTIZE_MODES,
     check_available,
     make_optimizer,
     quantize_backbone,
@@ -61,7 +59,7 @@ from dd.runtime.checkpoint import (
     save_tensors,
     swap_in,
 )
-from dd.runtime.config import check_settings, setting
+from dd.runtime.config import check_declared, check_settings, setting
 from dd.runtime.device import run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text, mark_run_folder
 from dd.runtime.progress import QUIET, Reporter, as_reporter
@@ -69,7 +67,6 @@ from dd.runtime.tracking import check_report_to
 from dd.training import loop
 from dd.training.draws import EpochOrder
 from dd.training.outputs import plot_curves
-from dd.training.schedule import SCHEDULES
 from dd.training.setup import PRECISIONS, RESUMABLE, embed_prompts, training_accelerator
 
 #: refine train takes accelerate's names for the precisions.
@@ -280,15 +277,10 @@ def _check_config(c: RefineTrainConfig) -> None:
             f"unknown --mixed-precision {c.mixed_precision!r}",
             hint=f"one of {', '.join(MIXED_PRECISIONS)}",
         )
-    if c.lr_schedule not in SCHEDULES:
-        raise UsageError(f"unknown --lr-schedule {c.lr_schedule!r}", hint="constant or cosine")
+    check_declared(c)  # choices and lower bounds of the fields
     if not 0 <= c.ema_decay < 1:
         raise UsageError(f"--ema-decay must be in [0, 1), got {c.ema_decay}")
-    if c.lr <= 0:
-        raise UsageError("--lr must be above 0")
-    check_settings(
-        [("quantize", c.quantize, QUANTIZE_MODES), ("optimizer", c.optimizer, OPTIMIZERS)]
-    )
+    check_settings(checks=shared.optimisation_checks(c))
     if c.quantize != "none" and mode == "full":
         raise DDError(
             f"--quantize {c.quantize} quantises a frozen denoiser under a LoRA, but "
@@ -302,9 +294,6 @@ def _check_config(c: RefineTrainConfig) -> None:
             "--from-scratch re-initialises a fully fine-tuned denoiser",
             hint=f"--backbone {c.backbone} trains a LoRA; drop --from-scratch",
         )
-    for name in ("train_steps", "batch_size", "grad_accum", "eval_every", "save_every"):
-        if getattr(c, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     on_cpu = c.device == "cpu" or not torch.cuda.is_available()
     if c.mixed_precision == "fp16" and on_cpu:
         raise UsageError("--mixed-precision fp16 needs a GPU", hint="use bf16 or no on the CPU")

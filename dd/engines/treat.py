@@ -72,8 +72,6 @@ from dd.data.prompts import read_prompts, read_reg_data
 from dd.errors import DDError, UsageError
 from dd.inference import generate_batches
 from dd.ops.quantize import (
-    OPTIMIZERS,
-    QUANTIZE_MODES,
     check_available,
     make_optimizer,
     quantize_backbone,
@@ -85,7 +83,7 @@ from dd.runtime.checkpoint import (
     save_lora_file,
     save_run_config,
 )
-from dd.runtime.config import check_settings, setting
+from dd.runtime.config import check_declared, check_settings, setting
 from dd.runtime.device import check_training_device, run_accelerated
 from dd.runtime.io import absolutize, atomic_write_json, atomic_write_text
 from dd.runtime.progress import QUIET, Reporter, as_reporter
@@ -143,13 +141,15 @@ class TreatConfig:
     )
     eval_prompts: str | None = setting(None, help="Held-out prompts evaluated at fixed seeds.")
     out: str | None = shared.run_folder()
-    resolution: int | None = setting(None, help="Image size (square); default: the backbone's.")
-    steps: int | None = setting(None, help="Sampling (denoising) steps; default: the backbone's.")
-    guidance: float | None = setting(None, help="Guidance scale (FLUX dev: embedded; SD: CFG).")
-    dtype: str = setting("fp32", help="Frozen models' dtype: fp32, bf16, fp16 (LoRA stays fp32).")
-    device: str = setting(
-        "auto", help="auto, cpu or cuda (under accelerate launch: one GPU per process)."
+    resolution: int | None = setting(
+        None, min=1, help="Image size (square); default: the backbone's."
     )
+    steps: int | None = setting(
+        None, min=1, help="Sampling (denoising) steps; default: the backbone's."
+    )
+    guidance: float | None = setting(None, help="Guidance scale (FLUX dev: embedded; SD: CFG).")
+    dtype: str = shared.dtype("Frozen models' dtype: fp32, bf16, fp16 (LoRA stays fp32).")
+    device: str = shared.device("auto, cpu or cuda (under accelerate launch: one GPU per process).")
     seed: int = setting(0, help="Seed of prompt order, noise and LoRA init.")
     train_steps: int = shared.train_steps(1000)
     batch_size: int = setting(1, min=1, help="Samples per process per micro-batch.")
@@ -175,6 +175,7 @@ class TreatConfig:
     )
     reduction: str = setting(
         "mean",
+        choices=REDUCTIONS,
         help="Per-image loss: mean (Eq. 2), max, sum (use a small --loss-scale, the "
         "released code: 1e-5) or weighted (mean over pixels above --weighted-threshold).",
     )
@@ -434,37 +435,9 @@ def _check_treat_config(c: TreatConfig) -> None:
         from dd.api.backbones import check_lora_source
 
         check_lora_source(c.init_lora, "--init-lora")
-    choices = [
-        ("quantize", c.quantize, QUANTIZE_MODES),
-        ("optimizer", c.optimizer, OPTIMIZERS),
-        ("reduction", c.reduction, REDUCTIONS),
-        ("lr-schedule", c.lr_schedule, LR_SCHEDULES),
-        ("dtype", c.dtype, tuple(PRECISIONS)),
-        ("device", c.device, DEVICES),
-    ]
-    positive = {
-        "train-steps": c.train_steps,
-        "batch-size": c.batch_size,
-        "grad-accum": c.grad_accum,
-        "lora-rank": c.lora_rank,
-        "grad-steps": c.grad_steps,
-        "reg-every": c.reg_every,
-        "eval-every": c.eval_every,
-        "eval-batch-size": c.eval_batch_size,
-        "save-every": c.save_every,
-        "log-every": c.log_every,
-        "patience": c.patience,
-        "keep-checkpoints": c.keep_checkpoints,
-        "stop-at": c.stop_at,
-        "reg-batch-size": c.reg_batch_size,
-        "resolution": c.resolution,
-        "steps": c.steps,
-    }
+    check_declared(c)  # choices and lower bounds of the fields
     checks = [
-        (c.lr > 0, "--lr must be above 0"),
-        (c.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-        (c.clip_grad >= 0, "--clip-grad must be 0 (off) or more"),
-        (c.weight_decay >= 0, "--weight-decay must be 0 or more"),
+        *shared.optimisation_checks(c),
         (c.reg_weight >= 0, "--reg-weight must be 0 or more"),
         (0 <= c.weighted_threshold < 1, "--weighted-threshold must be in [0, 1)"),
         (c.max_drift is None or c.max_drift > 0, "--max-drift must be above 0"),
@@ -472,7 +445,7 @@ def _check_treat_config(c: TreatConfig) -> None:
         (bool(c.eval_seeds), "--eval-seeds must name at least one seed"),
         (len(set(c.eval_seeds)) == len(c.eval_seeds), "--eval-seeds repeat a seed"),
     ]
-    check_settings(choices, positive, checks)
+    check_settings(checks=checks)
     check_available(c.quantize, c.optimizer)
     check_report_to(c.report_to)
     check_training_device(c.device, c.dtype)

@@ -364,6 +364,29 @@ def check_settings(
             raise UsageError(msg)
 
 
+def check_declared(config: Any) -> None:
+    """One-line usage errors for the values of ``config`` (a dataclass of
+    :func:`setting` fields) that break their declaration: first a value outside its
+    ``choices``, then a number under its ``min`` (None counts as unset), in field order."""
+    fields = [f for f in dataclasses.fields(config) if "help" in f.metadata]
+
+    def flag(f: Any) -> str:
+        return (f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",))[0]
+
+    for f in fields:
+        allowed = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if allowed is not None and value not in allowed:
+            raise UsageError(
+                f"unknown {flag(f)} {value!r}", hint=f"one of {', '.join(map(str, allowed))}"
+            )
+    for f in fields:
+        bound = f.metadata.get("min")
+        value = getattr(config, f.name)
+        if bound is not None and value is not None and value < bound:
+            raise UsageError(f"{flag(f)} must be at least {bound:g}, got {value}")
+
+
 # ------------------------------------------------------------------------------- declaring
 #: How the command line reads a setting that is not a plain str/int/float/bool.
 TEXT_FORMS = ("options", "list", "seeds", "pair")
@@ -378,6 +401,7 @@ def setting(
     min: float | None = None,
     text: str | None = None,
     cli: bool = True,
+    choices: tuple[str, ...] | None = None,
 ) -> Any:
     """A config field declared once: its default, its help text and how the command line
     spells it. The dataclass is then the source of the CLI options
@@ -390,11 +414,14 @@ def setting(
     ``seeds`` (``0,1``, a count ``N`` or a range ``A-B`` into a list of int), ``pair``
     (``LO,HI`` or one number into a tuple of two floats); ``cli=False``: not an option (the
     command takes it otherwise, e.g. as an argument, or only presets set it). A field
-    without a default is a required option.
+    without a default is a required option. ``choices``: the values allowed. Both ``min``
+    and ``choices`` are checked for any config, however made, by :func:`check_declared`.
     """
     if text is not None and text not in TEXT_FORMS:
         raise ValueError(f"text must be one of {TEXT_FORMS}, not {text!r}")
     meta = {"help": help, "flags": flags, "min": min, "text": text, "cli": cli}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from dd.ops.quantize import OPTIMIZER_HELP, QUANTIZE_HELP
+from dd.ops.quantize import OPTIMIZER_HELP, OPTIMIZERS, QUANTIZE_HELP, QUANTIZE_MODES
 from dd.runtime.config import setting
 from dd.runtime.tracking import REPORT_TO_HELP
-from dd.training.setup import EMBEDDING_CACHE_HELP
+from dd.training.schedule import SCHEDULES
+from dd.training.setup import EMBEDDING_CACHE_HELP, PRECISIONS
+
+#: The devices a training job runs on.
+DEVICES = ("auto", "cpu", "cuda")
 
 OVERWRITE_HELP = "Replace the run in --out (its checkpoints, metrics and {what}) with a new one."
 
@@ -66,7 +70,7 @@ def weight_decay(default: float = 1e-2) -> Any:
 
 
 def lr_schedule() -> Any:
-    return setting("constant", help="constant or cosine (after warmup).")
+    return setting("constant", help="constant or cosine (after warmup).", choices=SCHEDULES)
 
 
 def warmup_steps(default: int | None = 0, help: str = "Linear warmup steps.") -> Any:
@@ -78,11 +82,19 @@ def clip_grad() -> Any:
 
 
 def quantize(help_prefix: str = "") -> Any:
-    return setting("none", help=help_prefix + QUANTIZE_HELP)
+    return setting("none", help=help_prefix + QUANTIZE_HELP, choices=QUANTIZE_MODES)
 
 
 def optimizer() -> Any:
-    return setting("adamw", help=OPTIMIZER_HELP)
+    return setting("adamw", help=OPTIMIZER_HELP, choices=OPTIMIZERS)
+
+
+def dtype(help: str) -> Any:
+    return setting("fp32", help=help, choices=tuple(PRECISIONS))
+
+
+def device(help: str = "auto, cpu or cuda.") -> Any:
+    return setting("auto", help=help, choices=DEVICES)
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -113,3 +125,13 @@ def stop_at() -> Any:
     return setting(
         None, min=1, help="Stop (with a checkpoint) at this step; continue later with --resume."
     )
+
+
+def optimisation_checks(config: Any) -> list[tuple[bool, str]]:
+    """The checks of the shared optimiser settings that a lower bound cannot say, for
+    :func:`dd.runtime.config.check_settings`."""
+    return [
+        (config.lr > 0, "--lr must be above 0"),
+        (config.clip_grad >= 0, "--clip-grad must be 0 (off) or more"),
+        (config.weight_decay >= 0, "--weight-decay must be 0 or more"),
+    ]
