@@ -347,6 +347,7 @@ void with_flags(bool has_t, bool has_w, Fn&& fn) {
   }
 }
 
+// Deliberate copy: the CUDA file (artifact_confidence_cuda.cu) implements the same per-pixel math per thread.
 int64_t num_blocks(int64_t W) {
   return (W + kBlock - 1) / kBlock;
 }
@@ -384,6 +385,7 @@ std::tuple<at::Tensor, at::Tensor> acl_forward_cpu(
         const int64_t npix = g.H * g.W;
         const acc_t thr = static_cast<acc_t>(threshold);
         std::vector<Partial<acc_t>> parts(B * nblk);
+        // Deliberate copy: one loop per reduction (this: mean/sum/weighted forward), the reference's formula specialised at compile time; the max loops below repeat the shape.
         with_flags(has_t, has_w, [&](auto ht, auto hw) {
           constexpr bool HT = decltype(ht)::value;
           constexpr bool HW = decltype(hw)::value;
@@ -531,6 +533,7 @@ at::Tensor acl_backward_cpu(
         at::Tensor grad_strips = at::empty({B, g.h, g.W}, acc_opts);
         acc_t* strip_ptr = strips.data_ptr<acc_t>();
         acc_t* gstrip_ptr = grad_strips.data_ptr<acc_t>();
+        // Deliberate copy: the max reduction's loop, kept apart from the mean/sum/weighted loop above so neither branches per pixel.
         with_flags(has_t, has_w, [&](auto ht, auto hw) {
           constexpr bool HT = decltype(ht)::value;
           constexpr bool HW = decltype(hw)::value;

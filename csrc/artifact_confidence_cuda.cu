@@ -203,6 +203,7 @@ __device__ __forceinline__ void scatter(acc_t* g, int64_t w, const Sample<acc_t>
   atomicAdd(g + s.r1 * w + s.c1, s.lc * s.l1 * gp);
 }
 
+// Deliberate copy: one backward kernel per reduction (this: mean/sum/weighted), specialised so no thread branches on the reduction.
 template <typename scalar_t, typename acc_t>
 __global__ void backward_kernel(
     const scalar_t* __restrict__ grad,
@@ -239,6 +240,7 @@ __global__ void backward_kernel(
   scatter(gx + b * h * w, w, s, pixel_grad<scalar_t, acc_t>(s, d, t, wt, b * npix + idx));
 }
 
+// Deliberate copy: the max reduction's backward kernel (one sample per image), a sibling of the one above.
 template <typename scalar_t, typename acc_t>
 __global__ void max_backward_kernel(
     const scalar_t* __restrict__ grad,
@@ -265,6 +267,7 @@ __global__ void max_backward_kernel(
   scatter(gx + b * h * w, w, s, pixel_grad<scalar_t, acc_t>(s, d, t, wt, b * H * W + idx));
 }
 
+// Deliberate copy: the same per-pixel math as the CPU loops in artifact_confidence.cpp.
 int64_t blocks_for(int64_t n) {
   return (n + kThreads - 1) / kThreads;
 }

@@ -43,3 +43,47 @@ def loss_and_grad(fn, x, size, reduction, t, w, kernel=None):
     coef = torch.arange(1, x.shape[0] + 1, dtype=loss.dtype)
     (grad,) = torch.autograd.grad((loss * coef).sum(), x)
     return loss.detach(), grad
+
+
+# -- several processes (accelerate launch, torchrun) on the CPU -----------------------------
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_env() -> dict[str, str]:
+    """The environment of a two-process run on this machine: one thread each, offline."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def launch_dd_twice(args: list[str], timeout: int = 300):
+    """``accelerate launch`` of ``dd ARGS`` in two CPU processes (gloo); the finished
+    process (its ``returncode`` asserted to be 0, with the end of stderr as the message)."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "dd", *map(str, args),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=two_process_env(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_two_rank_checkpoint(run: Path) -> Path:
+    """The run's last checkpoint was written by a world of 2, with each rank's RNG state."""
+    import json
+
+    last = run / "checkpoints" / "last"
+    assert json.loads((last / "trainer.json").read_text())["world_size"] == 2
+    assert (last / "rng_rank0.pt").is_file() and (last / "rng_rank1.pt").is_file()
+    return last

@@ -21,6 +21,7 @@ from dd.engines.dreambooth import (
 )
 from dd.errors import DDError
 from dd.testing.tiny import tiny_pipeline_path
+from tests.helpers import launch_dd_twice
 
 SIZE = 32
 PROMPT = "a photo of a red cat"
@@ -283,25 +284,16 @@ def test_cli_runs_sd15(cli, tmp_path_factory, instance_dir, tmp_path):
 def test_two_cpu_processes_share_class_images(tiny_sd3, instance_dir, tmp_path):
     """Under `accelerate launch` the processes split class-image generation between them and
     train with a batch of one per process."""
-    import os
-    import subprocess
-    import sys
-
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "dd", "dreambooth", "--backbone", "sd3",
-        "--model", str(tiny_sd3), "-B", "max_sequence_length=32",
-        "--instance-dir", str(instance_dir), "--instance-prompt", PROMPT,
+    proc = launch_dd_twice([
+        "dreambooth", "--backbone", "sd3",
+        "--model", tiny_sd3, "-B", "max_sequence_length=32",
+        "--instance-dir", instance_dir, "--instance-prompt", PROMPT,
         "--class-prompt", CLASS_PROMPT, "--prior-preservation", "--num-class-images", "3",
-        "--class-batch-size", "1", "--out", str(run), "--resolution", str(SIZE),
+        "--class-batch-size", "1", "--out", run, "--resolution", SIZE,
         "--steps", "2", "--train-steps", "2", "--validation-every", "2",
         "--validation-seeds", "1", "--device", "cpu",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ])  # fmt: skip
     assert "batch 1 x 2 x 1" in proc.stderr
     names = sorted(p.name for p in (run / "class_images").iterdir())
     assert names == ["class-00000.png", "class-00001.png", "class-00002.png"]

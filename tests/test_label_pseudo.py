@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from dd.data.augment import ShrinkSpec, parse_shrink_spec
 from dd.data.datasets import read_dataset
 from dd.engines.pseudo import PseudoConfig, run_pseudo
 from dd.label.queue import write_queue
+from tests.helpers import free_port, two_process_env
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +49,8 @@ def _shard(out: Path, rank: int) -> list[dict]:
 def test_two_processes_split_the_pool_completely_and_disjointly(tmp_path, weights):
     pool = _pool(tmp_path / "pool", 24)
     out = tmp_path / "out"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    port = free_port()
+    env = two_process_env()
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "dd"]
     cmd += ["label", "pseudo", str(tmp_path / "pool"), "--out", str(out), "--weights", weights]

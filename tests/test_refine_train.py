@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from dd.engines.refine_train import (
     train_timestep_range,
 )
 from dd.testing.tiny import tiny_pipeline_path
+from tests.helpers import assert_two_rank_checkpoint, launch_dd_twice
 
 DET = ["-O", "variant=tiny", "-O", "input_size=32"]
 
@@ -210,27 +209,19 @@ def test_train_bad_input(cli, tiny_ldm, dataset, tmp_path):
 
 def test_two_cpu_processes_through_accelerate_launch(tiny_ldm, dataset, tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "dd", "refine", "train", "--backbone", "ldm",
-        "--late-steps", "500-750", "--data", str(dataset), "--init", str(tiny_ldm),
-        "--out", str(run), "--device", "cpu", "--resolution", "32", "--train-steps", "2",
+    proc = launch_dd_twice([
+        "refine", "train", "--backbone", "ldm",
+        "--late-steps", "500-750", "--data", dataset, "--init", tiny_ldm,
+        "--out", run, "--device", "cpu", "--resolution", "32", "--train-steps", "2",
         "--batch-size", "2", "--eval-every", "2", "--save-every", "1",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ])  # fmt: skip
     assert "batch 2 x 2 x 1" in proc.stderr
-    last = run / "checkpoints" / "last"
-    assert json.loads((last / "trainer.json").read_text())["world_size"] == 2
-    assert (last / "rng_rank0.pt").is_file() and (last / "rng_rank1.pt").is_file()
+    assert_two_rank_checkpoint(run)
     assert json.loads((run / "refine.json").read_text())["step"] == 2
 
 
 def test_run_records_name_inputs_by_absolute_path(tiny_ldm, dataset, tmp_path, monkeypatch):
     """--init and --data given relative: refine.json and config.toml work from anywhere."""
-    import os
 
     monkeypatch.chdir(Path(tiny_ldm).parent)
     init = os.path.relpath(tiny_ldm)

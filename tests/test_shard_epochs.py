@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+from tests.helpers import free_port
 from tests.test_shards import make_shards
 
 SCRIPT = r"""
@@ -60,9 +60,7 @@ def test_every_sample_once_per_epoch_across_two_processes_and_two_workers(tmp_pa
     spec = str(folder / "{000000..000002}.tar")
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     torchrun = Path(sys.executable).with_name("torchrun")

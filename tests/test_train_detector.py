@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from dd.engines.train_detector import (
     plot_curves,
 )
 from dd.training.schedule import lr_schedule
+from tests.helpers import assert_two_rank_checkpoint, launch_dd_twice
 
 TINY = ["--variant", "tiny", "--input-size", "64", "--batch-size", "4", "--log-every", "1"]
 ARTIFACT = (250, 20, 200)  # a magenta square is the artifact; its mask is exact
@@ -316,20 +314,13 @@ def test_empty_dataset_is_an_error(tmp_path, cli):
 def test_two_cpu_processes_through_accelerate_launch(tmp_path, data):
     """DDP over gloo with two CPU processes: both train, rank 0 writes a loadable model."""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "dd", "train-detector", str(data), "--out", str(run),
+    proc = launch_dd_twice([
+        "train-detector", data, "--out", run,
         "--cpu", *TINY[:4], "--batch-size", "2", "--steps", "3", "--workers", "0",
         "--val-every", "3", "--log-every", "1", "--val-fraction", "0.25",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ], timeout=240)  # fmt: skip
     assert "2 process(es), global batch 4" in proc.stderr
-    last = run / "checkpoints/last"
-    assert (last / "rng_rank0.pt").is_file() and (last / "rng_rank1.pt").is_file()
-    assert json.loads((last / "trainer.json").read_text())["world_size"] == 2
+    last = assert_two_rank_checkpoint(run)
     r0 = torch.load(last / "rng_rank0.pt", weights_only=True)["torch"]
     r1 = torch.load(last / "rng_rank1.pt", weights_only=True)["torch"]
     assert not torch.equal(r0, r1)  # each process has its own dropout stream

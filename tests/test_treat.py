@@ -11,9 +11,6 @@ against it lowers that too, but on tiny SD1.5 the held-out change stayed within 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +34,7 @@ from dd.errors import DDError
 from dd.inference.scores import map_scores
 from dd.testing.tiny import tiny_pipeline_path
 from dd.training.schedule import lr_schedule
+from tests.helpers import assert_two_rank_checkpoint, launch_dd_twice
 
 TRAIN_PROMPTS = [
     "a photo of a red cat",
@@ -501,24 +499,17 @@ def test_two_cpu_processes_through_accelerate_launch(
     tiny_flux, detector_dir, prompt_files, tmp_path
 ):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "dd", "treat", "--backbone", "flux",
-        "--model", str(tiny_flux), "--detector-weights", str(detector_dir),
-        "-O", "input_size=64", "--prompts", str(prompt_files[0]),
-        "--eval-prompts", str(prompt_files[1]), "--out", str(run), "--device", "cpu",
+    proc = launch_dd_twice([
+        "treat", "--backbone", "flux",
+        "--model", tiny_flux, "--detector-weights", detector_dir,
+        "-O", "input_size=64", "--prompts", prompt_files[0],
+        "--eval-prompts", prompt_files[1], "--out", run, "--device", "cpu",
         "--resolution", "64", "--steps", "2", "--train-steps", "2", "--eval-every", "2",
         "--save-every", "1", "--eval-seeds", "1",  # one seed: 0
         "-B", "max_sequence_length=32",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ])  # fmt: skip
     assert "2 process(es)" in proc.stderr
-    last = run / "checkpoints" / "last"
-    assert json.loads((last / "trainer.json").read_text())["world_size"] == 2
-    assert (last / "rng_rank0.pt").is_file() and (last / "rng_rank1.pt").is_file()
+    last = assert_two_rank_checkpoint(run)
     assert json.loads((last / "trainer.json").read_text())["state"]["position"] == 4
     lora = load_file(str(run / "pytorch_lora_weights.safetensors"))
     assert lora and any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)

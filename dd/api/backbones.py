@@ -1012,6 +1012,9 @@ class DDIMBackbone(Backbone):
     def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
         return ddim_schedule(self.pipe.scheduler.config, steps, device=self.device)
 
+    # Deliberate copy: the signature of the abstract Backbone.diffusion_loss it overrides
+    # (the keywords are the API).
+
     def diffusion_loss(
         self,
         images: torch.Tensor,

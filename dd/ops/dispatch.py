@@ -285,6 +285,8 @@ def _fused_forward(
     raise DDError(f"no fused kernel named {kernel!r}", hint="use cpp, cuda or triton")
 
 
+# Deliberate copy: the custom op's schema; its backward op below takes the same arguments plus the
+# gradient.
 @torch.library.custom_op("dd::artifact_confidence_loss", mutates_args=())
 def fused_op(
     logits: torch.Tensor,
@@ -306,6 +308,8 @@ def _fused_fake(logits, out_size, reduction, target, weight, threshold, kernel):
     return logits.new_empty((b,)), logits.new_empty((b,), dtype=torch.int64)
 
 
+# Deliberate copy: the arguments of fused_op above (torch.library needs each op's schema spelled
+# out).
 @torch.library.custom_op("dd::artifact_confidence_loss_backward", mutates_args=())
 def fused_backward_op(
     grad: torch.Tensor,
@@ -362,6 +366,9 @@ def _backward(ctx, grad_loss, grad_aux):
 
 
 fused_op.register_autograd(_backward, setup_context=_setup_context)
+
+# Deliberate copy: the public op keeps the reference's signature (dd/ops/reference.py) so either can
+# stand in for the other.
 
 
 def artifact_confidence_loss(

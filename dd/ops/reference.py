@@ -71,6 +71,9 @@ def check_args(
     return size
 
 
+# Deliberate copy: the signature of dd.ops.artifact_confidence_loss: the reference is the spec.
+
+
 def artifact_confidence_loss_reference(
     logits: torch.Tensor,
     out_size: Sequence[int],

@@ -88,6 +88,8 @@ def _forward_kernel(
     W,
     thr,
     nblocks,
+    # Deliberate copy: one Triton kernel per pass (forward partials here, backward below) with the
+    # same constexpr flags.
     HAS_T: tl.constexpr,
     HAS_W: tl.constexpr,
     RED: tl.constexpr,
@@ -132,6 +134,7 @@ def _backward_kernel(
     H,
     W,
     thr,
+    # Deliberate copy: the backward kernel's parameters mirror the forward's.
     HAS_T: tl.constexpr,
     HAS_W: tl.constexpr,
     RED: tl.constexpr,

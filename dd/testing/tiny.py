@@ -520,6 +520,8 @@ def _build_flux(seed: int, guidance: bool):
 def _build_sd15(seed: int):
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+    # Deliberate copy: each family's tiny pipeline is spelled out with its real classes and sizes
+    # (diffusers' test style), so one family's change cannot reach another's.
     clip_tok = load_clip_tokenizer()
     _seeded(seed, "unet")
     unet = UNet2DConditionModel(
@@ -584,6 +586,7 @@ def _build_sd3(seed: int):
 def _build_sdxl(seed: int):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
+    # Deliberate copy: spelled out per family, see build_sd15's note.
     clip_tok = load_clip_tokenizer()
     time_embed_dim = 8
     _seeded(seed, "unet")

@@ -20,6 +20,9 @@ from dd.api.hookspecs import hookimpl
 class FluxBackbone(Backbone):
     """FLUX.1 schnell / dev (flow matching, packed latents)."""
 
+    # Deliberate copy: each family declares its own class attributes (name, pipeline classes,
+    # options, defaults).
+
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     load_options: ClassVar[dict[str, Any]] = {"max_sequence_length": int | None}
@@ -83,6 +86,8 @@ class FluxBackbone(Backbone):
         sigmas = np.linspace(1.0, 1 / steps, steps)
         return flow_schedule(self.pipe.scheduler, steps, mu=mu, sigmas=sigmas, device=self.device)
 
+    # Deliberate copy: the signature of the abstract Backbone.predict it overrides (the keywords are
+    # the API).
     def predict(
         self,
         latents: torch.Tensor,

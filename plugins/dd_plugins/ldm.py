@@ -51,6 +51,8 @@ class LDMBackbone(DDIMBackbone):
             self.default_guidance = 1.0
         self.default_resolution = int(self.denoiser.config.sample_size) * self.vae_scale_factor
 
+    # Deliberate copy: the signature of the abstract Backbone.from_pretrained it overrides (the
+    # keywords are the API); ldm picks one of two pipeline classes.
     @classmethod
     def from_pretrained(
         cls,
@@ -147,6 +149,8 @@ class LDMBackbone(DDIMBackbone):
         shape = (batch_size, self.denoiser.config.in_channels, height // f, width // f)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
 
+    # Deliberate copy: the signature of the abstract Backbone.predict it overrides (the keywords are
+    # the API).
     def predict(
         self,
         latents: torch.Tensor,

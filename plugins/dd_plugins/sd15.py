@@ -103,6 +103,8 @@ class UNetBackbone(DDIMBackbone):
             )
         return torch.cat([negative, positive])
 
+    # Deliberate copy: the signature of the abstract Backbone.predict it overrides (the keywords are
+    # the API).
     def predict(
         self,
         latents: torch.Tensor,

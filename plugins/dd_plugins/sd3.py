@@ -22,6 +22,9 @@ from dd.errors import DDError
 class SD3Backbone(Backbone):
     """Stable Diffusion 3 / 3.5 (flow matching, classifier-free guidance)."""
 
+    # Deliberate copy: each family declares its own class attributes (name, pipeline classes,
+    # options, defaults).
+
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     load_options: ClassVar[dict[str, Any]] = {"max_sequence_length": int | None}
@@ -111,6 +114,8 @@ class SD3Backbone(Backbone):
             )
         return flow_schedule(self.pipe.scheduler, steps, mu=mu, device=self.device)
 
+    # Deliberate copy: the signature of the abstract Backbone.predict it overrides (the keywords are
+    # the API).
     def predict(
         self,
         latents: torch.Tensor,
@@ -144,6 +149,8 @@ class SD3Backbone(Backbone):
         return cfg_mix(out, scale) if cfg else out
 
     # ------------------------------------------------------------------ training
+    # Deliberate copy: the signature of the abstract Backbone.diffusion_loss it overrides (the
+    # keywords are the API).
     def diffusion_loss(
         self,
         images: torch.Tensor,

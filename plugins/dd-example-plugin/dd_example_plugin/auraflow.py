@@ -88,6 +88,8 @@ class AuraFlowBackbone(Backbone):
     def make_schedule(self, steps: int, height: int, width: int) -> Schedule:
         return flow_schedule(self.pipe.scheduler, steps, device=self.device)
 
+    # Deliberate copy: the signature of the abstract Backbone.predict it overrides (the keywords are
+    # the API).
     def predict(
         self,
         latents: torch.Tensor,
@@ -118,6 +120,8 @@ class AuraFlowBackbone(Backbone):
         )[0]
         return cfg_mix(out, scale) if guided else out
 
+    # Deliberate copy: the signature of the abstract Backbone.diffusion_loss it overrides (the
+    # keywords are the API).
     def diffusion_loss(
         self,
         images: torch.Tensor,
