@@ -87,3 +87,20 @@ def assert_two_rank_checkpoint(run: Path) -> Path:
     assert json.loads((last / "trainer.json").read_text())["world_size"] == 2
     assert (last / "rng_rank0.pt").is_file() and (last / "rng_rank1.pt").is_file()
     return last
+
+
+# -- reference images from the diffusers pipeline itself -----------------------------------
+def seeded_pipeline_images(pipe, prompt: str, seeds, **call):
+    """``pipe(prompt, ...)`` once per seed, each with its own CPU generator (the draw
+    ``Backbone.generate`` makes), as ``(1, 3, H, W)`` tensors in [0, 1]. The tiny FLUX
+    defaults: 64 px, 2 steps, 32 T5 tokens (``call`` overrides them)."""
+    import torch
+
+    kw = {"height": 64, "width": 64, "num_inference_steps": 2, "max_sequence_length": 32}
+    kw.update(call)
+    out = []
+    for s in seeds:
+        with torch.no_grad():
+            g = torch.Generator("cpu").manual_seed(s)
+            out.append(pipe(prompt, generator=g, output_type="pt", **kw).images)
+    return out

@@ -12,6 +12,7 @@ from PIL import Image
 
 from dd.api.plugins import get_host
 from dd.testing.tiny import tiny_pipeline_path
+from tests.helpers import seeded_pipeline_images
 
 PROMPTS = ["a red cat on a table", "a blue house"]
 TINY = ["--resolution", "64", "--steps", "2", "-B", "max_sequence_length=32"]
@@ -43,21 +44,7 @@ def pipeline_images(model: Path, prompt: str, seeds: list[int]) -> list[torch.Te
 
     pipe = FluxPipeline.from_pretrained(str(model))
     pipe.set_progress_bar_config(disable=True)
-    out = []
-    for s in seeds:
-        with torch.no_grad():
-            out.append(
-                pipe(
-                    prompt,
-                    height=64,
-                    width=64,
-                    num_inference_steps=2,
-                    max_sequence_length=32,
-                    generator=torch.Generator("cpu").manual_seed(s),
-                    output_type="pt",
-                ).images[0]
-            )
-    return out
+    return [img[0] for img in seeded_pipeline_images(pipe, prompt, seeds)]
 
 
 def test_generate_with_detect(cli, tiny_flux, detector_dir, prompts, tmp_path):

@@ -24,9 +24,8 @@ MARGIN = 0.08
 PROMPTS = ["a red cat", "a blue dog"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Tiny models on a shared CPU run faster on one thread."""
+#: Tiny models on a shared CPU run faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(name: str, tmp_path_factory):

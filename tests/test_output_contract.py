@@ -25,9 +25,8 @@ from dd.runtime.io import mark_run_folder
 DET = ["-O", "variant=tiny", "-O", "input_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Tiny models on a shared CPU run faster on one thread."""
+#: Tiny models on a shared CPU run faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(capsys, args):

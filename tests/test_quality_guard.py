@@ -79,9 +79,8 @@ def hf_detector():
     reset_host(None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Tiny models on a shared CPU run faster on one thread."""
+#: Tiny models on a shared CPU run faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_scripted_collapse_is_not_best(hf_detector, tiny_flux, prompt_files, tmp_path):  # noqa: F811

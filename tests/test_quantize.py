@@ -28,9 +28,8 @@ START_TOL = 0.005
 RUN = dict(train_steps=10, lr=3e-2, batch_size=2, eval_every=5, save_every=5, eval_seeds=[0, 1])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Tiny models on a shared CPU run faster on one thread."""
+#: Tiny models on a shared CPU run faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _evals(run) -> list[float]:

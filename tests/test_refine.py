@@ -32,9 +32,8 @@ from dd.testing.tiny import build_tiny, tiny_pipeline_path
 DET = ["-O", "variant=tiny", "-O", "input_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Tiny models on a shared CPU run several times faster on one thread."""
+#: Tiny models on a shared CPU run several times faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

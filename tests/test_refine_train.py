@@ -31,9 +31,8 @@ from tests.helpers import assert_two_rank_checkpoint, launch_dd_twice
 DET = ["-O", "variant=tiny", "-O", "input_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Tiny models on a shared CPU run several times faster on one thread."""
+#: Tiny models on a shared CPU run several times faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

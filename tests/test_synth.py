@@ -221,12 +221,17 @@ def test_resume_skips_existing_and_regenerates_missing(tmp_path):
     assert (other.generated, other.resumed) == (8, 0)
 
 
+def _photos(folder: Path, n: int, *, seed: int, size: tuple[int, int]) -> Path:
+    """``n`` procedural stand-ins for user photos, ``p0.png``..., in a new ``folder``."""
+    folder.mkdir()
+    for k in range(n):
+        img, _ = procedural_image(np.random.default_rng(seed + k), size)
+        Image.fromarray(img).save(folder / f"p{k}.png")
+    return folder
+
+
 def test_user_photos_are_cropped_into_clean_images(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for k in range(2):
-        img, _ = procedural_image(np.random.default_rng(50 + k), (70, 90))
-        Image.fromarray(img).save(photos / f"p{k}.png")
+    photos = _photos(tmp_path / "photos", 2, seed=50, size=(70, 90))
     (photos / "notes.txt").write_text("not an image")
     r = synthesize(tmp_path / "ds", 8, size=48, photos_dir=photos, **FAST)
     used = {s.meta["clean"] for s in read_dataset(tmp_path / "ds") if s.meta["origin"] == "photo"}
@@ -405,11 +410,7 @@ def test_cli_photo_scale_is_checked(cli, tmp_path):
 
 
 def test_procedural_share_sets_how_often_clean_images_are_procedural(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for k in range(3):
-        img, _ = procedural_image(np.random.default_rng(70 + k), (80, 80))
-        Image.fromarray(img).save(photos / f"p{k}.png")
+    photos = _photos(tmp_path / "photos", 3, seed=70, size=(80, 80))
     synthesize(tmp_path / "ds", 60, size=32, photos_dir=photos, procedural_share=0.0, **FAST)
     assert {s.meta["origin"] for s in read_dataset(tmp_path / "ds")} == {"photo"}
     synthesize(tmp_path / "all", 20, size=32, photos_dir=photos, procedural_share=1.0, **FAST)

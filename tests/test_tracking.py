@@ -14,10 +14,8 @@ from dd.engines.treat import treat
 from dd.errors import DDError
 from dd.runtime.tracking import RunTracker, check_report_to
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """Tiny models on a shared CPU run faster on one thread."""
+#: Tiny models on a shared CPU run faster on one thread.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _events(folder: Path):

@@ -34,7 +34,7 @@ from dd.errors import DDError
 from dd.inference.scores import map_scores
 from dd.testing.tiny import tiny_pipeline_path
 from dd.training.schedule import lr_schedule
-from tests.helpers import assert_two_rank_checkpoint, launch_dd_twice
+from tests.helpers import assert_two_rank_checkpoint, launch_dd_twice, seeded_pipeline_images
 
 TRAIN_PROMPTS = [
     "a photo of a red cat",
@@ -131,22 +131,11 @@ def records(run: Path) -> list[dict]:
 def pipeline_confidence(pipe, det, prompts: list[str], seeds: list[int]) -> tuple[float, list]:
     """Mean over (prompt, seed) images of each image's mean detector confidence, generated
     by the diffusers pipeline itself (a CPU generator per image), and the images."""
-    means, images = [], []
-    for p in prompts:
-        for s in seeds:
-            with torch.no_grad():
-                img = pipe(
-                    p,
-                    height=64,
-                    width=64,
-                    num_inference_steps=2,
-                    guidance_scale=0.0,
-                    max_sequence_length=32,
-                    generator=torch.Generator("cpu").manual_seed(s),
-                    output_type="pt",
-                ).images
-                means.append(float(det(img.float()).mean()))
-            images.append(img)
+    images = [
+        img for p in prompts for img in seeded_pipeline_images(pipe, p, seeds, guidance_scale=0.0)
+    ]
+    with torch.no_grad():
+        means = [float(det(img.float()).mean()) for img in images]
     return float(np.mean(means)), images
 
 

@@ -15,7 +15,16 @@ import typer
 from rich.console import Console
 
 from dd.cli.groups import DefaultCommandGroup
-from dd.cli.options import BatchSize, DetectorPlugin, Device, Dtype, Guidance, interrupt_hint
+from dd.cli.options import (
+    BatchSize,
+    DetectorPlugin,
+    Device,
+    Dtype,
+    Guidance,
+    PromptsFile,
+    Seeds,
+    interrupt_hint,
+)
 
 app = typer.Typer(
     help="Evaluate models' generations (metrics, grids) and run preference studies.",
@@ -52,12 +61,8 @@ def gen(
         list[str] | None,
         typer.Option(help="A LoRA folder or .safetensors to compare with the base (repeatable)."),
     ] = None,
-    prompts: Annotated[
-        str | None, typer.Option(help="Prompts: .txt (one per line), .jsonl or .json.")
-    ] = None,
-    seeds: Annotated[
-        str, typer.Option(help="Seeds per prompt: a count N (0..N-1), a list 0,1,2 or 5-7.")
-    ] = "4",
+    prompts: PromptsFile = None,
+    seeds: Seeds = "4",
     refs: Annotated[
         str | None,
         typer.Option(

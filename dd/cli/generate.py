@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from dd.cli.options import BackboneOption, BatchSize, Device, Dtype, Guidance, Model
+from dd.cli.options import (
+    BackboneOption,
+    BatchSize,
+    Device,
+    Dtype,
+    Guidance,
+    Model,
+    PromptsFile,
+    Seeds,
+)
 from dd.engines.generate import candidate_seeds  # noqa: F401 - importable from here too
 
 #: Preset keys ``dd generate`` uses (a preset's training keys are ignored here).
@@ -43,12 +52,8 @@ def generate(
         str | None,
         typer.Option(help="A diffusers-format LoRA: folder or .safetensors (e.g. RUN/best)."),
     ] = None,
-    prompts: Annotated[
-        Path | None, typer.Option(help="Prompts: .txt (one per line), .jsonl or .json.")
-    ] = None,
-    seeds: Annotated[
-        str, typer.Option(help="Seeds per prompt: a list 0,1,2, a count N (0..N-1) or a range 5-7.")
-    ] = "1",
+    prompts: PromptsFile = None,
+    seeds: Seeds = "1",
     steps: Annotated[
         int | None, typer.Option(min=1, help="Sampling steps; default: the backbone's.")
     ] = None,
@@ -161,7 +166,8 @@ def generate(
     if config is not None:
         err.print(f"preset {source}", highlight=False)
     cfg = GenerateConfig(
-        settings=settings, prompts=prompts, out=out, seeds=seeds, lora=lora, detect=detect,
+        settings=settings, prompts=Path(prompts) if prompts else None, out=out, seeds=seeds,
+        lora=lora, detect=detect,
         best_of=best_of, guide=guide, guide_scale=guide_scale, guide_steps=guide_steps,
         guide_loss=guide_loss, guide_every=guide_every, batch_size=batch_size, device=device,
         resume=resume, overwrite=overwrite,

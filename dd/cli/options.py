@@ -46,6 +46,14 @@ Dtype = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
 Guidance = Annotated[float | None, typer.Option(help="Guidance scale.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per model call.")]
 
+# -- sampling (dd generate, dd eval gen) --------------------------------------------------------
+PromptsFile = Annotated[
+    str | None, typer.Option(help="Prompts: .txt (one per line), .jsonl or .json.")
+]
+Seeds = Annotated[
+    str, typer.Option(help="Seeds per prompt: a list 0,1,2, a count N (0..N-1) or a range 5-7.")
+]
+
 # -- training (dd treat, dd dreambooth, dd refine train) -----------------------------------------
 TrainDevice = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 TrainSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]
@@ -262,6 +270,18 @@ def config_command(
     command.__doc__ = doc
     command.__name__ = command.__qualname__ = name.replace("-", "_")
     return command
+
+
+def argument_parameter(name: str, help: str, annotation: Any = list[str]) -> Any:
+    """A positional argument (``IMAGES...``) of a command built by :func:`config_command`,
+    for its ``leading`` parameters."""
+    import inspect
+
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[annotation, typer.Argument(help=help)],
+    )
 
 
 def preset_parameter(family_help: str) -> Any:

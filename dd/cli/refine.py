@@ -8,9 +8,6 @@ model on a late-step range. An image literally named ``train`` or ``run`` needs 
 
 from __future__ import annotations
 
-import inspect
-from typing import Annotated
-
 import typer
 
 import dd.cli.options as opt
@@ -79,15 +76,8 @@ app.command("run")(
     masks/, report.jsonl, report.csv, summary.json and plan.txt (the resolved timesteps).
     """,
         leading=[
-            inspect.Parameter(
-                "images",
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                annotation=Annotated[
-                    list[str],
-                    typer.Argument(
-                        help="Image files, folders (recursive), globs, or .txt/.jsonl manifests."
-                    ),
-                ],
+            opt.argument_parameter(
+                "images", "Image files, folders (recursive), globs, or .txt/.jsonl manifests."
             )
         ],
     )

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
 import os
-from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -55,13 +53,8 @@ train_detector = opt.config_command(
     after train-detector. Resume with the same options plus --resume.
     """,
     leading=[
-        inspect.Parameter(
-            "datasets",
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            annotation=Annotated[
-                list[str],
-                typer.Argument(help="Dataset folders or shards (images/, masks/, manifest.jsonl)."),
-            ],
+        opt.argument_parameter(
+            "datasets", "Dataset folders or shards (images/, masks/, manifest.jsonl)."
         )
     ],
 )

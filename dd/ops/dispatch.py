@@ -308,8 +308,8 @@ def _fused_fake(logits, out_size, reduction, target, weight, threshold, kernel):
     return logits.new_empty((b,)), logits.new_empty((b,), dtype=torch.int64)
 
 
-# Deliberate copy: the arguments of fused_op above (torch.library needs each op's schema spelled
-# out).
+# Deliberate copy: the arguments of fused_op above (torch.library needs each op's schema
+# spelled out).
 @torch.library.custom_op("dd::artifact_confidence_loss_backward", mutates_args=())
 def fused_backward_op(
     grad: torch.Tensor,

@@ -71,6 +71,8 @@ class AuraFlowBackbone(Backbone):
         return Conditioning({"prompt_embeds": embeds, "negative_prompt_embeds": neg})
 
     # ------------------------------------------------------------------ sampling
+    # Deliberate copy: follows dd_plugins/sd3.py (module docstring): a third-party plugin
+    # depends on dd's API, never on dd's built-in plugins.
     def prepare_latents(
         self, batch_size: int, height: int, width: int, generator: torch.Generator | list | None
     ) -> torch.Tensor:
@@ -151,6 +153,7 @@ class AuraFlowBackbone(Backbone):
 
         from dd.testing.tiny import load_t5_tokenizer, tiny_vae
 
+        # Deliberate copy: sizes in the style of dd.testing.tiny's builders (tiny real classes).
         tok = load_t5_tokenizer()
         torch.manual_seed(seed)
         encoder = UMT5EncoderModel(
