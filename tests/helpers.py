@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: ``-O`` options of a random tiny SegFormer at 32 px (fast CPU runs of detector commands).
+TINY_DETECTOR = ["-O", "variant=tiny", "-O", "input_size=32"]
+
 
 def make_dist(site: Path, name: str, version: str, entry_points: dict[str, str]) -> Path:
     """Create ``NAME-VERSION.dist-info`` in ``site`` declaring ``[dd]`` entry points.

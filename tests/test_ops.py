@@ -50,9 +50,18 @@ SHAPES = [
 VARIANTS = ["", "t", "tw", "w"]
 
 
-@pytest.mark.parametrize("reduction", ops.REDUCTIONS)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize(("shape", "size"), SHAPES)
+def every_case(test):
+    """Parametrise ``test`` over every reduction, target/weight variant and shape."""
+    for mark in (
+        pytest.mark.parametrize(("shape", "size"), SHAPES),
+        pytest.mark.parametrize("variant", VARIANTS),
+        pytest.mark.parametrize("reduction", ops.REDUCTIONS),
+    ):
+        test = mark(test)
+    return test
+
+
+@every_case
 def test_cpp_matches_reference_fp64(shape, size, reduction, variant):
     x, t, w = make_inputs(shape, size, torch.float64, variant)
     loss, grad = loss_and_grad(ops.artifact_confidence_loss, x, size, reduction, t, w, "cpp")
@@ -61,9 +70,7 @@ def test_cpp_matches_reference_fp64(shape, size, reduction, variant):
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-11 * ref_grad.abs().max().item())
 
 
-@pytest.mark.parametrize("reduction", ops.REDUCTIONS)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize(("shape", "size"), SHAPES)
+@every_case
 def test_cpp_matches_reference_fp32(shape, size, reduction, variant):
     """fp32: close to the fp32 reference, and at least as close to the fp64 truth."""
     x, t, w = make_inputs(shape, size, torch.float32, variant)

@@ -21,9 +21,7 @@ from PIL import Image
 
 from dd.cli import build_app, main
 from dd.runtime.io import mark_run_folder
-
-DET = ["-O", "variant=tiny", "-O", "input_size=32"]
-
+from tests.helpers import TINY_DETECTOR as DET
 
 #: Tiny models on a shared CPU run faster on one thread.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

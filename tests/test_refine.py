@@ -28,9 +28,7 @@ from dd.engines.refine import (
 )
 from dd.errors import DDError
 from dd.testing.tiny import build_tiny, tiny_pipeline_path
-
-DET = ["-O", "variant=tiny", "-O", "input_size=32"]
-
+from tests.helpers import TINY_DETECTOR as DET
 
 #: Tiny models on a shared CPU run several times faster on one thread.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -26,10 +26,8 @@ from dd.engines.refine_train import (
     train_timestep_range,
 )
 from dd.testing.tiny import tiny_pipeline_path
+from tests.helpers import TINY_DETECTOR as DET
 from tests.helpers import assert_two_rank_checkpoint, launch_dd_twice
-
-DET = ["-O", "variant=tiny", "-O", "input_size=32"]
-
 
 #: Tiny models on a shared CPU run several times faster on one thread.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -59,14 +59,16 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
 
 def _report(
     result: dict[str, Any],
-    text: str,
-    panels: list,
-    *,
+    to_markdown: Callable[[dict[str, Any]], str],
+    to_panels: Callable[[dict[str, Any]], list] | None,
     json_out: Path | None,
     plot: Path | None,
     markdown: bool,
 ) -> None:
-    """Print the tables and targets; write JSON and the plot."""
+    """Print the benchmark's tables (``to_markdown``) and targets; write the JSON and the
+    plot of its panels (``to_panels``) where asked."""
+    text = to_markdown(result)
+    panels = to_panels(result) if to_panels is not None and plot is not None else []
     from rich.markdown import Markdown
 
     from dd.engines.bench import save_outputs
@@ -135,14 +137,7 @@ def kernels(
     err = Console(stderr=True)
     for name, why in result["skipped"].items():
         err.print(f"[yellow]skipped[/yellow] {name}: {why}", highlight=False)
-    _report(
-        result,
-        kernels_markdown(result),
-        kernels_panels(result),
-        json_out=json_out,
-        plot=plot,
-        markdown=markdown,
-    )
+    _report(result, kernels_markdown, kernels_panels, json_out, plot, markdown)
 
 
 @app.command("treat")
@@ -304,14 +299,7 @@ def treat(
             peak_tflops=peak_tflops,
             on_progress=progress,
         )
-    _report(
-        result,
-        treat_markdown(result),
-        treat_panels(result),
-        json_out=json_out,
-        plot=plot,
-        markdown=markdown,
-    )
+    _report(result, treat_markdown, treat_panels, json_out, plot, markdown)
 
 
 @app.command("detect")
@@ -385,14 +373,7 @@ def detect(
             seed=seed,
             on_progress=progress,
         )
-    _report(
-        result,
-        detect_markdown(result),
-        detect_panels(result),
-        json_out=json_out,
-        plot=plot,
-        markdown=markdown,
-    )
+    _report(result, detect_markdown, detect_panels, json_out, plot, markdown)
 
 
 @app.command("quantize")
@@ -432,5 +413,4 @@ def quantize(
               "num_attention_heads": heads}  # fmt: skip
     with _progress("quantize") as progress:
         result = bench_quantize(names, config=config, on_progress=progress)
-    _report(result, quantize_markdown(result), [], json_out=json_out, plot=None,
-            markdown=markdown)  # fmt: skip
+    _report(result, quantize_markdown, None, json_out, None, markdown)
