@@ -4,71 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from dd.cli.options import (
-    BatchSize,
-    DetectorName,
-    DetectorOptions,
-    DetectorWeights,
-    Device,
-)
+import dd.cli.options as opt
+from dd.engines.detect import DetectConfig
 from dd.errors import EXIT_GATE, EXIT_SOME_INPUTS_FAILED
 
-
-def detect(
-    paths: Annotated[
-        list[str],
-        typer.Argument(help="Image files, folders (recursive), globs, or .txt/.jsonl manifests."),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("dd-detect"),
-    detector: DetectorName = "segformer",
-    weights: DetectorWeights = None,
-    option: DetectorOptions = None,
-    batch_size: BatchSize = 8,
-    workers: Annotated[int, typer.Option(min=1, help="Threads decoding and writing.")] = 4,
-    device: Device = "auto",
-    dtype: Annotated[
-        str,
-        typer.Option(
-            help="auto (bf16 on GPUs and CPUs with native bf16, else fp32), fp32, bf16 or fp16."
-        ),
-    ] = "auto",
-    fail_above: Annotated[
-        str | None,
-        typer.Option(
-            help="Exit 3 if any image's max confidence exceeds this (quality gate): a value "
-            "in [0, 1], or 'auto' for the detector's calibrated image threshold "
-            "(docs/models.md; 0.5 for weights without one).",
-            callback=_parse_fail_above,
-        ),
-    ] = None,
-    resume: Annotated[bool, typer.Option(help="Skip images already done in --out.")] = False,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace the results of an earlier run in --out.")
-    ] = False,
-    overlays: Annotated[
-        bool, typer.Option(help="Write heat-map overlays (JPEG thumbnails for the contact sheet).")
-    ] = True,
-    full_size_outputs: Annotated[
-        bool,
-        typer.Option(
-            help="Maps and overlays as PNGs at each image's size (default: maps at the "
-            "detector's working size, overlay thumbnails; several times faster)."
-        ),
-    ] = False,
-    max_pixels: Annotated[
-        int, typer.Option(help="Refuse images with more pixels (decompression-bomb guard).")
-    ] = 178_956_970,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON report to stdout.")] = (
-        False
-    ),
-) -> None:
-    """Find artifacts in images: per image a map, an overlay, and how sure and where.
+DOC = """Find artifacts in images: per image a map, an overlay, and how sure and where.
 
     Writes report.jsonl, report.csv, summary.json, index.html (a contact sheet), maps/ (8-bit
     PNGs at the detector's working size) and overlays/ (JPEG thumbnails) to --out;
@@ -77,24 +22,18 @@ def detect(
     An image is flagged when its max confidence reaches the detector's image threshold
     (calibrated for the embedded default, docs/models.md; else 0.5).
     Exit codes: 0 all done; 4 some inputs failed; 3 --fail-above tripped (takes precedence).
-    """
-    from dd.api.plugins import DetectorRef
-    from dd.cli.options import parse_options
-    from dd.engines.detect import DetectConfig, detect_job
+"""
+
+
+def _detect(ctx: typer.Context, values: dict, paths: list[str], as_json: bool) -> None:
+    """Run dd detect with the settings given (see DetectConfig) and print the outcome."""
+    from dd.engines.detect import detect_job
     from dd.runtime.progress import ConsoleReporter
 
-    cfg = DetectConfig(
-        out=out,
-        batch_size=batch_size,
-        workers=workers,
-        resume=resume,
-        overwrite=overwrite,
-        max_pixels=max_pixels,
-        save_overlays=overlays,
-        full_size_outputs=full_size_outputs,
-    )
-    ref = DetectorRef(detector, weights, parse_options(option), device, dtype)
-    result = detect_job(paths, ref, cfg, reporter=ConsoleReporter(Console(stderr=True)))
+    fail_above = _parse_fail_above(values["fail_above"])
+    cfg = DetectConfig(**values)
+    result = detect_job(paths, cfg, reporter=ConsoleReporter(Console(stderr=True)))
+    out = cfg.out
 
     limit = result.flag_threshold if fail_above == "auto" else fail_above
     gate = limit is not None and any(r["max"] > limit for r in result.records)
@@ -119,9 +58,11 @@ def _parse_fail_above(value: str | None) -> float | str | None:
     try:
         limit = float(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a number in [0, 1] or 'auto'") from None
+        raise typer.BadParameter(
+            f"{value!r} is not a number in [0, 1] or 'auto'", param_hint="'--fail-above'"
+        ) from None
     if not 0.0 <= limit <= 1.0:
-        raise typer.BadParameter(f"{value} is not in [0, 1]")
+        raise typer.BadParameter(f"{value} is not in [0, 1]", param_hint="'--fail-above'")
     return limit
 
 
@@ -153,3 +94,18 @@ def _print_summary(result, out: Path, fail_above: float | None, top: int = 20) -
         f"Report: {out / 'index.html'}",
         highlight=False,
     )
+
+
+# Every option comes from DetectConfig's declarations (one declaration per setting).
+detect = opt.config_command(
+    DetectConfig,
+    _detect,
+    name="detect",
+    doc=DOC,
+    leading=[
+        opt.argument_parameter(
+            "paths", "Image files, folders (recursive), globs, or .txt/.jsonl manifests."
+        ),
+        opt.json_parameter("Print a JSON report to stdout."),
+    ],
+)

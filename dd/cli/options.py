@@ -192,7 +192,7 @@ def config_parameters(cls: type) -> list[Any]:
         if not meta.get("cli"):
             continue
         flags = tuple(meta.get("flags") or ())  # none: typer's --name (--name/--no-name)
-        extra = {"min": meta["min"]} if meta.get("min") is not None else {}
+        extra = {k: meta[k] for k in ("min", "max") if meta.get(k) is not None}
         default = _field_default(f)
         text = meta.get("text")
         if text == "options":
@@ -281,6 +281,19 @@ def argument_parameter(name: str, help: str, annotation: Any = list[str]) -> Any
         name,
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
         annotation=Annotated[annotation, typer.Argument(help=help)],
+    )
+
+
+def json_parameter(help: str = "Print a JSON report to stdout.") -> Any:
+    """The ``--json`` flag of a command built by :func:`config_command` (how it prints, not
+    a setting of the job)."""
+    import inspect
+
+    return inspect.Parameter(
+        "as_json",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=False,
+        annotation=Annotated[bool, typer.Option("--json", help=help)],
     )
 
 

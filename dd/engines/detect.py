@@ -32,12 +32,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+import dd.training.settings as shared
 from dd.api.detectors import Detector
 from dd.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, InputItem, load_image
 from dd.errors import DDError, UsageError
 from dd.inference import detect_batches, resize_for
 from dd.inference.scores import map_scores
 from dd.report.viz import overlay, to_uint8_map
+from dd.runtime.config import setting
 from dd.runtime.io import (
     Journal,
     atomic_write_json,
@@ -69,17 +71,52 @@ CSV_FIELDS = [
 
 @dataclass
 class DetectConfig:
-    out: Path
-    batch_size: int = 8
-    workers: int = 4
-    resume: bool = False
+    """Everything ``dd detect`` takes: each field declared once (default, help, flag), the
+    source of the command's options. The detector fields say which one ``detect_job``
+    loads; ``run_detect`` takes a loaded detector."""
+
+    out: Path = shared.run_folder(Path("dd-detect"), "Output folder.")
+    detector: str = shared.detector()
+    weights: str | None = setting(
+        None, help="Detector weights: a .bin/.safetensors file, a folder or a hub id."
+    )
+    detector_options: dict[str, Any] = shared.detector_options()
+    batch_size: int = shared.batch_size(8)
+    workers: int = shared.workers(4)
+    device: str = shared.inference_device()
+    dtype: str = shared.inference_dtype()
+    fail_above: str | None = setting(
+        None,
+        help="Exit 3 if any image's max confidence exceeds this (quality gate): a value in "
+        "[0, 1], or 'auto' for the detector's calibrated image threshold (docs/models.md; 0.5 "
+        "for weights without one).",
+    )
+    resume: bool = setting(False, help="Skip images already done in --out.")
     #: Replace an earlier run's results in ``out`` (without it, or ``resume``, refuse).
-    overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    save_maps: bool = True
-    save_overlays: bool = True
+    overwrite: bool = setting(False, help="Replace the results of an earlier run in --out.")
+    save_overlays: bool = setting(
+        True,
+        help="Write heat-map overlays (JPEG thumbnails for the contact sheet).",
+        flags=("--overlays/--no-overlays",),
+    )
     #: Maps and overlays as PNGs at each image's size (default: working-size maps, thumbnails).
-    full_size_outputs: bool = False
+    full_size_outputs: bool = setting(
+        False,
+        help="Maps and overlays as PNGs at each image's size (default: maps at the detector's "
+        "working size, overlay thumbnails; several times faster).",
+    )
+    max_pixels: int = setting(
+        DEFAULT_MAX_PIXELS, help="Refuse images with more pixels (decompression-bomb guard)."
+    )
+    save_maps: bool = True
+
+    def detector_ref(self) -> Any:
+        """The :class:`dd.api.plugins.DetectorRef` of the detector fields."""
+        from dd.api.plugins import DetectorRef
+
+        return DetectorRef(
+            self.detector, self.weights, self.detector_options, self.device, self.dtype
+        )
 
 
 #: The longer side of an overlay thumbnail (the contact sheet shows them at 240 px).
@@ -180,14 +217,14 @@ def check_out(cfg: DetectConfig) -> None:
 
 def detect_job(
     paths: list[str],
-    detector: Any,
     cfg: DetectConfig,
     *,
+    detector: Any = None,
     reporter: Any = None,
 ) -> DetectResult:
     """``dd detect``: collect the inputs of ``paths`` (files, folders, globs, manifests,
     shards; never ``cfg.out``), check the output folder before anything loads, load
-    ``detector`` (a :class:`dd.api.plugins.DetectorRef`, or a loaded detector), and run
+    ``detector`` (default: the one ``cfg`` names; or a loaded detector), and run
     :func:`run_detect` with a progress bar; skipped inputs are reported through
     ``reporter``."""
     from dd.api.plugins import as_detector
@@ -203,7 +240,7 @@ def detect_job(
     for p, r in failures:
         rep.message(f"[yellow]skipped[/yellow] {p}: {r}")
     check_out(cfg)  # before the detector loads
-    det = as_detector(detector, rep)
+    det = as_detector(cfg.detector_ref() if detector is None else detector, rep)
     with rep.progress("detect") as progress:
         task = progress.add_task("detect", total=len(items))
         result = run_detect(

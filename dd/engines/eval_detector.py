@@ -8,21 +8,55 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dd.training.settings as shared
 from dd.errors import DDError
+from dd.runtime.config import setting
 
 
 @dataclass
 class EvalDetectorConfig:
-    dataset: Path
-    batch_size: int = 8
-    workers: int = 4
+    """Everything ``dd eval-detector`` takes: each field declared once (default, help,
+    flag), the source of the command's options."""
+
+    dataset: Path = setting(
+        help="Dataset folder or shards (images/, masks/, manifest.jsonl).", cli=False
+    )
+    weights: str | None = setting(
+        None, help="Detector weights: a .bin/.safetensors file, a folder or a hub id."
+    )
+    detector: str = shared.detector()
+    detector_options: dict[str, Any] = shared.detector_options()
+    batch_size: int = shared.batch_size(8)
+    workers: int = shared.workers(4, "Threads decoding images and masks.")
+    device: str = shared.inference_device()
+    dtype: str = setting("fp32", help="fp32, bf16 or fp16.")
     #: Write ``metrics.json`` here (None: nothing written).
-    out: Path | None = None
-    overwrite: bool = False
+    out: Path | None = shared.run_folder(None, "Write metrics.json to this folder.")
+    overwrite: bool = setting(
+        False, help="Replace the metrics.json of an earlier evaluation in --out."
+    )
     #: Choose the image threshold under which this share of the clean images fall.
-    calibrate: float | None = None
+    calibrate: float | None = setting(
+        None,
+        min=0.5,
+        max=0.999,
+        help="Choose the image threshold under which this share of the dataset's clean images "
+        "fall (e.g. 0.95), and report at it. Calibrate on data you do not test on.",
+    )
     #: Store the calibrated threshold in the weights folder's ``config.json``.
-    save_threshold: bool = False
+    save_threshold: bool = setting(
+        False,
+        help="With --calibrate: store the threshold in the --weights folder's config.json "
+        "(dd_image_threshold), which dd detect then uses.",
+    )
+
+    def detector_ref(self) -> Any:
+        """The :class:`dd.api.plugins.DetectorRef` of the detector fields."""
+        from dd.api.plugins import DetectorRef
+
+        return DetectorRef(
+            self.detector, self.weights, self.detector_options, self.device, self.dtype
+        )
 
 
 @dataclass
@@ -42,10 +76,10 @@ class EvalDetectorResult:
 
 
 def evaluate_detector(
-    cfg: EvalDetectorConfig, detector: Any, *, reporter: Any = None
+    cfg: EvalDetectorConfig, *, detector: Any = None, reporter: Any = None
 ) -> EvalDetectorResult:
-    """Evaluate ``detector`` (a :class:`dd.api.plugins.DetectorRef` or a loaded detector)
-    on ``cfg.dataset``. The output folder is checked before anything loads."""
+    """Evaluate ``detector`` (default: the one ``cfg`` names; or a loaded detector) on
+    ``cfg.dataset``. The output folder is checked before anything loads."""
     from dd.api.detectors import store_image_threshold
     from dd.api.plugins import as_detector
     from dd.data.datasets import read_dataset
@@ -69,7 +103,9 @@ def evaluate_detector(
                 hint="pass --overwrite to replace it, or choose a new --out",
             )
     samples = read_dataset(cfg.dataset)
-    det = as_detector(detector, rep, meaning="these metrics")
+    det = as_detector(
+        cfg.detector_ref() if detector is None else detector, rep, meaning="these metrics"
+    )
     with rep.progress("eval") as progress:
         task = progress.add_task("eval", total=len(samples))
         pixel = DetectorMetrics()
@@ -96,8 +132,7 @@ def evaluate_detector(
             "image_level": image_level,
         }
     )
-    weights = getattr(detector, "weights", None)
-    saved = store_image_threshold(weights, threshold) if cfg.save_threshold else None
+    saved = store_image_threshold(cfg.weights, threshold) if cfg.save_threshold else None
     written = None
     if out is not None:
         mark_run_folder(out, "eval-detector")

@@ -385,6 +385,9 @@ def check_declared(config: Any) -> None:
         value = getattr(config, f.name)
         if bound is not None and value is not None and value < bound:
             raise UsageError(f"{flag(f)} must be at least {bound:g}, got {value}")
+        top = f.metadata.get("max")
+        if top is not None and value is not None and value > top:
+            raise UsageError(f"{flag(f)} must be at most {top:g}, got {value}")
 
 
 # ------------------------------------------------------------------------------- declaring
@@ -402,6 +405,7 @@ def setting(
     text: str | None = None,
     cli: bool = True,
     choices: tuple[str, ...] | None = None,
+    max: float | None = None,
 ) -> Any:
     """A config field declared once: its default, its help text and how the command line
     spells it. The dataclass is then the source of the CLI options
@@ -414,14 +418,17 @@ def setting(
     ``seeds`` (``0,1``, a count ``N`` or a range ``A-B`` into a list of int), ``pair``
     (``LO,HI`` or one number into a tuple of two floats); ``cli=False``: not an option (the
     command takes it otherwise, e.g. as an argument, or only presets set it). A field
-    without a default is a required option. ``choices``: the values allowed. Both ``min``
-    and ``choices`` are checked for any config, however made, by :func:`check_declared`.
+    without a default is a required option. ``choices``: the values allowed; ``max``: an
+    upper bound. ``min``, ``max`` and ``choices`` are checked for any config, however made,
+    by :func:`check_declared`.
     """
     if text is not None and text not in TEXT_FORMS:
         raise ValueError(f"text must be one of {TEXT_FORMS}, not {text!r}")
     meta = {"help": help, "flags": flags, "min": min, "text": text, "cli": cli}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if max is not None:
+        meta["max"] = max
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

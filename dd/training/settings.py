@@ -31,6 +31,29 @@ def detector_options(help: str = "Detector option KEY=VALUE (e.g. variant=b5).")
     )
 
 
+def detector(help: str = "Detector plugin (see `dd plugins`).") -> Any:
+    return setting("segformer", help=help)
+
+
+def inference_dtype() -> Any:
+    return setting(
+        "auto",
+        help="auto (bf16 on GPUs and CPUs with native bf16, else fp32), fp32, bf16 or fp16.",
+    )
+
+
+def inference_device() -> Any:
+    return setting("auto", help="auto, cpu, cuda, cuda:N or mps.")
+
+
+def batch_size(default: int = 8, help: str = "Images per model call.") -> Any:
+    return setting(default, min=1, help=help)
+
+
+def workers(default: int = 4, help: str = "Threads decoding and writing.") -> Any:
+    return setting(default, min=1, help=help)
+
+
 def detector_weights(help: str = "Detector weights: file, folder or hub id.") -> Any:
     return setting(None, flags=("--detector-weights", "--weights"), help=help)
 
