@@ -32,6 +32,7 @@ SMALL_FLUX = {
     "attention_head_dim": 32,
     "axes_dims_rope": (8, 12, 12),
 }
+# Deliberate copy: two benchmark model sizes, each spelled out (the keys are FLUX's).
 #: Full-size FLUX code path at toy widths (the VAE keeps 4 levels: downsampling 8).
 TOY_TRANSFORMER = {
     "num_layers": 1,

@@ -507,3 +507,21 @@ def test_wrong_input_shape_or_dtype_is_one_clear_error():
         det.logits(torch.rand(1, 4, 32, 32))
     with pytest.raises(DDError, match="float in \\[0, 1\\], got dtype torch.uint8"):
         det(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_key_mappings_are_inverse_for_every_key():
+    """The released (transformers 4.x) and transformers >= 5 key maps undo each other on
+    every key of a real SegFormer (both directions are written out rule for rule)."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from dd_plugins.segformer import _key_to_released, _key_to_v5
+
+    cfg = SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+        num_attention_heads=[1, 2], decoder_hidden_size=16, num_labels=1,
+    )  # fmt: skip
+    keys = list(SegformerForSemanticSegmentation(cfg).state_dict())
+    released = [_key_to_released(k) for k in keys]
+    assert [_key_to_v5(k) for k in released] == keys
+    assert [_key_to_released(_key_to_v5(k)) for k in released] == released
+    assert any(k.startswith("segformer.encoder.block.") for k in released)

@@ -451,6 +451,7 @@ def _load_sample(detector: Detector, sample: Sample, max_pixels: int | None) -> 
     return _Item(resize_for(detector, image), load_mask(sample.mask, size), size, sample.category)
 
 
+# Deliberate copy: the parameters of image_level_scores below, which it wraps.
 def evaluate_detector(
     detector: Detector,
     samples: Sequence[Sample],

@@ -174,6 +174,8 @@ def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
+# Deliberate copy: every backend's forward takes the arguments of dispatch._fused_forward
+# (the dispatch calls each backend the same way).
 def forward(
     logits: torch.Tensor,
     out_size: tuple[int, int],

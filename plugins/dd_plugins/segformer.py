@@ -200,6 +200,8 @@ def _key_to_released(key: str) -> str:
     return key
 
 
+# Deliberate copy: the inverse of _key_to_released, rule for rule (each direction reads
+# on its own; tests round-trip every key).
 def _key_to_v5(key: str) -> str:
     """Released (transformers 4.x) key -> transformers >= 5 key; other keys unchanged."""
     if m := _OLD_BLOCK.match(key):

@@ -174,6 +174,7 @@ class AuraFlowBackbone(Backbone):
                 decoder_start_token_id=tok.pad_token_id,
             )
         ).eval()
+        # Deliberate copy: tiny sizes in the style of dd.testing.tiny's builders.
         transformer = AuraFlowTransformer2DModel(
             sample_size=16,
             patch_size=2,
