@@ -512,9 +512,8 @@ def test_wrong_input_shape_or_dtype_is_one_clear_error():
 def test_key_mappings_are_inverse_for_every_key():
     """The released (transformers 4.x) and transformers >= 5 key maps undo each other on
     every key of a real SegFormer (both directions are written out rule for rule)."""
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
-
     from dd_plugins.segformer import _key_to_released, _key_to_v5
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     cfg = SegformerConfig(
         num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
