@@ -57,6 +57,7 @@ import torch
 
 from dd.errors import DDError, UsageError
 from dd.report.plot import Panel
+from dd.runtime.memory import peak_extra_memory, sync
 
 #: ``on_progress(done, total)`` after each measured configuration.
 Progress = Callable[[int, int], None]
@@ -65,76 +66,13 @@ Progress = Callable[[int, int], None]
 # ------------------------------------------------------------------------------------------
 # Measuring
 # ------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds one ``fn()`` takes (CUDA synchronised before and after)."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Point file descriptor 2 at /dev/null (restored after)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _allocator_peak(fn: Callable[[], object]) -> int:
-    """Peak of the running sum of torch's CPU allocations and frees during ``fn()``.
-
-    Runs with stderr silenced: kineto prints a line at every profiler start and stop, and
-    torch logs a warning for every 1000th free of a block allocated before profiling. The
-    benchmarks only measure calls they have already run unprofiled, whose warnings were shown.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():
-        prof.start()
-        try:
-            fn()
-        finally:
-            prof.stop()
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
-    ]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
-def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
-    """``(extra, total)``: the peak bytes ``fn()`` allocates above what was allocated before
-    it, and on CUDA the allocator's total at that peak (``None`` on CPU). See the module
-    docstring for what is counted."""
-    if device.type == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        _sync(device)
-        total = torch.cuda.max_memory_allocated(device)
-        return total - base, total
-    return _allocator_peak(fn), None
 
 
 def machine(device: torch.device) -> dict[str, Any]:

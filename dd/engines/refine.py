@@ -41,6 +41,7 @@ Outputs (all written atomically; a journal makes ``--resume`` skip finished imag
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -58,8 +59,9 @@ import torch.nn.functional as F
 import dd.training.settings as shared
 from dd.api.backbones import FLOW, Backbone, Schedule, flow_schedule
 from dd.errors import DDError, UsageError
+from dd.inference.guidance import GUIDE_LOSSES, Guide, parse_guide_steps
 from dd.runtime.checkpoint import LORA_FILE
-from dd.runtime.config import setting
+from dd.runtime.config import check_declared, setting
 from dd.runtime.io import (
     Journal,
     absolutize,
@@ -454,10 +456,13 @@ def refine_latents(
     height: int,
     width: int,
     latent_mask: torch.Tensor | None = None,
+    guide: Guide | None = None,
 ) -> torch.Tensor:
     """SDEdit from clean latents ``x0``: noise to the plan's first level, then run every step
     with its segment's model. With ``latent_mask`` (1 = repaint), latents outside it are
-    reset to ``x0`` noised to the next level (same ``noise``) after each step."""
+    reset to ``x0`` noised to the next level (same ``noise``) after each step. With ``guide``
+    its active steps (indices among the steps run) are detector-guided steps
+    (:meth:`Backbone.guided_step`), before that reset."""
     sch = plan.schedule
     first = models[0].backbone
     t0 = sch.timesteps[:1].expand(x0.shape[0])
@@ -472,7 +477,12 @@ def refine_latents(
         if k not in conds:
             conds[k] = model.backbone.encode_prompts(list(prompts))
         model.activate()
-        latents = model.backbone.step(latents, i, sch, conds[k], guidance, height, width)
+        if guide is not None and guide.active(i, len(sch)):
+            latents = model.backbone.guided_step(
+                latents, i, sch, conds[k], guidance, height, width, guide
+            )
+        else:
+            latents = model.backbone.step(latents, i, sch, conds[k], guidance, height, width)
         if latent_mask is not None:
             known = noise_level(plan, x0, noise, i + 1)
             latents = latent_mask * latents + (1 - latent_mask) * known
@@ -610,6 +620,22 @@ class RefineConfig:
     detector: str = setting("segformer", help="Detector plugin.")
     detector_weights: str | None = shared.detector_weights()
     detector_options: dict[str, Any] = shared.detector_options("Detector option KEY=VALUE.")
+    guide: bool = setting(
+        False,
+        help="Detector guidance in the redone steps (as dd generate --guide): each guided "
+        "step moves the latents down the detector's confidence; with a mask, of the pixels "
+        "inside it.",
+    )
+    guide_scale: float = setting(
+        12.0, min=0, help="Guidance step size at the first guided step (falls to 1/12 of it)."
+    )
+    guide_steps: str | None = setting(
+        None, help="Guided steps A-B, 0-based among the steps refine runs (default: all)."
+    )
+    guide_loss: str = setting(
+        "mean", help="Per-image confidence to lower: mean, max or weighted.", choices=GUIDE_LOSSES
+    )
+    guide_every: int = setting(1, min=1, help="Guide every Nth step.")
     seed: int = setting(0, help="Run seed (each image's noise derives from it).")
     batch_size: int = setting(1, help="Images per batch.", min=1)
     device: str = setting("auto", help="auto, cpu, cuda, cuda:N or mps.")
@@ -711,6 +737,8 @@ def _check_config(c: RefineConfig) -> None:
         raise DDError(f"mask not found: {c.mask}", hint="pass --mask auto, a PNG or a folder")
     if not c.inputs:
         raise DDError("no input images given", hint="pass image files, folders or globs")
+    check_declared(c)  # guide choices and bounds
+    parse_guide_steps(c.guide_steps)
 
 
 def _infer_base(c: RefineConfig) -> None:
@@ -754,6 +782,8 @@ def _check_out(c: RefineConfig, out: Path) -> tuple[dict[str, Any], bool]:
             before = json.loads(info.read_text())
         except ValueError:
             raise DDError(f"{info} is damaged; cannot resume") from None
+        # a setting an older run did not record counts at its default (e.g. --guide)
+        before = {**asdict(RefineConfig()), **before} if isinstance(before, dict) else {}
         diff = sorted(k for k in now if before.get(k) != now[k])
         if diff:
             raise DDError(
@@ -935,6 +965,13 @@ class _Refiner(_RefineOutputs):
                 "auto mask mean nothing (pass --detector-weights)[/yellow]"
             )
         self.guidance = c.guidance if c.guidance is not None else self.base.default_guidance
+        self.guide = None
+        if c.guide:
+            self.det.requires_grad_(False)
+            self.guide = Guide(
+                self.det, c.guide_scale, parse_guide_steps(c.guide_steps), c.guide_loss,
+                c.guide_every,
+            )  # fmt: skip
         self.multiple = size_multiple(self.base)
 
         # Only now, with every input, model and detector loaded, does --out get written:
@@ -1095,7 +1132,7 @@ class _Refiner(_RefineOutputs):
         x0 = torch.cat([bb.encode_images(x[j : j + 1], generator=g) for j, g in enumerate(gens)])
         noise = torch.cat([bb.prepare_latents(1, h, w, g) for g in gens]).to(x0)
         plan = self.plan_for(h, w)
-        lmask = None
+        lmask = pm = None
         if any(m is not None for m in masks):
             pm = torch.stack(
                 [
@@ -1106,9 +1143,12 @@ class _Refiner(_RefineOutputs):
                 ]
             ).to(bb.device)
             lmask = latent_mask(bb, pm, x0)
+        guide = None
+        if self.guide is not None:  # the confidence inside the repaint mask pushes
+            guide = dataclasses.replace(self.guide, weight=pm)
         lat = refine_latents(
             self.models, plan, x0, noise, prompts,
-            guidance=self.guidance, height=h, width=w, latent_mask=lmask,
+            guidance=self.guidance, height=h, width=w, latent_mask=lmask, guide=guide,
         )  # fmt: skip
         with torch.no_grad():
             dec = _to_u8(bb.decode(lat, h, w))

@@ -11,6 +11,11 @@ only, not back through the denoiser), the gradient is L2-normalised, and the ste
 default is 12 -> 1, power 2). dd normalises per image (DIAMOND: over the whole batch), so
 an image's result does not depend on what it was batched with. Nothing is kept across
 steps, so memory is one step's. With ``scale`` 0 sampling is unguided, bit for bit.
+
+``dd refine --guide`` runs the same step inside the late steps it redoes, with the repaint
+mask as the confidence's per-pixel weight (:attr:`Guide.weight`): the push comes from the
+masked region only, and what lies outside the mask is reset to the original after every
+step as in plain masked refining.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class Guide:
     loss: str = "mean"
     every: int = 1
     threshold: float = 0.1
+    #: Per-pixel weights of the confidence (``B x 1 x H x W`` at the image size), e.g. the
+    #: repaint mask of ``dd refine --guide``: only what lies inside it pushes the latents.
+    weight: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in GUIDE_LOSSES:
@@ -72,8 +80,9 @@ class Guide:
         from dd.ops import artifact_confidence_loss
 
         logits = self.detector.logits(images)
+        weight = None if self.weight is None else self.weight.to(logits.device, logits.dtype)
         return artifact_confidence_loss(
-            logits, tuple(images.shape[-2:]), self.loss, threshold=self.threshold
+            logits, tuple(images.shape[-2:]), self.loss, threshold=self.threshold, weight=weight
         )
 
 

@@ -6,8 +6,18 @@ creates (views and in-place results share an input's storage and add nothing) an
 it when that storage is freed (storages' Python objects live as long as the storage, so a
 weak reference tells). Its ``peak`` is the peak of the bytes allocated inside the ``with``
 block above what existed before, the figure ``dd bench treat`` measures with the profiler
-on the CPU (``dd.engines.bench.peak_extra_memory``). On the meta device nothing is allocated and
-nothing is computed, so a FLUX.1-dev step at 1024² is traced in seconds on any machine.
+on the CPU (:func:`peak_extra_memory`). On the meta device nothing is allocated and nothing
+is computed, so a FLUX.1-dev step at 1024² is traced in seconds on any machine.
+
+:func:`peak_extra_memory` measures a real call: the peak bytes it allocates above what was
+allocated when it started. CUDA: the caching allocator's ``max_memory_allocated`` after
+``reset_peak_memory_stats``, minus ``memory_allocated`` before (tensor memory only). CPU:
+every allocation and free of torch's CPU allocator as ``torch.profiler`` records them
+(``profile_memory=True``), replayed in time order; the peak of the running sum (all tensor
+storage, including buffers native code allocates through torch; a block allocated before
+the call and freed during it is not reported, so the figure can only err high). The
+process's resident set is no substitute inside one long process: glibc serves new buffers
+from heap memory that is already resident.
 
 :func:`fused_attention` makes ``scaled_dot_product_attention`` take the fused (flash)
 kernel while tracing: on the meta device PyTorch would pick the math path, which keeps the
@@ -17,8 +27,10 @@ attention matrix and overstates what a GPU (or the CPU's flash kernel) uses.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -26,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["PeakTracker", "fused_attention", "tensor_bytes"]
+__all__ = ["PeakTracker", "fused_attention", "peak_extra_memory", "sync", "tensor_bytes"]
 
 
 class PeakTracker(TorchDispatchMode):
@@ -98,3 +110,68 @@ def tensor_bytes(tensors: Any) -> int:
             seen.add(key)
             total += int(t.untyped_storage().nbytes())
     return total
+
+
+# -- measuring a real call --------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    """Wait for the device (CUDA) to finish its queued work; nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null (restored after)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _allocator_peak(fn: Callable[[], object]) -> int:
+    """Peak of the running sum of torch's CPU allocations and frees during ``fn()``.
+
+    Runs with stderr silenced: kineto prints a line at every profiler start and stop, and
+    torch logs a warning for every 1000th free of a block allocated before profiling. The
+    benchmarks only measure calls they have already run unprofiled, whose warnings were shown.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.start()
+        try:
+            fn()
+        finally:
+            prof.stop()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
+    """``(extra, total)``: the peak bytes ``fn()`` allocates above what was allocated before
+    it, and on CUDA the allocator's total at that peak (``None`` on CPU). See the module
+    docstring for what is counted."""
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        total = torch.cuda.max_memory_allocated(device)
+        return total - base, total
+    return _allocator_peak(fn), None
