@@ -4,6 +4,7 @@ optionally guided, best-of-N or scored by a detector; resumable (``OUT/.dd`` jou
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,15 +55,12 @@ class GenerateResult:
 
 def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> GenerateResult:
     """Generate (or resume generating) ``cfg``'s images; see the module docstring."""
-    import torch
     from PIL import Image
 
     from dd.api.plugins import load_backbone, load_detector_warned
     from dd.data.prompts import parse_seeds, read_prompts
     from dd.errors import UsageError
-    from dd.inference import generate_batches
-    from dd.inference.scores import map_scores
-    from dd.report.grid import image_grid, to_uint8
+    from dd.report.grid import image_grid
     from dd.runtime.device import resolve_device, resolve_dtype
     from dd.runtime.io import (
         Journal,
@@ -167,48 +165,32 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
         try:
             with rep.progress("generate") as progress:
                 task = progress.add_task("generate", total=len(pairs), completed=len(written))
-                # best-of-N: N candidates per (prompt, seed), consecutive in this list
-                cands = [(pi, s, c) for pi, s in todo for c in candidate_seeds(s, best_of)]
-                pending: list[tuple[int, dict[str, Any], Any]] = []
-                for start, images in generate_batches(
+                chosen_images = best_of_images(
                     bb,
-                    [prompt_list[pi] for pi, _, _ in cands],
-                    [c for _, _, c in cands],
+                    det,
+                    [prompt_list[pi] for pi, _ in todo],
+                    [s for _, s in todo],
+                    best_of,
                     height=size,
                     width=size,
                     steps=n_steps,
                     guidance=settings["guidance"],
                     batch_size=batch_size,
                     guide=guide_plan,
-                ):
-                    probs = None
-                    if det is not None:
-                        with torch.no_grad():
-                            probs = det(images).float().cpu().numpy()
-                    u8 = to_uint8(images)
-                    for j in range(images.shape[0]):
-                        pi, s, c = cands[start + j]
-                        sc: dict[str, Any] = {"seed": c}
-                        if probs is not None:
-                            full = map_scores(probs[j, 0])
-                            sc.update({k: full[k] for k in SCORE_KEYS})
-                        pending.append((c, sc, u8[j]))
-                        if len(pending) < best_of:
-                            continue
-                        # the candidate with the lowest mean confidence (the first on ties)
-                        chosen = min(pending, key=lambda t: t[1].get("mean", 0.0))
-                        name = f"{pi:04d}-seed{s}.png"
-                        save_image_atomic(Image.fromarray(chosen[2]), out / name)
-                        rec = {"prompt_index": pi, "prompt": prompt_list[pi], "seed": s}
-                        rec["image"] = name
-                        rec.update({k: v for k, v in chosen[1].items() if k != "seed"})
-                        if best_of > 1:
-                            rec["chosen_seed"] = chosen[0]
-                            rec["candidates"] = [t[1] for t in pending]
-                        journal.append(rec)
-                        written[(pi, s)] = rec
-                        cells[(pi, s)] = (_thumb(Image.fromarray(chosen[2])), _caption(rec))
-                        pending = []
+                )
+                for i, chosen_seed, image, scores, candidates in chosen_images:
+                    pi, s = todo[i]
+                    name = f"{pi:04d}-seed{s}.png"
+                    save_image_atomic(Image.fromarray(image), out / name)
+                    rec = {"prompt_index": pi, "prompt": prompt_list[pi], "seed": s}
+                    rec["image"] = name
+                    rec.update({k: v for k, v in scores.items() if k != "seed"})
+                    if best_of > 1:
+                        rec["chosen_seed"] = chosen_seed
+                        rec["candidates"] = candidates
+                    journal.append(rec)
+                    written[(pi, s)] = rec
+                    cells[(pi, s)] = (_thumb(Image.fromarray(image)), _caption(rec))
                     progress.update(task, completed=len(written))
         finally:
             journal.close()
@@ -221,6 +203,64 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
         out / "report.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     )
     return GenerateResult(out, records, n_steps, size, lora, det is not None)
+
+
+def best_of_images(
+    bb: Any,
+    det: Any,
+    prompts: list[str],
+    seeds: list[int],
+    n: int,
+    *,
+    height: int,
+    width: int,
+    steps: int,
+    guidance: float | None,
+    batch_size: int,
+    guide: Any = None,
+) -> Iterator[tuple[int, int, Any, dict[str, Any], list[dict[str, Any]]]]:
+    """Images for ``prompts[i]`` at ``seeds[i]`` through the one batched sampling path, each
+    the best of ``n`` candidates (:func:`candidate_seeds`; the lowest mean confidence of
+    ``det``, the first on ties; ``n = 1`` is plain sampling). Yields, in order,
+    ``(i, chosen seed, uint8 image H x W x 3, its scores, every candidate's scores)``; scores
+    are the detector's (:data:`SCORE_KEYS`) when ``det`` is given, else just the seed."""
+    import torch
+
+    from dd.inference import generate_batches
+    from dd.inference.scores import map_scores
+    from dd.report.grid import to_uint8
+
+    # N candidates per (prompt, seed), consecutive in this list
+    cands = [(i, c) for i, s in enumerate(seeds) for c in candidate_seeds(s, n)]
+    pending: list[tuple[int, dict[str, Any], Any]] = []
+    for start, images in generate_batches(
+        bb,
+        [prompts[i] for i, _ in cands],
+        [c for _, c in cands],
+        height=height,
+        width=width,
+        steps=steps,
+        guidance=guidance,
+        batch_size=batch_size,
+        guide=guide,
+    ):
+        probs = None
+        if det is not None:
+            with torch.no_grad():
+                probs = det(images).float().cpu().numpy()
+        u8 = to_uint8(images)
+        for j in range(images.shape[0]):
+            i, c = cands[start + j]
+            sc: dict[str, Any] = {"seed": c}
+            if probs is not None:
+                full = map_scores(probs[j, 0])
+                sc.update({k: full[k] for k in SCORE_KEYS})
+            pending.append((c, sc, u8[j]))
+            if len(pending) < n:
+                continue
+            chosen = min(pending, key=lambda t: t[1].get("mean", 0.0))
+            yield i, chosen[0], chosen[2], chosen[1], [t[1] for t in pending]
+            pending = []
 
 
 def candidate_seeds(seed: int, n: int) -> list[int]:
