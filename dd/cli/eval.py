@@ -108,19 +108,58 @@ def gen(
         bool,
         typer.Option(help="Regenerate images in --out that were made with other settings."),
     ] = False,
+    guide: Annotated[
+        bool,
+        typer.Option(
+            help="Add a row per model sampled with detector guidance (<model>+guide; as dd "
+            "generate --guide)."
+        ),
+    ] = False,
+    guide_scale: Annotated[
+        float, typer.Option(min=0, help="Guidance step size at the first guided step.")
+    ] = 12.0,
+    guide_steps: Annotated[
+        str | None, typer.Option(help="Guided sampling steps A-B (0-based; default: all).")
+    ] = None,
+    guide_loss: Annotated[
+        str, typer.Option(help="Per-image confidence to lower: mean, max or weighted.")
+    ] = "mean",
+    guide_every: Annotated[int, typer.Option(min=1, help="Guide every Nth step.")] = 1,
+    best_of: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Add a row per model keeping the best of N candidates per image (the lowest "
+            "mean confidence; <model>+best-of-N).",
+        ),
+    ] = 1,
+    quality: Annotated[
+        str | None,
+        typer.Option(
+            help="Quality scorers, comma-separated (built-ins: detail, drift; `dd plugins` "
+            "lists more), each row against the base model's images."
+        ),
+    ] = None,
+    quality_weight: Annotated[
+        list[str] | None,
+        typer.Option(help="Local weights of a quality scorer: NAME=PATH (repeatable)."),
+    ] = None,
 ) -> None:
     """Generate with the base model and each LoRA at identical seeds, then score them.
 
     Artifact confidence (mean, max), artifact frequency and pixel ratio from the detector;
     FID/KID against --refs (local Inception weights only); SSIM/PSNR against paired
-    references; optional CLIP score, PickScore, ImageReward from local weights. Writes
+    references; optional CLIP score, PickScore, ImageReward from local weights; time per
+    image and peak memory of each row; --quality scorers. With --guide and --best-of N each
+    model also gets a guided and a best-of-N row: base, guided, best-of-N, treated (--lora)
+    and treated+guided side by side at the same seeds. Writes
     results.md, results.json, grids/prompt-PPPP.png, bars.png and images/<model>/ to --out
     (images made with the same settings are reused: rerun to resume; other settings need
     --overwrite).
     """
-    from dd.cli.options import parse_options
+    from dd.cli.options import parse_options, split_list
     from dd.data.prompts import parse_seeds
-    from dd.engines.eval_gen import METRICS, EvalGenConfig, _fmt, eval_gen
+    from dd.engines.eval_gen import EvalGenConfig, _fmt, columns, eval_gen
 
     cfg = EvalGenConfig(
         backbone=backbone,
@@ -147,11 +186,19 @@ def gen(
         pickscore_model=pickscore_model,
         image_reward_model=image_reward_model,
         overwrite=overwrite,
+        guide=guide,
+        guide_scale=guide_scale,
+        guide_steps=guide_steps,
+        guide_loss=guide_loss,
+        guide_every=guide_every,
+        best_of=best_of,
+        quality=split_list(quality) or [],
+        quality_weights=parse_options(quality_weight),
     )
     results = eval_gen(cfg, console=Console(stderr=True))
     con = Console()
     for row in results["models"]:
-        parts = [f"{h} {_fmt(k, row[k])}" for k, h, _ in METRICS if row.get(k) is not None]
+        parts = [f"{h} {_fmt(k, row[k])}" for k, h, _ in columns(results) if row.get(k) is not None]
         con.print(f"{row['model']}: " + ", ".join(parts), highlight=False)
     con.print(f"report: {Path(out or '.') / 'results.md'}", highlight=False)
 

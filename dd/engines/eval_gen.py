@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dd.engines.generate import best_of_images
 from dd.errors import DDError, UsageError
 from dd.inference.image_scores import ClipModel, ImageRewardModel, clip_scores, pick_scores
 
@@ -65,6 +66,8 @@ METRICS = (
     ("max_conf", "max artifact conf.", True),
     ("artifact_freq", "artifact freq.", True),
     ("artifact_pixels", "artifact pixel ratio", True),
+    ("seconds_per_image", "s / image", True),
+    ("peak_extra_mib", "peak extra MiB", True),
     ("fid", "FID", True),
     ("kid", "KID", True),
     ("ssim", "SSIM", False),
@@ -106,12 +109,63 @@ class EvalGenConfig:
     seed: int = 0
     #: Regenerate a model's images made with other settings (without it: refuse).
     overwrite: bool = False
+    #: Also each model with detector guidance (``<model>+guide``): dd generate --guide's.
+    guide: bool = False
+    guide_scale: float = 12.0
+    guide_steps: str | None = None
+    guide_loss: str = "mean"
+    guide_every: int = 1
+    #: Also each model's best of N candidates per image (``<model>+best-of-N``).
+    best_of: int = 1
+    #: Quality scorers (``dd plugins``: detail, drift, clip, ...) measured per row against
+    #: the base model's images at the same prompts and seeds.
+    quality: list[str] = field(default_factory=list)
+    quality_weights: dict[str, Any] = field(default_factory=dict)
 
 
 #: Beside each model's images: the settings that made them (an image is reused only when
 #: they are the same) and one record per image (prompt, seed) for ``dd eval study``.
 IMAGE_SETTINGS = ".dd-settings.json"
 IMAGE_REPORT = "report.jsonl"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the comparison: a model (the base or a LoRA) sampled one way."""
+
+    name: str
+    lora: str | None
+    #: ``plain``, ``guide`` (detector guidance) or ``best-of`` (best of ``cfg.best_of``).
+    how: str = "plain"
+
+    def settings(self, cfg: EvalGenConfig) -> dict[str, Any]:
+        """What the way of sampling adds to the image settings."""
+        if self.how == "guide":
+            return {"guide": [cfg.guide_scale, cfg.guide_steps, cfg.guide_loss, cfg.guide_every]}
+        if self.how == "best-of":
+            return {"best_of": cfg.best_of, "detector": _detector_record(cfg)}
+        return {}
+
+
+def _detector_record(cfg: EvalGenConfig) -> list[Any]:
+    return [cfg.detector, cfg.detector_weights, dict(sorted(cfg.detector_options.items()))]
+
+
+def variants(cfg: EvalGenConfig) -> list[Variant]:
+    """The rows, in order: per model (base, then each LoRA) plain, guided (``--guide``),
+    best of N (``--best-of N``)."""
+    out = []
+    for name, lora in zip(_model_names(cfg.loras), [None, *cfg.loras], strict=True):
+        out.append(Variant(name, lora))
+        if cfg.guide:
+            out.append(Variant(f"{name}+guide", lora, "guide"))
+        if cfg.best_of > 1:
+            out.append(Variant(f"{name}+best-of-{cfg.best_of}", lora, "best-of"))
+    return out
+
+
+#: Beside each row's images: seconds and images generated, peak extra memory.
+TIMING = ".dd-timing.json"
 
 
 def image_settings(cfg: EvalGenConfig, lora: str | None, prompts: Sequence[str]) -> dict:
@@ -177,6 +231,57 @@ def _claim_images(folder: Path, settings: dict[str, Any], overwrite: bool) -> No
             shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, settings)
+
+
+def _timed(run: Callable[[], Any], device: torch.device, *, one_image: Callable[[], Any]) -> dict:
+    """Seconds ``run()`` takes (CUDA synchronised) and the peak extra memory of generating:
+    on CUDA the allocator's peak during ``run()`` above what was allocated before (the
+    models); on the CPU the profiler's peak of ``one_image()``, one more image generated and
+    discarded (profiling the whole run would distort its time). See
+    :func:`dd.runtime.memory.peak_extra_memory`."""
+    import time
+
+    from dd.runtime.memory import peak_extra_memory, sync
+
+    base = 0
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    run()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak, _ = peak_extra_memory(one_image, device)
+    return {"seconds": seconds, "peak_extra_bytes": int(peak), "device": str(device)}
+
+
+def _read_timing(folder: Path) -> dict[str, Any] | None:
+    try:
+        rec = json.loads((folder / TIMING).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("images") else None
+
+
+def _add_timing(
+    folder: Path, before: dict[str, Any] | None, timing: dict[str, Any], images: int
+) -> dict[str, Any]:
+    """This run's timing added to what earlier runs (a resumed evaluation) recorded."""
+    from dd.runtime.io import atomic_write_json
+
+    before = before or {}
+    rec = {
+        "seconds": float(before.get("seconds", 0.0)) + timing["seconds"],
+        "images": int(before.get("images", 0)) + images,
+        "peak_extra_bytes": max(int(before.get("peak_extra_bytes", 0)), timing["peak_extra_bytes"]),
+        "device": timing["device"],
+    }
+    atomic_write_json(folder / TIMING, rec)
+    return rec
 
 
 # ------------------------------------------------------------------------------------------
@@ -410,6 +515,17 @@ def _check(cfg: EvalGenConfig) -> None:
         raise UsageError("--batch-size must be at least 1")
     if not cfg.seeds:
         raise UsageError("--seeds must name at least one seed")
+    if cfg.best_of < 1:
+        raise UsageError(f"--best-of must be at least 1, got {cfg.best_of}")
+    if cfg.guide:  # the guidance settings are checked before anything loads
+        from dd.inference.guidance import Guide, parse_guide_steps
+
+        Guide(None, cfg.guide_scale, parse_guide_steps(cfg.guide_steps), cfg.guide_loss,
+              cfg.guide_every)  # fmt: skip
+    if cfg.quality:
+        from dd.api.scorers import parse_quality
+
+        parse_quality(cfg.quality)
 
 
 def eval_gen(
@@ -427,9 +543,7 @@ def eval_gen(
     from dd.api.plugins import load_backbone, load_detector
     from dd.data.images import load_image
     from dd.data.prompts import read_prompts
-    from dd.inference import generate_batches
     from dd.inference.scores import ARTIFACT_THRESHOLD, map_scores
-    from dd.report.grid import to_uint8
     from dd.runtime.device import resolve_device, resolve_dtype
     from dd.runtime.io import atomic_write_json, atomic_write_text, save_image_atomic
     from dd.runtime.progress import progress_or_quiet
@@ -467,20 +581,38 @@ def eval_gen(
             highlight=False,
         )
 
-    names = _model_names(cfg.loras)
+    rows_v = variants(cfg)
+    names = [v.name for v in rows_v]
     items = [(pi, s) for pi in range(len(prompts)) for s in cfg.seeds]
+    guide_plan = None
+    if cfg.guide:
+        from dd.inference.guidance import Guide, parse_guide_steps
+
+        det.eval()
+        det.requires_grad_(False)
+        guide_plan = Guide(det, cfg.guide_scale, parse_guide_steps(cfg.guide_steps),
+                           cfg.guide_loss, cfg.guide_every)  # fmt: skip
+    guard = None
+    if cfg.quality:
+        from dd.api.plugins import load_quality_guard
+
+        guard = load_quality_guard(cfg.quality, device=str(dev), weights=cfg.quality_weights)
     from dd.runtime.io import mark_run_folder
 
     mark_run_folder(out, "eval gen", not_inputs=("grids",))
     bb = None
+    loaded: object = ()  # the LoRA the backbone carries now (() = not loaded yet)
     size = cfg.resolution
+    timings: dict[str, dict[str, Any] | None] = {}
     with progress_or_quiet("[bold]{task.description}", console=console) as progress:
-        for name, lora in zip(names, [None, *cfg.loras], strict=True):
-            folder = out / "images" / name
-            _claim_images(folder, image_settings(cfg, lora, prompts), cfg.overwrite)
+        for v in rows_v:
+            folder = out / "images" / v.name
+            settings = image_settings(cfg, v.lora, prompts) | v.settings(cfg)
+            _claim_images(folder, settings, cfg.overwrite)
             todo = [(pi, s) for pi, s in items if not (folder / f"{pi:04d}-seed{s}.png").is_file()]
-            task = progress.add_task(f"generate {name}", total=len(items))
+            task = progress.add_task(f"generate {v.name}", total=len(items))
             progress.update(task, completed=len(items) - len(todo))
+            timings[v.name] = _read_timing(folder)
             if not todo:
                 continue
             if bb is None:
@@ -488,24 +620,38 @@ def eval_gen(
                     cfg.backbone, cfg.model, device=dev, dtype=dt, options=cfg.backbone_options
                 )
                 size = size or int(bb.default_resolution)
-            if any("lora_" in n for n, _ in bb.denoiser.named_parameters()):
-                bb.pipe.unload_lora_weights()
-            if lora is not None:
-                bb.load_lora(lora, trainable=False)
-            for start, images in generate_batches(
-                bb,
-                [prompts[pi] for pi, _ in todo],
-                [s for _, s in todo],
-                height=size,  # type: ignore[arg-type]
-                width=size,  # type: ignore[arg-type]
-                steps=cfg.steps,
-                guidance=cfg.guidance,
-                batch_size=cfg.batch_size,
-            ):
-                for j, img in enumerate(to_uint8(images)):
-                    pi, s = todo[start + j]
+            if loaded != v.lora:
+                if any("lora_" in n for n, _ in bb.denoiser.named_parameters()):
+                    bb.pipe.unload_lora_weights()
+                if v.lora is not None:
+                    bb.load_lora(v.lora, trainable=False)
+                loaded = v.lora
+
+            def sample(
+                pairs: list[tuple[int, int]], v: Variant = v, bb: Any = bb, size: Any = size
+            ) -> Any:
+                return best_of_images(
+                    bb,
+                    det if v.how == "best-of" else None,
+                    [prompts[pi] for pi, _ in pairs],
+                    [s for _, s in pairs],
+                    cfg.best_of if v.how == "best-of" else 1,
+                    height=size,  # type: ignore[arg-type]
+                    width=size,  # type: ignore[arg-type]
+                    steps=cfg.steps,  # type: ignore[arg-type]
+                    guidance=cfg.guidance,
+                    batch_size=cfg.batch_size,
+                    guide=guide_plan if v.how == "guide" else None,
+                )
+
+            def generate_todo(todo: list = todo, folder: Path = folder, task: Any = task) -> None:
+                for i, _, img, _, _ in sample(todo):
+                    pi, s = todo[i]
                     save_image_atomic(Image.fromarray(img), folder / f"{pi:04d}-seed{s}.png")
-                progress.advance(task, images.shape[0])
+                    progress.advance(task)
+
+            timing = _timed(generate_todo, dev, one_image=lambda todo=todo: list(sample(todo[:1])))
+            timings[v.name] = _add_timing(folder, timings[v.name], timing, len(todo))
     for name in names:  # per image: its prompt and seed (dd eval study pairs by these)
         atomic_write_text(
             out / "images" / name / IMAGE_REPORT,
@@ -523,7 +669,9 @@ def eval_gen(
     if refs and feats is not None:
         first = load_image(out / "images" / "base" / f"{items[0][0]:04d}-seed{items[0][1]}.png")
         ref_feats = _features_of(refs, feats, first.shape[:2])
-    for name, lora in zip(names, [None, *cfg.loras], strict=True):
+    base_u8 = None
+    for v in rows_v:
+        name, lora = v.name, v.lora
         folder = out / "images" / name
         paths = [folder / f"{pi:04d}-seed{s}.png" for pi, s in items]
         recs: list[dict[str, Any]] = []
@@ -580,6 +728,16 @@ def eval_gen(
             vals = [r[key] for r in recs if key in r]
             row[key] = float(np.mean(vals)) if vals else None
         row["n_paired"] = sum("ssim" in r for r in recs)
+        timing = timings.get(name)
+        row["seconds_per_image"] = timing["seconds"] / timing["images"] if timing else None
+        row["peak_extra_mib"] = timing["peak_extra_bytes"] / 2**20 if timing else None
+        row["how"] = v.how
+        if guard is not None:  # against the base model's images at the same prompts and seeds
+            u8_all = np.stack([load_image(p) for p in paths])
+            base_u8 = u8_all if base_u8 is None else base_u8
+            ptxt = [prompts[pi] for pi, _ in items]
+            for qname, value in guard.measure(u8_all, base_u8, ptxt).items():
+                row[f"quality:{qname}"] = value
         if ref_feats is not None and feats is not None:
             mine = _features_of(paths, feats, None)
             row["fid"] = fid(mine, ref_feats)
@@ -597,6 +755,10 @@ def eval_gen(
 
     results = {
         "config": asdict(cfg) | {"resolution": size},
+        "quality": [
+            {"name": sc.name, "higher_is_better": sc.higher_is_better}
+            for sc, _ in (guard.scorers if guard is not None else [])
+        ],
         "detector": det.describe() if hasattr(det, "describe") else {},
         "n_refs": len(refs),
         "models": rows,
@@ -605,7 +767,7 @@ def eval_gen(
     atomic_write_json(out / "results.json", _json_safe(results))
     atomic_write_text(out / "results.md", results_markdown(results))
     _write_grids(out, prompts, cfg.seeds, names, per_image)
-    bar_chart(rows, out / "bars.png")
+    bar_chart(rows, out / "bars.png", results["quality"])
     return results
 
 
@@ -622,6 +784,10 @@ def _json_safe(obj: Any) -> Any:
 def _fmt(key: str, v: Any) -> str:
     if v is None:
         return "-"
+    if key == "seconds_per_image":
+        return f"{v:.3g}"
+    if key == "peak_extra_mib":
+        return f"{v:.1f}"
     if key in ("mean_conf", "max_conf", "artifact_freq", "artifact_pixels"):
         return f"{100 * v:.2f}%"
     if key == "kid":
@@ -629,9 +795,22 @@ def _fmt(key: str, v: Any) -> str:
     return f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"
 
 
+def columns(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """``(key, header, lower is better)`` of every metric some row has: :data:`METRICS`,
+    then the quality scorers' (``quality:NAME``)."""
+    rows = results["models"]
+    quality = [
+        (f"quality:{q['name']}", f"{q['name']} (quality)", not q["higher_is_better"])
+        for q in results.get("quality", [])
+    ]
+    return [
+        (k, h, low) for k, h, low in [*METRICS, *quality] if any(r.get(k) is not None for r in rows)
+    ]
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     rows = results["models"]
-    cols = [(k, h, low) for k, h, low in METRICS if any(r.get(k) is not None for r in rows)]
+    cols = columns(results)
     cfg = results["config"]
     lines = [
         "# Generation evaluation (`dd eval gen`)",
@@ -663,6 +842,18 @@ def results_markdown(results: dict[str, Any]) -> str:
     ]
     if det.get("untrained"):
         lines.append("**The detector had random weights: its scores mean nothing.**")
+    if any(r.get("seconds_per_image") is not None for r in rows):
+        lines.append(
+            "Time: seconds per image of each row's generation (best-of-N: N candidates and "
+            "their detector pass; guided: the guided steps); peak extra memory: the most "
+            "memory generating allocated above the loaded models (CUDA: the allocator's peak; "
+            "CPU: the profiler's, for one image)."
+        )
+    if results.get("quality"):
+        lines.append(
+            "Quality: each scorer on a row's images against the base model's at the same "
+            "prompts and seeds (`dd plugins` lists the scorers)."
+        )
     if results.get("n_refs"):
         n_paired = rows[0].get("n_paired", 0) if rows else 0
         lines.append(
@@ -701,14 +892,16 @@ def _write_grids(
         save_image_atomic(grid, out / "grids" / f"prompt-{pi:04d}.png")
 
 
-def bar_chart(rows: Sequence[dict[str, Any]], path: Path) -> None:
+def bar_chart(
+    rows: Sequence[dict[str, Any]], path: Path, quality: list[dict[str, Any]] | None = None
+) -> None:
     """One bar panel per metric with values (Pillow only), a bar per model."""
     from PIL import Image, ImageDraw
 
     from dd.report.plot import PALETTE, draw_text
     from dd.runtime.io import save_image_atomic
 
-    keys = [(k, h) for k, h, _ in METRICS if any(r.get(k) is not None for r in rows)]
+    keys = [(k, h) for k, h, _ in columns({"models": rows, "quality": quality or []})]
     pw, ph = 240, 220
     img = Image.new("RGB", (max(1, len(keys)) * pw, ph + 20 + 14 * len(rows)), "white")
     draw = ImageDraw.Draw(img)
