@@ -564,21 +564,18 @@ def _detector(variant: str, size: int, device: torch.device, dtype: torch.dtype,
     )
 
 
-def tiny_treat_setup(
+def bench_backbone(
     backbone: str = "flux",
     *,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
-    steps: int = 4,
-    lora_rank: int = 16,
-    detector_variant: str = "small",
-    detector_size: int = 64,
-    batch: int = 1,
     seed: int = 0,
     denoiser: dict[str, Any] | None = None,
-) -> TreatSetup:
-    """The CPU benchmark model: ``dd.testing.tiny``'s pipeline of ``backbone`` with its denoiser
-    rebuilt with :data:`BENCH_DENOISERS` (or ``denoiser``) settings, seeded random weights."""
+) -> tuple[Any, dict[str, Any]]:
+    """The CPU benchmark model without a LoRA: ``dd.testing.tiny``'s pipeline of ``backbone``
+    with its denoiser rebuilt with :data:`BENCH_DENOISERS` (or ``denoiser``) settings, seeded
+    random weights; ``(backbone, denoiser settings)``. ``bb.pipe.save_pretrained(DIR)``
+    makes it a model folder any command loads (``scripts/compare_bench.py``)."""
     from dd.api.plugins import get_backbone_class
     from dd.testing.tiny import BACKBONES, build_tiny, tiny_defaults
 
@@ -602,6 +599,26 @@ def tiny_treat_setup(
             new = type(old).from_config({**dict(old.config), **settings})
     new = new.to(device).eval().requires_grad_(False)
     setattr(bb.pipe, "transformer" if getattr(bb.pipe, "transformer", None) else "unet", new)
+    return bb, settings
+
+
+def tiny_treat_setup(
+    backbone: str = "flux",
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    steps: int = 4,
+    lora_rank: int = 16,
+    detector_variant: str = "small",
+    detector_size: int = 64,
+    batch: int = 1,
+    seed: int = 0,
+    denoiser: dict[str, Any] | None = None,
+) -> TreatSetup:
+    """The CPU benchmark model (:func:`bench_backbone`) with a LoRA and a detector."""
+    bb, settings = bench_backbone(
+        backbone, device=device, dtype=dtype, seed=seed, denoiser=denoiser
+    )
     _add_lora(bb, lora_rank, seed)
     det = _detector(detector_variant, detector_size, device, dtype, seed)
     cond = bb.encode_prompts(["a photo of a cat holding a cup"] * batch)
