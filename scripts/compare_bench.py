@@ -6,7 +6,8 @@ For each backbone: save the bench model as a pipeline folder, treat it briefly w
 ``dd treat`` (the LoRA the "treated" rows load), then ``dd eval gen --lora RUN --guide
 --best-of N --quality detail,drift``; prints each ``results.md``.
 
-    python scripts/compare_bench.py [--out DIR] [--backbones flux,sd15] [--train-steps 12]
+    python scripts/compare_bench.py [--out DIR] [--backbones flux,sd15] [--train-steps 40]
+        [--lr 5e-3] [--best-of 4]
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--backbones", default="flux,sd15")
-    ap.add_argument("--train-steps", type=int, default=12)
+    ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--lr", default="5e-3")
     ap.add_argument("--best-of", type=int, default=4)
     args = ap.parse_args()
     import torch
@@ -54,10 +56,10 @@ def main() -> None:
         extra = ["-B", "max_sequence_length=32"] if name in ("flux", "sd3") else []
         common = ["--backbone", name, "--model", model, "--resolution", "64", "--steps", "4",
                   "--device", "cpu", *extra]  # fmt: skip
-        run = out / name / "treat"
+        run = out / name / "treated"
         dd("treat", *common, "--prompts", prompts, "--eval-prompts", prompts, "--out", run,
            "--train-steps", args.train_steps, "--eval-every", args.train_steps,
-           "--save-every", args.train_steps, "--eval-seeds", "1", "--lr", "1e-3")  # fmt: skip
+           "--save-every", args.train_steps, "--eval-seeds", "1", "--lr", args.lr)  # fmt: skip
         dd("eval", "gen", *common, "--lora", run, "--prompts", prompts, "--seeds", "0,1",
            "--guide", "--best-of", args.best_of, "--quality", "detail,drift",
            "--out", out / name / "eval")  # fmt: skip
