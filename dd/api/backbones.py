@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dd.errors import DDError
+from dd.ops.attention import backend_for
 
 FLOW = "flow"
 EPSILON = "epsilon"
@@ -52,6 +53,13 @@ V_PREDICTION = "v_prediction"
 PREDICTION_TYPES = (FLOW, EPSILON, V_PREDICTION)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _dispatch_processors(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s attention processors go through diffusers' attention dispatch
+    (they carry ``_attention_backend``)."""
+    found = [m.processor for m in module.modules() if getattr(m, "processor", None) is not None]
+    return bool(found) and all(hasattr(p, "_attention_backend") for p in found)
 
 
 @dataclass
@@ -579,6 +587,57 @@ class _Training:
         pred = self.predict(xt, self.model_timestep(t), cond, guidance, h, w)
         return F.mse_loss(pred.float(), self.training_target(x0, noise, t).float())
 
+    # ------------------------------------------------------------------ attention
+    def set_attention(self, choice: str) -> str:
+        """Choose the denoiser's attention kernel through diffusers' own mechanism; returns
+        what was applied. ``auto`` and ``sdpa``: PyTorch's ``scaled_dot_product_attention``
+        (diffusers' ``native`` backend; PyTorch picks its flash or memory-efficient kernel on
+        a GPU), the default (``auto`` stays SDPA until a GPU measurement says otherwise,
+        docs/performance.md); ``xformers``, ``flash``: diffusers' attention backends of those
+        names (the ``xformers`` / ``flash-attn`` packages, never installed by dd).
+        Denoisers whose attention processors predate diffusers' dispatch (the SD1.5/SDXL
+        UNets, SD3's joint attention) take ``xformers`` through
+        ``enable_xformers_memory_efficient_attention`` and refuse ``flash``."""
+        backend = backend_for(choice)
+        dispatch = _dispatch_processors(self.denoiser)
+        try:
+            if dispatch:
+                import logging
+
+                # diffusers warns on every call that the API is experimental
+                log = logging.getLogger("diffusers.models.modeling_utils")
+                level = log.level
+                log.setLevel(logging.ERROR)
+                try:
+                    self.denoiser.set_attention_backend(backend)
+                finally:
+                    log.setLevel(level)
+            elif backend == "native":
+                # Undo an earlier xformers choice; their SDPA processors (AttnProcessor2_0,
+                # SD3's JointAttnProcessor2_0) are the default and stay as they are.
+                if any("XFormers" in type(p).__name__ for p in self._attn_processors()):
+                    self.denoiser.set_default_attn_processor()
+            elif backend == "xformers":
+                self.denoiser.enable_xformers_memory_efficient_attention()
+            else:
+                raise DDError(
+                    f"--attention {choice}: the {self.name} denoiser's attention processors do "
+                    "not use diffusers' attention dispatch",
+                    hint="use sdpa (PyTorch picks its flash kernel on a GPU) or xformers",
+                )
+        except (ImportError, ModuleNotFoundError, RuntimeError, ValueError) as e:
+            package = {"xformers": "xformers", "flash": "flash-attn"}.get(backend, backend)
+            raise DDError(
+                f"--attention {choice} is not usable here: {str(e).splitlines()[0][:200]}",
+                hint=f"install {package} built for the installed torch (dd never installs it; "
+                "pip would replace torch), or use --attention sdpa",
+            ) from None
+        self.attention = choice
+        return backend
+
+    def _attn_processors(self) -> list[Any]:
+        return [m.processor for m in self.denoiser.modules() if getattr(m, "processor", None)]
+
     # ------------------------------------------------------------------ memory
     def enable_vae_tiling(self) -> None:
         """Decode (and encode) in overlapping tiles, diffusers' ``enable_tiling``: the VAE's
@@ -772,6 +831,7 @@ class Backbone(_Prompts, _Sampling, _Training, _LoRA, abc.ABC):
         self.prompt_store: Any = None  # see use_embedding_store()
         self.text_encoders_released = False
         self.quantized = "none"  # see quantize()
+        self.attention = "auto"  # see set_attention()
         for module in self.frozen_modules():
             module.requires_grad_(False)
 

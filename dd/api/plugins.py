@@ -294,14 +294,21 @@ def as_detector(detector: Any, reporter: Any = None, *, meaning: str = "its maps
     return detector
 
 
-def load_backbone(name: str, model: str, *, device: Any, dtype: Any, options: dict) -> Any:
+def load_backbone(
+    name: str, model: str, *, device: Any, dtype: Any, options: dict, attention: str = "auto"
+) -> Any:
     """The backbone plugin ``name`` loaded from ``model`` (hub id, folder or file), with
-    ``options`` checked against the types its ``from_pretrained`` declares."""
+    ``options`` checked against the types its ``from_pretrained`` declares, and its
+    attention kernel set (``--attention``, :meth:`Backbone.set_attention`)."""
     from dd.api.plugin_options import check_options
+    from dd.ops.attention import backend_for
 
+    backend_for(attention)  # an unknown choice is a usage error before anything loads
     cls = get_host().backbones.get(name)
     opts = check_options("backbone", name, cls.from_pretrained, options)
-    return cls.from_pretrained(str(model), device=device, dtype=dtype, **opts)
+    bb = cls.from_pretrained(str(model), device=device, dtype=dtype, **opts)
+    bb.set_attention(attention)
+    return bb
 
 
 def load_quality_guard(

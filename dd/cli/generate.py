@@ -19,6 +19,7 @@ from dd.cli.options import (
     Seeds,
 )
 from dd.engines.generate import candidate_seeds  # noqa: F401 - importable from here too
+from dd.ops.attention import ATTENTION_HELP
 
 #: Preset keys ``dd generate`` uses (a preset's training keys are ignored here).
 PRESET_KEYS = (
@@ -119,6 +120,7 @@ def generate(
         bool,
         typer.Option(help="Replace the run in --out (or write into a non-empty folder)."),
     ] = False,
+    attention: Annotated[str, typer.Option(help=ATTENTION_HELP)] = "auto",
 ) -> None:
     """Generate images for prompts x seeds (to look at a base or treated model).
 
@@ -170,7 +172,7 @@ def generate(
         lora=lora, detect=detect,
         best_of=best_of, guide=guide, guide_scale=guide_scale, guide_steps=guide_steps,
         guide_loss=guide_loss, guide_every=guide_every, batch_size=batch_size, device=device,
-        resume=resume, overwrite=overwrite,
+        resume=resume, overwrite=overwrite, attention=attention,
     )  # fmt: skip
     result = run(cfg, reporter=ConsoleReporter(err))
     records = result.records

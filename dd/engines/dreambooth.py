@@ -174,6 +174,7 @@ class DreamBoothConfig:
     gradient_checkpointing: bool = setting(
         False, help="Recompute the denoiser's blocks in backward (less memory)."
     )
+    attention: str = shared.attention()
     report_to: str = shared.report_to()
     quantize: str = shared.quantize()
     optimizer: str = shared.optimizer()
@@ -482,7 +483,12 @@ class _DreamBooth(_DreamBoothData, loop.Recipe):
         dtype = resolve_dtype(cfg.dtype)
         self.log(f"loading {cfg.backbone} model {cfg.model} ({cfg.dtype}) on {acc.device}")
         bb = load_backbone(
-            cfg.backbone, cfg.model, device=acc.device, dtype=dtype, options=cfg.backbone_options
+            cfg.backbone,
+            cfg.model,
+            device=acc.device,
+            dtype=dtype,
+            options=cfg.backbone_options,
+            attention=cfg.attention,
         )
         quantize_backbone(bb, cfg.quantize, self.log)  # class images come from it too
         self.bb = bb

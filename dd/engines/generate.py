@@ -41,6 +41,8 @@ class GenerateConfig:
     device: str = "auto"
     resume: bool = False
     overwrite: bool = False
+    #: ``--attention`` (:meth:`dd.api.backbones.Backbone.set_attention`).
+    attention: str = "auto"
 
 
 @dataclass
@@ -119,6 +121,11 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
     if not (detect or guide or best_of > 1):
         for k in ("detector", "detector_weights", "detector_options"):
             record.pop(k)
+    if cfg.attention != "auto":  # (runs made before --attention record none)
+        from dd.ops.attention import backend_for
+
+        backend_for(cfg.attention)
+        record["attention"] = cfg.attention
     _claim(out, record, resume=resume, overwrite=overwrite)
 
     dev, dt = resolve_device(device), resolve_dtype(settings["dtype"])
@@ -129,6 +136,7 @@ def generate(cfg: GenerateConfig, *, reporter: Reporter | None = None) -> Genera
             device=dev,
             dtype=dt,
             options=settings["backbone_options"],
+            attention=cfg.attention,
         )
         if lora:
             bb.load_lora(lora, trainable=False)

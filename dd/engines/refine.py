@@ -638,6 +638,7 @@ class RefineConfig:
     guide_every: int = setting(1, min=1, help="Guide every Nth step.")
     seed: int = setting(0, help="Run seed (each image's noise derives from it).")
     batch_size: int = setting(1, help="Images per batch.", min=1)
+    attention: str = shared.attention()
     device: str = setting("auto", help="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = setting("fp32", help="fp32, bf16 or fp16.")
     resume: bool = setting(False, help="Skip images already refined in --out.")
@@ -946,7 +947,12 @@ class _Refiner(_RefineOutputs):
 
         def loader(model: str) -> Backbone:
             return load_backbone(
-                c.backbone, model, device=device, dtype=dtype, options=c.backbone_options
+                c.backbone,
+                model,
+                device=device,
+                dtype=dtype,
+                options=c.backbone_options,
+                attention=c.attention,
             )
 
         self.log(f"loading {c.backbone} model {c.model} on {device}")

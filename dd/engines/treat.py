@@ -187,6 +187,7 @@ class TreatConfig:
     vae_tiling: bool = setting(
         False, help="Decode with the VAE in tiles (less memory at large resolutions)."
     )
+    attention: str = shared.attention()
     embedding_cache: str | None = shared.embedding_cache()
     offload_text_encoders: bool = shared.offload_text_encoders()
     quantize: str = shared.quantize()
@@ -517,7 +518,12 @@ class _Treater(loop.Recipe):
         dtype = resolve_dtype(cfg.dtype)
         self.log(f"loading {cfg.backbone} model {cfg.model} ({cfg.dtype}) on {acc.device}")
         bb = load_backbone(
-            cfg.backbone, cfg.model, device=acc.device, dtype=dtype, options=cfg.backbone_options
+            cfg.backbone,
+            cfg.model,
+            device=acc.device,
+            dtype=dtype,
+            options=cfg.backbone_options,
+            attention=cfg.attention,
         )
         quantize_backbone(bb, cfg.quantize, self.log)
         det = load_detector(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dd.ops.attention import ATTENTION_CHOICES, ATTENTION_HELP
 from dd.ops.quantize import OPTIMIZER_HELP, OPTIMIZERS, QUANTIZE_HELP, QUANTIZE_MODES
 from dd.runtime.config import setting
 from dd.runtime.tracking import REPORT_TO_HELP
@@ -118,6 +119,10 @@ def dtype(help: str) -> Any:
 
 def device(help: str = "auto, cpu or cuda.") -> Any:
     return setting("auto", help=help, choices=DEVICES)
+
+
+def attention() -> Any:
+    return setting("auto", help=ATTENTION_HELP, choices=ATTENTION_CHOICES)
 
 
 # -- memory ------------------------------------------------------------------------------------
