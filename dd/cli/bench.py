@@ -414,3 +414,48 @@ def quantize(
     with _progress("quantize") as progress:
         result = bench_quantize(names, config=config, on_progress=progress)
     _report(result, quantize_markdown, None, json_out, None, markdown)
+
+
+@app.command("gpu")
+def gpu(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report.")] = Path(
+        "dd-gpu-check"
+    ),
+    budget_s: Annotated[
+        float,
+        typer.Option(
+            min=10,
+            help="Seconds the whole check may take (checks that would not fit "
+            "are skipped and say so).",
+        ),
+    ] = 480.0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the report of an earlier check in --out.")
+    ] = False,
+) -> None:
+    """Everything dd has not yet run on a GPU, in one command within a budget.
+
+    In order of value: the fused-loss CUDA/Triton kernels against the reference; treat,
+    detect, refine and generate one step each on tiny pipelines in bf16 and fp16 and with each
+    --quantize mode; a FLUX.1-dev treat step at 1024² (bf16 and quantised: memory, time, share
+    of the FLOP bound); dd bench detect with MiT-b5. Each check runs in its own process, a
+    failure never stops the rest. Writes OUT/gpu-check.json and OUT/gpu-check.md and prints a
+    verdict per check; exit 1 when a check failed.
+    """
+    from dd.engines.gpu_check import run_gpu_check
+    from dd.errors import DDError
+    from dd.runtime.io import check_output_folder, mark_run_folder
+    from dd.runtime.progress import ConsoleReporter
+
+    check_output_folder(out, "bench gpu", overwrite=overwrite)
+    if (out / "gpu-check.json").exists() and not overwrite:
+        raise DDError(
+            f"{out} already holds a gpu-check.json",
+            hint="pass --overwrite to replace it, or choose a new --out",
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    mark_run_folder(out, "bench gpu")
+    report = run_gpu_check(out, budget_s=budget_s, reporter=ConsoleReporter(Console()))
+    Console().print(f"report: {out / 'gpu-check.md'}", highlight=False)
+    if any(c["verdict"] == "fail" for c in report["checks"]):
+        raise typer.Exit(1)

@@ -729,10 +729,13 @@ def full_size_flux_setup(
     vae: dict[str, Any] | None = None,
     detector_variant: str = "b5",
     detector_size: int = 512,
+    quantize: str = "none",
 ) -> TreatSetup:
     """FLUX.1-dev at full size with random weights: its transformer (about 11.9B parameters)
     and VAE from their real configurations (``transformer``/``vae`` override fields, for tests)
     in ``dtype``, a rank-``lora_rank`` LoRA in float32 and a SegFormer ``detector_variant``.
+    ``quantize`` (``int8``, ``fp8``, ``nf4``): the frozen transformer is quantised before the
+    LoRA is added, as ``dd treat --quantize`` does (not on the meta device).
 
     Everything is built on the meta device first; on ``device="meta"`` it stays there (no
     memory: parameter counts and FLOPs only), elsewhere it is allocated there and filled by
@@ -768,12 +771,19 @@ def full_size_flux_setup(
         transformer=tr,
     )
     bb = FluxBackbone(pipe, device=meta, dtype=dtype, max_sequence_length=max_sequence_length)
-    _add_lora(bb, lora_rank, seed)
+    if quantize != "none" and device.type == "meta":
+        raise DDError("a quantised FLUX.1-dev needs real weights", hint="use a CUDA device")
+    if quantize == "none":
+        _add_lora(bb, lora_rank, seed)
     det = _detector(detector_variant, detector_size, meta, dtype, seed)
     if device.type != "meta":
         for i, module in enumerate((tr, autoencoder, det)):
             materialize_(module, device, seed + i)
         bb.device = device
+    if quantize != "none":  # quantise the frozen weights, then attach the LoRA
+        bb.quantize(quantize)
+        _add_lora(bb, lora_rank, seed)
+        bb.denoiser.to(device)
     gen = torch.Generator("cpu").manual_seed(seed)
     width = t_cfg["joint_attention_dim"]
     embeds = torch.randn(batch, max_sequence_length, width, generator=gen)
