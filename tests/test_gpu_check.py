@@ -93,3 +93,25 @@ def test_each_check_runs_in_its_own_process(tmp_path):
     # a child that does not finish in the budget left is stopped and reported
     res = _subprocess_runner(Check("kernels", "k", 1), tmp_path, 0.01)
     assert res["verdict"] == FAIL and "timed out" in res["summary"]
+
+
+def test_the_kernel_comparison_runs_with_the_cpu_kernel():
+    """The GPU check's comparison code, run here with the C++ CPU kernel: every reduction,
+    with and without target and weight, odd shapes, against the fp64 reference."""
+    from dd.engines.gpu_check import check_kernels
+
+    res = check_kernels(device="cpu", kernels=("cpp",), dtypes=("float32",), timing=False)
+    assert res["verdict"] == PASS, res
+    (row,) = res["rows"]
+    assert row["kernel"] == "cpp" and row["loss rel. error"] < 1e-5
+
+
+def test_the_pipeline_command_lines_run_on_the_cpu(one_torch_thread):
+    """The command lines the GPU check runs (treat, detect, refine, generate), here on the
+    CPU in fp32: a typo in them would otherwise surface only on a lent GPU."""
+    from dd.engines.gpu_check import check_pipelines
+
+    res = check_pipelines(device="cpu", dtypes=("fp32",), quantize=False)
+    assert res["verdict"] == PASS, res["rows"]
+    assert [r["run"] for r in res["rows"]] == [
+        "treat fp32", "detect fp32", "refine fp32", "generate fp32"]  # fmt: skip

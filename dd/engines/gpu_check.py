@@ -195,22 +195,28 @@ def _cell(v: Any) -> str:
 KERNEL_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 5e-3}
 
 
-def check_kernels() -> dict[str, Any]:
-    """Loss and gradient of each kernel against the fp64 reference, then their timing."""
+def check_kernels(
+    device: str = "cuda",
+    kernels: tuple[str, ...] = ("cuda", "triton"),
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16"),
+    timing: bool = True,
+) -> dict[str, Any]:
+    """Loss and gradient of each usable kernel against the fp64 reference, then their
+    timing. (Tests run the comparison with the CPU kernel: ``device="cpu", kernels=("cpp",)``.)"""
     import torch
 
     from dd.engines.bench import bench_kernels
     from dd.ops import REDUCTIONS, artifact_confidence_loss, kernel_rows
     from dd.ops.reference import artifact_confidence_loss_reference
 
-    dev = torch.device("cuda")
-    usable = {r["name"]: r for r in kernel_rows()}
-    kernels = [k for k in ("cuda", "triton") if usable.get(k, {}).get("available")]
+    dev = torch.device(device)
+    usable = {r["name"].split()[0]: r for r in kernel_rows()}  # "cuda (csrc)" -> "cuda"
+    kernels = tuple(k for k in kernels if usable.get(k, {}).get("available"))
     rows, failed = [], 0
     shapes = [((1, 1, 32, 32), (512, 512)), ((4, 1, 128, 128), (1024, 1024)),
               ((3, 1, 37, 53), (301, 451))]  # fmt: skip
     for kernel in kernels:
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for dtype in (getattr(torch, d) for d in dtypes):
             worst_loss = worst_grad = 0.0
             for shape, size in shapes:
                 g = torch.Generator(device="cpu").manual_seed(0)
@@ -231,6 +237,7 @@ def check_kernels() -> dict[str, Any]:
                             0.1, None if weight is None else weight.to(dtype), kernel=kernel,
                         )  # fmt: skip
                         (grad,) = torch.autograd.grad(got.float().sum(), x)
+                        ref, got = ref.detach(), got.detach()
                         scale = float(ref.abs().max()) + 1e-12
                         worst_loss = max(
                             worst_loss, float((got.double() - ref).abs().max()) / scale
@@ -247,12 +254,14 @@ def check_kernels() -> dict[str, Any]:
                          "tolerance": tol, "ok": ok})  # fmt: skip
     if not kernels:
         return {"verdict": FAIL, "summary": "neither the CUDA nor the Triton kernel is usable"}
-    timing = bench_kernels(device=dev, kernels=kernels, batches=(1, 8), sizes=(1024,), repeat=3)
+    times = None
+    if timing:
+        times = bench_kernels(device=dev, kernels=kernels, batches=(1, 8), sizes=(1024,), repeat=3)
     return {
         "verdict": PASS if not failed else FAIL,
         "summary": f"{len(rows) - failed}/{len(rows)} kernel x dtype match the reference",
         "rows": rows,
-        "timing": timing,
+        "timing": times,
     }
 
 
@@ -277,9 +286,11 @@ def _tiny_assets(tmp: Path) -> dict[str, Path]:
     return {"flux": flux, "det": det_dir, "prompts": tmp / "prompts.txt", "images": tmp / "images"}
 
 
-def check_pipelines() -> dict[str, Any]:
+def check_pipelines(
+    device: str = "cuda", dtypes: tuple[str, ...] = ("bf16", "fp16"), quantize: bool = True
+) -> dict[str, Any]:
     """Every command one step on CUDA in bf16 and fp16 through the real CLI, and treat with
-    each quantisation mode."""
+    each quantisation mode. (Tests run the same command lines on the CPU in fp32.)"""
     from typer.testing import CliRunner
 
     from dd.cli import build_app
@@ -290,15 +301,15 @@ def check_pipelines() -> dict[str, Any]:
         tmp = Path(tmpdir)
         a = _tiny_assets(tmp)
         flux = ["--backbone", "flux", "--model", a["flux"], "-B", "max_sequence_length=32",
-                "--device", "cuda"]  # fmt: skip
+                "--device", device]  # fmt: skip
         det = ["--weights", a["det"], "-O", "input_size=64"]
         runs: list[tuple[str, list[Any]]] = []
-        for dtype in ("bf16", "fp16"):
+        for dtype in dtypes:
             runs += [
                 (f"treat {dtype}", ["treat", *flux, *det, "--dtype", dtype, "--prompts",
                  a["prompts"], "--eval-prompts", a["prompts"], "--resolution", "64", "--steps",
                  "2", "--train-steps", "1", "--eval-every", "1", "--eval-seeds", "1"]),
-                (f"detect {dtype}", ["detect", a["images"], *det, "--device", "cuda",
+                (f"detect {dtype}", ["detect", a["images"], *det, "--device", device,
                  "--dtype", dtype]),
                 (f"refine {dtype}", ["refine", a["images"], *flux, "--detector-weights",
                  a["det"], "-O", "input_size=64", "--dtype", dtype, "--late-steps", "500-1000",
@@ -306,7 +317,7 @@ def check_pipelines() -> dict[str, Any]:
                 (f"generate {dtype}", ["generate", *flux, "--dtype", dtype, "--prompts",
                  a["prompts"], "--seeds", "1", "--resolution", "64", "--steps", "2"]),
             ]  # fmt: skip
-        for mode in QUANTIZE_MODES:
+        for mode in QUANTIZE_MODES if quantize else ():
             if mode != "none":
                 runs.append((f"treat --quantize {mode}", ["treat", *flux, *det, "--dtype",
                              "bf16", "--quantize", mode, "--prompts", a["prompts"],
