@@ -311,6 +311,19 @@ def load_backbone(
     return bb
 
 
+def backbone_from(cfg: Any, *, device: Any, dtype: Any, model: str | None = None) -> Any:
+    """:func:`load_backbone` of a job's config (its ``backbone``, ``model`` unless ``model``
+    is given, ``backbone_options`` and ``attention``)."""
+    return load_backbone(
+        cfg.backbone,
+        model if model is not None else cfg.model,
+        device=device,
+        dtype=dtype,
+        options=cfg.backbone_options,
+        attention=getattr(cfg, "attention", "auto"),
+    )
+
+
 def load_quality_guard(
     specs: list[str] | None, *, device: str = "cpu", weights: dict[str, Any] | None = None
 ) -> Any:

@@ -21,6 +21,10 @@ from dd.cli.options import (
     Device,
     Dtype,
     Guidance,
+    GuideEvery,
+    GuideLoss,
+    GuideScale,
+    GuideSteps,
     PromptsFile,
     Seeds,
     interrupt_hint,
@@ -115,16 +119,10 @@ def gen(
             "generate --guide)."
         ),
     ] = False,
-    guide_scale: Annotated[
-        float, typer.Option(min=0, help="Guidance step size at the first guided step.")
-    ] = 12.0,
-    guide_steps: Annotated[
-        str | None, typer.Option(help="Guided sampling steps A-B (0-based; default: all).")
-    ] = None,
-    guide_loss: Annotated[
-        str, typer.Option(help="Per-image confidence to lower: mean, max or weighted.")
-    ] = "mean",
-    guide_every: Annotated[int, typer.Option(min=1, help="Guide every Nth step.")] = 1,
+    guide_scale: GuideScale = 12.0,
+    guide_steps: GuideSteps = None,
+    guide_loss: GuideLoss = "mean",
+    guide_every: GuideEvery = 1,
     best_of: Annotated[
         int,
         typer.Option(

@@ -54,6 +54,22 @@ Seeds = Annotated[
     str, typer.Option(help="Seeds per prompt: a list 0,1,2, a count N (0..N-1) or a range 5-7.")
 ]
 
+GuideScale = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="Guidance step size at the first step, falling to 1/12 of it by the last "
+        "(DIAMOND's schedule; 0: unguided, bit for bit).",
+    ),
+]
+GuideSteps = Annotated[
+    str | None, typer.Option(help="Guided sampling steps A-B (0-based, inclusive; default: all).")
+]
+GuideLoss = Annotated[
+    str, typer.Option(help="Per-image confidence to lower: mean, max or weighted.")
+]
+GuideEvery = Annotated[int, typer.Option(min=1, help="Guide every Nth step.")]
+
 # -- training (dd treat, dd dreambooth, dd refine train) -----------------------------------------
 TrainDevice = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 TrainSteps = Annotated[int, typer.Option(min=1, help="Optimizer steps.")]

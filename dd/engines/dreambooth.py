@@ -475,21 +475,14 @@ class _DreamBooth(_DreamBoothData, loop.Recipe):
     def run(self) -> DreamBoothResult:
 
         from dd.api.backbones import FLOW
-        from dd.api.plugins import load_backbone
+        from dd.api.plugins import backbone_from
         from dd.runtime.device import resolve_dtype
 
         cfg, acc = self.cfg, self.acc
         last = self._prepare_out()
         dtype = resolve_dtype(cfg.dtype)
         self.log(f"loading {cfg.backbone} model {cfg.model} ({cfg.dtype}) on {acc.device}")
-        bb = load_backbone(
-            cfg.backbone,
-            cfg.model,
-            device=acc.device,
-            dtype=dtype,
-            options=cfg.backbone_options,
-            attention=cfg.attention,
-        )
+        bb = backbone_from(cfg, device=acc.device, dtype=dtype)
         quantize_backbone(bb, cfg.quantize, self.log)  # class images come from it too
         self.bb = bb
         cfg.resolution = cfg.resolution or int(bb.default_resolution)

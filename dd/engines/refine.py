@@ -926,7 +926,7 @@ class _Refiner(_RefineOutputs):
 
     # -- run -------------------------------------------------------------------------------
     def run(self) -> RefineResult:
-        from dd.api.plugins import load_backbone, load_detector
+        from dd.api.plugins import backbone_from, load_detector
         from dd.data.images import collect_inputs
         from dd.runtime.device import resolve_device, resolve_dtype
 
@@ -946,14 +946,7 @@ class _Refiner(_RefineOutputs):
         device, dtype = resolve_device(c.device), resolve_dtype(c.dtype)
 
         def loader(model: str) -> Backbone:
-            return load_backbone(
-                c.backbone,
-                model,
-                device=device,
-                dtype=dtype,
-                options=c.backbone_options,
-                attention=c.attention,
-            )
+            return backbone_from(c, device=device, dtype=dtype, model=model)
 
         self.log(f"loading {c.backbone} model {c.model} on {device}")
         self.base = loader(str(c.model))

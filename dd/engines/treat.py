@@ -502,7 +502,7 @@ class _Treater(loop.Recipe):
 
     # -- run ----------------------------------------------------------------------------------
     def run(self) -> TreatResult:
-        from dd.api.plugins import load_backbone, load_detector
+        from dd.api.plugins import backbone_from, load_detector
         from dd.runtime.device import resolve_dtype
 
         cfg, acc = self.cfg, self.acc
@@ -517,14 +517,7 @@ class _Treater(loop.Recipe):
         # models
         dtype = resolve_dtype(cfg.dtype)
         self.log(f"loading {cfg.backbone} model {cfg.model} ({cfg.dtype}) on {acc.device}")
-        bb = load_backbone(
-            cfg.backbone,
-            cfg.model,
-            device=acc.device,
-            dtype=dtype,
-            options=cfg.backbone_options,
-            attention=cfg.attention,
-        )
+        bb = backbone_from(cfg, device=acc.device, dtype=dtype)
         quantize_backbone(bb, cfg.quantize, self.log)
         det = load_detector(
             cfg.detector,
