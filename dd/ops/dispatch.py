@@ -367,10 +367,9 @@ def _backward(ctx, grad_loss, grad_aux):
 
 fused_op.register_autograd(_backward, setup_context=_setup_context)
 
+
 # Deliberate copy: the public op keeps the reference's signature (dd/ops/reference.py) so either can
 # stand in for the other.
-
-
 def artifact_confidence_loss(
     logits: torch.Tensor,
     out_size: Sequence[int],

@@ -72,8 +72,6 @@ def check_args(
 
 
 # Deliberate copy: the signature of dd.ops.artifact_confidence_loss: the reference is the spec.
-
-
 def artifact_confidence_loss_reference(
     logits: torch.Tensor,
     out_size: Sequence[int],
