@@ -89,6 +89,12 @@ def test_compare_options_are_checked_before_loading(cli, tmp_path):
         (["--guide", "--guide-steps", "5-2"], "bad --guide-steps"),
         (["--quality", "detail=-1"], "--quality tolerance"),
         (["--best-of", "0"], "--best-of"),
+        (["--quality", "sharpness"], "unknown quality scorer 'sharpness'"),
+        (["--quality", "clip"], "needs its model's local weights"),
     ):
         r = cli(*base, *bad)
         assert r.exit_code == 2 and words in r.output, r.output
+    # a weights folder that is not there: one line, before any model loads
+    r = cli(*base, "--quality", "clip", "--quality-weights", f"clip={tmp_path / 'none'}")
+    assert r.exit_code == 1 and "CLIP score needs local weights" in r.output
+    assert not (tmp_path / "o").exists()

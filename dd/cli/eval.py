@@ -138,7 +138,7 @@ def gen(
             "lists more), each row against the base model's images."
         ),
     ] = None,
-    quality_weight: Annotated[
+    quality_weights: Annotated[
         list[str] | None,
         typer.Option(help="Local weights of a quality scorer: NAME=PATH (repeatable)."),
     ] = None,
@@ -191,7 +191,7 @@ def gen(
         guide_every=guide_every,
         best_of=best_of,
         quality=split_list(quality) or [],
-        quality_weights=parse_options(quality_weight),
+        quality_weights=parse_options(quality_weights),
     )
     results = eval_gen(cfg, console=Console(stderr=True))
     con = Console()
