@@ -69,8 +69,15 @@ def test_pseudo_writes_shards_that_train_reads(tmp_path, weights, cli):
     for src, (image, mask, meta) in found.items():
         assert image == Path(src).read_bytes()  # the pool image's own bytes
         assert meta["source"] == "pseudo" and "positive" in meta and "max" in meta
-        if meta["max"] > 0:
-            assert mask is not None
+        # the map is stored exactly when it has a non-zero 8-bit pixel, and its peak is the
+        # recorded max confidence
+        assert (mask is not None) == (round(meta["max"] * 255) > 0), meta
+        if mask is not None:
+            import io
+
+            peak = np.asarray(Image.open(io.BytesIO(mask))).max() / 255
+            assert abs(peak - meta["max"]) <= 1 / 255
+    assert any(mask is not None for _, mask, _ in found.values())
     # the folder is a dataset (its manifest names shard members) and so are the shards
     by_folder = {str(s.meta["source_image"]): s for s in read_dataset(out)}
     spec = str(out / "shards" / "r00000-{000000..000002}.tar")
