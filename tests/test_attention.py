@@ -90,3 +90,23 @@ def test_cli_attention(cli, tmp_path, tmp_path_factory):
                 "--prompts", tmp_path / "p.txt", "--eval-prompts", tmp_path / "p.txt",
                 "--out", tmp_path / "t")  # fmt: skip
     assert treat.exit_code == 2 and "--attention" in treat.output
+
+
+def test_refine_and_dreambooth_take_the_choice(cli, tmp_path, tmp_path_factory):
+    """refine loads its models with the choice (flash: one line, nothing written);
+    dreambooth refuses an unknown one as a usage error."""
+    path = tiny_pipeline_path("flux", tmp_path_factory)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    r = cli("refine", tmp_path / "in", "--backbone", "flux", "--model", path,
+            "--late-steps", "500-1000", "--steps", "2", "-B", "max_sequence_length=32",
+            "-O", "variant=tiny", "-O", "input_size=32", "--attention", "flash",
+            "--out", tmp_path / "r")  # fmt: skip
+    assert r.exit_code == 1 and "flash-attn" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "inst").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "inst" / "a.png")
+    d = cli("dreambooth", "--backbone", "flux", "--model", path, "--instance-dir",
+            tmp_path / "inst", "--instance-prompt", "a cat", "--out", tmp_path / "d",
+            "--attention", "fast")  # fmt: skip
+    assert d.exit_code == 2 and "unknown --attention 'fast'" in d.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -177,3 +178,7 @@ def test_declared_choices_and_bounds_are_checked_for_any_config():
         check_declared(RefineTrainConfig(save_every=0))
     with pytest.raises(UsageError, match=r"unknown --lr-schedule 'linear'"):
         check_declared(RefineTrainConfig(lr_schedule="linear"))
+    from dd.engines.eval_detector import EvalDetectorConfig
+
+    with pytest.raises(UsageError, match=r"--calibrate must be at most 0.999, got 1.5"):
+        check_declared(EvalDetectorConfig(dataset=Path("x"), calibrate=1.5))

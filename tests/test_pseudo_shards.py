@@ -139,3 +139,16 @@ def test_shard_size_is_checked(tmp_path, weights, cli):
     r = cli(*["label", "pseudo", str(tmp_path), "--out", str(tmp_path / "o"), "--weights",
              weights, "--shards", "--shard-size", "0"])  # fmt: skip
     assert r.exit_code == 2 and "shard-size" in r.output
+
+
+def test_a_damaged_written_shard_on_resume_is_one_line(tmp_path, weights, cli):
+    _pool(tmp_path / "pool", 4)
+    out = tmp_path / "out"
+    args = ["label", "pseudo", tmp_path / "pool", "--out", out, "--weights", weights,
+            "--shards", "--shard-size", "2"]  # fmt: skip
+    assert cli(*args).exit_code == 0
+    shard = out / "shards" / "r00000-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:700])  # cut inside its first member
+    r = cli(*args, "--resume")
+    assert r.exit_code == 1 and "cannot be read back" in r.output, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 2

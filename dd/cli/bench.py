@@ -19,7 +19,7 @@ from rich.console import Console
 app = typer.Typer(
     name="bench",
     help="Benchmarks: fused loss kernels, the treat step (memory vs K), detect throughput, "
-    "quantised parameter memory.",
+    "quantised parameter memory; `dd bench gpu`: every GPU check in one command.",
     no_args_is_help=True,
 )
 

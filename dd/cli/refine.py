@@ -28,7 +28,8 @@ app = typer.Typer(
     cls=RefineGroup,
     name="refine",
     help="Repair images by redoing the late diffusion steps (SDEdit), whole or masked by the "
-    "detector; `dd refine IMAGES... --backbone B --model M --late-steps A-B --out DIR`. "
+    "detector, optionally detector-guided (--guide); "
+    "`dd refine IMAGES... --backbone B --model M --late-steps A-B --out DIR`. "
     "`dd refine train` trains a model on a late-step range.",
     no_args_is_help=True,
     add_completion=False,

@@ -411,20 +411,29 @@ class _TarOutput:
     def recover(self, done: set[str]) -> list[bytes]:
         """Manifest lines of complete shards that the JSONL lacks (a kill between the
         shard's rename and its lines): read back from the shards' ``KEY.json``."""
+        import tarfile
+
         from dd.data.shards import shard_index
 
         lines = []
         for shard in self.own_shards():
-            index = shard_index(shard)
-            with open(shard, "rb") as f:
-                for name, (offset, size) in index.items():
-                    if not name.endswith(".json"):
-                        continue
-                    f.seek(offset)
-                    rec = json.loads(f.read(size))
-                    if source_of(rec) not in done:
-                        done.add(source_of(rec))
-                        lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
+            try:
+                index = shard_index(shard)
+                with open(shard, "rb") as f:
+                    recs = []
+                    for name, (offset, size) in index.items():
+                        if name.endswith(".json"):
+                            f.seek(offset)
+                            recs.append(json.loads(f.read(size)))
+            except (tarfile.TarError, OSError, ValueError) as e:
+                raise DDError(
+                    f"{shard}: a written shard that cannot be read back ({e})",
+                    hint="delete it and resume: its images are labelled again",
+                ) from None
+            for rec in recs:
+                if isinstance(rec, dict) and "image" in rec and source_of(rec) not in done:
+                    done.add(source_of(rec))
+                    lines.append(json.dumps(rec, sort_keys=True).encode() + b"\n")
         return lines
 
     def add(self, rec: dict[str, Any]) -> list[bytes]:
