@@ -55,10 +55,15 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
+def _attention_processors(module: torch.nn.Module) -> list[Any]:
+    """The attention processors of ``module``'s attention layers."""
+    return [m.processor for m in module.modules() if getattr(m, "processor", None) is not None]
+
+
 def _dispatch_processors(module: torch.nn.Module) -> bool:
     """Whether ``module``'s attention processors go through diffusers' attention dispatch
     (they carry ``_attention_backend``)."""
-    found = [m.processor for m in module.modules() if getattr(m, "processor", None) is not None]
+    found = _attention_processors(module)
     return bool(found) and all(hasattr(p, "_attention_backend") for p in found)
 
 
@@ -615,7 +620,9 @@ class _Training:
             elif backend == "native":
                 # Undo an earlier xformers choice; their SDPA processors (AttnProcessor2_0,
                 # SD3's JointAttnProcessor2_0) are the default and stay as they are.
-                if any("XFormers" in type(p).__name__ for p in self._attn_processors()):
+                if any(
+                    "XFormers" in type(p).__name__ for p in _attention_processors(self.denoiser)
+                ):
                     self.denoiser.set_default_attn_processor()
             elif backend == "xformers":
                 self.denoiser.enable_xformers_memory_efficient_attention()
@@ -634,9 +641,6 @@ class _Training:
             ) from None
         self.attention = choice
         return backend
-
-    def _attn_processors(self) -> list[Any]:
-        return [m.processor for m in self.denoiser.modules() if getattr(m, "processor", None)]
 
     # ------------------------------------------------------------------ memory
     def enable_vae_tiling(self) -> None:

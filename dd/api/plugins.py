@@ -278,6 +278,12 @@ class DetectorRef:
     device: Any = "auto"
     dtype: Any = "fp32"
 
+    @classmethod
+    def of(cls, cfg: Any) -> DetectorRef:
+        """The detector a job's config names (its ``detector``, ``weights``,
+        ``detector_options``, ``device`` and ``dtype`` fields)."""
+        return cls(cfg.detector, cfg.weights, cfg.detector_options, cfg.device, cfg.dtype)
+
     def load(self, reporter: Any = None, *, meaning: str = "its maps") -> Any:
         """The detector, with the untrained-weights warning through ``reporter``."""
         return load_detector_warned(

@@ -110,14 +110,6 @@ class DetectConfig:
     )
     save_maps: bool = True
 
-    def detector_ref(self) -> Any:
-        """The :class:`dd.api.plugins.DetectorRef` of the detector fields."""
-        from dd.api.plugins import DetectorRef
-
-        return DetectorRef(
-            self.detector, self.weights, self.detector_options, self.device, self.dtype
-        )
-
 
 #: The longer side of an overlay thumbnail (the contact sheet shows them at 240 px).
 THUMB_SIDE = 256
@@ -227,7 +219,7 @@ def detect_job(
     ``detector`` (default: the one ``cfg`` names; or a loaded detector), and run
     :func:`run_detect` with a progress bar; skipped inputs are reported through
     ``reporter``."""
-    from dd.api.plugins import as_detector
+    from dd.api.plugins import DetectorRef, as_detector
     from dd.data.images import collect_inputs
     from dd.errors import EXIT_SOME_INPUTS_FAILED
     from dd.runtime.progress import as_reporter
@@ -240,7 +232,7 @@ def detect_job(
     for p, r in failures:
         rep.message(f"[yellow]skipped[/yellow] {p}: {r}")
     check_out(cfg)  # before the detector loads
-    det = as_detector(cfg.detector_ref() if detector is None else detector, rep)
+    det = as_detector(DetectorRef.of(cfg) if detector is None else detector, rep)
     with rep.progress("detect") as progress:
         task = progress.add_task("detect", total=len(items))
         result = run_detect(

@@ -50,14 +50,6 @@ class EvalDetectorConfig:
         "(dd_image_threshold), which dd detect then uses.",
     )
 
-    def detector_ref(self) -> Any:
-        """The :class:`dd.api.plugins.DetectorRef` of the detector fields."""
-        from dd.api.plugins import DetectorRef
-
-        return DetectorRef(
-            self.detector, self.weights, self.detector_options, self.device, self.dtype
-        )
-
 
 @dataclass
 class EvalDetectorResult:
@@ -81,7 +73,7 @@ def evaluate_detector(
     """Evaluate ``detector`` (default: the one ``cfg`` names; or a loaded detector) on
     ``cfg.dataset``. The output folder is checked before anything loads."""
     from dd.api.detectors import store_image_threshold
-    from dd.api.plugins import as_detector
+    from dd.api.plugins import DetectorRef, as_detector
     from dd.data.datasets import read_dataset
     from dd.inference.metrics import (
         DetectorMetrics,
@@ -104,7 +96,7 @@ def evaluate_detector(
             )
     samples = read_dataset(cfg.dataset)
     det = as_detector(
-        cfg.detector_ref() if detector is None else detector, rep, meaning="these metrics"
+        DetectorRef.of(cfg) if detector is None else detector, rep, meaning="these metrics"
     )
     with rep.progress("eval") as progress:
         task = progress.add_task("eval", total=len(samples))
